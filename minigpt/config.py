@@ -1,0 +1,65 @@
+"""Model hyper-parameters: one dataclass, the four GPT-2 presets, and Hub config.json parsing."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    # Field names follow the Hub's config.json, so from_hf_config is a plain lookup.
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+    n_positions: int = 1024  # context window: prompt + generated tokens never exceed it
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_name(cls, name: str) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "GPTConfig":
+        """Build from a transformers GPT-2 config.json, refusing variants this model does not implement."""
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"config.json describes a {hf['model_type']!r} model, not gpt2")
+        unsupported = {
+            "activation_function": ("gelu_new", hf.get("activation_function", "gelu_new")),
+            "scale_attn_weights": (True, hf.get("scale_attn_weights", True)),
+            "scale_attn_by_inverse_layer_idx": (False, hf.get("scale_attn_by_inverse_layer_idx", False)),
+            "reorder_and_upcast_attn": (False, hf.get("reorder_and_upcast_attn", False)),
+        }
+        for key, (expected, found) in unsupported.items():
+            if found != expected:
+                raise ValueError(f"config.json sets {key}={found!r}; only {expected!r} is supported")
+        fields = {name: hf[name] for name in cls.__dataclass_fields__ if name in hf}
+        return replace(cls(), **fields)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "GPTConfig":
+        return cls.from_hf_config(json.loads(Path(path).read_text()))
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(),  # 124M
+    "gpt2-medium": GPTConfig(n_embd=1024, n_layer=24, n_head=16),  # 350M
+    "gpt2-large": GPTConfig(n_embd=1280, n_layer=36, n_head=20),  # 774M
+    "gpt2-xl": GPTConfig(n_embd=1600, n_layer=48, n_head=25),  # 1558M
+}

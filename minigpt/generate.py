@@ -1,0 +1,76 @@
+"""Command line: stream a GPT-2 continuation to the terminal.
+
+    python -m minigpt.generate --model gpt2 --prompt "Once upon a time" --max-new-tokens 60 \
+        --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .errors import CheckpointError
+from .generation import generate
+from .sampling import SamplingParams
+from .weights import load_pretrained
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m minigpt.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Hub repo id, or a local folder")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per line")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    return p.parse_args(argv)
+
+
+def stream(model, tokenizer, prompt: str, args: argparse.Namespace, params: SamplingParams) -> None:
+    events = generate(model, tokenizer, tokenizer.encode_ordinary(prompt), args.max_new_tokens, params,
+                      seed=args.seed, stop=args.stop)
+    for event in events:
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        params = SamplingParams(args.temperature, args.top_k, args.top_p)
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        model, tokenizer = load_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.interactive:
+        sys.stdout.write(args.prompt)
+        stream(model, tokenizer, args.prompt, args, params)
+        return 0
+    print("Type a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        try:
+            stream(model, tokenizer, prompt, args, params)
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

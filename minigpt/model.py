@@ -1,0 +1,171 @@
+"""GPT-2 in one file: embeddings, pre-LayerNorm blocks, causal self-attention, tied lm_head.
+
+Parameter names mirror the Hugging Face checkpoint (`transformer.h.0.attn.c_attn.weight`, ...), so
+loading real weights is a transpose list (see weights.py), not a rename table, and LoRA adapter keys
+match PEFT's.
+
+Notation: B batch, T new tokens in this call, S keys attended to (cached + new), C n_embd,
+nh heads, hs head size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated once for one generation and written in place.
+
+    A cache belongs to one caller (one request, one chat session); the model itself holds no
+    per-request state, so many threads can share one model.
+    """
+
+    def __init__(self, config: GPTConfig, max_len: int, batch_size: int = 1,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        if max_len > config.n_positions:
+            raise ValueError(f"cache of {max_len} tokens exceeds the context window of {config.n_positions}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens stored so far; the next token goes to position `length`
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's (B, nh, T, hs) keys/values after the cached ones; return all of them."""
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer_idx = layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v projection
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs)
+        S = k.size(2)
+
+        if return_attn:
+            # Explicit path: the only place the attention probabilities exist.
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
+            att = att.masked_fill(~causal_mask(T, S, x.device), float("-inf"))
+            att = F.softmax(att, dim=-1)
+            y = att @ v  # (B, nh, T, hs)
+        else:
+            att = None
+            if T == 1:  # one new token attends to everything before it: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v)
+            elif T == S:  # plain prefill
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # several new tokens after a cached prefix: is_causal would align the mask wrongly
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, x.device))
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y), att
+
+
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool mask for T queries that are the last T of S positions: True where attending is allowed."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"; exact erf GELU would drift from the reference
+        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, att = self.attn(self.ln_1(x), cache, return_attn)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, att
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues the cached tokens.
+
+        last_only computes logits for the final position only (B, 1, vocab): generation needs nothing
+        else, and the vocab projection of a long prompt is the costliest matmul of a prefill.
+        """
+        logits, _ = self._run(idx, cache, last_only, return_attn=False)
+        return logits
+
+    def forward_with_attention(self, idx: torch.Tensor, cache: KVCache | None = None,
+                               last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like forward, through the explicit attention path; also returns the attention
+        probabilities of every layer, stacked as (n_layer, B, nh, T, S)."""
+        logits, atts = self._run(idx, cache, last_only, return_attn=True)
+        return logits, torch.stack(atts)
+
+    def _run(self, idx: torch.Tensor, cache: KVCache | None, last_only: bool,
+             return_attn: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        B, T = idx.size()
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.n_positions:
+            raise ValueError(f"cannot attend to {start + T} tokens: the context window is {self.config.n_positions}")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {start + T} requested")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        atts = []
+        for block in self.transformer.h:
+            x, att = block(x, cache, return_attn)
+            atts.append(att)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, [-1], :]  # a list index keeps the time dimension
+        return self.lm_head(x), atts
+
+    def new_cache(self, max_len: int | None = None, batch_size: int = 1) -> KVCache:
+        """An empty cache on this model's device and dtype, sized for max_len tokens (default: the context)."""
+        w = self.lm_head.weight
+        return KVCache(self.config, max_len or self.config.n_positions, batch_size, w.device, w.dtype)

@@ -1,0 +1,57 @@
+"""Turning next-token logits into a choice: temperature, top-k, top-p, greedy.
+
+Order (as in transformers' logits warpers): temperature scales, top-k keeps the k most likely,
+top-p keeps the smallest set whose probability reaches p. The most likely token always survives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None  # None or 0 = off
+    top_p: float = 1.0  # 1.0 = off
+
+    def __post_init__(self) -> None:
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"top_k must be a whole number >= 0 (0 = off), got {k!r}")
+        if not isinstance(p, (int, float)) or not (0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Logits (..., vocab) with temperature applied and tokens outside top-k / top-p set to -inf."""
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, params.top_k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # 0 for the top token: it is always kept
+        drop_sorted = mass_before >= params.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits (..., vocab): argmax when greedy, else a draw from the filtered distribution."""
+    if params.greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = filter_logits(logits, params).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

@@ -1,0 +1,136 @@
+"""Load GPT-2 weights in the Hugging Face Hub layout: from the Hub, its cache, or a local folder.
+
+A snapshot holds config.json, model.safetensors, vocab.json and merges.txt. Only safetensors is read:
+pickled `pytorch_model.bin` files are never loaded.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import GPTConfig
+from .errors import CheckpointError
+from .model import GPT
+from .tokenizer import load_tokenizer
+
+SNAPSHOT_FILES = ["config.json", "model.safetensors", "vocab.json", "merges.txt"]
+HUB_ALIASES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+# The Hub stores these four as Conv1D weights, (in, out); nn.Linear wants (out, in).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers some checkpoints carry; the model builds its mask itself.
+MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def resolve_snapshot(name_or_path: str | Path) -> Path:
+    """A local folder as is; otherwise a Hub repo id (or gpt2 size alias) fetched into the Hub cache.
+
+    snapshot_download honours HF_HOME and HF_HUB_OFFLINE and shows the Hub's own progress bars.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    repo_id = HUB_ALIASES.get(str(name_or_path), str(name_or_path))
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=SNAPSHOT_FILES))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached "
+            "(offline or HF_HUB_OFFLINE=1); connect once to download it, or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"no Hub repository {repo_id!r} (and no local folder of that name)") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise CheckpointError(f"could not download {repo_id!r}: {str(e).splitlines()[0]}") from None
+
+
+def read_config(snapshot: Path) -> GPTConfig:
+    path = snapshot / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"missing config.json in {snapshot}")
+    try:
+        return GPTConfig.from_hf_config(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"bad {path}: {e}") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        pickled = path.with_name("pytorch_model.bin").is_file()
+        hint = " (only a pickled pytorch_model.bin is there; MiniGPT reads safetensors only)" if pickled else ""
+        raise CheckpointError(f"missing {path.name} in {path.parent}{hint}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt: {e}") from None
+
+
+def hub_to_minigpt(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename-free mapping: strip the optional `transformer.` prefix, drop mask buffers and the tied
+    lm_head, transpose the Conv1D weights. Keys come out as in `GPT.state_dict()`."""
+    state = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix("transformer.")
+        if MASK_BUFFER.fullmatch(name) or name == "lm_head.weight":
+            continue
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        state[f"transformer.{name}"] = tensor
+    return state
+
+
+def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy Hub-layout tensors into model, strictly: every tensor present, expected and of the right shape."""
+    state = hub_to_minigpt(tensors)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing:
+        raise CheckpointError(f"checkpoint is missing tensor {missing[0]}" + _and_more(missing))
+    if unexpected:
+        raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]}" + _and_more(unexpected))
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise CheckpointError(f"tensor {key} has shape {tuple(state[key].shape)}, "
+                                  f"expected {tuple(shape)} for this config")
+    with torch.no_grad():
+        for key, param in model.state_dict().items():
+            if key != "lm_head.weight":
+                param.copy_(state[key])
+
+
+def _and_more(keys: list[str]) -> str:
+    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+
+
+def load_pretrained(name_or_path: str | Path, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None):
+    """Load a GPT-2 checkpoint and its tokenizer: (model in eval mode, tiktoken Encoding).
+
+    name_or_path: gpt2 / gpt2-medium / gpt2-large / gpt2-xl, any Hub repo id in the GPT-2 layout,
+    or a local folder holding the same four files.
+    """
+    snapshot = resolve_snapshot(name_or_path)
+    config = read_config(snapshot)
+    tokenizer = load_tokenizer(snapshot)
+    tensors = read_safetensors(snapshot / "model.safetensors")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty unties
+    load_weights(model, tensors)
+    model.to(device=device or pick_device(), dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
