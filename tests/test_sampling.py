@@ -1,0 +1,99 @@
+"""Temperature, top-k and top-p on hand-made distributions, and the sampler's frequencies."""
+import math
+
+import pytest
+import torch
+
+from minigpt.sampling import SamplingParams, filter_logits, sample
+
+PROBS = torch.tensor([0.05, 0.40, 0.10, 0.25, 0.20])  # sorted: idx 1 (.40), 3 (.25), 4 (.20), 2 (.10), 0 (.05)
+LOGITS = PROBS.log()
+
+
+def kept(params: SamplingParams) -> set[int]:
+    return set(torch.isfinite(filter_logits(LOGITS, params)).nonzero().flatten().tolist())
+
+
+def test_top_k_keeps_the_k_most_likely():
+    assert kept(SamplingParams(top_k=1)) == {1}
+    assert kept(SamplingParams(top_k=3)) == {1, 3, 4}
+    assert kept(SamplingParams(top_k=0)) == {0, 1, 2, 3, 4}  # 0 = off
+    assert kept(SamplingParams(top_k=99)) == {0, 1, 2, 3, 4}  # more than the vocabulary = off
+
+
+@pytest.mark.parametrize("top_p, expected", [
+    (0.39, {1}),  # the top token alone (0.40) reaches 0.39
+    (0.41, {1, 3}),  # 0.40 is short of 0.41: the next one is needed
+    (0.64, {1, 3}),
+    (0.66, {1, 3, 4}),
+    (0.95, {1, 3, 4, 2}),
+    (0.96, {0, 1, 2, 3, 4}),
+    (1e-9, {1}),  # always keeps at least one token
+])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+    assert kept(SamplingParams(top_p=top_p)) == expected
+
+
+def test_top_p_applies_after_temperature():
+    # At temperature 2 the distribution flattens: 0.40 alone no longer reaches 0.45.
+    flat = (LOGITS / 2).softmax(-1)
+    assert flat[1] < 0.45
+    assert kept(SamplingParams(temperature=2.0, top_p=0.45)) == {1, 3}
+    assert kept(SamplingParams(temperature=1.0, top_p=0.39)) == {1}
+
+
+def test_greedy_is_argmax_and_ignores_filters():
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
+    assert sample(logits, SamplingParams(temperature=0)).flatten().tolist() == [1, 0]
+
+
+def test_sampled_frequencies_match_the_renormalised_distribution():
+    """20,000 draws with top-k=4, top-p=0.9 at temperature 0.7; each frequency within 5 standard errors."""
+    params = SamplingParams(temperature=0.7, top_k=4, top_p=0.9)
+    target = filter_logits(LOGITS, params).softmax(-1)
+    # independent computation of the same target: temperature, keep the 4 best, then the 0.9 nucleus
+    p = (LOGITS / 0.7).softmax(-1)
+    order = p.argsort(descending=True)[:4].tolist()
+    p4 = {i: p[i].item() / sum(p[j].item() for j in order) for i in order}
+    nucleus, mass = [], 0.0
+    for i in order:
+        if mass >= 0.9:
+            break
+        nucleus.append(i)
+        mass += p4[i]
+    expected = torch.zeros(5)
+    for i in nucleus:
+        expected[i] = p4[i] / sum(p4[j] for j in nucleus)
+    torch.testing.assert_close(target, expected, rtol=0, atol=1e-6)
+
+    n = 20_000
+    gen = torch.Generator().manual_seed(1234)
+    draws = sample(LOGITS.expand(n, 5), params, gen).flatten()
+    freq = torch.bincount(draws, minlength=5).float() / n
+    for i in range(5):
+        se = math.sqrt(max(expected[i].item() * (1 - expected[i].item()), 1e-12) / n)
+        assert abs(freq[i].item() - expected[i].item()) <= 5 * se + 1e-9, (i, freq, expected)
+    assert freq[expected == 0].sum() == 0  # filtered tokens are never drawn
+
+
+def test_same_seed_same_draws():
+    params = SamplingParams(temperature=1.0)
+    a = sample(LOGITS.expand(50, 5), params, torch.Generator().manual_seed(7))
+    b = sample(LOGITS.expand(50, 5), params, torch.Generator().manual_seed(7))
+    c = sample(LOGITS.expand(50, 5), params, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_p=float("nan")), "top_p"),
+])
+def test_bad_parameters_raise_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
