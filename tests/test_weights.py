@@ -1,0 +1,183 @@
+"""The loader: both key styles, the Hub cache offline, and a specific error for every broken checkpoint."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minigpt import CheckpointError, load_pretrained
+from checkpoints import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint[0], folder)
+    return folder
+
+
+def rewrite(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_official_layout_has_no_prefix_and_mask_buffers(tiny_checkpoint):
+    keys = load_file(tiny_checkpoint[0] / "model.safetensors").keys()
+    assert "wte.weight" in keys and "h.0.attn.bias" in keys and "lm_head.weight" not in keys
+
+
+def test_lm_head_is_tied_and_conv1d_weights_are_transposed(tiny_model):
+    model, _, hf_model = tiny_model
+    assert model.lm_head.weight is model.transformer.wte.weight
+    hf = hf_model.state_dict()
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, hf["transformer.h.0.attn.c_attn.weight"].t())
+    assert torch.equal(model.transformer.h[1].mlp.c_proj.weight, hf["transformer.h.1.mlp.c_proj.weight"].t())
+
+
+def test_dtype_and_device_are_applied(tiny_checkpoint):
+    model, _ = load_pretrained(tiny_checkpoint[0], device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not model.training
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("h.1.mlp.c_fc.weight"), "missing tensor transformer.h.1.mlp.c_fc.weight"),
+    (lambda t: t.update({"h.0.attn.extra": torch.zeros(3)}), "unexpected tensor transformer.h.0.attn.extra"),
+    (lambda t: t.update({"h.1.mlp.c_fc2.weight": t.pop("h.1.mlp.c_fc.weight")}), "missing tensor transformer.h.1.mlp.c_fc.weight"),
+    (lambda t: t.update({"ln_f.weight": torch.ones(65)}), r"tensor transformer.ln_f.weight has shape \(65,\), expected \(64,\)"),
+    (lambda t: t.update({"h.0.attn.c_attn.weight": torch.zeros(192, 64)}), r"transformer.h.0.attn.c_attn.weight has shape \(64, 192\)"),
+])
+def test_wrong_tensors_are_named(checkpoint, edit, message):
+    rewrite(checkpoint, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_pretrained(checkpoint, device="cpu")
+
+
+def test_truncated_file(checkpoint):
+    data = (checkpoint / "model.safetensors").read_bytes()
+    (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_pretrained(checkpoint, device="cpu")
+
+
+def test_garbage_file(checkpoint):
+    (checkpoint / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_pretrained(checkpoint, device="cpu")
+
+
+def test_missing_config(checkpoint):
+    (checkpoint / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        load_pretrained(checkpoint, device="cpu")
+
+
+def test_invalid_config(checkpoint):
+    (checkpoint / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="bad .*config.json"):
+        load_pretrained(checkpoint, device="cpu")
+
+
+def test_unsupported_activation(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    with pytest.raises(CheckpointError, match="activation_function='relu'"):
+        load_pretrained(checkpoint, device="cpu")
+
+
+def test_pickle_only_checkpoint_is_refused(checkpoint):
+    (checkpoint / "model.safetensors").unlink()
+    (checkpoint / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        load_pretrained(checkpoint, device="cpu")
+
+
+def test_unknown_repo_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        load_pretrained("nobody-here/no-such-gpt2", device="cpu")
+
+
+def fake_hub_cache(hf_home: Path, repo_id: str, source: Path) -> None:
+    """Lay out a snapshot exactly as huggingface_hub's cache does (models--org--name/snapshots/<rev>)."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(source, repo / "snapshots" / revision)
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "minigpt.generate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_streams_the_greedy_continuation(tiny_model, tiny_checkpoint):
+    model, tokenizer, hf_model = tiny_model
+    prompt = "Once upon a time"
+    ids = tokenizer.encode_ordinary(prompt)
+    expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(ids):].tolist()
+    run = cli("--model", str(tiny_checkpoint[0]), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
+              "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == prompt + tokenizer.decode(expected) + "\n"
+
+
+def test_cli_uses_the_hub_cache_offline(tmp_path, tiny_checkpoint):
+    fake_hub_cache(tmp_path, "openai-community/gpt2", tiny_checkpoint[0])
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    run = cli("--model", "gpt2", "--prompt", "Hi", "--max-new-tokens", "3", "--seed", "1", env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("Hi")
+
+
+def test_cli_interactive_mode(tiny_checkpoint):
+    run = subprocess.run([sys.executable, "-m", "minigpt.generate", "--model", str(tiny_checkpoint[0]),
+                          "--interactive", "--max-new-tokens", "4", "--temperature", "0"],
+                         cwd=ROOT, input="Hello\nWorld\n", capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("> ") == 3 and len(run.stdout.splitlines()) >= 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nobody-here/no-such-gpt2"], "not in the Hugging Face cache"),
+    (["--model", "{ckpt}", "--temperature", "-1"], "temperature"),
+    (["--model", "{ckpt}", "--top-p", "0"], "top_p"),
+    (["--model", "{ckpt}", "--max-new-tokens", "0"], "max-new-tokens"),
+])
+def test_cli_errors_are_one_line_without_traceback(tmp_path, checkpoint, args, message):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    run = cli(*[a.format(ckpt=checkpoint) for a in args], env=env)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_cli_reports_a_broken_checkpoint(checkpoint):
+    rewrite(checkpoint, lambda t: t.pop("wpe.weight"))
+    run = cli("--model", str(checkpoint))
+    assert run.returncode == 2 and run.stderr.strip() == "error: checkpoint is missing tensor transformer.wpe.weight"
+
+
+@pytest.mark.parametrize("name, repo_id", [("gpt2", "openai-community/gpt2"), ("gpt2-xl", "openai-community/gpt2-xl"),
+                                           ("someone/my-gpt2", "someone/my-gpt2")])
+def test_hub_names_fetch_only_the_four_snapshot_files(monkeypatch, tiny_checkpoint, name, repo_id):
+    calls = []
+
+    def fake_snapshot_download(repo, allow_patterns):
+        calls.append((repo, sorted(allow_patterns)))
+        return str(tiny_checkpoint[0])
+
+    monkeypatch.setattr("minigpt.weights.snapshot_download", fake_snapshot_download)
+    load_pretrained(name, device="cpu")
+    assert calls == [(repo_id, ["config.json", "merges.txt", "model.safetensors", "vocab.json"])]
