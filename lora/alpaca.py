@@ -1,0 +1,126 @@
+"""Alpaca instruction data: the prompt template, reading records, and reporting the malformed ones."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+DEFAULT_DATA = "yahma/alpaca-cleaned/alpaca_data_cleaned.json"
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The standard Alpaca prompt, ending in "### Response:\\n"; the `### Input:` block only when input is given."""
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    output: str
+
+    @property
+    def prompt(self) -> str:
+        return alpaca_prompt(self.instruction, self.input)
+
+
+def parse_records(raw: list) -> tuple[list[Record], list[str]]:
+    """Valid records, and one line per skipped record naming its index (0-based) and the problem."""
+    records, problems = [], []
+    for i, item in enumerate(raw):
+        problem = _problem(item)
+        if problem:
+            problems.append(f"record {i}: {problem}")
+        else:
+            records.append(Record(item["instruction"], item.get("input", ""), item["output"]))
+    return records, problems
+
+
+def _problem(item: object) -> str | None:
+    if isinstance(item, ValueError):
+        return str(item)
+    if not isinstance(item, dict):
+        return f"expected an object with instruction/input/output, got {type(item).__name__}"
+    for key in ("instruction", "output"):
+        if key not in item:
+            return f"missing field {key!r}"
+    for key in ("instruction", "input", "output"):
+        if key in item and not isinstance(item[key], str):
+            return f"field {key!r} is {type(item[key]).__name__}, expected a string"
+    if not item["output"].strip():
+        return "empty output: nothing to learn"
+    return None
+
+
+def read_raw(path: Path) -> list:
+    """The items of a .json array or a .jsonl file (one object per line, blank lines ignored)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if path.suffix == ".jsonl":
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:  # reported and skipped like any malformed record
+                    items.append(ValueError(f"line {n} is not valid JSON: {e.msg}"))
+        return items
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path} must hold a JSON array of records, found {type(data).__name__}")
+    return data
+
+
+def resolve_data(spec: str) -> Path:
+    """A local .json/.jsonl file, or a Hub dataset repo: `owner/name/file.json`, or `owner/name` when the
+    repo holds exactly one .json/.jsonl file. Hub files are downloaded once, then read from the cache."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix not in (".json", ".jsonl"):
+            raise ValueError(f"{path}: expected a .json or .jsonl file")
+        return path
+    parts = spec.split("/", 2)
+    if len(parts) < 2 or len(parts) == 3 and not parts[2].endswith((".json", ".jsonl")):
+        raise ValueError(f"--data {spec!r}: no such file, and not a Hub dataset (owner/name[/file.json])")
+    repo_id = "/".join(parts[:2])
+    try:
+        filename = parts[2] if len(parts) == 3 else _only_json_file(repo_id)
+        return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
+    except LocalEntryNotFoundError:
+        raise ValueError(f"cannot download dataset {repo_id} (offline or HF_HUB_OFFLINE=1, and not cached); "
+                         "pass a local file with --data path/to/alpaca.json") from None
+    except EntryNotFoundError:
+        raise ValueError(f"dataset {repo_id} has no file {filename!r}") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ValueError(f"cannot download dataset {repo_id}: {str(e).splitlines()[0]}") from None
+
+
+def _only_json_file(repo_id: str) -> str:
+    files = [f for f in HfApi().list_repo_files(repo_id, repo_type="dataset") if f.endswith((".json", ".jsonl"))]
+    if len(files) != 1:
+        raise ValueError(f"dataset {repo_id} has {len(files)} .json/.jsonl files ({', '.join(files[:5])}); "
+                         f"name one: --data {repo_id}/FILE")
+    return files[0]
+
+
+def load_records(spec: str) -> tuple[list[Record], list[str]]:
+    return parse_records(read_raw(resolve_data(spec)))
