@@ -1,0 +1,165 @@
+"""The chat app's core, free of any UI: conversation -> prompt for each mode, context-window fitting,
+and the user's sampling settings -> validated values or a message that says what is wrong.
+
+Two modes frame the same conversation differently:
+- Base GPT-2: a plain dialogue transcript after a one-line header; the model continues "Assistant:".
+- Alpaca LoRA: the Alpaca instruction template; the new message is the instruction and the earlier
+  exchanges are its input, so a first message is exactly the format the adapter was trained on.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import tiktoken
+
+from lora import alpaca_prompt
+
+from .sampling import SamplingParams
+
+BASE, TUNED = "Base GPT-2", "Alpaca LoRA"
+MODES = (BASE, TUNED)
+BASE_HEADER = "A conversation between a curious User and a friendly, knowledgeable AI Assistant.\n\n"
+# A reply ends where the model starts writing the next turn.
+STOP_STRINGS = {BASE: ("\nUser:", "\nAssistant:"), TUNED: ("\n### ",)}
+
+MAX_NEW_TOKENS = 512
+MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**32 - 1
+FIELD_NAMES = {"temperature": "Temperature", "top_k": "Top-k", "top_p": "Top-p"}  # as the sliders say
+
+
+class ChatInputError(ValueError):
+    """Input the app refuses; the message is meant for the user, as is."""
+
+
+@dataclass(frozen=True)
+class Exchange:
+    user: str
+    assistant: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # exactly what the model reads
+    ids: list[int]
+    dropped: int  # oldest exchanges left out so the prompt and the reply fit the context window
+    stop: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    params: SamplingParams
+    max_new_tokens: int
+    seed: int | None  # None: a fresh random seed per reply
+
+
+def message_text(message: dict) -> str:
+    """The text of one Gradio 6 chat message, whose content is a str or a list of typed parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return " ".join(p["text"] for p in parts if isinstance(p, dict) and p.get("type") == "text")
+
+
+def split_history(history: Sequence[dict]) -> tuple[list[Exchange], str]:
+    """A Gradio messages history that ends with the user's new message -> (earlier exchanges, that message)."""
+    if not history or history[-1].get("role") != "user":
+        raise ChatInputError("There is no user message to reply to: type a message first.")
+    exchanges: list[Exchange] = []
+    for message in history[:-1]:
+        text = message_text(message)
+        if message.get("role") == "user":
+            exchanges.append(Exchange(text, ""))
+        elif message.get("role") == "assistant" and exchanges:
+            last = exchanges[-1]
+            exchanges[-1] = Exchange(last.user, f"{last.assistant} {text}".strip())
+    return exchanges, message_text(history[-1])
+
+
+def transcript(exchanges: Sequence[Exchange]) -> str:
+    return "".join(f"User: {e.user}\nAssistant: {e.assistant}\n" for e in exchanges)
+
+
+def render_prompt(mode: str, exchanges: Sequence[Exchange], message: str) -> str:
+    if mode == BASE:
+        return f"{BASE_HEADER}{transcript(exchanges)}User: {message}\nAssistant:"
+    if mode == TUNED:
+        return alpaca_prompt(message, transcript(exchanges).rstrip("\n"))
+    raise ChatInputError(f"Unknown mode {mode!r}: choose {' or '.join(MODES)}.")
+
+
+def build_prompt(mode: str, history: Sequence[dict], tokenizer: tiktoken.Encoding, budget: int) -> Prompt:
+    """The prompt for replying to the last message of history in `mode`, at most `budget` tokens.
+
+    The oldest exchanges are dropped whole until it fits; the header and the new message always stay.
+    The whole text is encoded at once (BPE of pieces would not add up), with encode_ordinary so a
+    typed "<|endoftext|>" stays text.
+    """
+    exchanges, message = split_history(history)
+    for dropped in range(len(exchanges) + 1):
+        text = render_prompt(mode, exchanges[dropped:], message)
+        ids = tokenizer.encode_ordinary(text)
+        if len(ids) <= budget:
+            return Prompt(text, ids, dropped, STOP_STRINGS[mode])
+    raise ChatInputError(f"Your message is too long: with its template it takes {len(ids)} tokens, but only "
+                         f"{budget} fit beside the reply. Shorten it or lower 'Max new tokens'.")
+
+
+def context_note(prompt: Prompt, context: int) -> str:
+    """What the user should know about the context window for this prompt ('' when nothing was dropped)."""
+    if not prompt.dropped:
+        return ""
+    turns = "exchange" if prompt.dropped == 1 else f"{prompt.dropped} exchanges"
+    return (f"The conversation outgrew the {context}-token window: the oldest {turns} "
+            f"{'was' if prompt.dropped == 1 else 'were'} left out of the prompt (the header is kept).")
+
+
+def read_settings(temperature: float, top_k: float | None, top_p: float, max_new_tokens: float,
+                  seed: float | str | None, context: int) -> tuple[Settings, list[str]]:
+    """Validate the sampling controls: (settings, notices about values that were clamped).
+
+    Values the sliders cannot produce but that make sense are clamped with a notice; values that make
+    no sense (negative temperature, top-p of 0, a fractional seed, ...) raise ChatInputError.
+    """
+    notices = []
+    temperature = _number("Temperature", temperature)
+    if temperature > MAX_TEMPERATURE:
+        notices.append(f"Temperature {temperature:g} is above {MAX_TEMPERATURE:g}; used {MAX_TEMPERATURE:g}.")
+        temperature = MAX_TEMPERATURE
+    top_k = 0 if top_k is None else _whole("Top-k", top_k)
+    max_new = _whole("Max new tokens", max_new_tokens)
+    limit = min(MAX_NEW_TOKENS, context // 2)  # half the window stays for the conversation
+    if max_new > limit:
+        notices.append(f"Max new tokens {max_new} is above {limit}; used {limit}.")
+        max_new = limit
+    if max_new < 1:
+        raise ChatInputError(f"Max new tokens must be at least 1, got {max_new}.")
+    seed = None if seed is None or (isinstance(seed, str) and not seed.strip()) else _whole("Seed", seed)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ChatInputError(f"Seed must be between 0 and {MAX_SEED} (or blank for random), got {seed}.")
+    try:
+        params = SamplingParams(temperature, top_k, _number("Top-p", top_p))
+    except ValueError as e:  # "top_k must be ..." -> "Top-k must be ..."
+        field, rest = str(e).split(" ", 1)
+        raise ChatInputError(f"{FIELD_NAMES.get(field, field)} {rest}.") from None
+    return Settings(params, max_new, seed), notices
+
+
+def _number(name: str, value: object) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ChatInputError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ChatInputError(f"{name} must be a finite number, got {value!r}.")
+    return number
+
+
+def _whole(name: str, value: object) -> int:
+    number = _number(name, value)
+    if not number.is_integer():
+        raise ChatInputError(f"{name} must be a whole number, got {value!r}.")
+    return int(number)

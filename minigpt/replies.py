@@ -1,0 +1,87 @@
+"""One chat reply: stream it from the model, stop it on request, time it, and keep what the panels need."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import tiktoken
+
+from .chat import Prompt, Settings
+from .generation import generate
+from .model import GPT
+
+TOP_N = 5  # alternatives kept per position for the log-prob panel
+
+
+@dataclass
+class Reply:
+    """A reply as it grows, and afterwards the record behind the log-prob and attention panels."""
+    mode: str
+    prompt_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # raw model distribution (temperature 1, unfiltered)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # top-N (token id, raw log-prob) per token
+    finish_reason: str | None = None  # "eos", "stop", "length" or "stopped" (the user pressed Stop)
+    first_token_s: float | None = None  # time to first token, prefill included
+    elapsed_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed: tokens after the first over the time after the first (prefill excluded)."""
+        n = len(self.token_ids)
+        if n < 2 or self.first_token_s is None or self.elapsed_s <= self.first_token_s:
+            return None
+        return (n - 1) / (self.elapsed_s - self.first_token_s)
+
+
+def stream_reply(model: GPT, tokenizer: tiktoken.Encoding, mode: str, prompt: Prompt, settings: Settings,
+                 stop: threading.Event) -> Iterator[Reply]:
+    """Yield the same Reply after every token, finished last; checks `stop` before each token.
+
+    The model runs inside this generator: when stop is set, or the consumer closes the generator,
+    no further token is computed.
+    """
+    reply = Reply(mode, list(prompt.ids))
+    start = time.perf_counter()
+    events = generate(model, tokenizer, prompt.ids, settings.max_new_tokens, settings.params,
+                      seed=settings.seed, stop=prompt.stop, top_n=TOP_N)
+    try:
+        while not stop.is_set():
+            event = next(events, None)
+            if event is None:
+                break
+            reply.elapsed_s = time.perf_counter() - start
+            if reply.first_token_s is None:
+                reply.first_token_s = reply.elapsed_s
+            reply.text += event.text
+            reply.token_ids.append(event.token_id)
+            reply.logprobs.append(event.logprob)
+            reply.top.append(event.top)
+            reply.finish_reason = event.finish_reason
+            if event.finish_reason is None:
+                yield reply
+        if stop.is_set() and reply.finish_reason is None:
+            reply.finish_reason = "stopped"
+        yield reply
+    finally:
+        events.close()
+
+
+FINISH_WORDS = {"eos": "ended by the model", "stop": "ended at the next turn", "length": "hit the token limit",
+                "stopped": "stopped by you"}
+
+
+def stats_line(reply: Reply, device: str) -> str:
+    """'42 tokens · first token 0.12 s · 18.3 tokens/s · Base GPT-2 · cpu float32 · ended by the model'."""
+    parts = [f"{len(reply.token_ids)} token{'s' if len(reply.token_ids) != 1 else ''}"]
+    if reply.first_token_s is not None:
+        parts.append(f"first token {reply.first_token_s:.2f} s")
+    if (speed := reply.tokens_per_s) is not None:
+        parts.append(f"{speed:.1f} tokens/s")
+    parts += [reply.mode, device]
+    if reply.finish_reason:
+        parts.append(FINISH_WORDS[reply.finish_reason])
+    return " · ".join(parts)

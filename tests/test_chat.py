@@ -1,0 +1,136 @@
+"""The chat app's core without any UI: prompts for both modes, context fitting, settings validation."""
+import pytest
+
+from minigpt.chat import (BASE, BASE_HEADER, MAX_TEMPERATURE, TUNED, ChatInputError, Exchange, build_prompt,
+                          context_note, message_text, read_settings, render_prompt, split_history)
+
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                   "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+def user(text):  # as Gradio 6 hands history to a handler
+    return {"role": "user", "content": [{"type": "text", "text": text}], "metadata": None, "options": None}
+
+
+def bot(text):  # as a handler returns it
+    return {"role": "assistant", "content": text}
+
+
+def test_message_text_reads_both_content_shapes():
+    assert message_text(user("hi there")) == "hi there"
+    assert message_text(bot("plain")) == "plain"
+    assert message_text({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "file"},
+                                                     {"type": "text", "text": "b"}]}) == "a b"
+
+
+def test_split_history_pairs_turns_and_returns_the_new_message():
+    history = [user("one"), bot("uno"), user("two"), user("three")]
+    assert split_history(history) == ([Exchange("one", "uno"), Exchange("two", "")], "three")
+
+
+@pytest.mark.parametrize("history", [[], [user("q"), bot("a")]])
+def test_split_history_refuses_when_there_is_nothing_to_answer(history):
+    with pytest.raises(ChatInputError, match="no user message"):
+        split_history(history)
+
+
+def test_base_prompt_is_a_plain_dialogue_transcript():
+    text = render_prompt(BASE, [Exchange("Hi!", "Hello. How can I help?")], "Name a colour.")
+    assert text == (BASE_HEADER + "User: Hi!\nAssistant: Hello. How can I help?\n"
+                    "User: Name a colour.\nAssistant:")
+
+
+def test_tuned_prompt_of_a_first_message_is_exactly_the_alpaca_template():
+    assert render_prompt(TUNED, [], "Name a colour.") == ALPACA_NO_INPUT.format(instruction="Name a colour.")
+
+
+def test_tuned_prompt_puts_earlier_exchanges_in_the_input():
+    text = render_prompt(TUNED, [Exchange("Name a colour.", "Blue."), Exchange("Another?", "Red.")], "In French?")
+    assert text == ALPACA_WITH_INPUT.format(
+        instruction="In French?", input="User: Name a colour.\nAssistant: Blue.\nUser: Another?\nAssistant: Red.")
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ChatInputError, match="Unknown mode"):
+        render_prompt("GPT-5", [], "hi")
+
+
+def test_prompt_ids_are_the_whole_text_encoded_with_special_tokens_as_text(tiny_model):
+    _, tokenizer, _ = tiny_model
+    prompt = build_prompt(BASE, [user("what does <|endoftext|> mean?")], tokenizer, budget=1000)
+    assert prompt.ids == tokenizer.encode_ordinary(prompt.text)
+    assert 50256 not in prompt.ids and "<|endoftext|>" in tokenizer.decode(prompt.ids)
+    assert prompt.dropped == 0 and prompt.stop == ("\nUser:", "\nAssistant:")
+
+
+@pytest.mark.parametrize("mode", [BASE, TUNED])
+def test_truncation_drops_the_fewest_oldest_exchanges_and_keeps_header_and_message(tiny_model, mode):
+    _, tokenizer, _ = tiny_model
+    history = []
+    for i in range(12):
+        history += [user(f"question number {i} about the weather"), bot(f"answer {i}: it is sunny today")]
+    history.append(user("and tomorrow?"))
+    budget = 120
+    prompt = build_prompt(mode, history, tokenizer, budget)
+    exchanges, message = split_history(history)
+
+    assert 0 < prompt.dropped < 12 and len(prompt.ids) <= budget
+    kept = render_prompt(mode, exchanges[prompt.dropped:], message)
+    one_more = render_prompt(mode, exchanges[prompt.dropped - 1:], message)
+    assert prompt.text == kept and len(tokenizer.encode_ordinary(one_more)) > budget  # the fewest dropped
+    assert prompt.text.startswith(render_prompt(mode, [], message)[:40])  # the header is kept
+    assert "and tomorrow?" in prompt.text and "question number 0 " not in prompt.text
+    assert f"question number {prompt.dropped} " in prompt.text  # the oldest kept exchange is whole
+
+
+def test_a_message_too_long_for_the_window_is_refused_with_the_numbers(tiny_model):
+    _, tokenizer, _ = tiny_model
+    with pytest.raises(ChatInputError, match=r"too long: .* takes \d+ tokens, but only 30 fit"):
+        build_prompt(BASE, [user("word " * 40)], tokenizer, budget=30)
+
+
+def test_context_note_says_what_was_dropped(tiny_model):
+    _, tokenizer, _ = tiny_model
+    history = [user("a " * 20), bot("b " * 20), user("c " * 20), bot("d " * 20), user("e")]
+    prompt = build_prompt(BASE, history, tokenizer, budget=40)
+    assert prompt.dropped == 2
+    assert context_note(prompt, 1024) == ("The conversation outgrew the 1024-token window: the oldest 2 exchanges "
+                                          "were left out of the prompt (the header is kept).")
+    assert context_note(build_prompt(BASE, [user("e")], tokenizer, 40), 1024) == ""
+
+
+def test_settings_accept_slider_values_and_a_blank_seed():
+    settings, notices = read_settings(0.7, 40, 0.9, 100, None, context=1024)
+    assert (settings.params.temperature, settings.params.top_k, settings.params.top_p) == (0.7, 40, 0.9)
+    assert (settings.max_new_tokens, settings.seed, notices) == (100, None, [])
+    assert read_settings(0, 0, 1.0, 5, "  ", 1024)[0].params.greedy
+    assert read_settings(1, 0, 1, 5, "42", 1024)[0].seed == 42
+    assert read_settings(1, 50.0, 1, 5.0, 7.0, 1024)[0] == read_settings(1, 50, 1, 5, 7, 1024)[0]
+
+
+def test_settings_clamp_what_makes_sense_and_say_so():
+    settings, notices = read_settings(5.0, 0, 1.0, 5000, None, context=1024)
+    assert settings.params.temperature == MAX_TEMPERATURE and settings.max_new_tokens == 512
+    assert notices == ["Temperature 5 is above 2; used 2.", "Max new tokens 5000 is above 512; used 512."]
+    assert read_settings(1, 0, 1, 100, None, context=128)[0].max_new_tokens == 64  # half a small window
+
+
+@pytest.mark.parametrize("args, message", [
+    ((-1, 0, 1, 10, None), "Temperature must be a finite number >= 0"),
+    (("hot", 0, 1, 10, None), "Temperature must be a number, got 'hot'"),
+    ((float("nan"), 0, 1, 10, None), "Temperature must be a finite number"),
+    ((1, -3, 1, 10, None), "Top-k must be a whole number >= 0"),
+    ((1, 2.5, 1, 10, None), "Top-k must be a whole number, got 2.5"),
+    ((1, 0, 0, 10, None), r"Top-p must be in \(0, 1\]"),
+    ((1, 0, 1.5, 10, None), r"Top-p must be in \(0, 1\]"),
+    ((1, 0, 1, 0, None), "Max new tokens must be at least 1, got 0"),
+    ((1, 0, 1, 10, 1.5), "Seed must be a whole number, got 1.5"),
+    ((1, 0, 1, 10, -1), "Seed must be between 0 and 4294967295"),
+    ((1, 0, 1, 10, "abc"), "Seed must be a number, got 'abc'"),
+])
+def test_settings_refuse_nonsense_with_a_message_for_the_user(args, message):
+    with pytest.raises(ChatInputError, match=message):
+        read_settings(*args, context=1024)

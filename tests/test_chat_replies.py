@@ -1,0 +1,79 @@
+"""Streaming one chat reply: tokens and log-probs against transformers, Stop, and the stats line."""
+import threading
+
+import pytest
+import torch
+
+from minigpt.chat import BASE, Prompt, read_settings
+from minigpt.replies import Reply, stats_line, stream_reply
+
+
+def greedy(max_new_tokens):
+    return read_settings(0, 0, 1.0, max_new_tokens, None, context=128)[0]
+
+
+def test_a_greedy_reply_matches_transformers_tokens_and_raw_logprobs(tiny_model):
+    model, tokenizer, hf_model = tiny_model
+    ids = tokenizer.encode_ordinary("User: Hello there\nAssistant:")
+    prompt = Prompt("", ids, 0, stop=())
+    replies = list(stream_reply(model, tokenizer, BASE, prompt, greedy(12), threading.Event()))
+
+    reply = replies[-1]
+    assert all(r is reply for r in replies) and len(replies) == 12  # one yield per token, the last one finished
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, pad_token_id=50256)
+    expected = out.sequences[0, len(ids):].tolist()
+    assert reply.token_ids == expected
+    raw = torch.stack([logits[0].log_softmax(-1) for logits in out.logits])
+    torch.testing.assert_close(torch.tensor(reply.logprobs), raw[torch.arange(12), expected], atol=1e-4, rtol=0)
+    top = raw[3].topk(5)
+    assert [t for t, _ in reply.top[3]] == top.indices.tolist()
+    assert reply.text == tokenizer.decode(expected) and reply.finish_reason == "length"
+    assert 0 < reply.first_token_s <= reply.elapsed_s and reply.tokens_per_s > 0
+
+
+def test_stop_ends_the_compute_between_tokens(tiny_model):
+    model, tokenizer, _ = tiny_model
+    steps = []
+    hook = model.transformer.ln_f.register_forward_hook(lambda *_: steps.append(1))  # one call per model step
+    try:
+        stop = threading.Event()
+        replies = stream_reply(model, tokenizer, BASE, Prompt("", [464, 3290], 0, ()), greedy(50), stop)
+        for i, reply in enumerate(replies):
+            if i == 2:
+                stop.set()
+        assert reply.finish_reason == "stopped" and len(reply.token_ids) == 3
+        assert len(steps) == 1 + 3  # the prefill, then exactly the three tokens shown
+    finally:
+        hook.remove()
+
+
+def test_stop_before_the_first_token_computes_nothing(tiny_model):
+    model, tokenizer, _ = tiny_model
+    stop = threading.Event()
+    stop.set()
+    (reply,) = stream_reply(model, tokenizer, BASE, Prompt("", [464], 0, ()), greedy(5), stop)
+    assert reply.token_ids == [] and reply.finish_reason == "stopped" and reply.first_token_s is None
+
+
+def test_a_stop_string_ends_the_reply_before_it(tiny_model):
+    model, tokenizer, _ = tiny_model
+    prompt = Prompt("", [464, 3290], 0, ())
+    free = list(stream_reply(model, tokenizer, BASE, prompt, greedy(8), threading.Event()))[-1].text
+    stop_at = free[len(free) // 2:len(free) // 2 + 2]
+    assert stop_at.strip()
+    cut = list(stream_reply(model, tokenizer, BASE, Prompt("", prompt.ids, 0, (stop_at,)), greedy(8),
+                            threading.Event()))[-1]
+    assert cut.finish_reason == "stop" and cut.text == free[:free.index(stop_at)]
+
+
+@pytest.mark.parametrize("reply, line", [
+    (Reply(BASE, [1], token_ids=[5, 6, 7], first_token_s=0.5, elapsed_s=1.5, finish_reason="eos"),
+     "3 tokens · first token 0.50 s · 2.0 tokens/s · Base GPT-2 · cpu float32 · ended by the model"),
+    (Reply("Alpaca LoRA", [1], token_ids=[5], first_token_s=0.25, elapsed_s=0.25, finish_reason="stopped"),
+     "1 token · first token 0.25 s · Alpaca LoRA · cpu float32 · stopped by you"),
+    (Reply(BASE, [1], finish_reason="stopped"), "0 tokens · Base GPT-2 · cpu float32 · stopped by you"),
+])
+def test_stats_line(reply, line):
+    assert stats_line(reply, "cpu float32") == line
