@@ -35,7 +35,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Logits (..., vocab) with temperature applied and tokens outside top-k / top-p set to -inf."""
     if params.greedy:
         return logits
-    logits = logits / params.temperature
+    # Shift the max to 0 and never divide by less than the dtype's smallest normal number, so a
+    # temperature like 1e-320 acts as greedy instead of giving inf - inf = nan.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(params.temperature, torch.finfo(logits.dtype).tiny)
     if params.top_k and params.top_k < logits.size(-1):
         kth_largest = torch.topk(logits, params.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -44,6 +46,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # 0 for the top token: it is always kept
         drop_sorted = mass_before >= params.top_p
+        drop_sorted[..., 0] = False  # even when a tiny p rounds to 0 in the logits' dtype
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
