@@ -167,5 +167,5 @@ class GPT(nn.Module):
 
     def new_cache(self, max_len: int | None = None, batch_size: int = 1) -> KVCache:
         """An empty cache on this model's device and dtype, sized for max_len tokens (default: the context)."""
-        w = self.lm_head.weight
+        w = self.transformer.ln_f.weight  # never quantized: its dtype is the compute dtype
         return KVCache(self.config, max_len or self.config.n_positions, batch_size, w.device, w.dtype)

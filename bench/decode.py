@@ -1,0 +1,262 @@
+"""Decode and prefill speed of MiniGPT vs transformers' GPT2LMHeadModel.generate, same weights, same run.
+
+    python bench/decode.py                      # GPT-2 124M shape, random weights, 5 reps each
+    python bench/decode.py --model gpt2         # the real weights, if they are in the Hugging Face cache
+    python bench/decode.py --quick              # 1 rep and short runs: a smoke test, not a measurement
+
+For each engine and precision it reports decode tokens/s (32-token prompt, 128 new greedy tokens),
+prefill tokens/s and time to first token (512-token prompt), peak RSS, and MiniGPT/transformers
+ratios, all medians over the repetitions. Every (engine, precision) pair runs in its own process,
+so peak memory is its own. Then the quality cost of each reduced precision: max logit deviation
+and greedy-token agreement vs MiniGPT float32 over a fixed prompt set. Results go to
+bench/results/decode-<date>.json. Speed does not depend on weight values, so random weights are
+fine for speed; quality on random weights is only a sanity check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from minigpt import load_pretrained  # noqa: E402
+from minigpt.generation import generate  # noqa: E402
+from minigpt.quantize import quantize_int8  # noqa: E402
+from minigpt.sampling import SamplingParams  # noqa: E402
+from minigpt.weights import resolve_snapshot  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRECISIONS = {"minigpt": ["float32", "bfloat16", "int8"], "transformers": ["float32", "bfloat16"]}
+QUALITY_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):\n    ",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "The theory of relativity states that",
+    "1, 2, 3, 5, 8, 13,",
+    "In 2024 the stock market",
+    "She opened the door and saw",
+]
+
+
+# ---- one engine, one precision (runs in a worker process) -----------------------------------------
+
+def load_minigpt(folder: Path, precision: str):
+    """(model, tokenizer) in float32, bfloat16, or int8 weights with bfloat16 for the rest."""
+    model, tokenizer = load_pretrained(folder, device="cpu", dtype=DTYPES.get(precision, torch.bfloat16))
+    return (quantize_int8(model) if precision == "int8" else model), tokenizer
+
+
+def minigpt_timestamps(loaded, prompt: list[int], new_tokens: int) -> tuple[list[float], list[int]]:
+    """Time of the call, then of each token as generate() yields it; and the tokens."""
+    times, tokens = [time.perf_counter()], []
+    for event in generate(*loaded, prompt, new_tokens, SamplingParams(temperature=0)):
+        times.append(time.perf_counter())
+        tokens.append(event.token_id)
+    return times, tokens
+
+
+def load_transformers(folder: Path, precision: str):
+    from transformers import GPT2LMHeadModel
+    model = GPT2LMHeadModel.from_pretrained(folder, dtype=DTYPES[precision]).eval()
+    model.generation_config.eos_token_id = None  # always produce every requested token
+    return model
+
+
+def transformers_timestamps(model, prompt: list[int], new_tokens: int) -> tuple[list[float], list[int]]:
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):  # called once with the prompt, then once per new token
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    clock, start = Clock(), time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                             streamer=clock, pad_token_id=0)
+    return [start] + clock.times[1:], out[0, len(prompt):].tolist()
+
+
+ENGINES = {"minigpt": (load_minigpt, minigpt_timestamps),
+           "transformers": (load_transformers, transformers_timestamps)}
+
+
+def run_worker(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    load, timestamps = ENGINES[spec["engine"]]
+    rss_start = peak_rss_mb()
+    model = load(Path(spec["folder"]), spec["precision"])
+    g = torch.Generator().manual_seed(0)
+    short = torch.randint(0, 50000, (spec["prompt_len"],), generator=g).tolist()
+    long = torch.randint(0, 50000, (spec["prefill_len"],), generator=g).tolist()
+    timestamps(model, short, 4)  # warm-up: first-call allocations, lazy initialisation
+    decode, ttft, prefill = [], [], []
+    for _ in range(spec["reps"]):
+        times, tokens = timestamps(model, short, spec["new_tokens"])
+        ttft.append(times[1] - times[0])
+        decode.append((len(times) - 2) / (times[-1] - times[1]))  # tokens after the first / their time
+        times, _ = timestamps(model, long, 1)
+        prefill.append(spec["prefill_len"] / (times[1] - times[0]))
+    return {"decode_tok_s": statistics.median(decode), "decode_runs": decode,
+            "ttft_ms": 1e3 * statistics.median(ttft), "prefill_tok_s": statistics.median(prefill),
+            "prefill_runs": prefill, "peak_rss_mb": peak_rss_mb(), "rss_before_load_mb": rss_start,
+            "tokens": tokens}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_in_subprocess(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{spec['engine']} {spec['precision']} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+# ---- quality of the reduced precisions -------------------------------------------------------------
+
+@torch.inference_mode()
+def quality(folder: Path, precision: str, new_tokens: int) -> dict:
+    """Teacher-forced comparison with float32: float32 greedily continues each prompt, then both
+    models score that same text; we compare their logits at every generated position."""
+    reference, tokenizer = load_pretrained(folder, device="cpu")
+    other, _ = load_minigpt(folder, precision)
+    agree = total = 0
+    max_dev = 0.0
+    for text in QUALITY_PROMPTS:
+        prompt = tokenizer.encode_ordinary(text)
+        cont = [e.token_id for e in generate(reference, tokenizer, prompt, new_tokens, SamplingParams(temperature=0))]
+        ids = torch.tensor([prompt + cont])
+        positions = slice(len(prompt) - 1, ids.size(1) - 1)  # the logits that chose each continuation token
+        ref_logits = reference(ids)[0, positions].float()
+        our_logits = other(ids)[0, positions].float()
+        agree += int((ref_logits.argmax(-1) == our_logits.argmax(-1)).sum())
+        total += len(cont)
+        max_dev = max(max_dev, float((ref_logits - our_logits).abs().max()))
+    return {"greedy_agreement": agree / total, "positions": total, "max_logit_dev": max_dev,
+            "ref_logit_std": float(ref_logits.std())}
+
+
+# ---- report ------------------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    import transformers
+    return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+                     if f in flags],
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def print_table(results: dict) -> None:
+    hf = {p: results[("transformers", p)] for p in PRECISIONS["transformers"] if ("transformers", p) in results}
+    print(f"\n{'engine':<13}{'precision':<10}{'decode tok/s':>13}{'x hf':>7}{'prefill tok/s':>15}{'x hf':>7}"
+          f"{'TTFT ms':>9}{'peak RSS MB':>13}")
+    for (engine, precision), r in results.items():
+        peer = hf.get(precision, hf.get("float32"))
+        ratio = (lambda key: f"{r[key] / peer[key]:.2f}") if engine == "minigpt" and peer else (lambda key: "")
+        print(f"{engine:<13}{precision:<10}{r['decode_tok_s']:>13.1f}{ratio('decode_tok_s'):>7}"
+              f"{r['prefill_tok_s']:>15.0f}{ratio('prefill_tok_s'):>7}{r['ttft_ms']:>9.1f}{r['peak_rss_mb']:>13.0f}")
+    print("(x hf: MiniGPT / transformers in the same precision; int8 is compared with transformers float32)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a cached Hub name or local folder (default: random 124M weights)")
+    p.add_argument("--precisions", default="float32,bfloat16,int8")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--quick", action="store_true", help="1 rep, 16 new tokens, 64-token prefill")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/decode-<date>.json)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+    if args.quick:
+        args.reps, args.new_tokens, args.prefill_len = 1, 16, 64
+    precisions = args.precisions.split(",")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            folder = resolve_snapshot(args.model)
+        else:
+            from checkpoints import make_checkpoint  # tests/checkpoints.py: the Hub layout, written by transformers
+            folder, _ = make_checkpoint(Path(tmp) / "gpt2-random", key_style="transformers",
+                                        n_embd=768, n_layer=12, n_head=12, n_positions=1024)
+        info = machine_info()
+        print(f"{info['cpu']}, {info['cores']} cores, {','.join(info['simd'])}; torch {info['torch']}, "
+              f"transformers {info['transformers']}, {args.threads} threads; load average {os.getloadavg()[0]:.2f}")
+        load_before = os.getloadavg()
+        spec = {"folder": str(folder), "threads": args.threads, "reps": args.reps, "new_tokens": args.new_tokens,
+                "prompt_len": args.prompt_len, "prefill_len": args.prefill_len}
+        results = {}
+        for engine, supported in PRECISIONS.items():
+            for precision in (p for p in precisions if p in supported):
+                print(f"  {engine} {precision} ...", flush=True)
+                results[(engine, precision)] = run_in_subprocess({**spec, "engine": engine, "precision": precision})
+        load_after = os.getloadavg()
+        print_table(results)
+
+        same = {}
+        for precision in PRECISIONS["transformers"]:
+            if ("minigpt", precision) in results and ("transformers", precision) in results:
+                ours, theirs = results[("minigpt", precision)]["tokens"], results[("transformers", precision)]["tokens"]
+                same[precision] = ours == theirs[:len(ours)]
+                print(f"greedy tokens identical to transformers ({precision}): {same[precision]}"
+                      + (f" (MiniGPT stopped at <|endoftext|> after {len(ours)})" if len(ours) < len(theirs) else ""))
+
+        qualities = {}
+        for precision in (p for p in precisions if p != "float32"):
+            q = quality(folder, precision, new_tokens=min(32, args.new_tokens))
+            qualities[precision] = q
+            print(f"quality {precision} vs float32: greedy agreement {100 * q['greedy_agreement']:.2f}% over "
+                  f"{q['positions']} positions, max logit deviation {q['max_logit_dev']:.4f} "
+                  f"(logit std {q['ref_logit_std']:.2f})")
+    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (other work on the machine "
+          "makes these numbers noisy)")
+
+    stamp = datetime.now(timezone.utc)
+    out = args.out or ROOT / "bench" / "results" / f"decode-{stamp:%Y%m%d-%H%M}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "date": stamp.isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
+        "machine": info, "load_average_before": load_before, "load_average_after": load_after,
+        "settings": {k: v for k, v in spec.items() if k != "folder"} | {"model": args.model or "random gpt2 124M"},
+        "results": [{"engine": e, "precision": p, **{k: v for k, v in r.items() if k != "tokens"}}
+                    for (e, p), r in results.items()],
+        "greedy_identical_to_transformers": same, "quality_vs_float32": qualities,
+    }, indent=2))
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+
+
+if __name__ == "__main__":
+    main()
