@@ -176,6 +176,9 @@ def load_tuned_model(base: GPT, adapter: str | Path) -> GPT:
         for name, delta in deltas.items():
             linear = tuned.get_submodule(name)
             merged = (linear.weight.float() + delta.to(linear.weight.device)).to(linear.weight.dtype)
+            if not merged.isfinite().all():  # as peft's safe_merge: a NaN/inf tensor or lora_alpha poisons every reply
+                raise AdapterError(f"adapter makes the weight of {name} NaN or infinite: its tensors or lora_alpha "
+                                   "are corrupt")
             linear.weight = nn.Parameter(merged, requires_grad=False)
     return tuned
 

@@ -1,0 +1,142 @@
+"""The training loop and CLI on a tiny random GPT-2 and a hand-written instruction set."""
+import json
+import math
+
+import pytest
+import torch
+from checkpoints import make_checkpoint
+from safetensors.torch import load_file
+
+import lora.train
+from lora import load_tuned_model
+from lora.adapter import WEIGHTS_FILE
+from lora.train import main, warmup_cosine
+from minigpt import load_pretrained
+
+RECORDS = [
+    {"instruction": "Say yes.", "input": "", "output": "Yes."},
+    {"instruction": "Say no.", "input": "", "output": "No."},
+    {"instruction": "Count to three.", "input": "", "output": "One, two, three."},
+    {"instruction": "Greet the reader.", "input": "", "output": "Hello there!"},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny model with larger-than-GPT-2 initial weights (so a frozen random lm_head can still express
+    confident predictions), and the instruction set as a .json file."""
+    folder = tmp_path_factory.mktemp("train")
+    make_checkpoint(folder / "model", initializer_range=0.2)
+    (folder / "data.json").write_text(json.dumps(RECORDS))
+    return folder
+
+
+def cli(workdir, out, *extra):
+    return ["--model", str(workdir / "model"), "--data", str(workdir / "data.json"), "--out", str(out),
+            "--device", "cpu", "--max-len", "128", *extra]
+
+
+def losses(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_drives_the_loss_towards_zero(workdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli(workdir, out, "--max-steps", "40", "--lr", "2e-2", "--batch-size", "6", "--rank", "8",
+                    "--targets", "c_attn,c_proj,c_fc", "--dropout", "0", "--val-fraction", "0",
+                    "--warmup-steps", "0")) == 0
+    err = capsys.readouterr().err
+    # 2 layers x (c_attn 8*(64+192) + attn.c_proj 8*(64+64) + c_fc 8*(64+256) + mlp.c_proj 8*(256+64))
+    assert f"trainable parameters: {2 * 8 * (256 + 128 + 320 + 320):,} of " in err
+    assert "6 records, 0 malformed and skipped; 6 examples kept" in err
+    log = losses(out)
+    train = [r["loss"] for r in log if "loss" in r]
+    assert len(train) == 40 and train[0] > 10
+    assert train[-1] < 1.0 and train[-1] < 0.1 * train[0]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the written adapter is what was trained: loaded for serving, it scores the data as the log says
+    from lora.alpaca import Record
+    from lora.batches import collate, tokenize
+    from lora.train import lm_loss_sum
+    base, tokenizer = load_pretrained(workdir / "model", device="cpu")
+    tuned = load_tuned_model(base, out)
+    inputs, targets = collate(tokenize([Record(**r) for r in RECORDS], tokenizer, 128)[0])
+    n = (targets != -100).sum()
+    with torch.no_grad():
+        tuned_loss = lm_loss_sum(tuned, inputs, targets) / n
+        base_loss = lm_loss_sum(base, inputs, targets) / n
+    assert tuned_loss < 1.0 < 10 < base_loss
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resumed_run_repeats_the_uninterrupted_losses(workdir, tmp_path, monkeypatch):
+    # dropout on, two micro-batches per step and a held-out split: RNG, data order and optimizer all matter
+    options = ["--max-steps", "6", "--lr", "1e-2", "--batch-size", "2", "--grad-accum", "2", "--dropout", "0.1",
+               "--val-fraction", "0.2", "--eval-every", "2", "--save-every", "3", "--targets", "c_attn,c_fc"]
+    assert main(cli(workdir, tmp_path / "whole", *options)) == 0
+
+    real_evaluate = lora.train.evaluate
+    calls = []
+
+    def crash_at_step_4(*args):
+        calls.append(1)
+        if len(calls) == 2:  # evaluations run after steps 2, 4, 6; the checkpoint was taken after step 3
+            raise Crash
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(lora.train, "evaluate", crash_at_step_4)
+    with pytest.raises(Crash):
+        main(cli(workdir, tmp_path / "split", *options))
+    assert [r["step"] for r in losses(tmp_path / "split")] == [1, 2, 2, 3, 4]
+    monkeypatch.setattr(lora.train, "evaluate", real_evaluate)
+    assert main(cli(workdir, tmp_path / "split", *options, "--resume")) == 0
+
+    def comparable(log):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]
+
+    whole, resumed = comparable(losses(tmp_path / "whole")), comparable(losses(tmp_path / "split"))
+    assert [r["step"] for r in resumed] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
+    assert resumed == whole  # bit-identical losses, learning rates and held-out losses
+    a, b = load_file(tmp_path / "whole" / WEIGHTS_FILE), load_file(tmp_path / "split" / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_and_overwrite_guards(workdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    options = ["--max-steps", "1", "--batch-size", "6", "--val-fraction", "0"]
+    assert main(cli(workdir, out, *options, "--resume")) == 2
+    assert "--resume: no checkpoint (training_state.safetensors) in" in capsys.readouterr().err
+    assert main(cli(workdir, out, *options)) == 0
+    assert main(cli(workdir, out, *options)) == 2
+    assert "already holds a training run: pass --resume" in capsys.readouterr().err
+    assert main(cli(workdir, out, *options, "--rank", "4", "--resume")) == 2
+    assert "made with other options (--rank 8 -> 4)" in capsys.readouterr().err
+
+
+def test_unreachable_default_dataset_is_a_one_line_error(workdir, tmp_path, capsys):
+    assert main(["--model", str(workdir / "model"), "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot download dataset yahma/alpaca-cleaned") and "\n" not in err
+
+
+def test_malformed_records_are_skipped_not_fatal(workdir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [RECORDS[0], {"instruction": 1, "output": "x"}, RECORDS[2]]))
+    assert main(["--model", str(workdir / "model"), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--max-len", "128", "--max-steps", "1", "--val-fraction", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped record 1: field 'instruction' is int, expected a string" in err
+    assert "3 records, 1 malformed and skipped; 2 examples kept" in err
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(warmup=4, total=14)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(9) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert factor(14) == pytest.approx(0.0) and factor(20) == pytest.approx(0.0)
