@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                   RepositoryNotFoundError)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -107,6 +108,8 @@ def resolve_adapter(name_or_path: str | Path) -> Path:
     except LocalEntryNotFoundError:
         raise AdapterError(f"adapter {str(name_or_path)!r} is neither a local folder nor in the Hugging Face cache, "
                            "and the Hub cannot be reached (offline or HF_HUB_OFFLINE=1)") from None
+    except HFValidationError:
+        raise AdapterError(f"no adapter folder {str(name_or_path)!r} (nor is it a Hub repo id)") from None
     except RepositoryNotFoundError:
         raise AdapterError(f"no adapter folder or Hub repository named {str(name_or_path)!r}") from None
     except (HfHubHTTPError, OSError, ValueError) as e:

@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from lora import alpaca_prompt, load_tuned_model
+
 from .errors import CheckpointError
 from .generation import generate
 from .sampling import SamplingParams
@@ -31,11 +33,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter for this base: local folder or Hub repo id")
+    p.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca instruction template")
     return p.parse_args(argv)
 
 
+def as_sent(prompt: str, args: argparse.Namespace) -> str:
+    return alpaca_prompt(prompt) if args.alpaca else prompt
+
+
 def stream(model, tokenizer, prompt: str, args: argparse.Namespace, params: SamplingParams) -> None:
-    events = generate(model, tokenizer, tokenizer.encode_ordinary(prompt), args.max_new_tokens, params,
+    events = generate(model, tokenizer, tokenizer.encode_ordinary(as_sent(prompt, args)), args.max_new_tokens, params,
                       seed=args.seed, stop=args.stop)
     for event in events:
         sys.stdout.write(event.text)
@@ -50,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         model, tokenizer = load_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype])
+        if args.adapter:
+            model = load_tuned_model(model, args.adapter)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.interactive:
-        sys.stdout.write(args.prompt)
+        sys.stdout.write(as_sent(args.prompt, args))
         stream(model, tokenizer, args.prompt, args, params)
         return 0
     print("Type a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)

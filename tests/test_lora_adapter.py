@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from test_lora import peft_twin, tokens
 
-from lora import AdapterConfig, AdapterError, load_tuned_model, save_adapter
+from lora import AdapterConfig, AdapterError, alpaca_prompt, load_tuned_model, save_adapter
 from lora.adapter import CONFIG_FILE, WEIGHTS_FILE
 from minigpt import CheckpointError, SamplingParams, generate, load_pretrained
 
@@ -188,3 +188,17 @@ def test_unknown_hub_adapter_offline_is_one_clear_line(tiny_model):
         load_tuned_model(tiny_model[0], "someone/gpt2-lora-that-is-not-cached")
     message = str(info.value)
     assert "\n" not in message and "'someone/gpt2-lora-that-is-not-cached'" in message
+
+
+def test_generate_cli_with_adapter_and_alpaca_template(tiny_model, tiny_checkpoint, twin, peft_folder, capsys):
+    from minigpt.generate import main
+    tokenizer = tiny_model[1]
+    prompt = alpaca_prompt("Name a colour.")
+    ids = tokenizer.encode_ordinary(prompt)
+    expected = twin[1].generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert main(["--model", str(tiny_checkpoint[0]), "--adapter", str(peft_folder), "--alpaca", "--prompt",
+                 "Name a colour.", "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == prompt + tokenizer.decode(expected) + "\n"
+    assert main(["--model", str(tiny_checkpoint[0]), "--adapter", str(peft_folder / "nope"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"error: no adapter folder '{peft_folder / 'nope'}' (nor is it a Hub repo id)\n"
