@@ -79,6 +79,14 @@ def split_history(history: Sequence[dict]) -> tuple[list[Exchange], str]:
     return exchanges, message_text(history[-1])
 
 
+def without_last_reply(history: Sequence[dict]) -> list[dict]:
+    """history minus the assistant messages at its end (for Retry and Undo)."""
+    history = list(history)
+    while history and history[-1].get("role") == "assistant":
+        history.pop()
+    return history
+
+
 def transcript(exchanges: Sequence[Exchange]) -> str:
     return "".join(f"User: {e.user}\nAssistant: {e.assistant}\n" for e in exchanges)
 
@@ -151,7 +159,7 @@ def read_settings(temperature: float, top_k: float | None, top_p: float, max_new
 def _number(name: str, value: object) -> float:
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int too big for a float
         raise ChatInputError(f"{name} must be a number, got {value!r}.") from None
     if not math.isfinite(number):
         raise ChatInputError(f"{name} must be a finite number, got {value!r}.")

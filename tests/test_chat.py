@@ -2,7 +2,8 @@
 import pytest
 
 from minigpt.chat import (BASE, BASE_HEADER, MAX_TEMPERATURE, TUNED, ChatInputError, Exchange, build_prompt,
-                          context_note, message_text, read_settings, render_prompt, split_history)
+                          context_note, message_text, read_settings, render_prompt, split_history,
+                          without_last_reply)
 
 ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -29,6 +30,11 @@ def test_message_text_reads_both_content_shapes():
 def test_split_history_pairs_turns_and_returns_the_new_message():
     history = [user("one"), bot("uno"), user("two"), user("three")]
     assert split_history(history) == ([Exchange("one", "uno"), Exchange("two", "")], "three")
+
+
+def test_without_last_reply_keeps_everything_up_to_the_last_user_message():
+    assert without_last_reply([user("q"), bot("a"), user("r"), bot("b"), bot("c")]) == [user("q"), bot("a"), user("r")]
+    assert without_last_reply([user("q")]) == [user("q")] and without_last_reply([]) == []
 
 
 @pytest.mark.parametrize("history", [[], [user("q"), bot("a")]])

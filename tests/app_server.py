@@ -1,0 +1,82 @@
+"""Run app.py in a subprocess on a free port with a tiny checkpoint and a tiny LoRA adapter (API and browser tests)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from checkpoints import make_checkpoint
+
+from lora import AdapterConfig, inject_lora, save_adapter
+from minigpt import load_pretrained
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningApp:
+    url: str
+    checkpoint: Path
+    adapter: Path
+
+
+def make_adapter(checkpoint: Path, folder: Path, seed: int = 1) -> Path:
+    """A tiny PEFT adapter for checkpoint, written by lora's own save_adapter; its B matrices are random
+    (not zero, as fresh LoRA would be) so the tuned model answers differently from the base."""
+    model, _ = load_pretrained(checkpoint, device="cpu")
+    inject_lora(model, ["c_attn"], r=4, alpha=8)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return save_adapter(model, folder, AdapterConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180) -> Iterator[RunningApp]:
+    """`python app.py` on a tiny 1024-position checkpoint (long enough replies to press Stop during)."""
+    checkpoint, _ = make_checkpoint(tmp / "model", n_positions=1024)
+    adapter = make_adapter(checkpoint, tmp / "adapter")
+    port = free_port()
+    log = (tmp / "app.log").open("w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--model", str(checkpoint), "--adapter", str(adapter), "--device", "cpu",
+         "--port", str(port), "--concurrency", str(concurrency)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py exited with {process.returncode}:\n{(tmp / 'app.log').read_text()}")
+            try:
+                urllib.request.urlopen(url + "config", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"app.py did not answer in {startup_s} s:\n{(tmp / 'app.log').read_text()}")
+                time.sleep(0.3)
+        yield RunningApp(url, checkpoint, adapter)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()

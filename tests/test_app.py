@@ -1,0 +1,63 @@
+"""app.py without a server: command line, loading the models once, the mode switch without an adapter."""
+import pytest
+from app_server import make_adapter
+
+import app
+from minigpt.chat import BASE, TUNED, ChatInputError
+
+
+def test_defaults_bind_to_localhost_7860(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    args = app.parse_args([])
+    assert (args.model, args.adapter, args.host, args.port, args.share, args.dtype, args.concurrency) == \
+        ("gpt2", None, "127.0.0.1", 7860, False, "float32", 2)
+
+
+def test_on_a_space_it_binds_all_interfaces(monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "someone/minigpt")
+    assert app.parse_args([]).host == "0.0.0.0"
+    assert app.parse_args(["--host", "127.0.0.1"]).host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("argv, message", [(["--concurrency", "0"], "--concurrency must be >= 1"),
+                                           (["--dtype", "float64"], "invalid choice: 'float64'")])
+def test_bad_options_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_without_an_adapter_only_base_mode_runs_and_the_hint_says_how_to_get_one(tiny_checkpoint, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no checkpoints/alpaca-lora here
+    engine = app.load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32")
+    assert list(engine.models) == [BASE] and engine.device == "cpu float32"
+    assert "python -m lora.train" in engine.adapter_hint and "--adapter" in engine.adapter_hint
+    with pytest.raises(ChatInputError, match="Alpaca LoRA mode is off: no adapter in checkpoints/alpaca-lora"):
+        engine.model(TUNED)
+
+
+def test_the_tuned_model_shares_the_base_weights_but_its_lora_targets(tiny_checkpoint, tmp_path):
+    folder = tiny_checkpoint[0]
+    engine = app.load_engine(str(folder), str(make_adapter(folder, tmp_path / "adapter")), "cpu", "bfloat16")
+    base, tuned = engine.models[BASE], engine.models[TUNED]
+    assert engine.device == "cpu bfloat16" and tuned.lm_head.weight.dtype == app.torch.bfloat16
+    assert tuned.transformer.wte.weight is base.transformer.wte.weight
+    assert tuned.transformer.h[0].mlp.c_fc.weight is base.transformer.h[0].mlp.c_fc.weight
+    assert not app.torch.equal(tuned.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+
+
+@pytest.mark.parametrize("broken", ["model", "adapter"])
+def test_unloadable_weights_end_with_a_one_line_error_naming_them(tiny_checkpoint, tmp_path, broken, capsys):
+    missing = str(tmp_path / f"no-such-{broken}")
+    model, adapter = (missing, []) if broken == "model" else (str(tiny_checkpoint[0]), ["--adapter", missing])
+    assert app.main(["--model", model, *adapter, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and missing in err and err.count("\n") == 1
+
+
+def test_the_app_exposes_chat_stop_and_alternatives(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    demo = app.build_app(app.load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32"))
+    names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert names == {"chat", "stop", "alternatives"}

@@ -1,0 +1,132 @@
+"""The running app driven through its API with gradio_client: a tiny checkpoint and adapter, transformers
+and peft as the oracles for what each mode must answer."""
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from app_server import running_app
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from peft import PeftModel
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+
+from minigpt.chat import BASE, BASE_HEADER, TUNED, message_text
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("app")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def oracle(app):
+    """(transformers base model, peft-tuned model, tokenizer) for the app's own checkpoint and adapter."""
+    base = GPT2LMHeadModel.from_pretrained(app.checkpoint).eval()
+    tuned = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(app.checkpoint), app.adapter).eval()
+    return base, tuned, GPT2TokenizerFast.from_pretrained(app.checkpoint)
+
+
+def history(*texts):
+    """A chat history in Gradio's messages format, alternating user and assistant, ending with the user."""
+    roles = ["user", "assistant"]
+    return [{"role": roles[i % 2], "content": [{"type": "text", "text": t}]} for i, t in enumerate(texts)]
+
+
+def chat_args(hist, mode=BASE, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=24, seed=None):
+    return hist, mode, temperature, top_k, top_p, max_new_tokens, seed, 0, -1  # ..., layer, head
+
+
+def expected_reply(model, tokenizer, prompt, max_new_tokens, stops):
+    """Greedy continuation by the oracle, cut at the first stop string, stripped as the chat shows it."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=50256)
+    text = tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True)
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text.strip()
+
+
+def test_a_reply_streams_in_and_equals_transformers_greedy_text(app, oracle):
+    base, _, tokenizer = oracle
+    job = Client(app.url, verbose=False).submit(*chat_args(history("Hello, who are you?")), api_name="/chat")
+    texts = [message_text(out[0][-1]) for out in job]  # every streamed update, as it arrived
+    final = job.outputs()[-1]
+    chat, stats, prompt = final[0], final[1], final[2]
+
+    assert len(texts) > 3 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # grows token by token
+    assert prompt == BASE_HEADER + "User: Hello, who are you?\nAssistant:"
+    assert message_text(chat[-1]) == expected_reply(base, tokenizer, prompt, 24, ["\nUser:", "\nAssistant:"])
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    assert "first token" in stats and f"{BASE} · cpu float32" in stats
+
+
+def test_both_modes_answer_each_with_its_own_model(app, oracle):
+    base, tuned, tokenizer = oracle
+    client = Client(app.url, verbose=False)
+    hist = history("Name a colour.", "Blue.", "Another one?")
+    replies = {}
+    for mode, model in [(BASE, base), (TUNED, tuned)]:
+        chat, stats, prompt = client.predict(*chat_args(hist, mode), api_name="/chat")[:3]
+        replies[mode] = message_text(chat[-1])
+        stops = ["\nUser:", "\nAssistant:"] if mode == BASE else ["\n### "]
+        assert replies[mode] == expected_reply(model, tokenizer, prompt, 24, stops)
+        assert mode in stats
+    assert prompt.startswith("Below is an instruction that describes a task, paired with an input")
+    assert "### Instruction:\nAnother one?\n\n### Input:\nUser: Name a colour.\nAssistant: Blue." in prompt
+    assert replies[BASE] != replies[TUNED]
+
+
+def test_two_concurrent_sessions_keep_their_own_conversations_and_panels(app):
+    """One base and one tuned session at once: each gets its own reply and keeps its own last-reply data."""
+    sessions = {BASE: (history("Tell me about cats."), 37),
+                TUNED: (history("Write about dogs.", "Dogs are loyal.", "More?"), 53)}
+
+    def converse(mode):
+        hist, max_new_tokens = sessions[mode]
+        client = Client(app.url, verbose=False)
+        chat, stats = client.predict(*chat_args(hist, mode, temperature=1.0, seed=7, max_new_tokens=max_new_tokens),
+                                     api_name="/chat")[:2]
+        caption = client.predict(1, api_name="/alternatives")[0]  # reads the reply this session stored
+        return chat, stats, caption
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(sessions, pool.map(converse, sessions)))
+    counts = {}
+    for mode, (chat, stats, caption) in results.items():
+        assert [message_text(m) for m in chat[:-1]] == [message_text(m) for m in sessions[mode][0]]
+        assert mode in stats
+        counts[mode] = int(stats.split(" token")[0])
+        assert caption.startswith(f"Token 1 of {counts[mode]}: chose ")
+    assert counts[BASE] != counts[TUNED]
+    assert message_text(results[BASE][0][-1]) != message_text(results[TUNED][0][-1])
+
+
+def test_stop_ends_the_generation_early(app):
+    client = Client(app.url, verbose=False)
+    job = client.submit(*chat_args(history("Tell me a long story."), temperature=1.0, max_new_tokens=500),
+                        api_name="/chat")
+    deadline = time.monotonic() + 60
+    while len(job.outputs()) < 3 and not job.done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.predict(api_name="/stop")
+    stats = job.result(timeout=60)[1]
+    tokens = int(stats.split(" token")[0])
+    assert stats.endswith("stopped by you") and tokens < 500
+
+
+@pytest.mark.parametrize("args, message", [
+    (chat_args(history("hi"), seed=-5), "Seed must be between 0 and 4294967295"),
+    (chat_args(history("hi"), temperature=-1), "less than minimum value 0"),  # Gradio checks slider bounds
+    (chat_args(history("hi"), top_p=1.5), "greater than maximum value 1"),
+    (chat_args(history("hi"), mode="GPT-5"), "'GPT-5' .* is not in the list of choices"),
+    (chat_args(history("hi", "hello")), "no user message to reply to"),
+    (chat_args(history("word " * 1100)), "Your message is too long"),
+])
+def test_bad_input_gets_a_clear_error(app, args, message):
+    with pytest.raises(AppError, match=message):
+        Client(app.url, verbose=False).predict(*args, api_name="/chat")
