@@ -21,8 +21,7 @@ import torch  # noqa: E402
 from lora import load_tuned_model  # noqa: E402
 from minigpt import GPT, CheckpointError, load_pretrained  # noqa: E402
 from minigpt.chat import (BASE, MAX_NEW_TOKENS, MAX_TEMPERATURE, MODES, TUNED, ChatInputError,  # noqa: E402
-                          build_prompt, context_note, message_text, read_settings,
-                          without_last_reply)
+                          as_chat_text, build_prompt, context_note, message_text, read_settings, without_last_reply)
 from minigpt.panels import (BAND_COLOURS, alternatives, attention_window, heatmap, position_caption,  # noqa: E402
                             token_highlights)
 from minigpt.replies import Reply, stats_line, stream_reply  # noqa: E402
@@ -70,6 +69,7 @@ def load_engine(model: str, adapter: str | None, device: str | None, dtype: str)
 def build_app(engine: Engine) -> gr.Blocks:
     config = engine.models[BASE].config
     stops: dict[str, threading.Event] = {}  # session -> its Stop flag, present while a reply is pending
+    attention_open: set[str] = set()  # sessions whose attention panel is open (it may open mid-reply)
 
     def locked():  # the message box, Send, Retry, Undo and Clear wait while a reply streams; Stop does not
         return [gr.Button(interactive=False)] * 4
@@ -87,15 +87,15 @@ def build_app(engine: Engine) -> gr.Blocks:
             raise gr.Error(str(e), print_exception=False) from None
         return model, settings, notices, prompt
 
-    def add_message(message, history, *controls, request: gr.Request):
+    def add_message(request: gr.Request, message, history, *controls):  # controls as in prepare()
         if not message.strip():
             raise gr.Error("Type a message first.", print_exception=False)
-        history = [*history, {"role": "user", "content": message}]
+        history = [*history, {"role": "user", "content": as_chat_text(message)}]
         prepare(history, *controls)  # refuse now, while the message is still in the box
         stops[request.session_hash] = threading.Event()
         return gr.Textbox(value="", interactive=False), history, *locked()
 
-    def retry(history, *controls, request: gr.Request):
+    def retry(request: gr.Request, history, *controls):
         history = without_last_reply(history)
         prepare(history, *controls)
         stops[request.session_hash] = threading.Event()
@@ -112,8 +112,7 @@ def build_app(engine: Engine) -> gr.Blocks:
         if event := stops.get(request.session_hash):
             event.set()
 
-    def respond(history, mode, temperature, top_k, top_p, max_new_tokens, seed, layer, head, attention_open,
-                request: gr.Request):
+    def respond(history, mode, temperature, top_k, top_p, max_new_tokens, seed, layer, head, request: gr.Request):
         model, settings, notices, prompt = prepare(history, mode, temperature, top_k, top_p, max_new_tokens, seed)
         notes = [*notices, context_note(prompt, config.n_positions)]
         for note in filter(None, notes):
@@ -123,11 +122,12 @@ def build_app(engine: Engine) -> gr.Blocks:
         history = [*history, {"role": "assistant", "content": ""}]
         try:
             for reply in stream_reply(model, engine.tokenizer, mode, prompt, settings, flag):
-                history[-1] = {"role": "assistant", "content": reply.text.strip()}
+                history[-1] = {"role": "assistant", "content": as_chat_text(reply.text.strip())}
                 status = "\n\n".join(filter(None, [stats_line(reply, engine.device), *notes]))
                 if reply.finish_reason is None:
                     yield history, status, *[gr.skip()] * 9
-            window = attention_window(model, engine.tokenizer, reply) if attention_open and reply.token_ids else None
+            wanted = session in attention_open and reply.token_ids
+            window = attention_window(model, engine.tokenizer, reply) if wanted else None
             yield (history, status, prompt.text, *log_prob_panel(reply, len(reply.token_ids)),
                    *attention_panel(window, layer, head), reply, window)
         finally:
@@ -146,10 +146,14 @@ def build_app(engine: Engine) -> gr.Blocks:
             return None, ATTENTION_HINT
         return heatmap(window, layer, None if head < 0 else head), window.note
 
-    def open_attention(reply, window, layer, head):
+    def open_attention(request: gr.Request, reply, window, layer, head):
+        attention_open.add(request.session_hash)
         if window is None and reply is not None and reply.token_ids:
             window = attention_window(engine.models[reply.mode], engine.tokenizer, reply)
-        return True, window, *attention_panel(window, layer, head)
+        return window, *attention_panel(window, layer, head)
+
+    def close_attention(request: gr.Request):
+        attention_open.discard(request.session_hash)
 
     def pick_token(reply, event: gr.SelectData):
         return log_prob_panel(reply, event.index + 1)
@@ -160,7 +164,7 @@ def build_app(engine: Engine) -> gr.Blocks:
     with gr.Blocks(title="MiniGPT chat", analytics_enabled=False) as demo:
         gr.Markdown("# MiniGPT chat\nGPT-2 written from scratch, with real OpenAI weights, and its Alpaca "
                     "LoRA. Replies stream token by token; open the panels below to look inside.")
-        reply_state, window_state, attention_open = gr.State(None), gr.State(None), gr.State(False)
+        reply_state, window_state = gr.State(None), gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 chat = gr.Chatbot(elem_id="chat", label="Conversation", height=440, render_markdown=False,
@@ -190,7 +194,8 @@ def build_app(engine: Engine) -> gr.Blocks:
                                       elem_id="top_p")
                     max_new_tokens = gr.Slider(1, min(MAX_NEW_TOKENS, config.n_positions // 2), value=128, step=1,
                                                label="Max new tokens", elem_id="max_new_tokens")
-                    seed = gr.Number(None, label="Seed", info="blank = random", precision=0, elem_id="seed")
+                    seed = gr.Textbox("", label="Seed", info="a whole number repeats a reply; blank = random",
+                                      placeholder="random", elem_id="seed")
                 with gr.Accordion("Prompt sent to the model", open=False):
                     prompt_view = gr.Textbox(elem_id="prompt", show_label=False, lines=8, max_lines=20,
                                              interactive=False, buttons=["copy"])
@@ -218,7 +223,7 @@ def build_app(engine: Engine) -> gr.Blocks:
 
         reply_outputs = [chat, stats, prompt_view, tokens, position, caption, alts, plot, attention_note,
                          reply_state, window_state]
-        reply_inputs = [chat, *controls, layer, head, attention_open]
+        reply_inputs = [chat, *controls, layer, head]
 
         def reply_chain(trigger, step, step_inputs, api_name=None):
             """step checks the input and locks the controls (no queue); then the reply streams; then unlock."""
@@ -239,8 +244,9 @@ def build_app(engine: Engine) -> gr.Blocks:
                          api_name="alternatives")
         tokens.select(pick_token, reply_state, [tokens, position, caption, alts], api_visibility="private")
         attention_acc.expand(open_attention, [reply_state, window_state, layer, head],
-                             [attention_open, window_state, plot, attention_note], api_visibility="private")
-        attention_acc.collapse(lambda: False, None, attention_open, queue=False, api_visibility="private")
+                             [window_state, plot, attention_note], api_visibility="private")
+        attention_acc.collapse(close_attention, None, None, queue=False, api_visibility="private")
+        demo.unload(close_attention)
         for selector in (layer, head):
             selector.change(lambda w, la, h: attention_panel(w, la, h), [window_state, layer, head],
                             [plot, attention_note], api_visibility="private")

@@ -8,6 +8,7 @@ Two modes frame the same conversation differently:
 """
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,13 +56,18 @@ class Settings:
     seed: int | None  # None: a fresh random seed per reply
 
 
+def as_chat_text(text: str) -> str:
+    """Text as a chat message holds it: HTML-escaped, because the Chatbot renders HTML (sanitised). So a
+    reply that contains <script> or <img onerror=...> is shown as those characters and never runs."""
+    return html.escape(text, quote=False)
+
+
 def message_text(message: dict) -> str:
-    """The text of one Gradio 6 chat message, whose content is a str or a list of typed parts."""
+    """The plain text of one Gradio 6 chat message (content a str or a list of typed parts); undoes as_chat_text."""
     content = message.get("content")
-    if isinstance(content, str):
-        return content
-    parts = content if isinstance(content, list) else [content]
-    return " ".join(p["text"] for p in parts if isinstance(p, dict) and p.get("type") == "text")
+    if isinstance(content, list):
+        content = " ".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return html.unescape(content) if isinstance(content, str) else ""
 
 
 def split_history(history: Sequence[dict]) -> tuple[list[Exchange], str]:

@@ -72,6 +72,11 @@ class AttentionWindow:
         per_layer = self.probs[layer]
         return per_layer.mean(axis=0) if head is None else per_layer[head]
 
+    def visible(self) -> np.ndarray:
+        """(queries, keys) bool: True where the key is not in the query's future (the causal mask)."""
+        queries, keys = self.probs.shape[-2:]
+        return np.tri(queries, keys, k=keys - queries, dtype=bool)
+
 
 @torch.inference_mode()
 def attention_window(model: GPT, tokenizer: tiktoken.Encoding, reply: Reply, max_queries: int = MAX_QUERIES,
@@ -105,9 +110,10 @@ def heatmap(window: AttentionWindow, layer: int, head: int | None) -> Figure:
     """Query x key heatmap with token labels; OO matplotlib (no pyplot state: safe across threads)."""
     matrix = window.matrix(layer, head)
     q, k = matrix.shape
-    fig = Figure(figsize=(max(6.0, 0.2 * k + 2), max(3.5, 0.22 * q + 1.8)), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 0.2 * k + 2), max(3.5, 0.18 * q + 1.8)), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(matrix, cmap="magma", vmin=0.0, aspect="auto", interpolation="nearest")
+    shown = np.ma.masked_array(matrix, mask=~window.visible())  # future keys stay blank
+    image = ax.imshow(shown, cmap="magma", vmin=0.0, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(k), window.key_labels, rotation=90, fontsize=7)
     ax.set_yticks(range(q), window.query_labels, fontsize=7)
     ax.set_xlabel("key token (what was looked at)")

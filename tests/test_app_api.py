@@ -36,7 +36,7 @@ def history(*texts):
     return [{"role": roles[i % 2], "content": [{"type": "text", "text": t}]} for i, t in enumerate(texts)]
 
 
-def chat_args(hist, mode=BASE, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=24, seed=None):
+def chat_args(hist, mode=BASE, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=24, seed=""):
     return hist, mode, temperature, top_k, top_p, max_new_tokens, seed, 0, -1  # ..., layer, head
 
 
@@ -89,7 +89,7 @@ def test_two_concurrent_sessions_keep_their_own_conversations_and_panels(app):
     def converse(mode):
         hist, max_new_tokens = sessions[mode]
         client = Client(app.url, verbose=False)
-        chat, stats = client.predict(*chat_args(hist, mode, temperature=1.0, seed=7, max_new_tokens=max_new_tokens),
+        chat, stats = client.predict(*chat_args(hist, mode, temperature=1.0, seed="7", max_new_tokens=max_new_tokens),
                                      api_name="/chat")[:2]
         caption = client.predict(1, api_name="/alternatives")[0]  # reads the reply this session stored
         return chat, stats, caption
@@ -106,6 +106,24 @@ def test_two_concurrent_sessions_keep_their_own_conversations_and_panels(app):
     assert message_text(results[BASE][0][-1]) != message_text(results[TUNED][0][-1])
 
 
+def test_a_seed_repeats_a_sampled_reply(app):
+    client = Client(app.url, verbose=False)
+    args = chat_args(history("Surprise me."), temperature=1.0, top_k=50, top_p=0.9, seed="123")
+    first, second = (message_text(client.predict(*args, api_name="/chat")[0][-1]) for _ in range(2))
+    assert first == second
+
+
+def test_a_long_conversation_drops_its_oldest_exchanges_and_says_so(app):
+    turns = []
+    for i in range(12):
+        turns += [f"Question {i}: " + "tell me more " * 20, f"Answer {i}: " + "here is more " * 20]
+    chat, stats, prompt = Client(app.url, verbose=False).predict(*chat_args(history(*turns, "Last one?")),
+                                                                 api_name="/chat")[:3]
+    assert "The conversation outgrew the 1024-token window: the oldest " in stats
+    assert prompt.startswith(BASE_HEADER) and "Question 0:" not in prompt and "Answer 11:" in prompt
+    assert prompt.endswith("User: Last one?\nAssistant:") and len(chat) == 26  # the chat itself keeps everything
+
+
 def test_stop_ends_the_generation_early(app):
     client = Client(app.url, verbose=False)
     job = client.submit(*chat_args(history("Tell me a long story."), temperature=1.0, max_new_tokens=500),
@@ -120,7 +138,8 @@ def test_stop_ends_the_generation_early(app):
 
 
 @pytest.mark.parametrize("args, message", [
-    (chat_args(history("hi"), seed=-5), "Seed must be between 0 and 4294967295"),
+    (chat_args(history("hi"), seed="-5"), "Seed must be between 0 and 4294967295"),
+    (chat_args(history("hi"), seed="1.5"), "Seed must be a whole number, got '1.5'"),
     (chat_args(history("hi"), temperature=-1), "less than minimum value 0"),  # Gradio checks slider bounds
     (chat_args(history("hi"), top_p=1.5), "greater than maximum value 1"),
     (chat_args(history("hi"), mode="GPT-5"), "'GPT-5' .* is not in the list of choices"),

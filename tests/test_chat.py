@@ -1,7 +1,7 @@
 """The chat app's core without any UI: prompts for both modes, context fitting, settings validation."""
 import pytest
 
-from minigpt.chat import (BASE, BASE_HEADER, MAX_TEMPERATURE, TUNED, ChatInputError, Exchange, build_prompt,
+from minigpt.chat import (BASE, as_chat_text, BASE_HEADER, MAX_TEMPERATURE, TUNED, ChatInputError, Exchange, build_prompt,
                           context_note, message_text, read_settings, render_prompt, split_history,
                           without_last_reply)
 
@@ -25,6 +25,12 @@ def test_message_text_reads_both_content_shapes():
     assert message_text(bot("plain")) == "plain"
     assert message_text({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "file"},
                                                      {"type": "text", "text": "b"}]}) == "a b"
+
+
+def test_chat_text_is_escaped_for_display_and_read_back_exactly():
+    for text in ["<img src=x onerror=alert(1)>", "a &lt; b & c", "<script>x</script> \"q\" 'r'", "plain"]:
+        shown = as_chat_text(text)
+        assert "<" not in shown and message_text(bot(shown)) == text and message_text(user(shown)) == text
 
 
 def test_split_history_pairs_turns_and_returns_the_new_message():

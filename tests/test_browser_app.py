@@ -1,0 +1,120 @@
+"""The chat app in a real browser: headless Debian Chromium driven by Playwright, against app.py serving a
+tiny checkpoint and adapter. Set MINIGPT_SCREENSHOT=1 to refresh assets/screenshot.png from this run."""
+import os
+import re
+from pathlib import Path
+
+import pytest
+from app_server import REPO, running_app
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian's Chromium at {CHROMIUM}")]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+FINISHED = re.compile("ended by the model|ended at the next turn|hit the token limit|stopped by you")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("browser-app")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import expect, sync_playwright
+    expect.set_options(timeout=30_000)  # a busy 2-core machine: the plot chunk and replies can be slow
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(app, browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(app.url)
+    page.wait_for_selector("#msg textarea")
+    yield page
+    context.close()
+
+
+def bot_text_lengths_until_done(page) -> list[int]:
+    """Length of the last reply bubble, sampled while it streams, until the stats line says it finished."""
+    lengths = []
+    while not FINISHED.search(page.locator("#stats").inner_text()):
+        lengths.append(page.evaluate(
+            "() => [...document.querySelectorAll('#chat [data-testid=bot]')].pop()?.innerText.length ?? 0"))
+        page.wait_for_timeout(30)
+    return lengths
+
+
+def test_chat_streams_switches_mode_and_shows_both_panels(page):
+    from playwright.sync_api import expect
+    page.get_by_role("button", name="What is the capital of France?").click()  # an example fills the box
+    expect(page.locator("#msg textarea")).to_have_value("What is the capital of France?")
+    page.locator("#msg textarea").press("Enter")
+    lengths = bot_text_lengths_until_done(page)
+    grew = [b for a, b in zip(lengths, lengths[1:]) if b > a]
+    assert len(grew) >= 2, f"the reply did not stream: lengths seen {lengths}"
+    expect(page.locator("#stats")).to_contain_text("Base GPT-2 · cpu float32")
+    expect(page.locator("#send")).to_be_enabled()
+
+    page.get_by_label("Alpaca LoRA").check()
+    page.locator("#msg textarea").fill("Write a short poem about the sea.")
+    page.locator("#send").click()
+    expect(page.locator("#stats")).to_contain_text(FINISHED)
+    expect(page.locator("#stats")).to_contain_text("Alpaca LoRA")
+    expect(page.locator("#chat [data-testid=user]")).to_have_count(2)
+    page.get_by_role("button", name="Prompt sent to the model").click()
+    expect(page.locator("#prompt textarea")).to_have_value(re.compile(
+        r"### Instruction:\nWrite a short poem about the sea\.\n\n### Input:\nUser: What is the capital"))
+
+    page.get_by_role("button", name="Token log-probabilities").click()
+    tokens = page.locator("#tokens .textfield .token")
+    expect(tokens.first).to_be_visible()
+    assert tokens.count() >= 1
+    assert "background" in tokens.first.get_attribute("style")  # coloured by its probability band
+    tokens.first.click()
+    expect(page.locator("#caption")).to_contain_text(re.compile(r"Token 1 of \d+: chose"))
+    expect(page.locator("#alternatives")).to_contain_text("%")
+
+    page.get_by_role("button", name="Attention map").click()
+    heatmap = page.locator("#heatmap [data-testid=matplotlib] img")
+    expect(heatmap).to_be_visible()
+    expect(page.locator("#attention_note")).to_contain_text("Rows:")
+    average = heatmap.get_attribute("src")
+    page.locator("#head input").click()
+    page.get_by_role("option", name="Head 2", exact=True).click()
+    expect(heatmap).not_to_have_attribute("src", average)  # redrawn for one head
+
+    shot = page.screenshot(full_page=True)
+    if os.environ.get("MINIGPT_SCREENSHOT"):
+        (REPO / "assets" / "screenshot.png").write_bytes(shot)
+
+
+def test_markup_is_shown_as_text_and_stop_ends_a_long_reply(page):
+    from playwright.sync_api import expect
+    markup = '<img src=x onerror="window.__xss=1"> <script>window.__xss=2</script> **not bold**'
+    page.locator("#msg textarea").fill(markup)
+    page.locator("#msg textarea").press("Enter")
+    expect(page.locator("#stats")).to_contain_text(FINISHED)
+    expect(page.locator("#chat [data-testid=user]").last).to_have_text(markup)
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("#chat img[src=x], #chat script, #chat strong").count() == 0
+
+    page.locator("#max_new_tokens input[type=number]").fill("512")
+    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    page.locator("#msg textarea").fill("Tell me a long story.")
+    page.locator("#send").click()
+    expect(page.locator("#chat [data-testid=bot]").nth(1)).not_to_have_text("")
+    page.locator("#stop").click()
+    expect(page.locator("#stats")).to_contain_text("stopped by you")
+    tokens = int(page.locator("#stats").inner_text().split(" token")[0])
+    assert 0 < tokens < 512
+    expect(page.locator("#send")).to_be_enabled()
+    settled = page.locator("#chat [data-testid=bot]").nth(1).inner_text()
+    page.wait_for_timeout(500)
+    assert page.locator("#chat [data-testid=bot]").nth(1).inner_text() == settled  # nothing more arrives
