@@ -40,7 +40,8 @@ class TokenizeReport:
                 f"{self.dropped} dropped (prompt alone fills --max-len)")
 
 
-def tokenize(records: Sequence[Record], tokenizer: tiktoken.Encoding, max_len: int) -> tuple[list[Example], TokenizeReport]:
+def tokenize(records: Sequence[Record], tokenizer: tiktoken.Encoding,
+             max_len: int) -> tuple[list[Example], TokenizeReport]:
     """Token sequences of at most max_len tokens; never drops a response without counting it."""
     if max_len < 2:
         raise ValueError(f"--max-len must be at least 2, got {max_len}")

@@ -25,8 +25,8 @@ from minigpt.model import GPT
 from minigpt.weights import load_pretrained, pick_device
 
 from .adapter import AdapterConfig, save_adapter
-from .alpaca import DEFAULT_DATA, load_records
-from .batches import IGNORE, batch_stream, collate, epoch_batches, eval_batches, split, tokenize
+from .alpaca import DEFAULT_DATA, Record, load_records
+from .batches import IGNORE, Example, batch_stream, collate, epoch_batches, eval_batches, split, tokenize
 from .layer import inject_lora, lora_parameters
 from .plot import plot_losses
 from .state import STATE_FILE, TrainingState, load_state, rng_state, save_state, set_rng_state
@@ -114,35 +114,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_resume(args: argparse.Namespace, run: dict) -> TrainingState | None:
+    """The checkpoint to continue from (with --resume), after refusing anything that would lose work."""
+    state_path = args.out / STATE_FILE
+    if not args.resume:
+        if state_path.exists():
+            raise ValueError(f"{args.out} already holds a training run: pass --resume to continue it, or another --out")
+        return None
+    if not state_path.is_file():
+        raise ValueError(f"--resume: no checkpoint ({STATE_FILE}) in {args.out}")
+    resumed = load_state(state_path)
+    if resumed.run != run:
+        changed = ", ".join(f"--{k.replace('_', '-')} {resumed.run.get(k)!r} -> {v!r}"
+                            for k, v in run.items() if resumed.run.get(k) != v)
+        raise ValueError(f"--resume: the checkpoint in {args.out} was made with other options ({changed})")
+    return resumed
+
+
+def read_data(args: argparse.Namespace) -> list[Record]:
+    records, problems = load_records(args.data)
+    for line in problems:
+        print(f"skipped {line}", file=sys.stderr)
+    using = f", using the first {args.samples}" if args.samples and args.samples < len(records) else ""
+    print(f"data: {len(records) + len(problems)} records, {len(problems)} malformed and skipped{using}",
+          file=sys.stderr)
+    return records[:args.samples]
+
+
+def make_splits(records: list[Record], tokenizer, args: argparse.Namespace) -> tuple[list[Example], list[Example]]:
+    examples, report = tokenize(records, tokenizer, args.max_len)
+    train_set, val_set = split(examples, args.val_fraction, args.seed)
+    print(f"tokens: {report}; {len(train_set)} for training, {len(val_set)} held out", file=sys.stderr)
+    if not train_set:
+        raise ValueError("no training examples left (see the counts above)")
+    return train_set, val_set
+
+
 def train(args: argparse.Namespace) -> list[dict]:
     """Run (or resume) training; returns the log records of the whole run."""
     out: Path = args.out
     run = {name: getattr(args, name) for name in RUN_OPTIONS}
-    state_path = out / STATE_FILE
-    if args.resume and not state_path.is_file():
-        raise ValueError(f"--resume: no checkpoint ({STATE_FILE}) in {out}")
-    resumed = load_state(state_path) if args.resume else None
-    if resumed is not None and resumed.run != run:
-        changed = ", ".join(f"--{k.replace('_', '-')} {resumed.run.get(k)!r} -> {v!r}"
-                            for k, v in run.items() if resumed.run.get(k) != v)
-        raise ValueError(f"--resume: the checkpoint in {out} was made with other options ({changed})")
-    if not args.resume and state_path.exists():
-        raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
-
-    records, problems = load_records(args.data)
-    for line in problems:
-        print(f"skipped {line}", file=sys.stderr)
-    records = records[:args.samples]
+    resumed = check_resume(args, run)
+    records = read_data(args)
     device = torch.device(args.device) if args.device else pick_device()
     model, tokenizer = load_pretrained(args.model, device=device, dtype=torch.float32)
     if args.max_len > model.config.n_positions:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {model.config.n_positions}")
-    examples, report = tokenize(records, tokenizer, args.max_len)
-    print(f"data: {len(records) + len(problems)} records, {len(problems)} malformed and skipped; {report}",
-          file=sys.stderr)
-    train_set, val_set = split(examples, args.val_fraction, args.seed)
-    if not train_set:
-        raise ValueError("no training examples left (see the counts above)")
+    train_set, val_set = make_splits(records, tokenizer, args)
 
     torch.manual_seed(args.seed)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -175,7 +193,7 @@ def train(args: argparse.Namespace) -> list[dict]:
 
     def checkpoint() -> None:
         save_adapter(model, out, adapter_config)
-        save_state(state_path, TrainingState(step, run, {k: p.detach() for k, p in params.items()},
+        save_state(out / STATE_FILE, TrainingState(step, run, {k: p.detach() for k, p in params.items()},
                                              optimizer.state_dict(), scheduler.state_dict(), rng_state(device)))
 
     batches = itertools.islice(batch_stream(train_set, args.batch_size, args.seed), step * args.grad_accum, None)

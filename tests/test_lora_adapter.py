@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from checkpoints import make_checkpoint
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from test_lora import peft_twin, tokens
 
@@ -171,13 +171,13 @@ def test_misshaped_tensor_is_named(tiny_model, peft_folder, tmp_path):
 def test_adapter_for_another_base_shape_is_refused(tiny_model, tmp_path):
     model, _, _ = tiny_model
     _, wider = make_checkpoint(tmp_path / "wide", n_embd=96, n_head=4, n_layer=2)
-    from peft import LoraConfig, get_peft_model
-    get_peft_model(wider, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(tmp_path / "w")
+    config = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    get_peft_model(wider, config).save_pretrained(tmp_path / "w")
     with pytest.raises(AdapterError, match=r"adapter expects transformer\.h\.0\.attn\.c_attn with in_features=96, "
                                            r"out_features=288, but the model has 64, 192 \(n_embd=64\)"):
         load_tuned_model(model, tmp_path / "w")
     _, deeper = make_checkpoint(tmp_path / "deep", n_layer=3)
-    get_peft_model(deeper, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(tmp_path / "d")
+    get_peft_model(deeper, config).save_pretrained(tmp_path / "d")
     with pytest.raises(AdapterError, match=r"unexpected tensor transformer\.h\.2\.attn\.c_attn\.lora_A\.weight, "
                                            r"a module this 2-layer model does not have"):
         load_tuned_model(model, tmp_path / "d")

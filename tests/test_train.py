@@ -50,7 +50,7 @@ def test_training_drives_the_loss_towards_zero(workdir, tmp_path, capsys):
     err = capsys.readouterr().err
     # 2 layers x (c_attn 8*(64+192) + attn.c_proj 8*(64+64) + c_fc 8*(64+256) + mlp.c_proj 8*(256+64))
     assert f"trainable parameters: {2 * 8 * (256 + 128 + 320 + 320):,} of " in err
-    assert "6 records, 0 malformed and skipped; 6 examples kept" in err
+    assert "data: 6 records, 0 malformed and skipped" in err and "tokens: 6 examples kept" in err
     log = losses(out)
     train = [r["loss"] for r in log if "loss" in r]
     assert len(train) == 40 and train[0] > 10
@@ -132,7 +132,7 @@ def test_malformed_records_are_skipped_not_fatal(workdir, tmp_path, capsys):
                  "--device", "cpu", "--max-len", "128", "--max-steps", "1", "--val-fraction", "0"]) == 0
     err = capsys.readouterr().err
     assert "skipped record 1: field 'instruction' is int, expected a string" in err
-    assert "3 records, 1 malformed and skipped; 2 examples kept" in err
+    assert "data: 3 records, 1 malformed and skipped\n" in err and "tokens: 2 examples kept" in err
 
 
 def test_warmup_then_cosine():
