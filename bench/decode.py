@@ -56,9 +56,11 @@ QUALITY_PROMPTS = [
 # ---- one engine, one precision (runs in a worker process) -----------------------------------------
 
 def load_minigpt(folder: Path, precision: str):
-    """(model, tokenizer) in float32, bfloat16, or int8 weights with bfloat16 for the rest."""
-    model, tokenizer = load_pretrained(folder, device="cpu", dtype=DTYPES.get(precision, torch.bfloat16))
-    return (quantize_int8(model) if precision == "int8" else model), tokenizer
+    """(model, tokenizer) in float32, bfloat16, or int8 weights with float32 for the rest."""
+    model, tokenizer = load_pretrained(folder, device="cpu", dtype=DTYPES.get(precision, torch.float32))
+    if precision == "int8":
+        quantize_int8(model)
+    return model, tokenizer
 
 
 def minigpt_timestamps(loaded, prompt: list[int], new_tokens: int) -> tuple[list[float], list[int]]:

@@ -14,10 +14,12 @@ from lora import alpaca_prompt, load_tuned_model
 
 from .errors import CheckpointError
 from .generation import generate
+from .quantize import quantize_int8
 from .sampling import SamplingParams
 from .weights import load_pretrained
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# int8: int8 weights (minigpt/quantize.py), float32 for everything else
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="float32 is exact; int8 (int8 weights) is the fastest on CPU")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter for this base: local folder or Hub repo id")
     p.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca instruction template")
     return p.parse_args(argv)
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype])
         if args.adapter:
             model = load_tuned_model(model, args.adapter)
+        if args.dtype == "int8":
+            quantize_int8(model)  # after the LoRA merge, which needs float weights
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

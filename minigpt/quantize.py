@@ -1,9 +1,11 @@
 """Int8 weight-only quantization: every Linear (and the tied lm_head / token embedding) stored as int8.
 
 Symmetric, one scale per output channel: W[o, :] ~= q[o, :] * scale[o] with q in [-127, 127] and
-scale[o] = max|W[o, :]| / 127. Activations are not quantized; the matmul runs in bfloat16, the only
-precision for which PyTorch's CPU int8 kernel (`torch._weight_int8pack_mm`) is fast here.
-Decoding one token reads every weight once, so a quarter of float32's bytes is most of the speed-up.
+scale[o] = max|W[o, :]| / 127. Activations are not quantized: they keep the model's dtype (float32
+is the faster choice on CPU, where small bfloat16 ops cost more per call) and are rounded to
+bfloat16 only as they enter the matmul, the one input precision for which PyTorch's CPU int8
+kernel (`torch._weight_int8pack_mm`) is fast. Decoding one token reads every weight once, so a
+quarter of float32's bytes is most of the speed-up.
 """
 from __future__ import annotations
 
@@ -66,24 +68,25 @@ class Int8Embedding(nn.Module):
         return self.lm_head.weight[idx].to(self.dtype) * self.lm_head.scales[idx, None].to(self.dtype)
 
 
-def quantize_int8(model: GPT, memo: dict[tuple[int, int], tuple[nn.Linear, Int8Linear]] | None = None) -> GPT:
-    """Quantize model in place and return it: every nn.Linear becomes an Int8Linear, wte an Int8Embedding.
+def quantize_int8(*models: GPT) -> None:
+    """Quantize models in place: every nn.Linear becomes an Int8Linear and wte an Int8Embedding.
 
     Everything else (LayerNorms, position embeddings, biases, the KV cache) keeps the model's dtype.
-    Pass the same `memo` dict when quantizing models that share Linear weights (a base model and a
-    LoRA-tuned one built from it): a shared weight is quantized once and its int8 copy shared too.
+    Pass together the models that share weights (a base model and the LoRA-tuned one built from it):
+    a Linear weight they share is quantized once and the int8 copy is shared too. Build the tuned
+    model first: a LoRA update merges into float weights, not int8 ones.
     """
-    memo = {} if memo is None else memo
-    dtype = model.transformer.ln_f.weight.dtype
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                key = (id(child.weight), id(child.bias))
-                if key not in memo:  # the float Linear is kept in memo so these ids cannot be reused
-                    memo[key] = (child, Int8Linear.from_linear(child))
-                setattr(parent, name, memo[key][1])
-    model.transformer.wte = Int8Embedding(model.lm_head, dtype)
-    return model
+    quantized: dict[tuple[int, int], tuple[nn.Linear, Int8Linear]] = {}
+    for model in models:
+        dtype = model.transformer.ln_f.weight.dtype
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    key = (id(child.weight), id(child.bias))
+                    if key not in quantized:  # the float Linear stays referenced so these ids are not reused
+                        quantized[key] = (child, Int8Linear.from_linear(child))
+                    setattr(parent, name, quantized[key][1])
+        model.transformer.wte = Int8Embedding(model.lm_head, dtype)
 
 
 # Above this many rows (a long prefill) dequantize-then-matmul beats the int8 matrix-vector kernel.

@@ -15,10 +15,13 @@ from minigpt.quantize import Int8Embedding, Int8Linear, quantize_int8
 from minigpt.sampling import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def float_and_int8(tiny_model):
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["rest-float32", "rest-bfloat16"])
+def float_and_int8(tiny_model, request):
+    """(float32 model, its int8 copy with LayerNorms/embeddings/cache in the given dtype, tokenizer)."""
     model, tokenizer, _ = tiny_model
-    return model, quantize_int8(copy.deepcopy(model).to(torch.bfloat16)), tokenizer
+    qmodel = copy.deepcopy(model).to(request.param)
+    quantize_int8(qmodel)
+    return model, qmodel, tokenizer
 
 
 def test_per_channel_rounding_is_exact_to_half_a_step():
@@ -98,7 +101,7 @@ def test_cached_decode_equals_full_recompute_in_int8(float_and_int8):
     ids = torch.randint(0, 50257, (1, 10), generator=torch.Generator().manual_seed(0))
     full = qmodel(ids)[0, -1].float()
     cache = qmodel.new_cache(16)
-    assert cache.k.dtype == torch.bfloat16  # the cache follows the compute dtype, not int8
+    assert cache.k.dtype == qmodel.transformer.ln_f.weight.dtype  # the compute dtype, not int8
     qmodel(ids[:, :6], cache)
     for t in range(6, 10):
         step = qmodel(ids[:, t:t + 1], cache)[0, -1].float()
@@ -106,8 +109,8 @@ def test_cached_decode_equals_full_recompute_in_int8(float_and_int8):
 
 
 def test_shared_weights_are_quantized_once(tiny_model):
-    """A LoRA-tuned model shares its base's weights except the merged c_attn: with one memo, the int8
-    tensors are shared too, whether the sharing is of modules or only of Parameters."""
+    """A LoRA-tuned model shares its base's weights except the merged c_attn: quantized together, their
+    int8 tensors are shared too, whether the sharing is of modules or only of Parameters."""
     model, _, _ = tiny_model
     base = copy.deepcopy(model)
     tuned = GPT(base.config)
@@ -119,9 +122,7 @@ def test_shared_weights_are_quantized_once(tiny_model):
         t.mlp.c_fc.weight, t.mlp.c_fc.bias = b.mlp.c_fc.weight, b.mlp.c_fc.bias  # shared Parameters only
         t.mlp.c_proj = b.mlp.c_proj
         t.attn.c_attn = copy.deepcopy(b.attn.c_attn)  # "merged": weights of its own
-    memo = {}
-    quantize_int8(base, memo)
-    quantize_int8(tuned, memo)
+    quantize_int8(base, tuned)
     for t, b in zip(tuned.transformer.h, base.transformer.h):
         assert t.attn.c_proj is b.attn.c_proj and t.mlp.c_fc is b.mlp.c_fc and t.mlp.c_proj is b.mlp.c_proj
         assert t.attn.c_attn is not b.attn.c_attn
