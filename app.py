@@ -24,10 +24,11 @@ from minigpt.chat import (BASE, MAX_NEW_TOKENS, MAX_TEMPERATURE, MODES, TUNED, C
                           as_chat_text, build_prompt, context_note, message_text, read_settings, without_last_reply)
 from minigpt.panels import (BAND_COLOURS, alternatives, attention_window, heatmap, position_caption,  # noqa: E402
                             token_highlights)
+from minigpt.quantize import quantize_int8  # noqa: E402
 from minigpt.replies import Reply, stats_line, stream_reply  # noqa: E402
 
 DEFAULT_ADAPTER = Path("checkpoints/alpaca-lora")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}  # int8: see load_engine
 ASSETS = Path(__file__).parent / "assets"
 EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of France?",
             "Write a short poem about the sea.", "Explain what a neural network is in one sentence."]
@@ -60,10 +61,14 @@ class Engine:
 def load_engine(model: str, adapter: str | None, device: str | None, dtype: str) -> Engine:
     base, tokenizer = load_model(model, device, dtype)
     if adapter is None and not DEFAULT_ADAPTER.is_dir():
-        return Engine({BASE: base}, tokenizer,
-                      f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` "
-                      "or pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 LoRA adapter).")
-    return Engine({BASE: base, TUNED: load_tuned_model(base, adapter or DEFAULT_ADAPTER)}, tokenizer, "")
+        engine = Engine({BASE: base}, tokenizer,
+                        f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` "
+                        "or pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 LoRA adapter).")
+    else:
+        engine = Engine({BASE: base, TUNED: load_tuned_model(base, adapter or DEFAULT_ADAPTER)}, tokenizer, "")
+    if dtype == "int8":  # after the LoRA merge (float weights); weights the two models share are quantized once
+        quantize_int8(*engine.models.values())
+    return engine
 
 
 def build_app(engine: Engine) -> gr.Blocks:

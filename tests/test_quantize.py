@@ -127,3 +127,29 @@ def test_shared_weights_are_quantized_once(tiny_model):
         assert t.attn.c_proj is b.attn.c_proj and t.mlp.c_fc is b.mlp.c_fc and t.mlp.c_proj is b.mlp.c_proj
         assert t.attn.c_attn is not b.attn.c_attn
     assert tuned.lm_head is base.lm_head and tuned.transformer.wte.weight is base.transformer.wte.weight
+
+
+@torch.inference_mode()
+def test_quantized_lora_tuned_model_shares_base_int8_weights(tiny_model, tmp_path):
+    from lora import AdapterConfig, load_tuned_model, save_adapter
+    from lora.layer import inject_lora
+    model, _, _ = tiny_model
+    trained = copy.deepcopy(model)
+    inject_lora(trained, ["c_attn"], r=4, alpha=8)
+    torch.manual_seed(3)
+    for name, p in trained.named_parameters():
+        if "lora_B" in name:
+            p.normal_(std=0.5)  # a non-zero update, so tuned differs from base
+    folder = save_adapter(trained, tmp_path / "adapter", AdapterConfig(4, 8, 0.0, ["c_attn"]))
+    base = copy.deepcopy(model)
+    tuned = load_tuned_model(base, folder)
+    ids = torch.tensor([[464, 2068, 7586, 21831, 18045]])
+    float_base, float_tuned = base(ids), tuned(ids)
+    quantize_int8(base, tuned)
+    for b, t in zip(base.transformer.h, tuned.transformer.h):
+        assert t.mlp.c_fc is b.mlp.c_fc and t.attn.c_proj is b.attn.c_proj  # one int8 copy, shared
+        assert t.attn.c_attn is not b.attn.c_attn  # the merged target has its own
+    assert tuned.lm_head is base.lm_head
+    for got, ref in [(base(ids), float_base), (tuned(ids), float_tuned)]:
+        assert (got - ref).abs().max() <= 0.1 * ref.std()  # the tolerance used above
+    assert (float_tuned - float_base).abs().max() > 0.1 * float_base.std()  # and the adapter still shows
