@@ -75,8 +75,9 @@ def build_app(engine: Engine) -> gr.Blocks:
     config = engine.models[BASE].config
     stops: dict[str, threading.Event] = {}  # session -> its Stop flag, present while a reply is pending
     attention_open: set[str] = set()  # sessions whose attention panel is open (it may open mid-reply)
+    ready = f"Ready · {engine.device}"
 
-    def locked():  # the message box, Send, Retry, Undo and Clear wait while a reply streams; Stop does not
+    def locked():  # Send, Retry, Undo and Clear (and the message box) wait while a reply streams; Stop does not
         return [gr.Button(interactive=False)] * 4
 
     def unlock():
@@ -164,7 +165,7 @@ def build_app(engine: Engine) -> gr.Blocks:
         return log_prob_panel(reply, event.index + 1)
 
     def clear():
-        return [], "", "", *log_prob_panel(None, 1), *attention_panel(None, 0, -1), None, None
+        return [], ready, "", *log_prob_panel(None, 1), *attention_panel(None, 0, -1), None, None
 
     with gr.Blocks(title="MiniGPT chat", analytics_enabled=False) as demo:
         gr.Markdown("# MiniGPT chat\nGPT-2 written from scratch, with real OpenAI weights, and its Alpaca "
@@ -184,7 +185,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                     retry_btn = gr.Button("↻ Retry", elem_id="retry", size="sm")
                     undo_btn = gr.Button("↶ Undo", elem_id="undo", size="sm")
                     clear_btn = gr.Button("✕ Clear", elem_id="clear", size="sm")
-                stats = gr.Markdown(elem_id="stats", value=f"Ready · {engine.device}")
+                stats = gr.Markdown(ready, elem_id="stats")
                 gr.Examples(EXAMPLES, inputs=msg, label="Examples")
             with gr.Column(scale=2):
                 mode = gr.Radio(list(MODES), value=BASE, label="Model", elem_id="mode",

@@ -41,6 +41,14 @@ def page(app, browser):
     context.close()
 
 
+def wait_for_reply(page, users_before: int) -> None:
+    """Wait until the message sent after `users_before` user messages is in the chat and its reply has finished."""
+    from playwright.sync_api import expect
+    expect(page.locator("#chat [data-testid=user]")).to_have_count(users_before + 1)  # the input is locked now
+    expect(page.locator("#send")).to_be_enabled()  # and unlocked again: the reply has finished
+    expect(page.locator("#stats")).to_contain_text(FINISHED)
+
+
 def bot_text_lengths_until_done(page) -> list[int]:
     """Length of the last reply bubble, sampled while it streams, until the stats line says it finished."""
     lengths = []
@@ -65,9 +73,8 @@ def test_chat_streams_switches_mode_and_shows_both_panels(page):
     page.get_by_label("Alpaca LoRA").check()
     page.locator("#msg textarea").fill("Write a short poem about the sea.")
     page.locator("#send").click()
-    expect(page.locator("#stats")).to_contain_text(FINISHED)
+    wait_for_reply(page, 1)
     expect(page.locator("#stats")).to_contain_text("Alpaca LoRA")
-    expect(page.locator("#chat [data-testid=user]")).to_have_count(2)
     page.get_by_role("button", name="Prompt sent to the model").click()
     expect(page.locator("#prompt textarea")).to_have_value(re.compile(
         r"### Instruction:\nWrite a short poem about the sea\.\n\n### Input:\nUser: What is the capital"))
@@ -100,7 +107,7 @@ def test_markup_is_shown_as_text_and_stop_ends_a_long_reply(page):
     markup = '<img src=x onerror="window.__xss=1"> <script>window.__xss=2</script> **not bold**'
     page.locator("#msg textarea").fill(markup)
     page.locator("#msg textarea").press("Enter")
-    expect(page.locator("#stats")).to_contain_text(FINISHED)
+    wait_for_reply(page, 0)
     expect(page.locator("#chat [data-testid=user]").last).to_have_text(markup)
     assert page.evaluate("window.__xss") is None
     assert page.locator("#chat img[src=x], #chat script, #chat strong").count() == 0
@@ -118,3 +125,27 @@ def test_markup_is_shown_as_text_and_stop_ends_a_long_reply(page):
     settled = page.locator("#chat [data-testid=bot]").nth(1).inner_text()
     page.wait_for_timeout(500)
     assert page.locator("#chat [data-testid=bot]").nth(1).inner_text() == settled  # nothing more arrives
+
+
+def test_retry_undo_and_clear(page):
+    from playwright.sync_api import expect
+    bots, users = page.locator("#chat [data-testid=bot]"), page.locator("#chat [data-testid=user]")
+    page.locator("#msg textarea").fill("Say something.")
+    page.locator("#msg textarea").press("Enter")
+    wait_for_reply(page, 0)
+    first = bots.last.inner_text()
+
+    page.locator("#retry").click()  # a fresh random seed: a new reply to the same message
+    expect(bots.last).not_to_have_text(first)
+    wait_for_reply(page, 0)
+    expect(bots).to_have_count(1)
+
+    page.locator("#undo").click()  # the message goes back into the box for editing
+    expect(users).to_have_count(0)
+    expect(page.locator("#msg textarea")).to_have_value("Say something.")
+
+    page.locator("#msg textarea").press("Enter")
+    wait_for_reply(page, 0)
+    page.locator("#clear").click()
+    expect(bots).to_have_count(0)
+    expect(page.locator("#stats")).to_have_text("Ready · cpu float32")
