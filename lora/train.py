@@ -87,6 +87,22 @@ def lm_loss_sum(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torc
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
+def accumulate_gradients(model: GPT, micro_batches: list[list[Example]], device: torch.device) -> float:
+    """Backpropagate the mean loss over every response token of all micro-batches; return that loss.
+
+    Weighting by tokens, not by micro-batch, makes the gradient the same as one big batch's.
+    """
+    micro = [collate(batch) for batch in micro_batches]
+    n_targets = sum(int((targets != IGNORE).sum()) for _, targets in micro)
+    total = 0.0
+    for inputs, targets in micro:
+        with autocast(device):
+            loss = lm_loss_sum(model, inputs.to(device), targets.to(device)) / n_targets
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 @torch.no_grad()
 def evaluate(model: GPT, batches, device: torch.device) -> float:
     model.eval()
@@ -209,14 +225,7 @@ def train(args: argparse.Namespace) -> list[dict]:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(args.grad_accum)]
             n_tokens = sum(len(e.ids) - 1 for batch in micro_batches for e in batch)  # padding not counted
-            micro = [collate(batch) for batch in micro_batches]
-            n_targets = sum(int((targets != IGNORE).sum()) for _, targets in micro)
-            loss_sum = 0.0
-            for inputs, targets in micro:
-                with autocast(device):
-                    loss = lm_loss_sum(model, inputs.to(device), targets.to(device)) / n_targets
-                loss.backward()
-                loss_sum += loss.item()
+            loss = accumulate_gradients(model, micro_batches, device)
             torch.nn.utils.clip_grad_norm_(params.values(), args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -224,8 +233,8 @@ def train(args: argparse.Namespace) -> list[dict]:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_per_s = n_tokens / (time.perf_counter() - started)
-            record({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            record({"step": step, "loss": loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
             bar.update()
             if val_set and (step % args.eval_every == 0 or step == total):
                 val_loss = evaluate(model, eval_batches(val_set, args.batch_size), device)

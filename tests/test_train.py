@@ -140,3 +140,27 @@ def test_warmup_then_cosine():
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(9) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert factor(14) == pytest.approx(0.0) and factor(20) == pytest.approx(0.0)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_model):
+    import copy
+
+    from lora import inject_lora, lora_parameters
+    from lora.alpaca import Record
+    from lora.batches import tokenize
+    from lora.train import accumulate_gradients
+    model, tokenizer, _ = tiny_model
+    examples, _ = tokenize([Record(**r) for r in RECORDS], tokenizer, 128)
+    grads, losses_ = [], []
+    for micro_batches in ([examples[:2], examples[2:3], examples[3:]], [examples]):
+        lora_model = copy.deepcopy(model)
+        torch.manual_seed(0)
+        inject_lora(lora_model, ["c_attn", "c_fc"], r=4, alpha=8)
+        for name, p in lora_parameters(lora_model).items():
+            if "lora_B" in name:  # non-zero B, so A gets a gradient too
+                torch.nn.init.normal_(p, std=0.1)
+        losses_.append(accumulate_gradients(lora_model, micro_batches, torch.device("cpu")))
+        grads.append({n: p.grad for n, p in lora_parameters(lora_model).items()})
+    assert losses_[0] == pytest.approx(losses_[1], rel=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7, msg=name)

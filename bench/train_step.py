@@ -1,0 +1,183 @@
+"""Speed of one LoRA training step: MiniGPT's LoRA vs transformers + peft, same shape, same batch, same run.
+
+    python bench/train_step.py                         # GPT-2 124M shape, random weights, batch 4 x 128 tokens
+    python bench/train_step.py --batch-size 8 --seq-len 256 --reps 20
+
+A step is forward, masked cross-entropy (the first half of each row is "prompt", ignored), backward,
+AdamW on the LoRA parameters, zero_grad: rank 8 on c_attn, LoRA dropout 0.05, the base's own
+dropout off on both sides (MiniGPT has none). bf16 autocast on CUDA for both.
+Timing runs both sides in one process, alternating step by step (A B B A ...), so load from other
+work on the machine hits both alike; peak memory comes from a separate process per side (CUDA: max
+allocated; CPU: peak RSS of the process). Reports median step time, tokens/s, the MiniGPT/peft
+ratio (of medians, and the median of per-rep ratios). Writes bench/results/train_step-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SIDES = ("minigpt", "peft")
+
+
+def build(side: str, device: torch.device, args: argparse.Namespace):
+    """(step function taking (inputs, labels), model) for one side, weights random, LoRA injected."""
+    torch.manual_seed(0)
+    if side == "minigpt":
+        from lora import inject_lora, lora_parameters
+        from lora.train import lm_loss_sum
+        from minigpt import GPT, GPTConfig
+        model = GPT(GPTConfig()).to(device)
+        for module in model.modules():  # GPT-2's init, as transformers does it on the other side
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(module.weight, 0.0, 0.02)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        inject_lora(model, ["c_attn"], args.rank, 2 * args.rank, dropout=0.05)
+        params = list(lora_parameters(model).values())
+
+        def loss_fn(inputs, labels):  # labels aligned with inputs, as in transformers: shift here
+            targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+            return lm_loss_sum(model, inputs, targets) / (targets != -100).sum()
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import GPT2Config, GPT2LMHeadModel
+        config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules=["c_attn"],
+            fan_in_fan_out=True)).to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loss_fn(inputs, labels):
+            return model(input_ids=inputs, labels=labels).loss
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(inputs, labels):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(inputs, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step, sum(p.numel() for p in params)
+
+
+def batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids and transformers-style labels with the first half of each row ignored."""
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=gen).to(device)
+    labels = inputs.clone()
+    labels[:, :args.seq_len // 2] = -100
+    return inputs, labels
+
+
+def timed(step, inputs, labels, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    step(inputs, labels)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_speed(args: argparse.Namespace) -> dict:
+    """Both sides in this process, steps alternating (ABBA...), so machine noise hits both alike."""
+    device = torch.device(args.device)
+    steps = {side: build(side, device, args) for side in SIDES}
+    inputs, labels = batch(args, device)
+    times = {side: [] for side in SIDES}
+    for i in range(args.warmup + args.reps):
+        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+            t = timed(steps[side][0], inputs, labels, device)
+            if i >= args.warmup:
+                times[side].append(t)
+        if i >= args.warmup:
+            print(f"rep {i - args.warmup + 1}: " + ", ".join(f"{s} {times[s][-1]:.3f} s" for s in SIDES),
+                  file=sys.stderr)
+    return {side: {"step_s": times[side], "trainable_parameters": steps[side][1]} for side in SIDES}
+
+
+def measure_memory(side: str, args: argparse.Namespace) -> dict:
+    """Peak memory of one side alone (run in its own process): two training steps after building it."""
+    device = torch.device(args.device)
+    step, _ = build(side, device, args)
+    inputs, labels = batch(args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(2):
+        timed(step, inputs, labels, device)
+    if device.type == "cuda":
+        return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "kind": "CUDA max allocated"}
+    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kind": "process peak RSS"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--reps", type=int, default=8, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--memory-of", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side's memory
+    args = p.parse_args()
+    if args.memory_of:
+        print(json.dumps(measure_memory(args.memory_of, args)))
+        return
+
+    memory = {}
+    for side in SIDES:
+        done = subprocess.run([sys.executable, __file__, "--memory-of", side, *sys.argv[1:]],
+                              capture_output=True, text=True, check=True)
+        memory[side] = json.loads(done.stdout.strip().splitlines()[-1])
+    speed = measure_speed(args)
+    tokens = args.batch_size * args.seq_len
+    summary = {side: {"median_step_s": statistics.median(speed[side]["step_s"]),
+                      "tokens_per_s": tokens / statistics.median(speed[side]["step_s"]),
+                      "trainable_parameters": speed[side]["trainable_parameters"],
+                      "peak_memory_mb": round(memory[side]["peak_mb"], 1), "peak_memory_kind": memory[side]["kind"]}
+               for side in SIDES}
+    pair_ratios = [b / a for a, b in zip(speed["minigpt"]["step_s"], speed["peft"]["step_s"])]
+    report = {"benchmark": "one LoRA training step, GPT-2 124M shape (random weights)",
+              "command": " ".join(["python", "bench/train_step.py", *sys.argv[1:]]),
+              "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"device": args.device, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "torch": torch.__version__, "load_average": os.getloadavg(),
+                          "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "rank": args.rank, "targets": ["c_attn"],
+              "reps": args.reps, "warmup": args.warmup, "results": summary,
+              "minigpt_over_peft_tokens_per_s": summary["minigpt"]["tokens_per_s"] / summary["peft"]["tokens_per_s"],
+              "median_paired_ratio": statistics.median(pair_ratios),
+              "step_s": {side: speed[side]["step_s"] for side in SIDES}}
+    out = args.out or ROOT / "bench" / "results" / f"train_step-{datetime.now():%Y%m%d-%H%M}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for side, s in summary.items():
+        print(f"{side:8s} {s['tokens_per_s']:9.1f} tokens/s  median step {s['median_step_s']:.3f} s  "
+              f"peak {s['peak_memory_mb']:.0f} MB ({s['peak_memory_kind']})")
+    print(f"MiniGPT / peft tokens/s: {report['minigpt_over_peft_tokens_per_s']:.3f} "
+          f"(median of paired reps {report['median_paired_ratio']:.3f})  -> {out}")
+
+
+if __name__ == "__main__":
+    main()
