@@ -183,6 +183,17 @@ def test_adapter_for_another_base_shape_is_refused(tiny_model, tmp_path):
         load_tuned_model(model, tmp_path / "d")
 
 
+def test_hub_adapter_loads_from_the_cache_offline(tiny_model, twin, peft_folder, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from test_weights import fake_hub_cache
+    fake_hub_cache(tmp_path, "someone/tiny-gpt2-lora", peft_folder)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    tuned = load_tuned_model(tiny_model[0], "someone/tiny-gpt2-lora")
+    idx = tokens(seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(idx), twin[1](input_ids=idx).logits, rtol=0, atol=1e-5)
+
+
 def test_unknown_hub_adapter_offline_is_one_clear_line(tiny_model):
     with pytest.raises(AdapterError) as info:
         load_tuned_model(tiny_model[0], "someone/gpt2-lora-that-is-not-cached")
