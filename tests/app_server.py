@@ -48,9 +48,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180) -> Iterator[RunningApp]:
-    """`python app.py` on a tiny 1024-position checkpoint (long enough replies to press Stop during)."""
-    checkpoint, _ = make_checkpoint(tmp / "model", n_positions=1024)
+def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180, **model_config) -> Iterator[RunningApp]:
+    """`python app.py` on a tiny 1024-position checkpoint (long enough replies to press Stop during);
+    model_config overrides make_checkpoint's sizes (e.g. n_embd=256 for the load test)."""
+    checkpoint, _ = make_checkpoint(tmp / "model", **{"n_positions": 1024, **model_config})
     adapter = make_adapter(checkpoint, tmp / "adapter")
     port = free_port()
     log = (tmp / "app.log").open("w")
