@@ -1,0 +1,262 @@
+"""Load test: concurrent chat sessions against `python app.py`, on loopback, with a small random model.
+
+    python bench/load.py --clients 8 --turns 4 --max-new-tokens 48
+
+Each client is its own gradio_client session holding its own conversation for several turns,
+alternating Base GPT-2 and Alpaca LoRA. Client i % 4 == 1 cancels one reply mid-stream
+(job.cancel()), i % 4 == 2 presses Stop (/stop) during one, i % 4 == 3 disconnects mid-reply on its
+last turn (drops its HTTP stream). The whole load runs twice: round 1 warms the server up, round 2 is
+measured. Then it checks that every request finished or was cancelled, that each reply equals a
+one-at-a-time replay with the same seed (a stopped one is a prefix of it), so no session's text reached
+another; that the server log holds no traceback; and that server RSS grew by at most --rss-bound-mib
+from after round 1 to after round 2. Exit status 1 if any check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from gradio_client import Client
+from gradio_client.utils import Status
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from app_server import running_app  # noqa: E402  (tests/ helpers: tiny checkpoint + adapter, app subprocess)
+from minigpt.chat import BASE, TUNED, message_text  # noqa: E402
+
+LONG_REPLY = 256
+MODEL = dict(n_embd=256, n_layer=4, n_head=4)  # big enough that a leaked KV cache per request would show
+
+
+@dataclass
+class Request:
+    client: int
+    turn: int
+    mode: str
+    seed: int
+    history: list[dict]  # sent: the conversation so far, ending with this turn's user message
+    action: str = "finish"  # finish, cancel, stop, disconnect
+    max_new_tokens: int = 48
+    outcome: str = ""  # done, stopped, cancelled, disconnected, error: ...
+    reply: str = ""
+    returned: list[dict] = field(default_factory=list)
+    first_token_s: float | None = None
+    tokens: int = 0
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": [{"type": "text", "text": text}]}
+
+
+def chat_args(request: Request) -> list:
+    """/chat's inputs: history, mode, temperature, top-k, top-p, max new tokens, seed, layer, head."""
+    return [request.history, request.mode, 0.9, 50, 0.95, request.max_new_tokens, request.seed, 0, -1]
+
+
+def action_for(client: int, turn: int, turns: int) -> str:
+    kind = client % 4
+    if kind == 1 and turn == 1:
+        return "cancel"
+    if kind == 2 and turn == 1:
+        return "stop"
+    if kind == 3 and turn == turns - 1:
+        return "disconnect"
+    return "finish"
+
+
+def token_count(stats: str) -> int:
+    match = re.match(r"(\d+) tokens?", stats)
+    return int(match.group(1)) if match else 0
+
+
+def stream(client: Client, request: Request) -> None:
+    """Send one turn through gradio_client; cancel or stop it after its first streamed token if asked."""
+    start = time.perf_counter()
+    job = client.submit(*chat_args(request), api_name="/chat")
+    for _ in job:
+        if request.first_token_s is None:
+            request.first_token_s = time.perf_counter() - start
+            if request.action == "cancel":
+                job.cancel()
+                break
+            if request.action == "stop":
+                client.predict(api_name="/stop")
+    if request.action == "cancel":
+        deadline = time.monotonic() + 60
+        while not job.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status = job.status().code
+        request.outcome = "cancelled" if status == Status.CANCELLED or job.cancelled() else f"error: {status}"
+        if status == Status.FINISHED and not job.cancelled():  # it finished before the cancel landed
+            request.outcome = "done"
+    if request.outcome and request.outcome != "done":
+        return
+    final = job.result(timeout=120)
+    request.returned, stats = final[0], final[1]
+    request.reply = message_text(request.returned[-1])
+    request.tokens = token_count(stats)
+    request.outcome = "stopped" if stats.endswith("stopped by you") else "done"
+
+
+def disconnect(url: str, request: Request) -> None:
+    """Start a turn over Gradio's REST API, read until the first streamed token, then drop the connection."""
+    start = time.perf_counter()
+    body = json.dumps({"data": chat_args(request)}).encode()
+    post = urllib.request.Request(url + "gradio_api/call/chat", body, {"Content-Type": "application/json"})
+    event_id = json.loads(urllib.request.urlopen(post, timeout=60).read())["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/chat/{event_id}", timeout=60) as response:
+        for line in response:
+            if line.startswith(b"event: generating"):
+                request.first_token_s = time.perf_counter() - start
+                break
+    request.outcome = "disconnected"
+
+
+def run_client(url: str, index: int, turns: int, max_new_tokens: int, requests: list[Request],
+               lock: threading.Lock) -> None:
+    client = Client(url, verbose=False, analytics_enabled=False)
+    history: list[dict] = []
+    try:
+        for turn in range(turns):
+            history = [*history, user(f"Client {index}, turn {turn}: tell me about topic {index * 31 + turn}.")]
+            action = action_for(index, turn, turns)
+            # replies that get cancelled, stopped or dropped are long, so they are still streaming then
+            request = Request(index, turn, (BASE, TUNED)[(index + turn) % 2], 1000 * index + turn, history, action,
+                              max_new_tokens if action == "finish" else LONG_REPLY)
+            with lock:
+                requests.append(request)
+            try:
+                if request.action == "disconnect":
+                    disconnect(url, request)
+                else:
+                    stream(client, request)
+            except Exception as e:  # recorded, reported and counted as a failure
+                request.outcome = f"error: {type(e).__name__}: {e}"
+            if request.outcome in ("done", "stopped"):
+                history = request.returned
+    finally:
+        client.close()
+
+
+def run_round(url: str, clients: int, turns: int, max_new_tokens: int) -> tuple[list[Request], float]:
+    requests: list[Request] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(run_client, url, i, turns, max_new_tokens, requests, lock) for i in range(clients)]:
+            future.result()
+    return requests, time.perf_counter() - start
+
+
+def check_requests(url: str, requests: list[Request]) -> list[str]:
+    """Problems found: failed requests, histories that came back changed, replies unlike a solo replay."""
+    problems = [f"client {r.client} turn {r.turn}: {r.outcome}" for r in requests if r.outcome.startswith("error")]
+    replay = Client(url, verbose=False, analytics_enabled=False)
+    try:
+        for r in requests:
+            if r.outcome not in ("done", "stopped"):
+                continue
+            sent = [(m["role"], message_text(m)) for m in r.history]
+            back = [(m["role"], message_text(m)) for m in r.returned]
+            if back[:-1] != sent or back[-1][0] != "assistant":
+                problems.append(f"client {r.client} turn {r.turn}: the history came back changed")
+            solo = message_text(replay.predict(*chat_args(r), api_name="/chat")[0][-1])
+            if r.reply != solo if r.outcome == "done" else not solo.startswith(r.reply):
+                problems.append(f"client {r.client} turn {r.turn} ({r.outcome}): reply {r.reply!r} differs from "
+                                f"the solo replay {solo!r}")
+    finally:
+        replay.close()
+    return problems
+
+
+def log_problems(log: str) -> list[str]:
+    return [line for line in log.splitlines() if re.search(r"Traceback|Exception|Error", line)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def summary(requests: list[Request], wall_s: float) -> dict:
+    counts = {o: sum(r.outcome == o for r in requests) for o in ("done", "stopped", "cancelled", "disconnected")}
+    ttft = [r.first_token_s for r in requests if r.first_token_s is not None]
+    tokens = sum(r.tokens for r in requests)
+    return {"requests": len(requests), **counts, "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+            "tokens": tokens, "wall_s": wall_s, "tokens_per_s": tokens / wall_s}
+
+
+@dataclass
+class LoadResult:
+    rounds: list[dict]
+    rss_after_warmup_mib: float
+    rss_after_run_mib: float
+    problems: list[str]
+
+
+def server_process(port_url: str) -> psutil.Process:
+    """The app.py child of this process (running_app starts it)."""
+    port = int(port_url.rstrip("/").rsplit(":", 1)[1])
+    for child in psutil.Process().children(recursive=True):
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections("inet")):
+            return child
+    raise RuntimeError(f"no child process listens on port {port}")
+
+
+def run_load(tmp: Path, clients: int, turns: int, max_new_tokens: int, rss_bound_mib: float,
+             concurrency: int) -> LoadResult:
+    with running_app(tmp, concurrency=concurrency, **MODEL) as app:
+        server = server_process(app.url)
+        rounds, problems, rss = [], [], []
+        for _ in range(2):  # warm-up, then measured
+            requests, wall = run_round(app.url, clients, turns, max_new_tokens)
+            time.sleep(1)  # let cancelled and disconnected generators finish their last step
+            rss.append(server.memory_info().rss / 2**20)
+            problems += check_requests(app.url, requests)
+            rounds.append(summary(requests, wall))
+        if rss[1] - rss[0] > rss_bound_mib:
+            problems.append(f"server RSS grew {rss[1] - rss[0]:.1f} MiB in the measured round "
+                            f"(bound {rss_bound_mib} MiB)")
+        log = (tmp / "app.log").read_text()
+    problems += [f"server log: {line}" for line in log_problems(log)]
+    return LoadResult(rounds, rss[0], rss[1], problems)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/load.py", description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--concurrency", type=int, default=2, help="the app's --concurrency (replies computed at once)")
+    p.add_argument("--rss-bound-mib", type=float, default=32)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_load(Path(tmp), args.clients, args.turns, args.max_new_tokens, args.rss_bound_mib,
+                          args.concurrency)
+    for name, r in zip(("warm-up", "measured"), result.rounds):
+        print(f"{name}: {r['requests']} requests ({r['done']} done, {r['stopped']} stopped, {r['cancelled']} cancelled, "
+              f"{r['disconnected']} disconnected) in {r['wall_s']:.1f} s; time to first token p50 "
+              f"{r['ttft_p50_s']:.3f} s, p95 {r['ttft_p95_s']:.3f} s; {r['tokens']} tokens, "
+              f"{r['tokens_per_s']:.1f} tokens/s aggregate")
+    print(f"server RSS: {result.rss_after_warmup_mib:.1f} MiB after warm-up, {result.rss_after_run_mib:.1f} MiB after "
+          f"the measured round ({result.rss_after_run_mib - result.rss_after_warmup_mib:+.1f} MiB, "
+          f"bound {args.rss_bound_mib} MiB)")
+    for problem in result.problems:
+        print(f"PROBLEM: {problem}")
+    print("all checks passed" if not result.problems else f"{len(result.problems)} problem(s)")
+    return 1 if result.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
