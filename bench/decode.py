@@ -27,6 +27,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,11 +56,13 @@ QUALITY_PROMPTS = [
 
 # ---- one engine, one precision (runs in a worker process) -----------------------------------------
 
-def load_minigpt(folder: Path, precision: str):
+def load_minigpt(folder: Path, precision: str, compile: bool = False):
     """(model, tokenizer) in float32, bfloat16, or int8 weights with float32 for the rest."""
     model, tokenizer = load_pretrained(folder, device="cpu", dtype=DTYPES.get(precision, torch.float32))
     if precision == "int8":
         quantize_int8(model)
+    if compile:
+        model.compile()
     return model, tokenizer
 
 
@@ -72,7 +75,7 @@ def minigpt_timestamps(loaded, prompt: list[int], new_tokens: int) -> tuple[list
     return times, tokens
 
 
-def load_transformers(folder: Path, precision: str):
+def load_transformers(folder: Path, precision: str, compile: bool = False):
     from transformers import GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained(folder, dtype=DTYPES[precision]).eval()
     model.generation_config.eos_token_id = None  # always produce every requested token
@@ -107,11 +110,14 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     load, timestamps = ENGINES[spec["engine"]]
     rss_start = peak_rss_mb()
-    model = load(Path(spec["folder"]), spec["precision"])
+    model = load(Path(spec["folder"]), spec["precision"], spec["compile"] and spec["engine"] == "minigpt")
     g = torch.Generator().manual_seed(0)
     short = torch.randint(0, 50000, (spec["prompt_len"],), generator=g).tolist()
     long = torch.randint(0, 50000, (spec["prefill_len"],), generator=g).tolist()
-    timestamps(model, short, 4)  # warm-up: first-call allocations, lazy initialisation
+    start = time.perf_counter()
+    for prompt in (short, long):  # warm-up: first-call allocations, lazy initialisation, compilation
+        timestamps(model, prompt, 8)
+    warmup_s = time.perf_counter() - start
     decode, ttft, prefill = [], [], []
     for _ in range(spec["reps"]):
         times, tokens = timestamps(model, short, spec["new_tokens"])
@@ -122,7 +128,7 @@ def run_worker(spec: dict) -> dict:
     return {"decode_tok_s": statistics.median(decode), "decode_runs": decode,
             "ttft_ms": 1e3 * statistics.median(ttft), "prefill_tok_s": statistics.median(prefill),
             "prefill_runs": prefill, "peak_rss_mb": peak_rss_mb(), "rss_before_load_mb": rss_start,
-            "tokens": tokens}
+            "rss_end_mb": psutil.Process().memory_info().rss / 2**20, "warmup_s": warmup_s, "tokens": tokens}
 
 
 def peak_rss_mb() -> float:
@@ -175,16 +181,43 @@ def machine_info() -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def ratio(results: dict, engine: str, precision: str, key: str) -> float | None:
+    """MiniGPT / transformers for key, against transformers in the same precision (int8: float32)."""
+    peer = results.get(("transformers", precision)) or results.get(("transformers", "float32"))
+    return results[(engine, precision)][key] / peer[key] if engine == "minigpt" and peer else None
+
+
 def print_table(results: dict) -> None:
-    hf = {p: results[("transformers", p)] for p in PRECISIONS["transformers"] if ("transformers", p) in results}
-    print(f"\n{'engine':<13}{'precision':<10}{'decode tok/s':>13}{'x hf':>7}{'prefill tok/s':>15}{'x hf':>7}"
-          f"{'TTFT ms':>9}{'peak RSS MB':>13}")
+    print(f"\n{'engine':<13}{'precision':<10}{'decode tok/s':>13}{'x hf':>6}{'prefill tok/s':>15}{'x hf':>6}"
+          f"{'TTFT ms':>9}{'peak RSS MB':>13}{'end RSS MB':>12}{'warm-up s':>11}")
     for (engine, precision), r in results.items():
-        peer = hf.get(precision, hf.get("float32"))
-        ratio = (lambda key: f"{r[key] / peer[key]:.2f}") if engine == "minigpt" and peer else (lambda key: "")
-        print(f"{engine:<13}{precision:<10}{r['decode_tok_s']:>13.1f}{ratio('decode_tok_s'):>7}"
-              f"{r['prefill_tok_s']:>15.0f}{ratio('prefill_tok_s'):>7}{r['ttft_ms']:>9.1f}{r['peak_rss_mb']:>13.0f}")
+        x = {key: f"{v:.2f}" if (v := ratio(results, engine, precision, key)) else ""
+             for key in ("decode_tok_s", "prefill_tok_s")}
+        print(f"{engine:<13}{precision:<10}{r['decode_tok_s']:>13.1f}{x['decode_tok_s']:>6}{r['prefill_tok_s']:>15.0f}"
+              f"{x['prefill_tok_s']:>6}{r['ttft_ms']:>9.1f}{r['peak_rss_mb']:>13.0f}{r['rss_end_mb']:>12.0f}"
+              f"{r['warmup_s']:>11.1f}")
     print("(x hf: MiniGPT / transformers in the same precision; int8 is compared with transformers float32)")
+
+
+def print_targets(results: dict, same: dict, qualities: dict) -> None:
+    """The issue's targets, checked against this run's figures."""
+    def line(ok: bool | None, text: str) -> None:
+        print(f"  [{'n/a' if ok is None else 'met' if ok else 'MISSED'}] {text}")
+
+    print("targets:")
+    r = ratio(results, "minigpt", "float32", "decode_tok_s") if ("minigpt", "float32") in results else None
+    line(None if r is None else r >= 1.5 and same.get("float32", False),
+         f"float32 decode >= 1.5x transformers with identical greedy tokens: {r or 0:.2f}x, "
+         f"identical={same.get('float32')}")
+    for precision in ("bfloat16", "int8"):
+        if ("minigpt", precision) in results and precision in qualities:
+            speed, agree = results[("minigpt", precision)]["decode_tok_s"], qualities[precision]["greedy_agreement"]
+            line(speed >= 260 and agree >= 0.99, f"{precision} decode >= 260 tok/s with >= 99% greedy agreement: "
+                 f"{speed:.0f} tok/s, {100 * agree:.1f}%")
+    for precision in PRECISIONS["transformers"]:
+        if ("minigpt", precision) in results and ("transformers", precision) in results:
+            r = ratio(results, "minigpt", precision, "prefill_tok_s")
+            line(r >= 1, f"{precision} prefill >= transformers: {r:.2f}x")
 
 
 def main() -> None:
@@ -196,6 +229,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--compile", action="store_true", help="torch.compile MiniGPT's model (warm-up time is reported)")
     p.add_argument("--quick", action="store_true", help="1 rep, 16 new tokens, 64-token prefill")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/decode-<date>.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -219,7 +253,7 @@ def main() -> None:
               f"transformers {info['transformers']}, {args.threads} threads; load average {os.getloadavg()[0]:.2f}")
         load_before = os.getloadavg()
         spec = {"folder": str(folder), "threads": args.threads, "reps": args.reps, "new_tokens": args.new_tokens,
-                "prompt_len": args.prompt_len, "prefill_len": args.prefill_len}
+                "prompt_len": args.prompt_len, "prefill_len": args.prefill_len, "compile": args.compile}
         results = {}
         for engine, supported in PRECISIONS.items():
             for precision in (p for p in precisions if p in supported):
@@ -243,6 +277,7 @@ def main() -> None:
             print(f"quality {precision} vs float32: greedy agreement {100 * q['greedy_agreement']:.2f}% over "
                   f"{q['positions']} positions, max logit deviation {q['max_logit_dev']:.4f} "
                   f"(logit std {q['ref_logit_std']:.2f})")
+    print_targets(results, same, qualities)
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (other work on the machine "
           "makes these numbers noisy)")
 

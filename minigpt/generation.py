@@ -97,9 +97,9 @@ def generate(model: GPT, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int]
     # step's attention (when asked for) is a single row per head.
     if len(prompt) > 1:
         _step(model, torch.tensor([prompt[:-1]], device=device), cache, with_attention=False)
-    next_input = prompt[-1]
+    step_ids = torch.tensor([prompt[-1:]], device=device)  # (1, 1), refilled in place with each new token
     for i in range(max_new_tokens):
-        logits, attention = _step(model, torch.tensor([[next_input]], device=device), cache, return_attention)
+        logits, attention = _step(model, step_ids, cache, return_attention)
         token = int(sample(logits, params, generator))
         logprobs = logits.log_softmax(dim=-1)
         top = torch.topk(logprobs, top_n)
@@ -111,4 +111,4 @@ def generate(model: GPT, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int]
                          attention, finish)
         if finish:
             return
-        next_input = token
+        step_ids.fill_(token)

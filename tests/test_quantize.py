@@ -153,3 +153,14 @@ def test_quantized_lora_tuned_model_shares_base_int8_weights(tiny_model, tmp_pat
     for got, ref in [(base(ids), float_base), (tuned(ids), float_tuned)]:
         assert (got - ref).abs().max() <= 0.1 * ref.std()  # the tolerance used above
     assert (float_tuned - float_base).abs().max() > 0.1 * float_base.std()  # and the adapter still shows
+
+
+def test_an_unmerged_lora_layer_is_refused_not_silently_dropped(tiny_model):
+    from lora.layer import inject_lora
+    model = copy.deepcopy(tiny_model[0])
+    inject_lora(model, ["c_attn"], r=2, alpha=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="LoRALinear 'c_attn'.*merge"):
+        quantize_int8(model)
+    after = model.state_dict()  # nothing was half-quantized
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
