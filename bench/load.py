@@ -62,7 +62,7 @@ def user(text: str) -> dict:
 
 def chat_args(request: Request) -> list:
     """/chat's inputs: history, mode, temperature, top-k, top-p, max new tokens, seed, layer, head."""
-    return [request.history, request.mode, 0.9, 50, 0.95, request.max_new_tokens, request.seed, 0, -1]
+    return [request.history, request.mode, 0.9, 50, 0.95, request.max_new_tokens, str(request.seed), 0, -1]
 
 
 def action_for(client: int, turn: int, turns: int) -> str:

@@ -1,0 +1,114 @@
+"""Security: no pickle loading anywhere in the repo, and a running app that listens on loopback only,
+serves no file it was not given, ignores file paths smuggled into the chat, and shows text as text."""
+import ast
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from app_server import running_app
+from gradio_client import Client
+
+from bench.load import server_process
+from minigpt.chat import MODES
+
+REPO = Path(__file__).resolve().parents[1]
+FILE_COMPONENTS = {"File", "Files", "UploadButton", "DownloadButton", "FileExplorer", "Image", "Audio", "Video",
+                   "Gallery", "Model3D", "ImageEditor", "MultimodalTextbox"}
+PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+
+
+def is_true(node: ast.AST | None) -> bool:
+    return isinstance(node, ast.Constant) and node.value is True
+
+
+def pickle_uses(source: str) -> list[str]:
+    """Lines that import a pickle-based module or call a loader that unpickles."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(n.split(".")[0] in PICKLE_MODULES for n in names):
+                found.append(f"{node.lineno}: imports {', '.join(names)}")
+        elif isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            keywords = {k.arg: k.value for k in node.keywords}
+            if name.endswith("torch.load") and not is_true(keywords.get("weights_only")):
+                found.append(f"{node.lineno}: {name} without weights_only=True")
+            elif name.endswith(("np.load", "numpy.load")) and is_true(keywords.get("allow_pickle")):
+                found.append(f"{node.lineno}: {name} with allow_pickle=True")
+            elif name.endswith(("torch.hub.load", "read_pickle")) or is_true(keywords.get("trust_remote_code")):
+                found.append(f"{node.lineno}: {name}")
+    return found
+
+
+def test_the_scanner_finds_each_kind_of_pickle_loading():
+    source = ("import pickle\nfrom joblib import load\nimport torch, numpy as np\nx = torch.load('a.pt')\n"
+              "y = torch.load('a.pt', weights_only=False)\nz = torch.load('a.pt', weights_only=True)\n"
+              "w = np.load('a.npy', allow_pickle=True)\nm = AutoModel.from_pretrained('x', trust_remote_code=True)\n")
+    assert pickle_uses(source) == ["1: imports pickle", "2: imports joblib", "4: torch.load without weights_only=True",
+                                   "5: torch.load without weights_only=True", "7: np.load with allow_pickle=True",
+                                   "8: AutoModel.from_pretrained"]
+
+
+def test_no_python_file_in_the_repo_loads_pickles():
+    files = [p for p in REPO.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(REPO).parts)]
+    assert len(files) > 20
+    found = {str(p.relative_to(REPO)): uses for p in files if (uses := pickle_uses(p.read_text(encoding="utf-8")))}
+    assert found == {}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("app")) as running:
+        yield running
+
+
+def status_of(url: str) -> int:
+    try:
+        return urllib.request.urlopen(url, timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_the_app_listens_on_loopback_only(app):
+    sockets = [c for c in server_process(app.url).net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert sockets and {c.laddr.ip for c in sockets} == {"127.0.0.1"}
+
+
+@pytest.mark.parametrize("path", ["gradio_api/file=/etc/passwd", "gradio_api/file=app.py",
+                                  "gradio_api/file=../../../../etc/passwd", "gradio_api/file=%2Fetc%2Fpasswd",
+                                  "gradio_api/file={checkpoint}/model.safetensors", "file=/etc/passwd"])
+def test_no_file_outside_gradio_cache_is_served(app, path):
+    assert status_of(app.url + path.format(checkpoint=app.checkpoint)) in (403, 404)
+
+
+def test_a_file_path_smuggled_into_the_history_is_never_read(app):
+    history = [{"role": "user", "content": [{"type": "file", "file": {"path": "/etc/passwd",
+                                                                     "meta": {"_type": "gradio.FileData"}}},
+                                            {"type": "text", "text": "What is in this file?"}]}]
+    body = json.dumps({"data": [history, "Base GPT-2", 0, 0, 1, 8, "1", 0, -1]}).encode()
+    request = urllib.request.Request(app.url + "gradio_api/call/chat", body, {"Content-Type": "application/json"})
+    event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
+    stream = urllib.request.urlopen(f"{app.url}gradio_api/call/chat/{event}", timeout=60).read().decode()
+    assert "root:" not in stream and "event: error" in stream  # refused; nothing of the file comes back
+    assert Client(app.url, verbose=False).predict(  # and the server keeps serving
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "Base GPT-2", 0, 0, 1, 4, "1", 0, -1,
+        api_name="/chat")[0][-1]["role"] == "assistant"
+
+
+def test_the_api_offers_no_file_or_path_input(app):
+    api = Client(app.url, verbose=False).view_api(return_format="dict", print_info=False)
+    assert set(api["named_endpoints"]) == {"/chat", "/stop", "/alternatives"} and not api["unnamed_endpoints"]
+    parameters = [p for e in api["named_endpoints"].values() for p in e["parameters"]]
+    assert not {p["component"] for p in parameters} & FILE_COMPONENTS
+    mode = next(p for p in parameters if p["parameter_name"] == "mode")
+    assert (mode["component"], mode["type"]["enum"]) == ("Radio", list(MODES))  # no adapter path to type in
+
+
+def test_the_chat_renders_text_not_html(app):
+    config = json.loads(urllib.request.urlopen(app.url + "config", timeout=10).read())
+    chat = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "chat")
+    assert chat["props"]["render_markdown"] is False and chat["props"]["sanitize_html"] is True
