@@ -1,0 +1,145 @@
+"""Fault injection beyond the loader's own tests: broken files at app start-up, the Hub unreachable with
+an empty cache, and a training run killed with SIGKILL, then resumed."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from app_server import free_port, make_adapter
+from checkpoints import make_checkpoint
+from safetensors.torch import load_file, save_file
+
+import app
+from lora.adapter import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+from lora.state import STATE_FILE, load_state
+from lora.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny checkpoint, an adapter for it, and an adapter for a 3-layer model of the same width."""
+    root = tmp_path_factory.mktemp("parts")
+    model, _ = make_checkpoint(root / "model")
+    deeper, _ = make_checkpoint(root / "deeper", n_layer=3)
+    return model, make_adapter(model, root / "adapter"), make_adapter(deeper, root / "deeper-adapter")
+
+
+def edit_tensors(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def edit_json(path: Path, edit) -> None:
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+MODEL_FAULTS = {
+    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+                          "model.safetensors is truncated or corrupt"),
+    "renamed tensor": (lambda d: edit_tensors(d, lambda t: t.update({"h.0.mlp.fc.weight": t.pop("h.0.mlp.c_fc.weight")})),
+                       "checkpoint is missing tensor transformer.h.0.mlp.c_fc.weight"),
+    "reshaped tensor": (lambda d: edit_tensors(d, lambda t: t.update({"wpe.weight": t["wpe.weight"][:64].contiguous()})),
+                        r"tensor transformer.wpe.weight has shape (64, 64), expected (128, 64)"),
+    "missing tokenizer file": (lambda d: (d / "vocab.json").unlink(), "missing tokenizer file vocab.json"),
+}
+ADAPTER_FAULTS = {
+    "corrupt adapter_config.json": (lambda d: (d / CONFIG_FILE).write_text('{"peft_type": "LORA", "r": 4,'),
+                                    "adapter_config.json is not valid JSON"),
+    "missing adapter weights": (lambda d: (d / WEIGHTS_FILE).unlink(), "missing adapter_model.safetensors"),
+    "NaN lora_alpha": (lambda d: edit_json(d / CONFIG_FILE, lambda c: {**c, "lora_alpha": float("nan")}),
+                       "adapter makes the weight of transformer.h.0.attn.c_attn NaN or infinite"),
+    "adapter for another model size": (None, "a module this 2-layer model does not have"),
+}
+
+
+def start_app(argv: list[str], monkeypatch, capsys) -> str:
+    """app.main with the UI builder booby-trapped: a load fault must stop it before any UI exists."""
+    def no_ui(*_):
+        raise AssertionError("the app went on to build its UI")
+    monkeypatch.setattr(app, "build_app", no_ui)
+    assert app.main([*argv, "--device", "cpu"]) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fault", MODEL_FAULTS)
+def test_a_broken_model_stops_the_app_with_one_specific_line(parts, tmp_path, monkeypatch, capsys, fault):
+    damage, message = MODEL_FAULTS[fault]
+    folder = Path(shutil.copytree(parts[0], tmp_path / "model"))
+    damage(folder)
+    err = start_app(["--model", str(folder), "--adapter", str(parts[1])], monkeypatch, capsys)
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("fault", ADAPTER_FAULTS)
+def test_a_broken_adapter_stops_the_app_with_one_specific_line(parts, tmp_path, monkeypatch, capsys, fault):
+    damage, message = ADAPTER_FAULTS[fault]
+    folder = Path(shutil.copytree(parts[2] if damage is None else parts[1], tmp_path / "adapter"))
+    if damage:
+        damage(folder)
+    err = start_app(["--model", str(parts[0]), "--adapter", str(folder)], monkeypatch, capsys)
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def run_app(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "app.py", *args, "--device", "cpu", "--port", str(free_port())], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize("which", ["model", "adapter"])
+def test_hub_unreachable_with_an_empty_cache_exits_with_one_line(parts, tmp_path, which):
+    """A real `python app.py`, online mode, the Hub endpoint a closed loopback port, an empty HF_HOME."""
+    env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    args = ["--model", "someone/gpt2-not-cached"] if which == "model" else \
+        ["--model", str(parts[0]), "--adapter", "someone/lora-not-cached"]
+    run = run_app(args, env)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not-cached" in lines[0]
+    assert "Running on" not in run.stdout  # it never served a page
+
+
+RECORDS = [{"instruction": f"Say {w}.", "input": "", "output": f"{w.capitalize()}, {w}, {w}."}
+           for w in ("yes", "no", "maybe", "hello", "blue", "red", "green", "one", "two", "three")]
+TRAIN = ["--device", "cpu", "--max-len", "64", "--max-steps", "16", "--save-every", "3", "--eval-every", "100",
+         "--batch-size", "4", "--val-fraction", "0", "--dropout", "0.1", "--seed", "3"]
+
+
+def steps_logged(out: Path) -> list[int]:
+    path = out / "log.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_training_killed_mid_run_resumes_from_its_last_checkpoint(parts, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(RECORDS))
+    options = ["--model", str(parts[0]), "--data", str(data), *TRAIN]
+    assert train_main([*options, "--out", str(tmp_path / "whole")]) == 0
+
+    out = tmp_path / "killed"
+    run = subprocess.Popen([sys.executable, "-m", "lora.train", *options, "--out", str(out)], cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while run.poll() is None and max(steps_logged(out), default=0) < 8 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    run.send_signal(signal.SIGKILL)
+    run.wait(30)
+    assert run.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(steps_logged(out))
+
+    saved = load_state(out / STATE_FILE)  # whatever instant the kill hit, the checkpoint is whole
+    read_adapter(out)
+    assert saved.step % 3 == 0 and 0 <= killed_at - saved.step <= 3  # lost: only the steps since the checkpoint
+
+    assert train_main([*options, "--out", str(out), "--resume"]) == 0
+    assert steps_logged(out) == list(range(1, 17))  # each step logged once: the lost ones were redone
+    whole, resumed = load_file(tmp_path / "whole" / WEIGHTS_FILE), load_file(out / WEIGHTS_FILE)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
