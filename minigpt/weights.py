@@ -33,8 +33,7 @@ def resolve_snapshot(name_or_path: str | Path) -> Path:
 
     snapshot_download honours HF_HOME and HF_HUB_OFFLINE and shows the Hub's own progress bars.
     """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if (path := local_folder(name_or_path)) is not None:
         return path
     repo_id = HUB_ALIASES.get(str(name_or_path), str(name_or_path))
     try:
@@ -47,6 +46,15 @@ def resolve_snapshot(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"no Hub repository {repo_id!r} (and no local folder of that name)") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise CheckpointError(f"could not download {repo_id!r}: {str(e).splitlines()[0]}") from None
+
+
+def local_folder(name_or_path: str | Path) -> Path | None:
+    """The folder a name points to, or None when it names no folder (a Hub repo id, say)."""
+    try:
+        path = Path(name_or_path).expanduser()
+        return path if path.is_dir() else None
+    except (OSError, RuntimeError):  # a name too long for a path, or an unknown ~user
+        return None
 
 
 def read_config(snapshot: Path) -> GPTConfig:

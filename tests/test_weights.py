@@ -181,3 +181,8 @@ def test_hub_names_fetch_only_the_four_snapshot_files(monkeypatch, tiny_checkpoi
     monkeypatch.setattr("minigpt.weights.snapshot_download", fake_snapshot_download)
     load_pretrained(name, device="cpu")
     assert calls == [(repo_id, ["config.json", "merges.txt", "model.safetensors", "vocab.json"])]
+
+
+def test_a_name_too_long_for_a_path_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="could not download"):
+        load_pretrained("x" * 300, device="cpu")
