@@ -2,6 +2,7 @@
 
     python bench/train_step.py                         # GPT-2 124M shape, random weights, batch 4 x 128 tokens
     python bench/train_step.py --batch-size 8 --seq-len 256 --reps 20
+    python bench/train_step.py --threads 1             # steadiest on a busy shared CPU (compare CPU seconds)
 
 A step is forward, masked cross-entropy (the first half of each row is "prompt", ignored), backward,
 AdamW on the LoRA parameters, zero_grad: rank 8 on c_attn, LoRA dropout 0.05, the base's own
@@ -9,7 +10,9 @@ dropout off on both sides (MiniGPT has none). bf16 autocast on CUDA for both.
 Timing runs both sides in one process, alternating step by step (A B B A ...), so load from other
 work on the machine hits both alike; peak memory comes from a separate process per side (CUDA: max
 allocated; CPU: peak RSS of the process). Reports median step time, tokens/s, the MiniGPT/peft
-ratio (of medians, and the median of per-rep ratios). Writes bench/results/train_step-<date>.json.
+ratio (of medians, the median of per-rep ratios, and of the best steps), and the CPU seconds each
+step used. On a shared CPU, wall time swings with other load; CPU time with --threads 1 barely
+does, so `--threads 1` gives the steadiest comparison there. Writes bench/results/train_step-<date>.json.
 """
 from __future__ import annotations
 
@@ -86,12 +89,13 @@ def batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor,
     return inputs, labels
 
 
-def timed(step, inputs, labels, device: torch.device) -> float:
+def timed(step, inputs, labels, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for one step."""
     sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     step(inputs, labels)
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def sync(device: torch.device) -> None:
@@ -111,9 +115,10 @@ def measure_speed(args: argparse.Namespace) -> dict:
             if i >= args.warmup:
                 times[side].append(t)
         if i >= args.warmup:
-            print(f"rep {i - args.warmup + 1}: " + ", ".join(f"{s} {times[s][-1]:.3f} s" for s in SIDES),
-                  file=sys.stderr)
-    return {side: {"step_s": times[side], "trainable_parameters": steps[side][1]} for side in SIDES}
+            print(f"rep {i - args.warmup + 1}: " + ", ".join(
+                f"{s} {times[s][-1][0]:.3f} s (cpu {times[s][-1][1]:.3f} s)" for s in SIDES), file=sys.stderr)
+    return {side: {"step_s": [t[0] for t in times[side]], "cpu_s": [t[1] for t in times[side]],
+                   "trainable_parameters": steps[side][1]} for side in SIDES}
 
 
 def measure_memory(side: str, args: argparse.Namespace) -> dict:
@@ -138,9 +143,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=8, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--memory-of", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side's memory
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_of:
         print(json.dumps(measure_memory(args.memory_of, args)))
         return
@@ -153,6 +161,8 @@ def main() -> None:
     speed = measure_speed(args)
     tokens = args.batch_size * args.seq_len
     summary = {side: {"median_step_s": statistics.median(speed[side]["step_s"]),
+                      "min_step_s": min(speed[side]["step_s"]),
+                      "median_cpu_s": statistics.median(speed[side]["cpu_s"]),
                       "tokens_per_s": tokens / statistics.median(speed[side]["step_s"]),
                       "trainable_parameters": speed[side]["trainable_parameters"],
                       "peak_memory_mb": round(memory[side]["peak_mb"], 1), "peak_memory_kind": memory[side]["kind"]}
@@ -168,15 +178,19 @@ def main() -> None:
               "reps": args.reps, "warmup": args.warmup, "results": summary,
               "minigpt_over_peft_tokens_per_s": summary["minigpt"]["tokens_per_s"] / summary["peft"]["tokens_per_s"],
               "median_paired_ratio": statistics.median(pair_ratios),
-              "step_s": {side: speed[side]["step_s"] for side in SIDES}}
+              "best_step_ratio": summary["peft"]["min_step_s"] / summary["minigpt"]["min_step_s"],
+              "cpu_time_ratio": summary["peft"]["median_cpu_s"] / summary["minigpt"]["median_cpu_s"],
+              "threads": torch.get_num_threads(), "raw": speed}
     out = args.out or ROOT / "bench" / "results" / f"train_step-{datetime.now():%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     for side, s in summary.items():
         print(f"{side:8s} {s['tokens_per_s']:9.1f} tokens/s  median step {s['median_step_s']:.3f} s  "
+              f"best {s['min_step_s']:.3f} s  cpu {s['median_cpu_s']:.3f} s  "
               f"peak {s['peak_memory_mb']:.0f} MB ({s['peak_memory_kind']})")
-    print(f"MiniGPT / peft tokens/s: {report['minigpt_over_peft_tokens_per_s']:.3f} "
-          f"(median of paired reps {report['median_paired_ratio']:.3f})  -> {out}")
+    print(f"MiniGPT / peft tokens/s: {report['minigpt_over_peft_tokens_per_s']:.3f} (median of paired reps "
+          f"{report['median_paired_ratio']:.3f}, of best steps {report['best_step_ratio']:.3f}); peft / MiniGPT "
+          f"CPU seconds per step: {report['cpu_time_ratio']:.3f}  -> {out}")
 
 
 if __name__ == "__main__":

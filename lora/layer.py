@@ -80,7 +80,7 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # scale the narrow r-wide tensor
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
