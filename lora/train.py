@@ -196,12 +196,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     log: list[dict] = []
     step = 0
     if resumed is not None:
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(resumed.lora[name])
-        optimizer.load_state_dict(resumed.optimizer)
-        scheduler.load_state_dict(resumed.scheduler)
-        set_rng_state(resumed.rng, device)
+        restore(resumed, params, optimizer, scheduler, device)
         step = resumed.step
         log = [r for r in read_log(out / LOG_FILE) if r["step"] <= step]  # drop steps done after the checkpoint
     out.mkdir(parents=True, exist_ok=True)
@@ -209,8 +204,9 @@ def train(args: argparse.Namespace) -> list[dict]:
 
     def checkpoint() -> None:
         save_adapter(model, out, adapter_config)
-        save_state(out / STATE_FILE, TrainingState(step, run, {k: p.detach() for k, p in params.items()},
-                                             optimizer.state_dict(), scheduler.state_dict(), rng_state(device)))
+        state = TrainingState(step, run, {k: p.detach() for k, p in params.items()}, optimizer.state_dict(),
+                              scheduler.state_dict(), rng_state(device))
+        save_state(out / STATE_FILE, state)
 
     batches = itertools.islice(batch_stream(train_set, args.batch_size, args.seed), step * args.grad_accum, None)
     model.train()
@@ -246,6 +242,16 @@ def train(args: argparse.Namespace) -> list[dict]:
     plot_losses(log, out / PLOT_FILE)
     print(f"adapter written to {out} (log: {LOG_FILE}, curve: {PLOT_FILE})", file=sys.stderr)
     return log
+
+
+def restore(state: TrainingState, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> None:
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state.lora[name])
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    set_rng_state(state.rng, device)
 
 
 def read_log(path: Path) -> list[dict]:
