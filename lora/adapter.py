@@ -14,13 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                   RepositoryNotFoundError)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minigpt.errors import CheckpointError
+from minigpt.hub import fetch
 from minigpt.model import GPT
 
 from .atomic import atomic_write
@@ -100,20 +98,7 @@ def save_adapter(model: nn.Module, folder: str | Path, config: AdapterConfig) ->
 
 def resolve_adapter(name_or_path: str | Path) -> Path:
     """A local folder as is; otherwise a Hub repo id, fetched (or read from the cache) with snapshot_download."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
-    except LocalEntryNotFoundError:
-        raise AdapterError(f"adapter {str(name_or_path)!r} is neither a local folder nor in the Hugging Face cache, "
-                           "and the Hub cannot be reached (offline or HF_HUB_OFFLINE=1)") from None
-    except HFValidationError:
-        raise AdapterError(f"no adapter folder {str(name_or_path)!r} (nor is it a Hub repo id)") from None
-    except RepositoryNotFoundError:
-        raise AdapterError(f"no adapter folder or Hub repository named {str(name_or_path)!r}") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise AdapterError(f"could not download adapter {str(name_or_path)!r}: {str(e).splitlines()[0]}") from None
+    return fetch(name_or_path, [CONFIG_FILE, WEIGHTS_FILE], "adapter", AdapterError)
 
 
 def read_adapter(folder: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:

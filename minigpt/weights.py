@@ -10,13 +10,12 @@ import re
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import GPTConfig
 from .errors import CheckpointError
+from .hub import fetch
 from .model import GPT
 from .tokenizer import load_tokenizer
 
@@ -29,32 +28,8 @@ MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 def resolve_snapshot(name_or_path: str | Path) -> Path:
-    """A local folder as is; otherwise a Hub repo id (or gpt2 size alias) fetched into the Hub cache.
-
-    snapshot_download honours HF_HOME and HF_HUB_OFFLINE and shows the Hub's own progress bars.
-    """
-    if (path := local_folder(name_or_path)) is not None:
-        return path
-    repo_id = HUB_ALIASES.get(str(name_or_path), str(name_or_path))
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=SNAPSHOT_FILES))
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"{repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1); connect once to download it, or pass a local folder") from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"no Hub repository {repo_id!r} (and no local folder of that name)") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise CheckpointError(f"could not download {repo_id!r}: {str(e).splitlines()[0]}") from None
-
-
-def local_folder(name_or_path: str | Path) -> Path | None:
-    """The folder a name points to, or None when it names no folder (a Hub repo id, say)."""
-    try:
-        path = Path(name_or_path).expanduser()
-        return path if path.is_dir() else None
-    except (OSError, RuntimeError):  # a name too long for a path, or an unknown ~user
-        return None
+    """A local folder as is; otherwise a Hub repo id (or gpt2 size alias) fetched into the Hub cache."""
+    return fetch(HUB_ALIASES.get(str(name_or_path), name_or_path), SNAPSHOT_FILES, "model")
 
 
 def read_config(snapshot: Path) -> GPTConfig:

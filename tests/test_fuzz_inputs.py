@@ -130,7 +130,8 @@ def test_garbage_adapter_files_are_an_adapter_error(tmp_path, config_bytes, weig
 
 
 names = st.text(max_size=100) | st.sampled_from(["../../etc", "/etc/passwd", "a/b/c", "\x00", "\ud800", " ",
-                                                 "org/" + "n" * 90, "https://example.com/x", "gpt2-nope"])
+                                                 "org/" + "n" * 90, "https://example.com/x", "gpt2-nope",
+                                                 "n" * 300, "org/" + "n" * 300])
 
 
 @settings(max_examples=40, deadline=None)

@@ -102,7 +102,7 @@ def test_pickle_only_checkpoint_is_refused(checkpoint):
 
 def test_unknown_repo_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+    with pytest.raises(CheckpointError, match="neither a local folder nor in the Hugging Face cache"):
         load_pretrained("nobody-here/no-such-gpt2", device="cpu")
 
 
@@ -149,7 +149,7 @@ def test_cli_interactive_mode(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "nobody-here/no-such-gpt2"], "not in the Hugging Face cache"),
+    (["--model", "nobody-here/no-such-gpt2"], "neither a local folder nor in the Hugging Face cache"),
     (["--model", "{ckpt}", "--temperature", "-1"], "temperature"),
     (["--model", "{ckpt}", "--top-p", "0"], "top_p"),
     (["--model", "{ckpt}", "--max-new-tokens", "0"], "max-new-tokens"),
@@ -178,11 +178,11 @@ def test_hub_names_fetch_only_the_four_snapshot_files(monkeypatch, tiny_checkpoi
         calls.append((repo, sorted(allow_patterns)))
         return str(tiny_checkpoint[0])
 
-    monkeypatch.setattr("minigpt.weights.snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr("minigpt.hub.snapshot_download", fake_snapshot_download)
     load_pretrained(name, device="cpu")
     assert calls == [(repo_id, ["config.json", "merges.txt", "model.safetensors", "vocab.json"])]
 
 
 def test_a_name_too_long_for_a_path_is_a_clear_error():
-    with pytest.raises(CheckpointError, match="could not download"):
+    with pytest.raises(CheckpointError, match=r"no model folder 'x{300}' \(nor is it a Hub repo id\)"):
         load_pretrained("x" * 300, device="cpu")
