@@ -93,13 +93,17 @@ def generate(model: GPT, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int]
     cache = model.new_cache(len(prompt) + max_new_tokens)
     decoder = StreamDecoder(tokenizer, stop)
 
-    # Prefill all but the last prompt token; every step then feeds exactly one token, so each
-    # step's attention (when asked for) is a single row per head.
-    if len(prompt) > 1:
+    # The first step reads the whole prompt and its logits choose the first token. With attention
+    # asked for, the last prompt token gets that step alone, so every step's attention is a single
+    # row per head rather than a prompt's (T, S) maps for every layer.
+    unread = prompt
+    if return_attention and len(prompt) > 1:
         _step(model, torch.tensor([prompt[:-1]], device=device), cache, with_attention=False)
-    step_ids = torch.tensor([prompt[-1:]], device=device)  # (1, 1), refilled in place with each new token
+        unread = prompt[-1:]
+    ids = torch.tensor([unread], device=device)
+    next_ids = torch.empty(1, 1, dtype=torch.long, device=device)  # every later step: one token, written in place
     for i in range(max_new_tokens):
-        logits, attention = _step(model, step_ids, cache, return_attention)
+        logits, attention = _step(model, ids, cache, return_attention)
         token = int(sample(logits, params, generator))
         logprobs = logits.log_softmax(dim=-1)
         top = torch.topk(logprobs, top_n)
@@ -111,4 +115,4 @@ def generate(model: GPT, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int]
                          attention, finish)
         if finish:
             return
-        step_ids.fill_(token)
+        ids = next_ids.fill_(token)

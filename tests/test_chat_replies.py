@@ -44,7 +44,7 @@ def test_stop_ends_the_compute_between_tokens(tiny_model):
             if i == 2:
                 stop.set()
         assert reply.finish_reason == "stopped" and len(reply.token_ids) == 3
-        assert len(steps) == 1 + 3  # the prefill, then exactly the three tokens shown
+        assert len(steps) == 3  # exactly the three tokens shown (the first step also reads the prompt)
     finally:
         hook.remove()
 
