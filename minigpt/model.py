@@ -68,8 +68,8 @@ class CausalSelfAttention(nn.Module):
         att = None
         if return_attn or T == 1:
             # Explicit path: the only place the attention probabilities exist. It also serves one new
-            # token: SDPA's CPU kernel is built for many queries and, for a single one, is no faster in
-            # float32 and 2-7x slower in bfloat16 (torch 2.13, 2-core AVX-512 machine).
+            # token: for a single query SDPA's CPU kernel is within a few microseconds of it in float32
+            # and 2-7x slower in bfloat16 (torch 2.13, 2-core AVX-512 machine; see README, speed).
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
             if T > 1:  # a single new token may see everything before it: no mask needed
                 scores = scores.masked_fill(~causal_mask(T, S, x.device), float("-inf"))

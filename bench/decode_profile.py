@@ -1,0 +1,99 @@
+"""Where a decode step's time goes: generate() vs the bare model loop vs the weight matmuls alone.
+
+    python bench/decode_profile.py --precision int8            # three rates, 3 rounds
+    python bench/decode_profile.py --precision float32 --table # plus torch.profiler's top ops
+
+The GPT-2 124M shape with random weights. "matmuls alone" runs only the Linear layers' products
+of one decode step (the weights each token must read), so it is the ceiling for that precision.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from checkpoints import write_tokenizer  # noqa: E402  (tests/checkpoints.py: the real GPT-2 BPE files)
+from minigpt import GPT, GPTConfig, SamplingParams, generate  # noqa: E402
+from minigpt.quantize import Int8Linear, quantize_int8  # noqa: E402
+from minigpt.tokenizer import load_tokenizer  # noqa: E402
+
+
+def build(precision: str) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).eval()
+    if precision == "bfloat16":
+        model.to(torch.bfloat16)
+    if precision == "int8":
+        quantize_int8(model)
+    return model
+
+
+def tokens_per_s(model: GPT, tokenizer, prompt: list[int], n: int) -> tuple[float, float]:
+    """(generate() tokens/s, bare greedy model loop tokens/s), both timed after the first token."""
+    times = [time.perf_counter() for _ in generate(model, tokenizer, prompt, n, SamplingParams(temperature=0))]
+    with torch.inference_mode():
+        cache = model.new_cache(len(prompt) + n)
+        token = model(torch.tensor([prompt]), cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(n - 1):
+            token = model(token, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    return (len(times) - 1) / (times[-1] - times[0]), (n - 1) / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def matmuls_per_s(model: GPT, rounds: int = 20) -> float:
+    """How many times a second the Linear products of one decode step run, with nothing else."""
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, torch.nn.Linear))]
+    dtype = model.transformer.ln_f.weight.dtype
+    x = {n: torch.randn(1, n, dtype=torch.bfloat16 if isinstance(layers[0], Int8Linear) else dtype)
+         for n in {m.in_features for m in layers}}
+
+    def one_step():
+        for m in layers:
+            if isinstance(m, Int8Linear):
+                torch._weight_int8pack_mm(x[m.in_features], m.weight, m.scales)
+            else:
+                F.linear(x[m.in_features], m.weight, m.bias)
+
+    one_step()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        one_step()
+    return rounds / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--precision", default="int8", choices=["float32", "bfloat16", "int8"])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--table", action="store_true", help="also print torch.profiler's top ops over one generate()")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        write_tokenizer(Path(folder))
+        tokenizer = load_tokenizer(folder)
+    model = build(args.precision)
+    prompt = torch.randint(0, 50000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    tokens_per_s(model, tokenizer, prompt, 8)  # warm-up
+    print(f"{args.precision}, {torch.get_num_threads()} threads")
+    for _ in range(3):
+        gen, bare = tokens_per_s(model, tokenizer, prompt, args.new_tokens)
+        print(f"generate() {gen:6.1f} tok/s   bare model loop {bare:6.1f} tok/s   "
+              f"matmuls alone {matmuls_per_s(model):6.1f} steps/s")
+    if args.table:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in generate(model, tokenizer, prompt, 64, SamplingParams(temperature=0)):
+                pass
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
