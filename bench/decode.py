@@ -4,9 +4,9 @@
     python bench/decode.py --model gpt2         # the real weights, if they are in the Hugging Face cache
     python bench/decode.py --quick              # 1 rep and short runs: a smoke test, not a measurement
 
-For each engine and precision it reports decode tokens/s (32-token prompt, 128 new greedy tokens),
-prefill tokens/s and time to first token (512-token prompt), peak RSS, and MiniGPT/transformers
-ratios, all medians over the repetitions. Every (engine, precision) pair runs in its own process,
+For each engine and precision it reports decode tokens/s and time to first token (32-token prompt,
+128 new greedy tokens), prefill tokens/s (512-token prompt / its time to first token), peak RSS,
+and MiniGPT/transformers ratios, all medians over the repetitions. Every (engine, precision) pair runs in its own process,
 so peak memory is its own. Then the quality cost of each reduced precision: max logit deviation
 and greedy-token agreement vs MiniGPT float32 over a fixed prompt set. Results go to
 bench/results/decode-<date>.json. Speed does not depend on weight values, so random weights are
@@ -76,6 +76,7 @@ def minigpt_timestamps(loaded, prompt: list[int], new_tokens: int) -> tuple[list
 
 
 def load_transformers(folder: Path, precision: str, compile: bool = False):
+    """transformers' model; `compile` is accepted for a uniform signature and ignored (MiniGPT-only option)."""
     from transformers import GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained(folder, dtype=DTYPES[precision]).eval()
     model.generation_config.eos_token_id = None  # always produce every requested token
