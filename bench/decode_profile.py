@@ -26,11 +26,14 @@ from minigpt.quantize import Int8Linear, quantize_int8  # noqa: E402
 from minigpt.tokenizer import load_tokenizer  # noqa: E402
 
 
-def build(precision: str) -> GPT:
+def build(precision: str, transposed: bool) -> GPT:
     torch.manual_seed(0)
     model = GPT(GPTConfig()).eval()
     if precision == "bfloat16":
         model.to(torch.bfloat16)
+    if transposed:  # same shapes and values, (in, out) memory order: the layout of transformers' Conv1D
+        for linear in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+            linear.weight.data = linear.weight.detach().t().contiguous().t()  # lm_head: also the tied wte
     if precision == "int8":
         quantize_int8(model)
     return model
@@ -74,15 +77,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precision", default="int8", choices=["float32", "bfloat16", "int8"])
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--transposed-weights", action="store_true",
+                   help="experiment: store Linear weights in (in, out) memory order before measuring")
     p.add_argument("--table", action="store_true", help="also print torch.profiler's top ops over one generate()")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         write_tokenizer(Path(folder))
         tokenizer = load_tokenizer(folder)
-    model = build(args.precision)
+    model = build(args.precision, args.transposed_weights)
     prompt = torch.randint(0, 50000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     tokens_per_s(model, tokenizer, prompt, 8)  # warm-up
-    print(f"{args.precision}, {torch.get_num_threads()} threads")
+    print(f"{args.precision}{', transposed weights' if args.transposed_weights else ''}, "
+          f"{torch.get_num_threads()} threads")
     for _ in range(3):
         gen, bare = tokens_per_s(model, tokenizer, prompt, args.new_tokens)
         print(f"generate() {gen:6.1f} tok/s   bare model loop {bare:6.1f} tok/s   "

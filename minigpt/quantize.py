@@ -37,7 +37,7 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         # Round the scale to its stored dtype first, so q * scale is exactly the weight we meant.
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(SCALE_DTYPE)
-        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         bias = None if linear.bias is None else linear.bias.detach()  # shared with the float model, not copied
         return cls(q, scales, bias)
 
