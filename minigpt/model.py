@@ -17,6 +17,10 @@ import torch.nn.functional as F
 
 from .config import GPTConfig
 
+# Cache sizes a compiled decode step is built for: multiples of this (GPT-2: 4 graphs at most).
+# Larger buckets mean fewer compilations but more masked-out slots read per step.
+CACHE_BUCKET = 256
+
 
 class KVCache:
     """Keys and values of every layer, preallocated once for one generation and written in place.
@@ -45,6 +49,12 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one token's keys/values of every layer, (n_layer, B, nh, 1, hs), as GPT.step returns them."""
+        self.k[:, :, :, self.length:self.length + 1] = k
+        self.v[:, :, :, self.length:self.length + 1] = v
+        self.length += 1
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
@@ -54,13 +64,20 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v projection
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of x (B, T, C), each (B, nh, T, hs)."""
+        B, T, C = x.size()
+        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, nh, T, hs) -> the projected (B, T, C)."""
+        B, _, T, _ = y.size()
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        T = x.size(1)
+        q, k, v = self.heads(x)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs)
         S = k.size(2)
@@ -81,8 +98,19 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # several new tokens after a cached prefix: is_causal would align the mask wrongly
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, x.device))
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y), att
+        return self.output(y), att
+
+    def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new token x (B, 1, C) against a whole cache buffer (B, nh, M, hs) of which `visible` (M + 1,)
+        marks the filled slots plus the new token (last). Returns the output and the token's k and v;
+        the cache is only read, so the shapes, not the position, define the computation."""
+        q, k, v = self.heads(x)
+        scores = torch.cat([q @ k_cache.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1)
+        scores = (scores * (1.0 / math.sqrt(k.size(-1)))).masked_fill(~visible, float("-inf"))
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # (B, nh, 1, M + 1)
+        y = probs[..., :-1] @ v_cache + probs[..., -1:] * v
+        return self.output(y), k, v
 
 
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -116,6 +144,13 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x, att
 
+    def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, k, v = self.attn.step(self.ln_1(x), k_cache, v_cache, visible)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, k, v
+
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -129,13 +164,17 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.compiled_step = None  # set by compile_decode()
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues the cached tokens.
 
         last_only computes logits for the final position only (B, 1, vocab): generation needs nothing
         else, and the vocab projection of a long prompt is the costliest matmul of a prefill.
+        After compile_decode(), one new token after a cache goes through the compiled step.
         """
+        if self.compiled_step is not None and cache is not None and idx.size(1) == 1:
+            return self._compiled_decode(idx, cache)
         logits, _ = self._run(idx, cache, last_only, return_attn=False)
         return logits
 
@@ -167,7 +206,42 @@ class GPT(nn.Module):
             x = x[:, [-1], :]  # a list index keeps the time dimension
         return self.lm_head(x), atts
 
+    def step(self, idx: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token per sequence, idx (B, 1), at position pos (a (1,) tensor) after the tokens in a
+        KVCache's k/v buffers, which are read whole and never written. Returns logits (B, vocab) and
+        the token's keys and values (n_layer, B, nh, 1, hs) for KVCache.append. With no Python int
+        and no shape depending on the position, one compiled graph serves every step."""
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, 1, C)
+        slots = torch.arange(k_cache.size(3) + 1, device=idx.device)
+        visible = (slots < pos) | (slots == k_cache.size(3))  # the filled slots, and the new token itself
+        ks, vs = [], []
+        for i, block in enumerate(self.transformer.h):
+            x, k, v = block.step(x, k_cache[i], v_cache[i], visible)
+            ks.append(k)
+            vs.append(v)
+        return self.lm_head(self.transformer.ln_f(x))[:, -1], torch.stack(ks), torch.stack(vs)
+
+    def compile_decode(self) -> None:
+        """Decode one token at a time through torch.compile(step) from now on. The first step of each cache
+        size compiles a graph (seconds to a minute); new_cache rounds sizes up to a few buckets."""
+        self.compiled_step = torch.compile(self.step, dynamic=False, fullgraph=True)
+
+    def _compiled_decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if cache.length >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + 1} requested")
+        pos = torch.tensor([cache.length], device=idx.device)
+        logits, k, v = self.compiled_step(idx, pos, cache.k, cache.v)
+        cache.append(k, v)
+        return logits[:, None]  # (B, 1, vocab)
+
     def new_cache(self, max_len: int | None = None, batch_size: int = 1) -> KVCache:
-        """An empty cache on this model's device and dtype, sized for max_len tokens (default: the context)."""
+        """An empty cache on this model's device and dtype, sized for max_len tokens (default: the context).
+
+        With a compiled step the size is rounded up to a multiple of CACHE_BUCKET: each size is a graph.
+        """
+        max_len = max_len or self.config.n_positions
+        if self.compiled_step is not None:
+            max_len = min(-(-max_len // CACHE_BUCKET) * CACHE_BUCKET, self.config.n_positions)
         w = self.transformer.ln_f.weight  # never quantized: its dtype is the compute dtype
-        return KVCache(self.config, max_len or self.config.n_positions, batch_size, w.device, w.dtype)
+        return KVCache(self.config, max_len, batch_size, w.device, w.dtype)
