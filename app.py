@@ -58,7 +58,7 @@ class Engine:
         return self.models[mode]
 
 
-def load_engine(model: str, adapter: str | None, device: str | None, dtype: str) -> Engine:
+def load_engine(model: str, adapter: str | None, device: str | None, dtype: str, compile: bool = False) -> Engine:
     base, tokenizer = load_model(model, device, dtype)
     if adapter is None and not DEFAULT_ADAPTER.is_dir():
         engine = Engine({BASE: base}, tokenizer,
@@ -68,6 +68,9 @@ def load_engine(model: str, adapter: str | None, device: str | None, dtype: str)
         engine = Engine({BASE: base, TUNED: load_tuned_model(base, adapter or DEFAULT_ADAPTER)}, tokenizer, "")
     if dtype == "int8":  # after the LoRA merge (float weights); weights the two models share are quantized once
         quantize_int8(*engine.models.values())
+    if compile:  # each model compiles its decode step on its first reply of each cache size (see README, speed)
+        for m in engine.models.values():
+            m.compile_decode()
     return engine
 
 
@@ -270,6 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="also open a temporary public *.gradio.live link")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster replies after a warm-up of seconds per cache size")
     p.add_argument("--concurrency", type=int, default=2, help="replies computed at the same time (the rest queue)")
     args = p.parse_args(argv)
     if args.concurrency < 1:
@@ -280,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        engine = load_engine(args.model, args.adapter, args.device, args.dtype)
+        engine = load_engine(args.model, args.adapter, args.device, args.dtype, args.compile)
     except CheckpointError as e:  # includes lora.AdapterError
         print(f"error: {e}", file=sys.stderr)
         return 2

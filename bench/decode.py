@@ -62,7 +62,7 @@ def load_minigpt(folder: Path, precision: str, compile: bool = False):
     if precision == "int8":
         quantize_int8(model)
     if compile:
-        model.compile()
+        model.compile_decode()
     return model, tokenizer
 
 
@@ -188,16 +188,16 @@ def machine_info() -> dict:
 def ratio(results: dict, engine: str, precision: str, key: str) -> float | None:
     """MiniGPT / transformers for key, against transformers in the same precision (int8: float32)."""
     peer = results.get(("transformers", precision)) or results.get(("transformers", "float32"))
-    return results[(engine, precision)][key] / peer[key] if engine == "minigpt" and peer else None
+    return results[(engine, precision)][key] / peer[key] if engine.startswith("minigpt") and peer else None
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'engine':<13}{'precision':<10}{'decode tok/s':>13}{'x hf':>6}{'prefill tok/s':>15}{'x hf':>6}"
+    print(f"\n{'engine':<16}{'precision':<10}{'decode tok/s':>13}{'x hf':>6}{'prefill tok/s':>15}{'x hf':>6}"
           f"{'TTFT ms':>9}{'peak RSS MB':>13}{'end RSS MB':>12}{'warm-up s':>11}")
     for (engine, precision), r in results.items():
         x = {key: f"{v:.2f}" if (v := ratio(results, engine, precision, key)) else ""
              for key in ("decode_tok_s", "prefill_tok_s")}
-        print(f"{engine:<13}{precision:<10}{r['decode_tok_s']:>13.1f}{x['decode_tok_s']:>6}{r['prefill_tok_s']:>15.0f}"
+        print(f"{engine:<16}{precision:<10}{r['decode_tok_s']:>13.1f}{x['decode_tok_s']:>6}{r['prefill_tok_s']:>15.0f}"
               f"{x['prefill_tok_s']:>6}{r['ttft_ms']:>9.1f}{r['peak_rss_mb']:>13.0f}{r['rss_end_mb']:>12.0f}"
               f"{r['warmup_s']:>11.1f}")
     print("(x hf: MiniGPT / transformers in the same precision; int8 is compared with transformers float32)")
@@ -233,7 +233,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--prefill-len", type=int, default=512)
-    p.add_argument("--compile", action="store_true", help="torch.compile MiniGPT's model (warm-up time is reported)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run MiniGPT with its decode step compiled (GPT.compile_decode): minigpt+compile rows")
     p.add_argument("--quick", action="store_true", help="1 rep, 16 new tokens, 64-token prefill")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/decode-<date>.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -262,7 +263,12 @@ def main() -> None:
         for engine, supported in PRECISIONS.items():
             for precision in (p for p in precisions if p in supported):
                 print(f"  {engine} {precision} ...", flush=True)
-                results[(engine, precision)] = run_in_subprocess({**spec, "engine": engine, "precision": precision})
+                results[(engine, precision)] = run_in_subprocess(
+                    {**spec, "engine": engine, "precision": precision, "compile": False})
+                if args.compile and engine == "minigpt":  # the compiled decode step, same run, own process
+                    print(f"  {engine}+compile {precision} ...", flush=True)
+                    results[(f"{engine}+compile", precision)] = run_in_subprocess(
+                        {**spec, "engine": engine, "precision": precision})
         load_after = os.getloadavg()
         print_table(results)
 

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="float32 is exact; int8 (int8 weights) is the fastest on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster tokens after a warm-up of seconds (see README, speed)")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter for this base: local folder or Hub repo id")
     p.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca instruction template")
     return p.parse_args(argv)
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             model = load_tuned_model(model, args.adapter)
         if args.dtype == "int8":
             quantize_int8(model)  # after the LoRA merge, which needs float weights
+        if args.compile:
+            model.compile_decode()
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
