@@ -67,7 +67,8 @@ class CausalSelfAttention(nn.Module):
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of x (B, T, C), each (B, nh, T, hs)."""
         B, T, C = x.size()
-        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """(B, nh, T, hs) -> the projected (B, T, C)."""
