@@ -35,19 +35,26 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Logits (..., vocab) with temperature applied and tokens outside top-k / top-p set to -inf."""
     if params.greedy:
         return logits
+    best = logits.argmax(dim=-1, keepdim=True)  # the most likely token survives every filter below
+    # top-k is chosen on the unscaled logits: the same set (temperature keeps the order), without the
+    # ties that dividing by a huge temperature would round distinct logits into.
+    outside_top_k = None
+    if params.top_k and params.top_k < logits.size(-1):
+        outside_top_k = logits < torch.topk(logits, params.top_k).values[..., -1:]
     # Shift the max to 0 and never divide by less than the dtype's smallest normal number, so a
     # temperature like 1e-320 acts as greedy instead of giving inf - inf = nan.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(params.temperature, torch.finfo(logits.dtype).tiny)
-    if params.top_k and params.top_k < logits.size(-1):
-        kth_largest = torch.topk(logits, params.top_k).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if outside_top_k is not None:
+        logits = logits.masked_fill(outside_top_k, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # 0 for the top token: it is always kept
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop_sorted = mass_before >= params.top_p
-        drop_sorted[..., 0] = False  # even when a tiny p rounds to 0 in the logits' dtype
         drop = drop_sorted.scatter(-1, order, drop_sorted)
+        # Kept explicitly: a p that rounds to 0, or a huge temperature that rounds logits into a tie,
+        # would otherwise let sorting pick another token as "the top".
+        drop.scatter_(-1, best, False)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 

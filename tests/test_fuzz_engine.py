@@ -57,7 +57,7 @@ def test_sampling_params_give_a_valid_token_or_a_named_error(temperature, top_k,
     filtered = filter_logits(logits, params)
     kept = torch.isfinite(filtered)
     assert kept[logits.argmax()], "the most likely token must always survive"
-    if top_k and top_k < len(logits) and temperature <= 10:  # hotter, float32 rounds distinct logits together
+    if top_k and top_k < len(logits):
         kth = logits.sort(descending=True).values[top_k - 1]
         assert kept.sum() <= top_k + (logits == kth).sum() - 1  # ties at the k-th value are all kept
     token = int(sample(logits, params, torch.Generator().manual_seed(seed)))

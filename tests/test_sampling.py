@@ -97,3 +97,13 @@ def test_same_seed_same_draws():
 def test_bad_parameters_raise_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1e308, top_p=1e-320),  # logits round into a tie
+                                    SamplingParams(temperature=1e-320, top_p=1e-300),  # p rounds to 0
+                                    SamplingParams(temperature=1e308, top_k=1)])
+def test_the_most_likely_token_survives_float32_rounding(params):
+    logits = torch.tensor([0.0, 1.0, -3.0])
+    assert torch.isfinite(filter_logits(logits, params))[1]
+    assert sample(logits, params, torch.Generator().manual_seed(0)).item() in (
+        {1} if params.top_k == 1 or params.temperature < 1 else {0, 1, 2})
