@@ -163,7 +163,8 @@ def load_tuned_model(base: GPT, adapter: str | Path) -> GPT:
     with torch.no_grad():
         for name, delta in deltas.items():
             linear = tuned.get_submodule(name)
-            merged = (linear.weight.float() + delta.to(linear.weight.device)).to(linear.weight.dtype)
+            merged = torch.empty_like(linear.weight)  # same dtype, device and memory order as the base weight
+            merged.copy_(linear.weight.float() + delta.to(linear.weight.device))
             if not merged.isfinite().all():  # as peft's safe_merge: a NaN/inf tensor or lora_alpha poisons every reply
                 raise AdapterError(f"adapter makes the weight of {name} NaN or infinite: its tensors or lora_alpha "
                                    "are corrupt")
