@@ -5,7 +5,6 @@ pickled `pytorch_model.bin` files are never loaded.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -37,8 +36,8 @@ def read_config(snapshot: Path) -> GPTConfig:
     if not path.is_file():
         raise CheckpointError(f"missing config.json in {snapshot}")
     try:
-        return GPTConfig.from_hf_config(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValueError, TypeError) as e:
+        return GPTConfig.from_json_file(path)
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"bad {path}: {e}") from None
 
 

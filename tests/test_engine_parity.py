@@ -85,3 +85,19 @@ def test_context_window_is_enforced(tiny_model):
     n = model.config.n_positions
     with pytest.raises(ValueError, match=f"context window is {n}"):
         model(torch.zeros(1, n + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_presets_have_the_size_of_the_hub_models(name):
+    """Parameter counts of our presets against transformers' GPT2LMHeadModel of the same published sizes."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from minigpt import GPT, GPTConfig
+    sizes = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
+    n_embd, n_layer, n_head = sizes[name]
+    with torch.device("meta"):
+        ours = GPT(GPTConfig.from_name(name))
+        theirs = GPT2LMHeadModel(GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head))
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters())
+    assert count == {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+                     "gpt2-xl": 1_557_611_200}[name]

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minigpt import CheckpointError, load_pretrained
-from checkpoints import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
