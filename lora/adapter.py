@@ -160,6 +160,8 @@ def load_tuned_model(base: GPT, adapter: str | Path) -> GPT:
     deltas = adapter_deltas(base, config, tensors)
     shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
     tuned = copy.deepcopy(base, memo=shared)  # new modules, the same tensor objects
+    if tuned.compiled_step is not None:  # the copied one is bound to base: it would run base's weights
+        tuned.compile_decode()
     with torch.no_grad():
         for name, delta in deltas.items():
             linear = tuned.get_submodule(name)

@@ -62,3 +62,14 @@ def test_compiled_decode_refuses_a_full_cache(tiny_model):
     model(torch.tensor([[1] * cache.max_len]), cache)
     with pytest.raises(ValueError, match="KV cache holds"):
         model(torch.tensor([[1]]), cache)
+
+
+def test_a_tuned_model_built_from_a_compiled_base_compiles_its_own_step(tiny_model, tiny_checkpoint, tmp_path):
+    from app_server import make_adapter
+    from lora import load_tuned_model
+    base = copy.deepcopy(tiny_model[0])
+    base.compile_decode()
+    tuned = load_tuned_model(base, make_adapter(tiny_checkpoint[0], tmp_path / "adapter"))
+    # torch.compile keeps the function it wraps: the tuned step must be tuned's, or it would run base's weights
+    assert tuned.compiled_step._torchdynamo_orig_callable.__self__ is tuned
+    assert base.compiled_step._torchdynamo_orig_callable.__self__ is base
