@@ -16,28 +16,20 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 
 import gradio as gr  # noqa: E402
 import tiktoken  # noqa: E402
-import torch  # noqa: E402
 
-from lora import load_tuned_model  # noqa: E402
-from minigpt import GPT, CheckpointError, load_pretrained  # noqa: E402
+from minigpt import GPT, CheckpointError  # noqa: E402
 from minigpt.chat import (BASE, MAX_NEW_TOKENS, MAX_TEMPERATURE, MODES, TUNED, ChatInputError,  # noqa: E402
                           as_chat_text, build_prompt, context_note, message_text, read_settings, without_last_reply)
+from minigpt.inference import PRECISIONS, load_for_inference  # noqa: E402
 from minigpt.panels import (BAND_COLOURS, alternatives, attention_window, heatmap, position_caption,  # noqa: E402
                             token_highlights)
-from minigpt.quantize import quantize_int8  # noqa: E402
 from minigpt.replies import Reply, stats_line, stream_reply  # noqa: E402
 
 DEFAULT_ADAPTER = Path("checkpoints/alpaca-lora")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}  # int8: see load_engine
 ASSETS = Path(__file__).parent / "assets"
 EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of France?",
             "Write a short poem about the sea.", "Explain what a neural network is in one sentence."]
 ATTENTION_HINT = "The attention of the last reply is computed when this panel is open."
-
-
-def load_model(name: str, device: str | None, dtype: str) -> tuple[GPT, tiktoken.Encoding]:
-    """The one place a --dtype choice becomes a model: a new precision is one entry here."""
-    return load_pretrained(name, device=device, dtype=DTYPES[dtype])
 
 
 @dataclass
@@ -59,19 +51,14 @@ class Engine:
 
 
 def load_engine(model: str, adapter: str | None, device: str | None, dtype: str, compile: bool = False) -> Engine:
-    base, tokenizer = load_model(model, device, dtype)
-    if adapter is None and not DEFAULT_ADAPTER.is_dir():
-        engine = Engine({BASE: base}, tokenizer,
-                        f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` "
-                        "or pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 LoRA adapter).")
-    else:
-        engine = Engine({BASE: base, TUNED: load_tuned_model(base, adapter or DEFAULT_ADAPTER)}, tokenizer, "")
-    if dtype == "int8":  # after the LoRA merge (float weights); weights the two models share are quantized once
-        quantize_int8(*engine.models.values())
-    if compile:  # each model compiles its decode step on its first reply of each cache size (see README, speed)
-        for m in engine.models.values():
-            m.compile_decode()
-    return engine
+    if adapter is None and DEFAULT_ADAPTER.is_dir():
+        adapter = str(DEFAULT_ADAPTER)
+    base, tuned, tokenizer = load_for_inference(model, adapter, device, dtype, compile)
+    if tuned is None:
+        return Engine({BASE: base}, tokenizer,
+                      f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` "
+                      "or pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 LoRA adapter).")
+    return Engine({BASE: base, TUNED: tuned}, tokenizer, "")
 
 
 def build_app(engine: Engine) -> gr.Blocks:
@@ -272,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a temporary public *.gradio.live link")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=list(PRECISIONS))
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster replies after a warm-up of seconds per cache size")
     p.add_argument("--concurrency", type=int, default=2, help="replies computed at the same time (the rest queue)")

@@ -8,18 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from lora import alpaca_prompt, load_tuned_model
+from lora import alpaca_prompt
 
 from .errors import CheckpointError
 from .generation import generate
-from .quantize import quantize_int8
+from .inference import PRECISIONS, load_for_inference
 from .sampling import SamplingParams
-from .weights import load_pretrained
-
-# int8: int8 weights (minigpt/quantize.py), float32 for everything else
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
+    p.add_argument("--dtype", default="float32", choices=PRECISIONS,
                    help="float32 is exact; int8 (int8 weights) is the fastest on CPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster tokens after a warm-up of seconds (see README, speed)")
@@ -62,13 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        model, tokenizer = load_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype])
-        if args.adapter:
-            model = load_tuned_model(model, args.adapter)
-        if args.dtype == "int8":
-            quantize_int8(model)  # after the LoRA merge, which needs float weights
-        if args.compile:
-            model.compile_decode()
+        base, tuned, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.dtype, args.compile)
+        model = tuned if tuned is not None else base
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """app.py without a server: command line, loading the models once, the mode switch without an adapter."""
 import pytest
+import torch
 from app_server import make_adapter
 
 import app
@@ -41,10 +42,10 @@ def test_the_tuned_model_shares_the_base_weights_but_its_lora_targets(tiny_check
     folder = tiny_checkpoint[0]
     engine = app.load_engine(str(folder), str(make_adapter(folder, tmp_path / "adapter")), "cpu", "bfloat16")
     base, tuned = engine.models[BASE], engine.models[TUNED]
-    assert engine.device == "cpu bfloat16" and tuned.lm_head.weight.dtype == app.torch.bfloat16
+    assert engine.device == "cpu bfloat16" and tuned.lm_head.weight.dtype == torch.bfloat16
     assert tuned.transformer.wte.weight is base.transformer.wte.weight
     assert tuned.transformer.h[0].mlp.c_fc.weight is base.transformer.h[0].mlp.c_fc.weight
-    assert not app.torch.equal(tuned.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+    assert not torch.equal(tuned.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
 
 
 @pytest.mark.parametrize("broken", ["model", "adapter"])

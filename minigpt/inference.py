@@ -1,0 +1,36 @@
+"""The models a command or the app serves: the base, the LoRA-tuned one, in one chosen precision."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import tiktoken
+import torch
+
+from lora import load_tuned_model
+
+from .model import GPT
+from .quantize import quantize_int8
+from .weights import load_pretrained
+
+# Precision name -> the dtype the model is loaded in; int8 loads float32, then quantizes the Linears.
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
+
+
+def load_for_inference(name_or_path: str | Path, adapter: str | Path | None = None, device: str | None = None,
+                       precision: str = "float32", compile: bool = False
+                       ) -> tuple[GPT, GPT | None, tiktoken.Encoding]:
+    """(base model, tuned model or None without an adapter, tokenizer).
+
+    The tuned model shares every tensor with the base except the merged LoRA targets. Order matters:
+    the merge needs float weights, so int8 quantizes both models afterwards (their shared weights
+    once), and a compiled decode step is bound to each final model.
+    """
+    base, tokenizer = load_pretrained(name_or_path, device=device, dtype=PRECISIONS[precision])
+    tuned = load_tuned_model(base, adapter) if adapter else None
+    models = [m for m in (base, tuned) if m is not None]
+    if precision == "int8":
+        quantize_int8(*models)
+    if compile:
+        for model in models:
+            model.compile_decode()
+    return base, tuned, tokenizer
