@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from minigpt.model import linear
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -77,7 +78,7 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.merged:
             return y
         return y + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # scale the narrow r-wide tensor

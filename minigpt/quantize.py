@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import GPT
+from .model import GPT, Linear
 
 SCALE_DTYPE = torch.bfloat16  # the CPU kernel wants its scales (and input) in this dtype
 # Up to this many rows (decode steps, short prompts) the int8 kernel wins; above, dequantizing to
@@ -83,7 +83,7 @@ def quantize_int8(*models: GPT) -> None:
     linears = [(parent, name, child) for model in models for parent in model.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for _, name, child in linears:  # check everything before changing anything
-        if type(child) is not nn.Linear:  # e.g. a LoRALinear: quantizing it would drop the adapter
+        if type(child) not in (nn.Linear, Linear):  # e.g. a LoRALinear: quantizing it would drop the adapter
             raise TypeError(f"cannot quantize {type(child).__name__} {name!r}: merge it into a plain Linear "
                             "first (lora.load_tuned_model does)")
     quantized: dict[tuple[int, int], tuple[nn.Linear, Int8Linear]] = {}
