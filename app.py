@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
@@ -21,6 +21,7 @@ from minigpt import GPT, CheckpointError  # noqa: E402
 from minigpt.chat import (BASE, MAX_NEW_TOKENS, MAX_TEMPERATURE, MODES, TUNED, ChatInputError,  # noqa: E402
                           as_chat_text, build_prompt, context_note, message_text, read_settings, without_last_reply)
 from minigpt.inference import PRECISIONS, load_for_inference  # noqa: E402
+from minigpt.quantize import int8_drafts  # noqa: E402
 from minigpt.panels import (BAND_COLOURS, alternatives, attention_window, heatmap, position_caption,  # noqa: E402
                             token_highlights)
 from minigpt.replies import Reply, stats_line, stream_reply  # noqa: E402
@@ -38,11 +39,14 @@ class Engine:
     models: dict[str, GPT]  # mode -> model; the tuned one shares every tensor but the merged LoRA targets
     tokenizer: tiktoken.Encoding
     adapter_hint: str  # why there is no tuned mode ('' when there is)
+    drafts: dict[str, GPT] = field(default_factory=dict)  # mode -> its int8 draft, with --speculative
+
 
     @property
     def device(self) -> str:
         weight = self.models[BASE].lm_head.weight
-        return f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}"
+        draft = " + int8 draft" if self.drafts else ""
+        return f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}{draft}"
 
     def model(self, mode: str) -> GPT:
         if mode not in self.models:
@@ -50,15 +54,16 @@ class Engine:
         return self.models[mode]
 
 
-def load_engine(model: str, adapter: str | None, device: str | None, dtype: str, compile: bool = False) -> Engine:
+def load_engine(model: str, adapter: str | None, device: str | None, dtype: str, compile: bool = False,
+                speculative: bool = False) -> Engine:
     if adapter is None and DEFAULT_ADAPTER.is_dir():
         adapter = str(DEFAULT_ADAPTER)
     base, tuned, tokenizer = load_for_inference(model, adapter, device, dtype, compile)
-    if tuned is None:
-        return Engine({BASE: base}, tokenizer,
-                      f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` "
-                      "or pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 LoRA adapter).")
-    return Engine({BASE: base, TUNED: tuned}, tokenizer, "")
+    models = {BASE: base} if tuned is None else {BASE: base, TUNED: tuned}
+    drafts = dict(zip(models, int8_drafts(*models.values()))) if speculative else {}
+    hint = "" if tuned is not None else (f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` or "
+                                         "pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 LoRA adapter).")
+    return Engine(models, tokenizer, hint, drafts)
 
 
 def build_app(engine: Engine) -> gr.Blocks:
@@ -117,7 +122,7 @@ def build_app(engine: Engine) -> gr.Blocks:
         flag = stops.setdefault(session, threading.Event())
         history = [*history, {"role": "assistant", "content": ""}]
         try:
-            for reply in stream_reply(model, engine.tokenizer, mode, prompt, settings, flag):
+            for reply in stream_reply(model, engine.tokenizer, mode, prompt, settings, flag, engine.drafts.get(mode)):
                 history[-1] = {"role": "assistant", "content": as_chat_text(reply.text.strip())}
                 status = "\n\n".join(filter(None, [stats_line(reply, engine.device), *notes]))
                 if reply.finish_reason is None:
@@ -262,17 +267,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=list(PRECISIONS))
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster replies after a warm-up of seconds per cache size")
+    p.add_argument("--speculative", action="store_true",
+                   help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
     p.add_argument("--concurrency", type=int, default=2, help="replies computed at the same time (the rest queue)")
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.speculative and args.dtype == "int8":
+        p.error("--speculative checks an int8 draft with the float model: use it with a float --dtype")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        engine = load_engine(args.model, args.adapter, args.device, args.dtype, args.compile)
+        engine = load_engine(args.model, args.adapter, args.device, args.dtype, args.compile, args.speculative)
     except CheckpointError as e:  # includes lora.AdapterError
         print(f"error: {e}", file=sys.stderr)
         return 2

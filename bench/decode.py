@@ -4,6 +4,9 @@
     python bench/decode.py --model gpt2         # the real weights, if they are in the Hugging Face cache
     python bench/decode.py --quick              # 1 rep and short runs: a smoke test, not a measurement
 
+MiniGPT float32 and bfloat16 also run with speculative decoding (`minigpt+draft` rows: an int8
+copy of the same weights proposes tokens, the model checks them), each in its own process.
+
 For each engine and precision it reports decode tokens/s and time to first token (32-token prompt,
 128 new greedy tokens), prefill tokens/s (512-token prompt / its time to first token), peak RSS,
 and MiniGPT/transformers ratios, all medians over the repetitions. Every (engine, precision) pair runs in its own process,
@@ -36,7 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from minigpt import load_pretrained  # noqa: E402
 from minigpt.generation import generate  # noqa: E402
-from minigpt.quantize import quantize_int8  # noqa: E402
+from minigpt.generation import DRAFT_TOKENS  # noqa: E402
+from minigpt.quantize import int8_drafts, quantize_int8  # noqa: E402
 from minigpt.sampling import SamplingParams  # noqa: E402
 from minigpt.weights import resolve_snapshot  # noqa: E402
 
@@ -56,27 +60,30 @@ QUALITY_PROMPTS = [
 
 # ---- one engine, one precision (runs in a worker process) -----------------------------------------
 
-def load_minigpt(folder: Path, precision: str, compile: bool = False):
-    """(model, tokenizer) in float32, bfloat16, or int8 weights with float32 for the rest."""
+def load_minigpt(folder: Path, precision: str, compile: bool = False, draft_tokens: int = 0):
+    """(model, tokenizer, draft) in float32, bfloat16, or int8 weights with float32 for the rest;
+    with draft_tokens, an int8 draft for speculative decoding (else None)."""
     model, tokenizer = load_pretrained(folder, device="cpu", dtype=DTYPES.get(precision, torch.float32))
     if precision == "int8":
         quantize_int8(model)
     if compile:
         model.compile_decode()
-    return model, tokenizer
+    return model, tokenizer, (int8_drafts(model)[0] if draft_tokens else None), draft_tokens
 
 
 def minigpt_timestamps(loaded, prompt: list[int], new_tokens: int) -> tuple[list[float], list[int]]:
     """Time of the call, then of each token as generate() yields it; and the tokens."""
+    model, tokenizer, draft, draft_tokens = loaded
     times, tokens = [time.perf_counter()], []
-    for event in generate(*loaded, prompt, new_tokens, SamplingParams(temperature=0)):
+    for event in generate(model, tokenizer, prompt, new_tokens, SamplingParams(temperature=0), draft=draft,
+                          draft_tokens=draft_tokens or DRAFT_TOKENS):
         times.append(time.perf_counter())
         tokens.append(event.token_id)
     return times, tokens
 
 
-def load_transformers(folder: Path, precision: str, compile: bool = False):
-    """transformers' model; `compile` is accepted for a uniform signature and ignored (MiniGPT-only option)."""
+def load_transformers(folder: Path, precision: str, compile: bool = False, draft_tokens: int = 0):
+    """transformers' model; `compile` and `draft_tokens` are MiniGPT options, accepted for a uniform signature."""
     from transformers import GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained(folder, dtype=DTYPES[precision]).eval()
     model.generation_config.eos_token_id = None  # always produce every requested token
@@ -111,7 +118,7 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     load, timestamps = ENGINES[spec["engine"]]
     rss_start = peak_rss_mb()
-    model = load(Path(spec["folder"]), spec["precision"], spec["compile"] and spec["engine"] == "minigpt")
+    model = load(Path(spec["folder"]), spec["precision"], spec["compile"], spec["draft_tokens"])
     g = torch.Generator().manual_seed(0)
     short = torch.randint(0, 50000, (spec["prompt_len"],), generator=g).tolist()
     long = torch.randint(0, 50000, (spec["prefill_len"],), generator=g).tolist()
@@ -151,7 +158,7 @@ def quality(folder: Path, precision: str, new_tokens: int) -> dict:
     """Teacher-forced comparison with float32: float32 greedily continues each prompt, then both
     models score that same text; we compare their logits at every generated position."""
     reference, tokenizer = load_pretrained(folder, device="cpu")
-    other, _ = load_minigpt(folder, precision)
+    other = load_minigpt(folder, precision)[0]
     agree = total = 0
     max_dev = worst_margin = 0.0  # worst_margin: the largest float32 top-1 lead the other precision overturned
     for text in QUALITY_PROMPTS:
@@ -209,10 +216,11 @@ def print_targets(results: dict, same: dict, qualities: dict) -> None:
         print(f"  [{'n/a' if ok is None else 'met' if ok else 'MISSED'}] {text}")
 
     print("targets:")
-    r = ratio(results, "minigpt", "float32", "decode_tok_s") if ("minigpt", "float32") in results else None
-    line(None if r is None else r >= 1.5 and same.get("float32", False),
-         f"float32 decode >= 1.5x transformers with identical greedy tokens: {r or 0:.2f}x, "
-         f"identical={same.get('float32')}")
+    for engine in ("minigpt", "minigpt+draft"):
+        if (engine, "float32") in results and ("transformers", "float32") in results:
+            r, identical = ratio(results, engine, "float32", "decode_tok_s"), same.get(f"{engine} float32")
+            line(r >= 1.5 and identical, f"float32 decode >= 1.5x transformers with identical greedy tokens ({engine}):"
+                 f" {r:.2f}x, identical={identical}")
     for precision in ("bfloat16", "int8"):
         if ("minigpt", precision) in results and precision in qualities:
             speed, agree = results[("minigpt", precision)]["decode_tok_s"], qualities[precision]["greedy_agreement"]
@@ -235,6 +243,8 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--compile", action="store_true",
                    help="also run MiniGPT with its decode step compiled (GPT.compile_decode): minigpt+compile rows")
+    p.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS,
+                   help="proposals per speculative round in the minigpt+draft rows (0: no such rows)")
     p.add_argument("--quick", action="store_true", help="1 rep, 16 new tokens, 64-token prefill")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/decode-<date>.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -258,26 +268,34 @@ def main() -> None:
               f"transformers {info['transformers']}, {args.threads} threads; load average {os.getloadavg()[0]:.2f}")
         load_before = os.getloadavg()
         spec = {"folder": str(folder), "threads": args.threads, "reps": args.reps, "new_tokens": args.new_tokens,
-                "prompt_len": args.prompt_len, "prefill_len": args.prefill_len, "compile": args.compile}
+                "prompt_len": args.prompt_len, "prefill_len": args.prefill_len, "compile": args.compile,
+                "draft_tokens": args.draft_tokens}
         results = {}
         for engine, supported in PRECISIONS.items():
             for precision in (p for p in precisions if p in supported):
                 print(f"  {engine} {precision} ...", flush=True)
                 results[(engine, precision)] = run_in_subprocess(
-                    {**spec, "engine": engine, "precision": precision, "compile": False})
-                if args.compile and engine == "minigpt":  # the compiled decode step, same run, own process
+                    {**spec, "engine": engine, "precision": precision, "compile": False, "draft_tokens": 0})
+                if engine != "minigpt":
+                    continue
+                if args.compile:  # the compiled decode step, same run, own process
                     print(f"  {engine}+compile {precision} ...", flush=True)
                     results[(f"{engine}+compile", precision)] = run_in_subprocess(
-                        {**spec, "engine": engine, "precision": precision})
+                        {**spec, "engine": engine, "precision": precision, "compile": True, "draft_tokens": 0})
+                if args.draft_tokens and precision != "int8":  # speculative decoding with an int8 draft
+                    print(f"  {engine}+draft {precision} ...", flush=True)
+                    results[(f"{engine}+draft", precision)] = run_in_subprocess(
+                        {**spec, "engine": engine, "precision": precision, "compile": False,
+                         "draft_tokens": args.draft_tokens})
         load_after = os.getloadavg()
         print_table(results)
 
-        same = {}
-        for precision in PRECISIONS["transformers"]:
-            if ("minigpt", precision) in results and ("transformers", precision) in results:
-                ours, theirs = results[("minigpt", precision)]["tokens"], results[("transformers", precision)]["tokens"]
-                same[precision] = ours == theirs[:len(ours)]
-                print(f"greedy tokens identical to transformers ({precision}): {same[precision]}"
+        same = {}  # engine + " " + precision -> MiniGPT's greedy tokens equal transformers' in that precision
+        for (engine, precision), r in results.items():
+            if engine.startswith("minigpt") and ("transformers", precision) in results:
+                ours, theirs = r["tokens"], results[("transformers", precision)]["tokens"]
+                same[f"{engine} {precision}"] = ours == theirs[:len(ours)]
+                print(f"greedy tokens identical to transformers ({engine} {precision}): {ours == theirs[:len(ours)]}"
                       + (f" (MiniGPT stopped at <|endoftext|> after {len(ours)})" if len(ours) < len(theirs) else ""))
 
         qualities = {}

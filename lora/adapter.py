@@ -6,8 +6,6 @@ module paths mirror transformers' GPT-2, so the same files load in `peft` and he
 """
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,10 +156,7 @@ def load_tuned_model(base: GPT, adapter: str | Path) -> GPT:
     """
     config, tensors = read_adapter(resolve_adapter(adapter))
     deltas = adapter_deltas(base, config, tensors)
-    shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
-    tuned = copy.deepcopy(base, memo=shared)  # new modules, the same tensor objects
-    if tuned.compiled_step is not None:  # the copied one is bound to base: it would run base's weights
-        tuned.compile_decode()
+    tuned = base.copy_sharing_weights()
     with torch.no_grad():
         for name, delta in deltas.items():
             linear = tuned.get_submodule(name)

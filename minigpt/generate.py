@@ -13,6 +13,7 @@ from lora import alpaca_prompt
 from .errors import CheckpointError
 from .generation import generate
 from .inference import PRECISIONS, load_for_inference
+from .quantize import int8_drafts
 from .sampling import SamplingParams
 
 
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="float32 is exact; int8 (int8 weights) is the fastest on CPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster tokens after a warm-up of seconds (see README, speed)")
+    p.add_argument("--speculative", action="store_true",
+                   help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter for this base: local folder or Hub repo id")
     p.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca instruction template")
     return p.parse_args(argv)
@@ -41,9 +44,9 @@ def as_sent(prompt: str, args: argparse.Namespace) -> str:
     return alpaca_prompt(prompt) if args.alpaca else prompt
 
 
-def stream(model, tokenizer, prompt: str, args: argparse.Namespace, params: SamplingParams) -> None:
+def stream(model, tokenizer, prompt: str, args: argparse.Namespace, params: SamplingParams, draft=None) -> None:
     events = generate(model, tokenizer, tokenizer.encode_ordinary(as_sent(prompt, args)), args.max_new_tokens, params,
-                      seed=args.seed, stop=args.stop)
+                      seed=args.seed, stop=args.stop, draft=draft)
     for event in events:
         sys.stdout.write(event.text)
         sys.stdout.flush()
@@ -58,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         base, tuned, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.dtype, args.compile)
         model = tuned if tuned is not None else base
+        draft = int8_drafts(model)[0] if args.speculative else None
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.interactive:
         sys.stdout.write(as_sent(args.prompt, args))
-        stream(model, tokenizer, args.prompt, args, params)
+        stream(model, tokenizer, args.prompt, args, params, draft)
         return 0
     print("Type a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
     while True:
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print(file=sys.stderr)
             continue
         try:
-            stream(model, tokenizer, prompt, args, params)
+            stream(model, tokenizer, prompt, args, params, draft)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
 

@@ -1,4 +1,5 @@
-"""Streaming generation: prefill the prompt into a KV cache, then decode one token per step.
+"""Streaming generation: prefill the prompt into a KV cache, then decode one token per step, or
+several per step with a draft model (speculative decoding).
 
 `generate` is a Python generator that yields a TokenEvent per token. All compute happens inside
 next(): a consumer that stops iterating (or calls close()) stops the model with it.
@@ -13,8 +14,11 @@ import tiktoken
 import torch
 
 from .model import GPT
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, filter_logits, sample
 from .tokenizer import EOT
+
+# Proposals per speculative round: more wins more per accepted round and loses more per rejection.
+DRAFT_TOKENS = 4
 
 
 @dataclass
@@ -66,21 +70,111 @@ class StreamDecoder:
         return text
 
 
+Row = tuple[int, torch.Tensor, torch.Tensor | None]  # (token id, the logits that chose it, their attention row)
+
+
 @torch.inference_mode()
-def _step(model: GPT, ids: torch.Tensor, cache, with_attention: bool):
-    if with_attention:
-        logits, att = model.forward_with_attention(ids, cache, last_only=True)
-        return logits[0, -1].float(), att[:, 0, :, -1, :].float()  # (n_layer, nh, S)
-    return model(ids, cache, last_only=True)[0, -1].float(), None
+def _forward(model: GPT, ids: torch.Tensor, cache, with_attention: bool,
+             last_only: bool = True) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Float32 logits (T, vocab) for the new tokens ids (1, T) after the cache (the last only with
+    last_only) and, with attention, each of those queries' rows (n_layer, nh, S)."""
+    if not with_attention:
+        logits = model(ids, cache, last_only=last_only)[0].float()
+        return logits, [None] * logits.size(0)
+    logits, att = model.forward_with_attention(ids, cache, last_only=last_only)
+    T, S = att.size(-2), att.size(-1)
+    rows = [att[:, 0, :, j, :S - T + j + 1].float() for j in range(T - logits.size(1), T)]
+    return logits[0].float(), rows
+
+
+def _prefill(model: GPT, cache, prompt: list[int], with_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read the prompt into the cache; the logits (vocab,) that choose the first token, and their attention.
+
+    With attention asked for, the last prompt token gets a step alone, so every step's attention is
+    a single row per head rather than a prompt's (T, S) maps for every layer.
+    """
+    device = model.lm_head.weight.device
+    if with_attention and len(prompt) > 1:
+        _forward(model, torch.tensor([prompt[:-1]], device=device), cache, with_attention=False)
+        prompt = prompt[-1:]
+    logits, attention = _forward(model, torch.tensor([prompt], device=device), cache, with_attention)
+    return logits[-1], attention[-1]
+
+
+def _one_at_a_time(model: GPT, cache, prompt: list[int], params: SamplingParams, generator: torch.Generator,
+                   with_attention: bool) -> Iterator[Row]:
+    logits, attention = _prefill(model, cache, prompt, with_attention)
+    ids = torch.empty(1, 1, dtype=torch.long, device=logits.device)  # every step: one token, written in place
+    while True:
+        token = int(sample(logits, params, generator))
+        yield token, logits, attention
+        rows, attentions = _forward(model, ids.fill_(token), cache, with_attention)
+        logits, attention = rows[-1], attentions[-1]
+
+
+def _speculative(model: GPT, draft: GPT, cache, prompt: list[int], budget: int, draft_tokens: int,
+                 params: SamplingParams, generator: torch.Generator, with_attention: bool) -> Iterator[Row]:
+    """Speculative decoding: the draft proposes up to draft_tokens tokens, one at a time; the model
+    scores them all in one pass, which reads its weights once, like a single step. The longest
+    prefix it accepts is kept, then one token of the model's own (a correction, or one more).
+
+    Greedy: a proposal is accepted when it is the model's argmax, so the tokens are the model's own
+    greedy tokens. Sampling: a proposal x drawn from the draft's q is accepted with probability
+    min(1, p(x)/q(x)), a rejection draws from max(0, p - q) renormalized (Leviathan et al. 2023), so
+    tokens are distributed exactly as when sampling p, the model's filtered distribution, directly.
+    """
+    device = cache.k.device
+    draft_cache = draft.new_cache(cache.max_len)
+    logits, attention = _prefill(model, cache, prompt, with_attention)
+    tokens = prompt + [int(sample(logits, params, generator))]
+    yield tokens[-1], logits, attention
+    while True:
+        # The last token is in neither cache yet. Each round yields at most k + 1 tokens, and k stops
+        # the model's pass at the last position the cache was sized for.
+        k = min(draft_tokens, len(prompt) + budget - len(tokens) - 1)
+        proposed, draft_probs = [], []
+        for _ in range(k):
+            unread = (tokens + proposed)[draft_cache.length:]
+            q_logits = _forward(draft, torch.tensor([unread], device=device), draft_cache, with_attention=False)[0][-1]
+            if params.greedy:
+                proposed.append(int(q_logits.argmax()))
+            else:
+                draft_probs.append(filter_logits(q_logits, params).softmax(dim=-1))
+                proposed.append(int(torch.multinomial(draft_probs[-1], 1, generator=generator)))
+        logits, attentions = _forward(model, torch.tensor([tokens[-1:] + proposed], device=device), cache,
+                                      with_attention, last_only=False)
+        n, token = _accept(logits, proposed, draft_probs, params, generator)
+        cache.rewind(len(tokens) + n)
+        draft_cache.rewind(min(draft_cache.length, len(tokens) + n))
+        tokens += proposed[:n] + [token]
+        yield from zip(proposed[:n] + [token], logits, attentions)
+
+
+def _accept(logits: torch.Tensor, proposed: list[int], draft_probs: list[torch.Tensor], params: SamplingParams,
+            generator: torch.Generator) -> tuple[int, int]:
+    """How many proposals the model's logits (k + 1, vocab) accept, and the token it adds after them."""
+    if params.greedy:
+        choices = logits.argmax(dim=-1).tolist()
+        n = next((i for i, (c, x) in enumerate(zip(choices, proposed)) if c != x), len(proposed))
+        return n, choices[n]
+    p = filter_logits(logits, params).softmax(dim=-1)
+    for i, (x, q) in enumerate(zip(proposed, draft_probs)):
+        if torch.rand((), device=p.device, generator=generator) * q[x] >= p[i, x]:  # rejected
+            residual = (p[i] - q).clamp(min=0)
+            return i, int(torch.multinomial(residual if residual.sum() > 0 else p[i], 1, generator=generator))
+    return len(proposed), int(torch.multinomial(p[-1], 1, generator=generator))
 
 
 def generate(model: GPT, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int], max_new_tokens: int = 100,
              params: SamplingParams = SamplingParams(), seed: int | None = None, stop: Sequence[str] = (),
-             top_n: int = 5, return_attention: bool = False) -> Iterator[TokenEvent]:
+             top_n: int = 5, return_attention: bool = False, draft: GPT | None = None,
+             draft_tokens: int = DRAFT_TOKENS) -> Iterator[TokenEvent]:
     """Stream up to max_new_tokens tokens after prompt_ids (see fit_to_context for over-long prompts).
 
     Stops at <|endoftext|>, at the first stop string (the text before it is emitted, the stop
     string is not), or at the token budget. Same seed and inputs give the same tokens.
+    With a draft model (quantize.int8_drafts), decoding is speculative (see _speculative): greedy
+    tokens stay the model's own, sampled ones keep the model's distribution but are other draws.
     """
     device = model.lm_head.weight.device
     eot_id = tokenizer.encode_single_token(EOT)
@@ -92,19 +186,12 @@ def generate(model: GPT, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int]
         generator.manual_seed(seed)
     cache = model.new_cache(len(prompt) + max_new_tokens)
     decoder = StreamDecoder(tokenizer, stop)
-
-    # The first step reads the whole prompt and its logits choose the first token. With attention
-    # asked for, the last prompt token gets that step alone, so every step's attention is a single
-    # row per head rather than a prompt's (T, S) maps for every layer.
-    unread = prompt
-    if return_attention and len(prompt) > 1:
-        _step(model, torch.tensor([prompt[:-1]], device=device), cache, with_attention=False)
-        unread = prompt[-1:]
-    ids = torch.tensor([unread], device=device)
-    next_ids = torch.empty(1, 1, dtype=torch.long, device=device)  # every later step: one token, written in place
-    for i in range(max_new_tokens):
-        logits, attention = _step(model, ids, cache, return_attention)
-        token = int(sample(logits, params, generator))
+    if draft is None:
+        rows = _one_at_a_time(model, cache, prompt, params, generator, return_attention)
+    else:
+        rows = _speculative(model, draft, cache, prompt, max_new_tokens, draft_tokens, params, generator,
+                            return_attention)
+    for i, (token, logits, attention) in enumerate(rows):
         logprobs = logits.log_softmax(dim=-1)
         top = torch.topk(logprobs, top_n)
         text, hit_stop = decoder.push(token) if token != eot_id else ("", False)
@@ -115,4 +202,3 @@ def generate(model: GPT, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int]
                          attention, finish)
         if finish:
             return
-        ids = next_ids.fill_(token)

@@ -9,6 +9,8 @@ nh heads, hs head size.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 
 import torch
@@ -52,6 +54,13 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def rewind(self, length: int) -> None:
+        """Forget every token from position `length` on; later tokens overwrite their slots.
+        Speculative decoding drops the draft tokens the model did not accept this way."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a cache of {self.length} tokens to {length}")
+        self.length = length
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one token's keys/values of every layer, (n_layer, B, nh, 1, hs), as GPT.step returns them."""
@@ -257,6 +266,14 @@ class GPT(nn.Module):
         logits, k, v = self.compiled_step(idx, pos, cache.k, cache.v)
         cache.append(k, v)
         return logits[:, None]  # (B, 1, vocab)
+
+    def copy_sharing_weights(self) -> "GPT":
+        """New modules around this model's tensors: nothing is copied, and replacing a module or a
+        parameter of the copy (a LoRA merge, int8 quantization) leaves this model as it was."""
+        twin = copy.deepcopy(self, memo={id(t): t for t in itertools.chain(self.parameters(), self.buffers())})
+        if self.compiled_step is not None:  # the copied step is bound to self: it would run self's weights
+            twin.compile_decode()
+        return twin
 
     def new_cache(self, max_len: int | None = None, batch_size: int = 1) -> KVCache:
         """An empty cache on this model's device and dtype, sized for max_len tokens (default: the context).

@@ -94,3 +94,15 @@ def quantize_int8(*models: GPT) -> None:
         setattr(parent, name, quantized[key][1])
     for model in models:
         model.transformer.wte = Int8Embedding(model.lm_head, model.transformer.ln_f.weight.dtype)
+
+
+def int8_drafts(*models: GPT) -> list[GPT]:
+    """Int8 copies of float models, for generate(draft=...): proposals at int8 speed, checked by the
+    float model. The copies share the biases, LayerNorms and position embeddings with their models,
+    and with each other the int8 weights of the Linears their models share (quantize_int8)."""
+    for model in models:
+        if any(isinstance(m, Int8Linear) for m in model.modules()):
+            raise ValueError("the model is already int8: a draft speeds up float32, bfloat16 or float16 models")
+    drafts = [model.copy_sharing_weights() for model in models]
+    quantize_int8(*drafts)
+    return drafts

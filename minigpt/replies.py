@@ -38,7 +38,7 @@ class Reply:
 
 
 def stream_reply(model: GPT, tokenizer: tiktoken.Encoding, mode: str, prompt: Prompt, settings: Settings,
-                 stop: threading.Event) -> Iterator[Reply]:
+                 stop: threading.Event, draft: GPT | None = None) -> Iterator[Reply]:
     """Yield the same Reply after every token, finished last; checks `stop` before each token.
 
     The model runs inside this generator: when stop is set, or the consumer closes the generator,
@@ -47,7 +47,7 @@ def stream_reply(model: GPT, tokenizer: tiktoken.Encoding, mode: str, prompt: Pr
     reply = Reply(mode, list(prompt.ids))
     start = time.perf_counter()
     events = generate(model, tokenizer, prompt.ids, settings.max_new_tokens, settings.params,
-                      seed=settings.seed, stop=prompt.stop, top_n=TOP_N)
+                      seed=settings.seed, stop=prompt.stop, top_n=TOP_N, draft=draft)
     try:
         while not stop.is_set():
             event = next(events, None)

@@ -21,7 +21,8 @@ def test_on_a_space_it_binds_all_interfaces(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [(["--concurrency", "0"], "--concurrency must be >= 1"),
-                                           (["--dtype", "float64"], "invalid choice: 'float64'")])
+                                           (["--dtype", "float64"], "invalid choice: 'float64'"),
+                                           (["--dtype", "int8", "--speculative"], "use it with a float --dtype")])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         app.parse_args(argv)
@@ -62,3 +63,22 @@ def test_the_app_exposes_chat_stop_and_alternatives(tiny_checkpoint, tmp_path, m
     demo = app.build_app(app.load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32"))
     names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert names == {"chat", "stop", "alternatives"}
+
+
+def test_speculative_engine_drafts_each_mode_and_replies_as_without(tiny_checkpoint, tmp_path):
+    import threading
+
+    from minigpt.chat import Prompt, read_settings
+    from minigpt.quantize import Int8Linear
+    from minigpt.replies import stream_reply
+    folder = tiny_checkpoint[0]
+    engine = app.load_engine(str(folder), str(make_adapter(folder, tmp_path / "adapter")), "cpu", "float32",
+                             speculative=True)
+    assert list(engine.drafts) == [BASE, TUNED] and engine.device == "cpu float32 + int8 draft"
+    assert isinstance(engine.drafts[TUNED].transformer.h[0].attn.c_attn, Int8Linear)
+    settings = read_settings(0, 0, 1.0, 24, None, context=128)[0]
+    prompt = Prompt("", engine.tokenizer.encode_ordinary("User: Hello there\nAssistant:"), 0, stop=())
+    for mode in (BASE, TUNED):
+        replies = [list(stream_reply(engine.models[mode], engine.tokenizer, mode, prompt, settings, threading.Event(),
+                                     draft))[-1] for draft in (None, engine.drafts[mode])]
+        assert replies[0].token_ids == replies[1].token_ids and replies[0].text == replies[1].text

@@ -128,14 +128,15 @@ def cli(*args, env=None):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_streams_the_greedy_continuation(tiny_model, tiny_checkpoint):
+@pytest.mark.parametrize("speculative", [[], ["--speculative"]], ids=["one token a step", "speculative"])
+def test_cli_streams_the_greedy_continuation(tiny_model, tiny_checkpoint, speculative):
     model, tokenizer, hf_model = tiny_model
     prompt = "Once upon a time"
     ids = tokenizer.encode_ordinary(prompt)
     expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)[0, len(ids):].tolist()
     run = cli("--model", str(tiny_checkpoint[0]), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
-              "--device", "cpu")
+              "--device", "cpu", *speculative)
     assert run.returncode == 0, run.stderr
     assert run.stdout == prompt + tokenizer.decode(expected) + "\n"
 
@@ -161,6 +162,7 @@ def test_cli_interactive_mode(tiny_checkpoint):
     (["--model", "{ckpt}", "--temperature", "-1"], "temperature"),
     (["--model", "{ckpt}", "--top-p", "0"], "top_p"),
     (["--model", "{ckpt}", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["--model", "{ckpt}", "--dtype", "int8", "--speculative"], "already int8"),
 ])
 def test_cli_errors_are_one_line_without_traceback(tmp_path, checkpoint, args, message):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
