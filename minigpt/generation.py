@@ -18,7 +18,7 @@ from .sampling import SamplingParams, filter_logits, sample
 from .tokenizer import EOT
 
 # Proposals per speculative round: more wins more per accepted round and loses more per rejection.
-DRAFT_TOKENS = 4
+DRAFT_TOKENS = 6
 
 
 @dataclass
