@@ -266,7 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default="float32", choices=list(PRECISIONS))
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: faster replies after a warm-up of seconds per cache size")
+                   help="torch.compile the decode step: for int8 (1.07x after a warm-up of seconds); float32 loses")
     p.add_argument("--speculative", action="store_true",
                    help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
     p.add_argument("--concurrency", type=int, default=2, help="replies computed at the same time (the rest queue)")

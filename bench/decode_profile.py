@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from checkpoints import write_tokenizer  # noqa: E402  (tests/checkpoints.py: the real GPT-2 BPE files)
 from minigpt import GPT, GPTConfig, SamplingParams, generate  # noqa: E402
+from minigpt.model import linear  # noqa: E402
 from minigpt.quantize import Int8Linear, quantize_int8  # noqa: E402
 from minigpt.tokenizer import load_tokenizer  # noqa: E402
 
@@ -64,7 +64,7 @@ def matmuls_per_s(model: GPT, rounds: int = 20) -> float:
             if isinstance(m, Int8Linear):
                 torch._weight_int8pack_mm(x[m.in_features], m.weight, m.scales)
             else:
-                F.linear(x[m.in_features], m.weight, m.bias)
+                linear(x[m.in_features], m.weight, m.bias)  # what the model runs: oneDNN for float32
 
     one_step()
     start = time.perf_counter()

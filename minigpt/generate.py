@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=PRECISIONS,
                    help="float32 is exact; int8 (int8 weights) is the fastest on CPU")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: faster tokens after a warm-up of seconds (see README, speed)")
+                   help="torch.compile the decode step: for int8 (1.07x after a warm-up); float32 loses (README, speed)")
     p.add_argument("--speculative", action="store_true",
                    help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter for this base: local folder or Hub repo id")

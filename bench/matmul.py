@@ -1,0 +1,87 @@
+"""The weight reads behind one decode step: each matmul kernel on the GPT-2 124M weights, alone.
+
+    python bench/matmul.py              # 1 and 7 rows (one decode step; a speculative check of 6 proposals)
+    python bench/matmul.py --rows 1,2,4,8 --threads 1
+
+Decoding a token multiplies a few activation rows by every weight matrix, reading each weight once,
+so the speed of these products bounds the speed of decoding. For the 48 block matrices (340 MB in
+float32; far more than the L3 cache, so every call reads DRAM) and the 50257 x 768 lm_head, it times:
+F.linear (what nn.Linear runs), oneDNN's matmul (torch.ops.mkldnn._linear_pointwise, what
+minigpt.model.linear runs for float32 inference), each with row-major (out, in) weights and with the
+Hub's (in, out) memory order; bfloat16 F.linear; and the int8 kernel of minigpt/quantize.py.
+Medians of --reps, as milliseconds per step and GB/s of weights read.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12  # (out, in): c_attn, c_proj, c_fc, mlp.c_proj
+LM_HEAD = [(50257, 768)]
+
+
+def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def int8(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x, *w)
+
+
+def kernels(shapes: list[tuple[int, int]]) -> dict[str, tuple[Callable, list, torch.dtype, int]]:
+    """name -> (kernel, weights, input dtype, bytes per weight element)."""
+    rowmajor = [torch.randn(shape) for shape in shapes]
+    in_out = [w.t().contiguous().t() for w in rowmajor]  # same shape and values, (in, out) in memory
+    return {
+        "F.linear float32, (out, in)": (F.linear, rowmajor, torch.float32, 4),
+        "F.linear float32, (in, out)": (F.linear, in_out, torch.float32, 4),
+        "oneDNN float32, (out, in)": (onednn, rowmajor, torch.float32, 4),
+        "oneDNN float32, (in, out)": (onednn, in_out, torch.float32, 4),
+        "F.linear bfloat16, (out, in)": (F.linear, [w.bfloat16() for w in rowmajor], torch.bfloat16, 2),
+        "int8 kernel (quantize.py)": (int8, [(torch.randint(-127, 128, w.shape, dtype=torch.int8),
+                                               torch.rand(w.size(0)).bfloat16()) for w in rowmajor], torch.bfloat16, 1),
+    }
+
+
+def time_step(kernel: Callable, weights: list, rows: int, dtype: torch.dtype, reps: int) -> float:
+    inputs = {n: torch.randn(rows, n, dtype=dtype) for n in {768, 3072}}
+    in_features = [(w[0] if isinstance(w, tuple) else w).size(1) for w in weights]
+
+    def step():
+        for w, n in zip(weights, in_features):
+            kernel(inputs[n], w)
+
+    step()  # warm-up: oneDNN builds its primitives on first use
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="1,7", help="activation rows per product, comma-separated")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--reps", type=int, default=15)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}")
+    for label, shapes in (("48 block matrices", BLOCK_SHAPES), ("lm_head", LM_HEAD)):
+        elements, candidates = sum(o * i for o, i in shapes), kernels(shapes)
+        for rows in map(int, args.rows.split(",")):
+            print(f"\n{label}, {rows} row{'s' if rows > 1 else ''}:")
+            for name, (kernel, weights, dtype, size) in candidates.items():
+                seconds = time_step(kernel, weights, rows, dtype, args.reps)
+                print(f"  {name:<30}{1e3 * seconds:>8.2f} ms{elements * size / seconds / 1e9:>8.1f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
