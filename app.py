@@ -21,9 +21,9 @@ from minigpt import GPT, CheckpointError  # noqa: E402
 from minigpt.chat import (BASE, MAX_NEW_TOKENS, MAX_TEMPERATURE, MODES, TUNED, ChatInputError,  # noqa: E402
                           as_chat_text, build_prompt, context_note, message_text, read_settings, without_last_reply)
 from minigpt.inference import PRECISIONS, load_for_inference  # noqa: E402
-from minigpt.quantize import int8_drafts  # noqa: E402
 from minigpt.panels import (BAND_COLOURS, alternatives, attention_window, heatmap, position_caption,  # noqa: E402
                             token_highlights)
+from minigpt.quantize import int8_drafts  # noqa: E402
 from minigpt.replies import Reply, stats_line, stream_reply  # noqa: E402
 
 DEFAULT_ADAPTER = Path("checkpoints/alpaca-lora")
@@ -40,7 +40,6 @@ class Engine:
     tokenizer: tiktoken.Encoding
     adapter_hint: str  # why there is no tuned mode ('' when there is)
     drafts: dict[str, GPT] = field(default_factory=dict)  # mode -> its int8 draft, with --speculative
-
 
     @property
     def device(self) -> str:

@@ -71,7 +71,7 @@ class KVCache:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through oneDNN for float32 inference on CPU: one weight read serves one to a few
-    rows at 39-48 GB/s there, against 18-25 GB/s through F.linear (README, speed). Gradients still
+    rows at 34-47 GB/s there, against 20-29 GB/s through F.linear (bench/matmul.py). Gradients still
     go through F.linear, as do other dtypes and devices (their F.linear is already oneDNN or cuBLAS),
     and torch.compile'd code (inductor lowers this op only for weights frozen into the graph)."""
     if (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32

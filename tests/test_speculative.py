@@ -167,3 +167,16 @@ def test_int8_drafts_share_weights_and_leave_the_models_float(tiny_model, tmp_pa
     assert fields(generate(tuned, tokenizer, prompt, 16, GREEDY, draft=tuned_draft)) == fields(plain)
     with pytest.raises(ValueError, match="already int8"):
         int8_drafts(base_draft)
+
+
+def test_a_cache_rewinds_only_to_tokens_it_holds(tiny_model):
+    model = tiny_model[0]
+    cache = model.new_cache(16)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]), cache)
+        expected = model(torch.tensor([[7]]), cache)[0, -1]
+        cache.rewind(4)  # forget token 7, then feed it again: the same logits
+        torch.testing.assert_close(model(torch.tensor([[7]]), cache)[0, -1], expected)
+    for bad in (-1, 6):
+        with pytest.raises(ValueError, match=f"cannot rewind a cache of 5 tokens to {bad}"):
+            cache.rewind(bad)
