@@ -38,8 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from minigpt import load_pretrained  # noqa: E402
-from minigpt.generation import generate  # noqa: E402
-from minigpt.generation import DRAFT_TOKENS  # noqa: E402
+from minigpt.generation import DRAFT_TOKENS, generate  # noqa: E402
 from minigpt.quantize import int8_drafts, quantize_int8  # noqa: E402
 from minigpt.sampling import SamplingParams  # noqa: E402
 from minigpt.weights import resolve_snapshot  # noqa: E402
@@ -61,8 +60,8 @@ QUALITY_PROMPTS = [
 # ---- one engine, one precision (runs in a worker process) -----------------------------------------
 
 def load_minigpt(folder: Path, precision: str, compile: bool = False, draft_tokens: int = 0):
-    """(model, tokenizer, draft) in float32, bfloat16, or int8 weights with float32 for the rest;
-    with draft_tokens, an int8 draft for speculative decoding (else None)."""
+    """(model, tokenizer, draft, draft_tokens) in float32, bfloat16, or int8 weights with float32 for
+    the rest; with draft_tokens, an int8 draft for speculative decoding (else the draft is None)."""
     model, tokenizer = load_pretrained(folder, device="cpu", dtype=DTYPES.get(precision, torch.float32))
     if precision == "int8":
         quantize_int8(model)
@@ -76,7 +75,7 @@ def minigpt_timestamps(loaded, prompt: list[int], new_tokens: int) -> tuple[list
     model, tokenizer, draft, draft_tokens = loaded
     times, tokens = [time.perf_counter()], []
     for event in generate(model, tokenizer, prompt, new_tokens, SamplingParams(temperature=0), draft=draft,
-                          draft_tokens=draft_tokens or DRAFT_TOKENS):
+                          draft_tokens=draft_tokens):
         times.append(time.perf_counter())
         tokens.append(event.token_id)
     return times, tokens
