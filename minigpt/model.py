@@ -197,16 +197,21 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.compiled_step = None  # set by compile_decode()
+        self.native_step = None  # set by native.use_native_decode()
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); with a cache, idx continues the cached tokens.
 
         last_only computes logits for the final position only (B, 1, vocab): generation needs nothing
         else, and the vocab projection of a long prompt is the costliest matmul of a prefill.
-        After compile_decode(), one new token after a cache goes through the compiled step.
+        One new token after a cache goes through the C step after native.use_native_decode() (one
+        sequence), or through the compiled step after compile_decode().
         """
-        if self.compiled_step is not None and cache is not None and idx.size(1) == 1:
-            return self._compiled_decode(idx, cache)
+        if cache is not None and idx.size(1) == 1:
+            if self.native_step is not None and idx.size(0) == 1:
+                return self.native_step(idx, cache)
+            if self.compiled_step is not None:
+                return self._compiled_decode(idx, cache)
         logits, _ = self._run(idx, cache, last_only, return_attn=False)
         return logits
 
@@ -269,8 +274,11 @@ class GPT(nn.Module):
 
     def copy_sharing_weights(self) -> "GPT":
         """New modules around this model's tensors: nothing is copied, and replacing a module or a
-        parameter of the copy (a LoRA merge, int8 quantization) leaves this model as it was."""
-        twin = copy.deepcopy(self, memo={id(t): t for t in itertools.chain(self.parameters(), self.buffers())})
+        parameter of the copy (a LoRA merge, int8 quantization) leaves this model as it was.
+        The copy decodes through PyTorch: a C step (native.py) points at this model's modules."""
+        memo = {id(t): t for t in itertools.chain(self.parameters(), self.buffers())}
+        memo[id(self.native_step)] = None
+        twin = copy.deepcopy(self, memo=memo)
         if self.compiled_step is not None:  # the copied step is bound to self: it would run self's weights
             twin.compile_decode()
         return twin

@@ -1,0 +1,171 @@
+/* One GPT-2 decode step with int8 weights, in a single call (see native.py, which builds and calls it).
+
+Decoding one token reads every weight once, so its speed is set by how fast the int8 weights stream
+from memory, plus the cost of everything else the step does. PyTorch's own int8 kernel reads them at
+about 30 GB/s here, and eager PyTorch spends about 2 ms a token dispatching the ~500 small ops
+around it. This file does the same step with one parallel matrix-vector loop per Linear and plain
+loops for the rest, so nearly all the time goes to reading weights.
+
+Same arithmetic as quantize.py's model: w[o][i] = q[o][i] * scale[o], activations in float32 (not
+rounded to bfloat16 on the way into the matmul, so this path is closer to float32 than PyTorch's).
+Layout (row-major, batch 1): Linear weights (out, in); KV cache (n_layer, n_head, max_len, head_dim).
+*/
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef __AVX512F__
+#error "this kernel needs AVX-512; without it minigpt decodes int8 with PyTorch's kernel"
+#endif
+
+/* glibc's libmvec has a 16-lane tanhf; math.h declares it only under -ffast-math, so we do. */
+#pragma omp declare simd notinbranch
+float tanhf(float);
+
+typedef struct {
+    const int8_t *weight; /* (rows, cols) */
+    const float *scale;   /* (rows,) */
+    const float *bias;    /* (rows,), or NULL */
+    int64_t rows, cols;   /* cols: a multiple of 64 */
+} Int8Linear;
+
+typedef struct {
+    const float *ln_1_weight, *ln_1_bias;
+    Int8Linear c_attn, attn_proj;
+    const float *ln_2_weight, *ln_2_bias;
+    Int8Linear c_fc, mlp_proj;
+} Block;
+
+typedef struct {
+    int64_t n_layer, n_head, n_embd, mlp_dim;
+    float eps;
+    const float *wpe; /* (n_positions, n_embd) */
+    const float *ln_f_weight, *ln_f_bias;
+    Int8Linear lm_head; /* tied: the token embeddings are its rows */
+    const Block *blocks;
+} Model;
+
+enum { ROWS = 4 };            /* rows per dot_rows call: four weight streams in flight */
+enum { PREFETCH = 1024 };     /* bytes ahead of each stream; measured best of 0, 256, 1024 */
+
+/* out[r] = q[r] . x for `rows` (<= ROWS) consecutive weight rows of length cols. */
+static void dot_rows(const int8_t *q, const float *x, int64_t cols, int rows, float *out) {
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < cols; k += 64) {
+        for (int r = 0; r < rows; ++r) {
+            const int8_t *p = q + r * cols + k;
+            _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);
+            for (int j = 0; j < 4; ++j) {
+                __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * j))));
+                acc[r][j & 1] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k + 16 * j), acc[r][j & 1]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+/* y = (q x) * scale + bias, its rows split across the threads. */
+static void linear(const Int8Linear *l, const float *x, float *y, int threads) {
+    const int64_t blocks = (l->rows + ROWS - 1) / ROWS;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t n = b * ROWS;
+        const int rows = l->rows - n < ROWS ? (int)(l->rows - n) : ROWS;
+        float dots[ROWS];
+        dot_rows(l->weight + n * l->cols, x, l->cols, rows, dots);
+        for (int r = 0; r < rows; ++r) y[n + r] = dots[r] * l->scale[n + r] + (l->bias ? l->bias[n + r] : 0.0f);
+    }
+}
+
+static void layer_norm(const float *x, const float *weight, const float *bias, float *out, int64_t n, float eps) {
+    float mean = 0.0f, var = 0.0f;
+    #pragma omp simd reduction(+ : mean)
+    for (int64_t i = 0; i < n; ++i) mean += x[i];
+    mean /= n;
+    #pragma omp simd reduction(+ : var)
+    for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const float rstd = 1.0f / sqrtf(var / n + eps);
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * rstd * weight[i] + bias[i];
+}
+
+static void gelu_tanh(float *x, int64_t n) { /* GPT-2's "gelu_new" */
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+        x[i] = 0.5f * x[i] * (1.0f + tanhf(0.7978845608f * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+    #pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+/* softmax(q k^T / sqrt(hs)) v for one query per head over the n_keys cached keys/values of one layer. */
+static void attention(const Model *m, const float *q, const float *keys, const float *values, int64_t max_len,
+                      int64_t n_keys, float *out, float *scores, int threads) {
+    const int64_t hs = m->n_embd / m->n_head;
+    const float scale = 1.0f / sqrtf((float)hs);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t h = 0; h < m->n_head; ++h) {
+        const float *k = keys + h * max_len * hs, *v = values + h * max_len * hs;
+        float *s = scores + h * n_keys, *o = out + h * hs;
+        float max = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < n_keys; ++t) {
+            s[t] = dot(q + h * hs, k + t * hs, hs) * scale;
+            max = s[t] > max ? s[t] : max;
+        }
+        for (int64_t t = 0; t < n_keys; ++t) sum += s[t] = expf(s[t] - max);
+        memset(o, 0, hs * sizeof(float));
+        for (int64_t t = 0; t < n_keys; ++t) {
+            const float p = s[t] / sum;
+            #pragma omp simd
+            for (int64_t d = 0; d < hs; ++d) o[d] += p * v[t * hs + d];
+        }
+    }
+}
+
+static void add(float *x, const float *y, int64_t n) {
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+/* Token `token` at position `pos`: writes its keys and values to slot pos of the cache, attends to
+   slots 0..pos, and writes the logits (lm_head.rows). Returns 0, or -1 if out of memory. */
+int gpt2_int8_step(const Model *m, int64_t token, int64_t pos, float *k_cache, float *v_cache, int64_t max_len,
+                   float *logits, int threads) {
+    const int64_t C = m->n_embd, hs = C / m->n_head, layer_size = m->n_head * max_len * hs;
+    float *x = malloc(sizeof(float) * (5 * C + m->mlp_dim + m->n_head * (pos + 1)));
+    if (!x) return -1;
+    float *h = x + C, *qkv = h + C, *ff = qkv + 3 * C, *scores = ff + m->mlp_dim;
+
+    const int8_t *row = m->lm_head.weight + token * C;
+    for (int64_t i = 0; i < C; ++i) x[i] = row[i] * m->lm_head.scale[token] + m->wpe[pos * C + i];
+
+    for (int64_t l = 0; l < m->n_layer; ++l) {
+        const Block *b = &m->blocks[l];
+        float *keys = k_cache + l * layer_size, *values = v_cache + l * layer_size;
+        layer_norm(x, b->ln_1_weight, b->ln_1_bias, h, C, m->eps);
+        linear(&b->c_attn, h, qkv, threads);
+        for (int64_t head = 0; head < m->n_head; ++head) {
+            memcpy(keys + (head * max_len + pos) * hs, qkv + C + head * hs, hs * sizeof(float));
+            memcpy(values + (head * max_len + pos) * hs, qkv + 2 * C + head * hs, hs * sizeof(float));
+        }
+        attention(m, qkv, keys, values, max_len, pos + 1, h, scores, threads);
+        linear(&b->attn_proj, h, qkv, threads); /* qkv is free again: reuse it for the projection */
+        add(x, qkv, C);
+        layer_norm(x, b->ln_2_weight, b->ln_2_bias, h, C, m->eps);
+        linear(&b->c_fc, h, ff, threads);
+        gelu_tanh(ff, m->mlp_dim);
+        linear(&b->mlp_proj, ff, h, threads);
+        add(x, h, C);
+    }
+    layer_norm(x, m->ln_f_weight, m->ln_f_bias, h, C, m->eps);
+    linear(&m->lm_head, h, logits, threads);
+    free(x);
+    return 0;
+}
