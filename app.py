@@ -20,10 +20,9 @@ import tiktoken  # noqa: E402
 from minigpt import GPT, CheckpointError  # noqa: E402
 from minigpt.chat import (BASE, MAX_NEW_TOKENS, MAX_TEMPERATURE, MODES, TUNED, ChatInputError,  # noqa: E402
                           as_chat_text, build_prompt, context_note, message_text, read_settings, without_last_reply)
-from minigpt.inference import PRECISIONS, load_for_inference  # noqa: E402
+from minigpt.inference import PRECISIONS, load_for_inference, speculative_drafts  # noqa: E402
 from minigpt.panels import (BAND_COLOURS, alternatives, attention_window, heatmap, position_caption,  # noqa: E402
                             token_highlights)
-from minigpt.quantize import int8_drafts  # noqa: E402
 from minigpt.replies import Reply, stats_line, stream_reply  # noqa: E402
 
 DEFAULT_ADAPTER = Path("checkpoints/alpaca-lora")
@@ -43,9 +42,11 @@ class Engine:
 
     @property
     def device(self) -> str:
-        weight = self.models[BASE].lm_head.weight
+        base = self.models[BASE]
+        weight = base.lm_head.weight
+        kernel = " (C decode step)" if base.native_step is not None else ""
         draft = " + int8 draft" if self.drafts else ""
-        return f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}{draft}"
+        return f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}{kernel}{draft}"
 
     def model(self, mode: str) -> GPT:
         if mode not in self.models:
@@ -59,7 +60,7 @@ def load_engine(model: str, adapter: str | None, device: str | None, dtype: str,
         adapter = str(DEFAULT_ADAPTER)
     base, tuned, tokenizer = load_for_inference(model, adapter, device, dtype, compile)
     models = {BASE: base} if tuned is None else {BASE: base, TUNED: tuned}
-    drafts = dict(zip(models, int8_drafts(*models.values()))) if speculative else {}
+    drafts = dict(zip(models, speculative_drafts(*models.values()))) if speculative else {}
     hint = "" if tuned is not None else (f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` or "
                                          "pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 LoRA adapter).")
     return Engine(models, tokenizer, hint, drafts)

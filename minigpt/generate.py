@@ -12,8 +12,7 @@ from lora import alpaca_prompt
 
 from .errors import CheckpointError
 from .generation import generate
-from .inference import PRECISIONS, load_for_inference
-from .quantize import int8_drafts
+from .inference import PRECISIONS, load_for_inference, speculative_drafts
 from .sampling import SamplingParams
 
 
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         base, tuned, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.dtype, args.compile)
         model = tuned if tuned is not None else base
-        draft = int8_drafts(model)[0] if args.speculative else None
+        draft = speculative_drafts(model)[0] if args.speculative else None
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
