@@ -1,7 +1,7 @@
 """Int8 decoding through int8_decode.c: one C call per token instead of ~500 PyTorch ops.
 
 use_native_decode(model) compiles the C file for this CPU (about a second, once per process; it
-needs a C compiler, OpenMP and AVX-512) and routes the model's one-token decode steps through it.
+needs a C compiler, OpenMP, glibc's libmvec and AVX-512) and routes the model's one-token decode steps through it.
 Prompts, batches and the attention panel's steps keep the PyTorch path; both read and write the
 same KVCache. Build it on the final model: it holds pointers to the model's tensors as they are now.
 """
@@ -49,17 +49,18 @@ class _Model(ctypes.Structure):
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """int8_decode.c compiled for this CPU (with $CC, default cc) into a private temporary folder."""
+    """int8_decode.c compiled for this CPU (with $CC, default cc) and loaded; the file is deleted once mapped."""
     compiler = os.environ.get("CC", "cc")
-    target = Path(tempfile.mkdtemp(prefix="minigpt-")) / "int8_decode.so"
-    try:
-        built = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target), *LIBS],
-                               capture_output=True, text=True)
-    except OSError as e:
-        raise NativeUnavailable(f"no C compiler to build {SOURCE.name}: {compiler!r}: {e.strerror}") from None
-    if built.returncode:
-        raise NativeUnavailable(f"{compiler} could not build {SOURCE.name}: {built.stderr.strip()[-600:]}")
-    lib = ctypes.CDLL(str(target))
+    with tempfile.TemporaryDirectory(prefix="minigpt-") as folder:
+        target = Path(folder) / "int8_decode.so"
+        try:
+            built = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target), *LIBS],
+                                   capture_output=True, text=True)
+        except OSError as e:
+            raise NativeUnavailable(f"no C compiler to build {SOURCE.name}: {compiler!r}: {e.strerror}") from None
+        if built.returncode:
+            raise NativeUnavailable(f"{compiler} could not build {SOURCE.name}: {built.stderr.strip()[-600:]}")
+        lib = ctypes.CDLL(str(target))
     lib.gpt2_int8_step.restype = ctypes.c_int
     lib.gpt2_int8_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
