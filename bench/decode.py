@@ -4,14 +4,17 @@
     python bench/decode.py --model gpt2         # the real weights, if they are in the Hugging Face cache
     python bench/decode.py --quick              # 1 rep and short runs: a smoke test, not a measurement
 
-MiniGPT float32 and bfloat16 also run with speculative decoding (`minigpt+draft` rows: an int8
-copy of the same weights proposes tokens, the model checks them), each in its own process.
+MiniGPT loads as the CLI and the app do (minigpt.inference.load_for_inference): int8 decodes through
+the C step (minigpt/native.py) where it builds; the `minigpt+pytorch` int8 row is the same model on
+PyTorch's int8 kernel, for comparison. MiniGPT float32 and bfloat16 also run with speculative
+decoding (`minigpt+draft` rows: an int8 copy of the same weights proposes tokens, the model checks
+them), each in its own process.
 
 For each engine and precision it reports decode tokens/s and time to first token (32-token prompt,
 128 new greedy tokens), prefill tokens/s (512-token prompt / its time to first token), peak RSS,
 and MiniGPT/transformers ratios, all medians over the repetitions. Every (engine, precision) pair runs in its own process,
-so peak memory is its own. Then the quality cost of each reduced precision: max logit deviation
-and greedy-token agreement vs MiniGPT float32 over a fixed prompt set. Results go to
+so peak memory is its own. Then the quality cost of each reduced precision, through the path decoding
+takes: max logit deviation and greedy-token agreement vs MiniGPT float32 over a fixed prompt set. Results go to
 bench/results/decode-<date>.json. Speed does not depend on weight values, so random weights are
 fine for speed; quality on random weights is only a sanity check.
 """
@@ -39,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from minigpt import load_pretrained  # noqa: E402
 from minigpt.generation import DRAFT_TOKENS, generate  # noqa: E402
-from minigpt.quantize import int8_drafts, quantize_int8  # noqa: E402
+from minigpt.inference import load_for_inference, speculative_drafts  # noqa: E402
 from minigpt.sampling import SamplingParams  # noqa: E402
 from minigpt.weights import resolve_snapshot  # noqa: E402
 
@@ -59,15 +62,13 @@ QUALITY_PROMPTS = [
 
 # ---- one engine, one precision (runs in a worker process) -----------------------------------------
 
-def load_minigpt(folder: Path, precision: str, compile: bool = False, draft_tokens: int = 0):
-    """(model, tokenizer, draft, draft_tokens) in float32, bfloat16, or int8 weights with float32 for
-    the rest; with draft_tokens, an int8 draft for speculative decoding (else the draft is None)."""
-    model, tokenizer = load_pretrained(folder, device="cpu", dtype=DTYPES.get(precision, torch.float32))
-    if precision == "int8":
-        quantize_int8(model)
-    if compile:
-        model.compile_decode()
-    return model, tokenizer, (int8_drafts(model)[0] if draft_tokens else None), draft_tokens
+def load_minigpt(folder: Path, precision: str, compile: bool = False, draft_tokens: int = 0, c_step: bool = True):
+    """(model, tokenizer, draft, draft_tokens) as the CLI loads them; with draft_tokens, an int8 draft for
+    speculative decoding (else the draft is None); c_step=False keeps int8 on PyTorch's kernel."""
+    model, _, tokenizer = load_for_inference(folder, device="cpu", precision=precision, compile=compile)
+    if not c_step:
+        model.native_step = None
+    return model, tokenizer, (speculative_drafts(model)[0] if draft_tokens else None), draft_tokens
 
 
 def minigpt_timestamps(loaded, prompt: list[int], new_tokens: int) -> tuple[list[float], list[int]]:
@@ -81,8 +82,8 @@ def minigpt_timestamps(loaded, prompt: list[int], new_tokens: int) -> tuple[list
     return times, tokens
 
 
-def load_transformers(folder: Path, precision: str, compile: bool = False, draft_tokens: int = 0):
-    """transformers' model; `compile` and `draft_tokens` are MiniGPT options, accepted for a uniform signature."""
+def load_transformers(folder: Path, precision: str, compile: bool = False, draft_tokens: int = 0, c_step: bool = True):
+    """transformers' model; the other options are MiniGPT's, accepted for a uniform signature."""
     from transformers import GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained(folder, dtype=DTYPES[precision]).eval()
     model.generation_config.eos_token_id = None  # always produce every requested token
@@ -117,7 +118,7 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     load, timestamps = ENGINES[spec["engine"]]
     rss_start = peak_rss_mb()
-    model = load(Path(spec["folder"]), spec["precision"], spec["compile"], spec["draft_tokens"])
+    model = load(Path(spec["folder"]), spec["precision"], spec["compile"], spec["draft_tokens"], spec["c_step"])
     g = torch.Generator().manual_seed(0)
     short = torch.randint(0, 50000, (spec["prompt_len"],), generator=g).tolist()
     long = torch.randint(0, 50000, (spec["prefill_len"],), generator=g).tolist()
@@ -154,8 +155,9 @@ def run_in_subprocess(spec: dict) -> dict:
 
 @torch.inference_mode()
 def quality(folder: Path, precision: str, new_tokens: int) -> dict:
-    """Teacher-forced comparison with float32: float32 greedily continues each prompt, then both
-    models score that same text; we compare their logits at every generated position."""
+    """Teacher-forced comparison with float32: float32 greedily continues each prompt; the other
+    precision reads the prompt, then steps through that same continuation one token at a time, as
+    decoding does (int8 through the C step where it builds). We compare the logits that chose each token."""
     reference, tokenizer = load_pretrained(folder, device="cpu")
     other = load_minigpt(folder, precision)[0]
     agree = total = 0
@@ -163,10 +165,11 @@ def quality(folder: Path, precision: str, new_tokens: int) -> dict:
     for text in QUALITY_PROMPTS:
         prompt = tokenizer.encode_ordinary(text)
         cont = [e.token_id for e in generate(reference, tokenizer, prompt, new_tokens, SamplingParams(temperature=0))]
-        ids = torch.tensor([prompt + cont])
-        positions = slice(len(prompt) - 1, ids.size(1) - 1)  # the logits that chose each continuation token
-        ref_logits = reference(ids)[0, positions].float()
-        our_logits = other(ids)[0, positions].float()
+        ids = prompt + cont
+        ref_logits = reference(torch.tensor([ids]))[0, len(prompt) - 1:-1].float()
+        cache = other.new_cache(len(ids))
+        other(torch.tensor([prompt[:-1]]), cache)
+        our_logits = torch.cat([other(torch.tensor([[t]]), cache)[0] for t in ids[len(prompt) - 1:-1]]).float()
         same = ref_logits.argmax(-1) == our_logits.argmax(-1)
         agree += int(same.sum())
         top2 = ref_logits.topk(2).values
@@ -206,7 +209,8 @@ def print_table(results: dict) -> None:
         print(f"{engine:<16}{precision:<10}{r['decode_tok_s']:>13.1f}{x['decode_tok_s']:>6}{r['prefill_tok_s']:>15.0f}"
               f"{x['prefill_tok_s']:>6}{r['ttft_ms']:>9.1f}{r['peak_rss_mb']:>13.0f}{r['rss_end_mb']:>12.0f}"
               f"{r['warmup_s']:>11.1f}")
-    print("(x hf: MiniGPT / transformers in the same precision; int8 is compared with transformers float32)")
+    print("(x hf: MiniGPT / transformers in the same precision; int8 is compared with transformers float32. "
+          "minigpt int8 decodes through the C step, minigpt+pytorch int8 through PyTorch's int8 kernel)")
 
 
 def print_targets(results: dict, same: dict, qualities: dict) -> None:
@@ -268,7 +272,7 @@ def main() -> None:
         load_before = os.getloadavg()
         spec = {"folder": str(folder), "threads": args.threads, "reps": args.reps, "new_tokens": args.new_tokens,
                 "prompt_len": args.prompt_len, "prefill_len": args.prefill_len, "compile": args.compile,
-                "draft_tokens": args.draft_tokens}
+                "draft_tokens": args.draft_tokens, "c_step": True}
         results = {}
         for engine, supported in PRECISIONS.items():
             for precision in (p for p in precisions if p in supported):
@@ -277,6 +281,11 @@ def main() -> None:
                     {**spec, "engine": engine, "precision": precision, "compile": False, "draft_tokens": 0})
                 if engine != "minigpt":
                     continue
+                if precision == "int8":  # the same model on PyTorch's int8 kernel instead of the C step
+                    print(f"  {engine}+pytorch {precision} ...", flush=True)
+                    results[(f"{engine}+pytorch", precision)] = run_in_subprocess(
+                        {**spec, "engine": engine, "precision": precision, "compile": False, "draft_tokens": 0,
+                         "c_step": False})
                 if args.compile:  # the compiled decode step, same run, own process
                     print(f"  {engine}+compile {precision} ...", flush=True)
                     results[(f"{engine}+compile", precision)] = run_in_subprocess(
@@ -285,7 +294,7 @@ def main() -> None:
                     print(f"  {engine}+draft {precision} ...", flush=True)
                     results[(f"{engine}+draft", precision)] = run_in_subprocess(
                         {**spec, "engine": engine, "precision": precision, "compile": False,
-                         "draft_tokens": args.draft_tokens})
+                         "draft_tokens": args.draft_tokens, "c_step": True})
         load_after = os.getloadavg()
         print_table(results)
 
@@ -299,7 +308,7 @@ def main() -> None:
 
         qualities = {}
         for precision in (p for p in precisions if p != "float32"):
-            q = quality(folder, precision, new_tokens=min(32, args.new_tokens))
+            q = quality(folder, precision, new_tokens=args.new_tokens)
             qualities[precision] = q
             print(f"quality {precision} vs float32: greedy agreement {100 * q['greedy_agreement']:.2f}% over "
                   f"{q['positions']} positions, max logit deviation {q['max_logit_dev']:.4f} (logit std "
