@@ -8,19 +8,26 @@ so the speed of these products bounds the speed of decoding. For the 48 block ma
 float32; far more than the L3 cache, so every call reads DRAM) and the 50257 x 768 lm_head, it times:
 F.linear (what nn.Linear runs), oneDNN's matmul (torch.ops.mkldnn._linear_pointwise, what
 minigpt.model.linear runs for float32 inference), each with row-major (out, in) weights and with the
-Hub's (in, out) memory order; bfloat16 F.linear; and the int8 kernel of minigpt/quantize.py.
+Hub's (in, out) memory order; bfloat16 F.linear; the int8 kernel of minigpt/quantize.py (PyTorch's);
+and the int8 matrix-vector loop of minigpt/int8_decode.c (the C decode step's), one row per call.
 Medians of --reps, as milliseconds per step and GB/s of weights read.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from minigpt import native  # noqa: E402
 
 BLOCK_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12  # (out, in): c_attn, c_proj, c_fc, mlp.c_proj
 LM_HEAD = [(50257, 768)]
@@ -30,22 +37,35 @@ def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
-def int8(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def int8_kernel(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return torch._weight_int8pack_mm(x, *w)
+
+
+def c_int8(x: torch.Tensor, w: tuple) -> None:
+    q, _, linear, y = w
+    for row in x:  # the C loop takes one activation row
+        native.library().int8_linear(ctypes.byref(linear), row.data_ptr(), y.data_ptr(), torch.get_num_threads())
+
+
+def c_weights(q: torch.Tensor, scales: torch.Tensor) -> tuple:
+    """(int8 weight, float32 scales, the C struct pointing at them, an output buffer)."""
+    scales = scales.float()
+    return q, scales, native.Int8LinearStruct(q.data_ptr(), scales.data_ptr(), None, *q.shape), torch.empty(q.size(0))
 
 
 def kernels(shapes: list[tuple[int, int]]) -> dict[str, tuple[Callable, list, torch.dtype, int]]:
     """name -> (kernel, weights, input dtype, bytes per weight element)."""
     rowmajor = [torch.randn(shape) for shape in shapes]
     in_out = [w.t().contiguous().t() for w in rowmajor]  # same shape and values, (in, out) in memory
+    int8 = [(torch.randint(-127, 128, w.shape, dtype=torch.int8), torch.rand(w.size(0)).bfloat16()) for w in rowmajor]
     return {
         "F.linear float32, (out, in)": (F.linear, rowmajor, torch.float32, 4),
         "F.linear float32, (in, out)": (F.linear, in_out, torch.float32, 4),
         "oneDNN float32, (out, in)": (onednn, rowmajor, torch.float32, 4),
         "oneDNN float32, (in, out)": (onednn, in_out, torch.float32, 4),
         "F.linear bfloat16, (out, in)": (F.linear, [w.bfloat16() for w in rowmajor], torch.bfloat16, 2),
-        "int8 kernel (quantize.py)": (int8, [(torch.randint(-127, 128, w.shape, dtype=torch.int8),
-                                               torch.rand(w.size(0)).bfloat16()) for w in rowmajor], torch.bfloat16, 1),
+        "int8 kernel (quantize.py)": (int8_kernel, int8, torch.bfloat16, 1),
+        "C int8 (int8_decode.c)": (c_int8, [c_weights(*w) for w in int8], torch.float32, 1),
     }
 
 

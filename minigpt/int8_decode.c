@@ -67,8 +67,8 @@ static void dot_rows(const int8_t *q, const float *x, int64_t cols, int rows, fl
     for (int r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
-/* y = (q x) * scale + bias, its rows split across the threads. */
-static void linear(const Int8Linear *l, const float *x, float *y, int threads) {
+/* y = (q x) * scale + bias, its rows split across the threads (exported for bench/matmul.py). */
+void int8_linear(const Int8Linear *l, const float *x, float *y, int threads) {
     const int64_t blocks = (l->rows + ROWS - 1) / ROWS;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -150,22 +150,22 @@ int gpt2_int8_step(const Model *m, int64_t token, int64_t pos, float *k_cache, f
         const Block *b = &m->blocks[l];
         float *keys = k_cache + l * layer_size, *values = v_cache + l * layer_size;
         layer_norm(x, b->ln_1_weight, b->ln_1_bias, h, C, m->eps);
-        linear(&b->c_attn, h, qkv, threads);
+        int8_linear(&b->c_attn, h, qkv, threads);
         for (int64_t head = 0; head < m->n_head; ++head) {
             memcpy(keys + (head * max_len + pos) * hs, qkv + C + head * hs, hs * sizeof(float));
             memcpy(values + (head * max_len + pos) * hs, qkv + 2 * C + head * hs, hs * sizeof(float));
         }
         attention(m, qkv, keys, values, max_len, pos + 1, h, scores, threads);
-        linear(&b->attn_proj, h, qkv, threads); /* qkv is free again: reuse it for the projection */
+        int8_linear(&b->attn_proj, h, qkv, threads); /* qkv is free again: reuse it for the projection */
         add(x, qkv, C);
         layer_norm(x, b->ln_2_weight, b->ln_2_bias, h, C, m->eps);
-        linear(&b->c_fc, h, ff, threads);
+        int8_linear(&b->c_fc, h, ff, threads);
         gelu_tanh(ff, m->mlp_dim);
-        linear(&b->mlp_proj, ff, h, threads);
+        int8_linear(&b->mlp_proj, ff, h, threads);
         add(x, h, C);
     }
     layer_norm(x, m->ln_f_weight, m->ln_f_bias, h, C, m->eps);
-    linear(&m->lm_head, h, logits, threads);
+    int8_linear(&m->lm_head, h, logits, threads);
     free(x);
     return 0;
 }

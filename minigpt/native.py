@@ -28,22 +28,22 @@ class NativeUnavailable(RuntimeError):
     """The C decode step cannot serve this model or machine; the message says why."""
 
 
-class _Linear(ctypes.Structure):
+class Int8LinearStruct(ctypes.Structure):
     _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("rows", ctypes.c_int64), ("cols", ctypes.c_int64)]
 
 
 class _Block(ctypes.Structure):
     _fields_ = [("ln_1_weight", ctypes.c_void_p), ("ln_1_bias", ctypes.c_void_p),
-                ("c_attn", _Linear), ("attn_proj", _Linear),
+                ("c_attn", Int8LinearStruct), ("attn_proj", Int8LinearStruct),
                 ("ln_2_weight", ctypes.c_void_p), ("ln_2_bias", ctypes.c_void_p),
-                ("c_fc", _Linear), ("mlp_proj", _Linear)]
+                ("c_fc", Int8LinearStruct), ("mlp_proj", Int8LinearStruct)]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [("n_layer", ctypes.c_int64), ("n_head", ctypes.c_int64), ("n_embd", ctypes.c_int64),
                 ("mlp_dim", ctypes.c_int64), ("eps", ctypes.c_float), ("wpe", ctypes.c_void_p),
-                ("ln_f_weight", ctypes.c_void_p), ("ln_f_bias", ctypes.c_void_p), ("lm_head", _Linear),
+                ("ln_f_weight", ctypes.c_void_p), ("ln_f_bias", ctypes.c_void_p), ("lm_head", Int8LinearStruct),
                 ("blocks", ctypes.POINTER(_Block))]
 
 
@@ -64,6 +64,8 @@ def library() -> ctypes.CDLL:
     lib.gpt2_int8_step.restype = ctypes.c_int
     lib.gpt2_int8_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.int8_linear.restype = None  # one matrix-vector product alone, for bench/matmul.py
+    lib.int8_linear.argtypes = [ctypes.POINTER(Int8LinearStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -91,7 +93,7 @@ class NativeDecoder:
         self.keep.append(t)
         return t.data_ptr()
 
-    def _linear(self, layer: torch.nn.Module) -> _Linear:
+    def _linear(self, layer: torch.nn.Module) -> Int8LinearStruct:
         if not isinstance(layer, Int8Linear):
             raise NativeUnavailable(f"the C decode step needs int8 Linears (quantize_int8), got {type(layer).__name__}")
         if layer.in_features % 64:
@@ -99,7 +101,7 @@ class NativeDecoder:
         weight = layer.weight.contiguous()
         self.keep.append(weight)
         bias = 0 if layer.bias is None else self._ptr(layer.bias)
-        return _Linear(weight.data_ptr(), self._ptr(layer.scales.float()), bias, layer.out_features,
+        return Int8LinearStruct(weight.data_ptr(), self._ptr(layer.scales.float()), bias, layer.out_features,
                        layer.in_features)
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
