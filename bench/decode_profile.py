@@ -1,6 +1,7 @@
 """Where a decode step's time goes: generate() vs the bare model loop vs the weight matmuls alone.
 
     python bench/decode_profile.py --precision int8            # three rates, 3 rounds
+    python bench/decode_profile.py --precision int8 --c-step   # the same through the C decode step
     python bench/decode_profile.py --precision float32 --table # plus torch.profiler's top ops
 
 The GPT-2 124M shape with random weights. "matmuls alone" runs only the Linear layers' products
@@ -9,6 +10,7 @@ of one decode step (the weights each token must read), so it is the ceiling for 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from checkpoints import write_tokenizer  # noqa: E402  (tests/checkpoints.py: the real GPT-2 BPE files)
 from minigpt import GPT, GPTConfig, SamplingParams, generate  # noqa: E402
 from minigpt.model import linear  # noqa: E402
+from minigpt.native import library, use_native_decode  # noqa: E402
 from minigpt.quantize import Int8Linear, quantize_int8  # noqa: E402
 from minigpt.tokenizer import load_tokenizer  # noqa: E402
 
@@ -51,9 +54,29 @@ def tokens_per_s(model: GPT, tokenizer, prompt: list[int], n: int) -> tuple[floa
     return (len(times) - 1) / (times[-1] - times[0]), (n - 1) / (time.perf_counter() - start)
 
 
+def c_matmuls_per_s(model: GPT, rounds: int = 20) -> float:
+    """matmuls_per_s for a model decoding in C: its own int8 loop over the same weights."""
+    step = model.native_step
+    linears = [getattr(b, name) for b in step.blocks for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj")]
+    linears.append(step.model.lm_head)
+    buffers = [(torch.randn(m.cols), torch.empty(m.rows)) for m in linears]
+
+    def one_step():
+        for m, (x, y) in zip(linears, buffers):
+            library().int8_linear(ctypes.byref(m), x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+
+    one_step()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        one_step()
+    return rounds / (time.perf_counter() - start)
+
+
 @torch.inference_mode()
 def matmuls_per_s(model: GPT, rounds: int = 20) -> float:
     """How many times a second the Linear products of one decode step run, with nothing else."""
+    if model.native_step is not None:
+        return c_matmuls_per_s(model, rounds)
     layers = [m for m in model.modules() if isinstance(m, (Int8Linear, torch.nn.Linear))]
     dtype = model.transformer.ln_f.weight.dtype
     x = {n: torch.randn(1, n, dtype=torch.bfloat16 if isinstance(layers[0], Int8Linear) else dtype)
@@ -79,15 +102,21 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--transposed-weights", action="store_true",
                    help="experiment: store Linear weights in (in, out) memory order before measuring")
+    p.add_argument("--c-step", action="store_true", help="int8: decode through the C step (minigpt/native.py)")
     p.add_argument("--table", action="store_true", help="also print torch.profiler's top ops over one generate()")
     args = p.parse_args()
+    if args.c_step and args.precision != "int8":
+        p.error("--c-step is for --precision int8")
     with tempfile.TemporaryDirectory() as folder:
         write_tokenizer(Path(folder))
         tokenizer = load_tokenizer(folder)
     model = build(args.precision, args.transposed_weights)
+    if args.c_step:
+        use_native_decode(model)
     prompt = torch.randint(0, 50000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     tokens_per_s(model, tokenizer, prompt, 8)  # warm-up
-    print(f"{args.precision}{', transposed weights' if args.transposed_weights else ''}, "
+    print(f"{args.precision}{', C step' if args.c_step else ''}"
+          f"{', transposed weights' if args.transposed_weights else ''}, "
           f"{torch.get_num_threads()} threads")
     for _ in range(3):
         gen, bare = tokens_per_s(model, tokenizer, prompt, args.new_tokens)
