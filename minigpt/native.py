@@ -85,6 +85,7 @@ class NativeDecoder:
                             self._ptr(model.transformer.wpe.weight), self._ptr(ln_f.weight), self._ptr(ln_f.bias),
                             self._linear(model.lm_head), self.blocks)
         self.vocab_size = config.vocab_size
+        self.cache_shape = (config.n_layer, 1, config.n_head, config.head_dim)  # KVCache's shape less max_len
 
     def _ptr(self, t: torch.Tensor) -> int:
         if t.device.type != "cpu" or t.dtype != torch.float32:
@@ -106,12 +107,17 @@ class NativeDecoder:
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (1, 1, vocab) of the one token idx (1, 1) after the cache, which it extends by that token."""
+        token = int(idx)
+        if not 0 <= token < self.vocab_size:  # C would read outside the embedding
+            raise IndexError(f"token id {token} is outside the vocabulary of {self.vocab_size}")
+        shape = cache.k.shape[:3] + cache.k.shape[4:]
+        if shape != self.cache_shape or cache.k.dtype != torch.float32 or not cache.k.is_contiguous():
+            raise ValueError(f"the C decode step takes this model's float32 cache for one sequence, got "
+                             f"{tuple(cache.k.shape)} {cache.k.dtype}")
         if cache.length >= cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + 1} requested")
-        if cache.k.dtype != torch.float32 or cache.k.size(1) != 1:
-            raise ValueError("the C decode step takes a float32 cache for one sequence")
         logits = torch.empty(1, 1, self.vocab_size)
-        status = self.lib.gpt2_int8_step(self.model, int(idx), cache.length, cache.k.data_ptr(), cache.v.data_ptr(),
+        status = self.lib.gpt2_int8_step(self.model, token, cache.length, cache.k.data_ptr(), cache.v.data_ptr(),
                                          cache.max_len, logits.data_ptr(), torch.get_num_threads())
         if status:
             raise MemoryError("the C decode step could not allocate its working memory")

@@ -189,3 +189,15 @@ def test_a_full_cache_is_refused(models):
         with pytest.raises(ValueError, match="KV cache holds 2 tokens; 3 requested"):
             int8(torch.tensor([[7]]), cache)
     assert cache.length == 2
+
+
+def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(models):
+    int8, _, _ = models
+    with torch.inference_mode():
+        for token in (-1, int8.config.vocab_size):
+            with pytest.raises(IndexError, match=f"token id {token} is outside the vocabulary of 50257"):
+                int8(torch.tensor([[token]]), int8.new_cache(4))
+        wider = GPT(GPTConfig(vocab_size=100, n_positions=16, n_embd=64, n_layer=3, n_head=4)).new_cache(4)
+        with pytest.raises(ValueError, match=r"this model's float32 cache for one sequence, got \(3, 1, 4, 4, 16\)"):
+            int8(torch.tensor([[5]]), wider)
+    assert wider.length == 0
