@@ -1,9 +1,10 @@
 """Int8 decoding through int8_decode.c: one C call per token instead of ~500 PyTorch ops.
 
-use_native_decode(model) compiles the C file for this CPU (about a second, once per process; it
-needs a C compiler, OpenMP, glibc's libmvec and AVX-512) and routes the model's one-token decode steps through it.
-Prompts, batches and the attention panel's steps keep the PyTorch path; both read and write the
-same KVCache. Build it on the final model: it holds pointers to the model's tensors as they are now.
+use_native_decode(model) compiles the C file for this CPU (0.3 s, once per process; it needs a C
+compiler, OpenMP, glibc's libmvec and AVX-512) and routes the model's one-token decode steps
+through it. Prompts, batches and the attention panel's steps keep the PyTorch path; both read and
+write the same KVCache. Build it on the final model: it holds pointers to the model's tensors as
+they are now.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class NativeUnavailable(RuntimeError):
     """The C decode step cannot serve this model or machine; the message says why."""
 
 
+# The structs of int8_decode.c, field for field.
 class Int8LinearStruct(ctypes.Structure):
     _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("rows", ctypes.c_int64), ("cols", ctypes.c_int64)]
@@ -103,7 +105,7 @@ class NativeDecoder:
         self.keep.append(weight)
         bias = 0 if layer.bias is None else self._ptr(layer.bias)
         return Int8LinearStruct(weight.data_ptr(), self._ptr(layer.scales.float()), bias, layer.out_features,
-                       layer.in_features)
+                                layer.in_features)
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (1, 1, vocab) of the one token idx (1, 1) after the cache, which it extends by that token."""
