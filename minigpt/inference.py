@@ -37,15 +37,15 @@ def load_for_inference(name_or_path: str | Path, adapter: str | Path | None = No
         for model in models:
             model.compile_decode()
     elif precision == "int8":
-        native_decode(*models)
+        try_native_decode(*models)
     return base, tuned, tokenizer
 
 
-def native_decode(*models: GPT) -> bool:
+def try_native_decode(*models: GPT) -> None:
     """Decode these int8 models' single tokens in C where the kernel builds for this machine (CPU models
-    only); otherwise warn and keep PyTorch's int8 kernel. True when the C step is in use."""
+    only); otherwise warn and keep PyTorch's int8 kernel (model.native_step stays None)."""
     if any(model.lm_head.weight.device.type != "cpu" for model in models):
-        return False
+        return
     try:
         for model in models:
             use_native_decode(model)
@@ -53,12 +53,10 @@ def native_decode(*models: GPT) -> bool:
         for model in models:
             model.native_step = None
         warnings.warn(f"int8 decoding stays on PyTorch's kernel: {e}", stacklevel=2)
-        return False
-    return True
 
 
 def speculative_drafts(*models: GPT) -> list[GPT]:
     """int8 drafts of float models for speculative decoding (quantize.int8_drafts), decoding in C where it builds."""
     drafts = int8_drafts(*models)
-    native_decode(*drafts)
+    try_native_decode(*drafts)
     return drafts
