@@ -294,7 +294,7 @@ def main() -> None:
                     print(f"  {engine}+draft {precision} ...", flush=True)
                     results[(f"{engine}+draft", precision)] = run_in_subprocess(
                         {**spec, "engine": engine, "precision": precision, "compile": False,
-                         "draft_tokens": args.draft_tokens, "c_step": True})
+                         "draft_tokens": args.draft_tokens})
         load_after = os.getloadavg()
         print_table(results)
 

@@ -14,6 +14,7 @@ import ctypes
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,6 +55,14 @@ def tokens_per_s(model: GPT, tokenizer, prompt: list[int], n: int) -> tuple[floa
     return (len(times) - 1) / (times[-1] - times[0]), (n - 1) / (time.perf_counter() - start)
 
 
+def steps_per_s(one_step: Callable[[], None], rounds: int) -> float:
+    one_step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(rounds):
+        one_step()
+    return rounds / (time.perf_counter() - start)
+
+
 def c_matmuls_per_s(model: GPT, rounds: int = 20) -> float:
     """matmuls_per_s for a model decoding in C: its own int8 loop over the same weights."""
     step = model.native_step
@@ -65,11 +74,7 @@ def c_matmuls_per_s(model: GPT, rounds: int = 20) -> float:
         for m, (x, y) in zip(linears, buffers):
             library().int8_linear(ctypes.byref(m), x.data_ptr(), y.data_ptr(), torch.get_num_threads())
 
-    one_step()
-    start = time.perf_counter()
-    for _ in range(rounds):
-        one_step()
-    return rounds / (time.perf_counter() - start)
+    return steps_per_s(one_step, rounds)
 
 
 @torch.inference_mode()
@@ -89,11 +94,7 @@ def matmuls_per_s(model: GPT, rounds: int = 20) -> float:
             else:
                 linear(x[m.in_features], m.weight, m.bias)  # what the model runs: oneDNN for float32
 
-    one_step()
-    start = time.perf_counter()
-    for _ in range(rounds):
-        one_step()
-    return rounds / (time.perf_counter() - start)
+    return steps_per_s(one_step, rounds)
 
 
 def main() -> None:
