@@ -1,11 +1,11 @@
 """Decode and prefill speed of MiniGPT vs transformers' GPT2LMHeadModel.generate, same weights, same run.
 
-    python bench/decode.py                      # GPT-2 124M shape, random weights, 5 reps each
-    python bench/decode.py --model gpt2         # the real weights, if they are in the Hugging Face cache
-    python bench/decode.py --quick              # 1 rep and short runs: a smoke test, not a measurement
+    python -m bench.decode                      # GPT-2 124M shape, random weights, 5 reps each
+    python -m bench.decode --model gpt2         # the real weights, if they are in the Hugging Face cache
+    python -m bench.decode --quick              # 1 rep and short runs: a smoke test, not a measurement
 
 MiniGPT loads as the CLI and the app do (minigpt.inference.load_for_inference): int8 decodes through
-the C step (minigpt/native.py) where it builds; the `minigpt+pytorch` int8 row is the same model on
+the C step (minigpt/speed/native.py) where it builds; the `minigpt+pytorch` int8 row is the same model on
 PyTorch's int8 kernel, for comparison. MiniGPT float32 and bfloat16 also run with speculative
 decoding (`minigpt+draft` rows: an int8 copy of the same weights proposes tokens, the model checks
 them), each in its own process.
@@ -36,15 +36,16 @@ from pathlib import Path
 import psutil
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from minigpt import load_pretrained  # noqa: E402
-from minigpt.generation import DRAFT_TOKENS, generate  # noqa: E402
-from minigpt.inference import load_for_inference, speculative_drafts  # noqa: E402
-from minigpt.sampling import SamplingParams  # noqa: E402
-from minigpt.weights import resolve_snapshot  # noqa: E402
+from minigpt import load_pretrained
+from minigpt.generation import DRAFT_TOKENS, generate
+from minigpt.inference import load_for_inference, speculative_drafts
+from minigpt.sampling import SamplingParams
+from minigpt.speed.decoder import Decoder
+from minigpt.weights import resolve_snapshot
+from tests.helpers import REPO as ROOT
+from tests.helpers.checkpoints import make_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRECISIONS = {"minigpt": ["float32", "bfloat16", "int8"], "transformers": ["float32", "bfloat16"]}
@@ -62,12 +63,12 @@ QUALITY_PROMPTS = [
 
 # ---- one engine, one precision (runs in a worker process) -----------------------------------------
 
-def load_minigpt(folder: Path, precision: str, compile: bool = False, draft_tokens: int = 0, c_step: bool = True):
+def load_minigpt(folder: Path, precision: str, draft_tokens: int = 0, c_step: bool = True):
     """(model, tokenizer, draft, draft_tokens) as the CLI loads them; with draft_tokens, an int8 draft for
     speculative decoding (else the draft is None); c_step=False keeps int8 on PyTorch's kernel."""
-    model, _, tokenizer = load_for_inference(folder, device="cpu", precision=precision, compile=compile)
+    model, _, tokenizer = load_for_inference(folder, device="cpu", precision=precision)
     if not c_step:
-        model.native_step = None
+        model = Decoder(model.model)  # PyTorch for every step
     return model, tokenizer, (speculative_drafts(model)[0] if draft_tokens else None), draft_tokens
 
 
@@ -82,7 +83,7 @@ def minigpt_timestamps(loaded, prompt: list[int], new_tokens: int) -> tuple[list
     return times, tokens
 
 
-def load_transformers(folder: Path, precision: str, compile: bool = False, draft_tokens: int = 0, c_step: bool = True):
+def load_transformers(folder: Path, precision: str, draft_tokens: int = 0, c_step: bool = True):
     """transformers' model; the other options are MiniGPT's, accepted for a uniform signature."""
     from transformers import GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained(folder, dtype=DTYPES[precision]).eval()
@@ -118,7 +119,7 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     load, timestamps = ENGINES[spec["engine"]]
     rss_start = peak_rss_mb()
-    model = load(Path(spec["folder"]), spec["precision"], spec["compile"], spec["draft_tokens"], spec["c_step"])
+    model = load(Path(spec["folder"]), spec["precision"], spec["draft_tokens"], spec["c_step"])
     g = torch.Generator().manual_seed(0)
     short = torch.randint(0, 50000, (spec["prompt_len"],), generator=g).tolist()
     long = torch.randint(0, 50000, (spec["prefill_len"],), generator=g).tolist()
@@ -144,7 +145,7 @@ def peak_rss_mb() -> float:
 
 
 def run_in_subprocess(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "bench.decode", "--worker", json.dumps(spec)], cwd=ROOT,
                           capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{spec['engine']} {spec['precision']} failed:\n{proc.stderr}")
@@ -244,8 +245,6 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--prefill-len", type=int, default=512)
-    p.add_argument("--compile", action="store_true",
-                   help="also run MiniGPT with its decode step compiled (GPT.compile_decode): minigpt+compile rows")
     p.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS,
                    help="proposals per speculative round in the minigpt+draft rows (0: no such rows)")
     p.add_argument("--quick", action="store_true", help="1 rep, 16 new tokens, 64-token prefill")
@@ -263,7 +262,6 @@ def main() -> None:
         if args.model:
             folder = resolve_snapshot(args.model)
         else:
-            from checkpoints import make_checkpoint  # tests/checkpoints.py: the Hub layout, written by transformers
             folder, _ = make_checkpoint(Path(tmp) / "gpt2-random", key_style="transformers",
                                         n_embd=768, n_layer=12, n_head=12, n_positions=1024)
         info = machine_info()
@@ -271,29 +269,25 @@ def main() -> None:
               f"transformers {info['transformers']}, {args.threads} threads; load average {os.getloadavg()[0]:.2f}")
         load_before = os.getloadavg()
         spec = {"folder": str(folder), "threads": args.threads, "reps": args.reps, "new_tokens": args.new_tokens,
-                "prompt_len": args.prompt_len, "prefill_len": args.prefill_len, "compile": args.compile,
+                "prompt_len": args.prompt_len, "prefill_len": args.prefill_len,
                 "draft_tokens": args.draft_tokens, "c_step": True}
         results = {}
         for engine, supported in PRECISIONS.items():
             for precision in (p for p in precisions if p in supported):
                 print(f"  {engine} {precision} ...", flush=True)
                 results[(engine, precision)] = run_in_subprocess(
-                    {**spec, "engine": engine, "precision": precision, "compile": False, "draft_tokens": 0})
+                    {**spec, "engine": engine, "precision": precision, "draft_tokens": 0})
                 if engine != "minigpt":
                     continue
                 if precision == "int8":  # the same model on PyTorch's int8 kernel instead of the C step
                     print(f"  {engine}+pytorch {precision} ...", flush=True)
                     results[(f"{engine}+pytorch", precision)] = run_in_subprocess(
-                        {**spec, "engine": engine, "precision": precision, "compile": False, "draft_tokens": 0,
+                        {**spec, "engine": engine, "precision": precision, "draft_tokens": 0,
                          "c_step": False})
-                if args.compile:  # the compiled decode step, same run, own process
-                    print(f"  {engine}+compile {precision} ...", flush=True)
-                    results[(f"{engine}+compile", precision)] = run_in_subprocess(
-                        {**spec, "engine": engine, "precision": precision, "compile": True, "draft_tokens": 0})
                 if args.draft_tokens and precision != "int8":  # speculative decoding with an int8 draft
                     print(f"  {engine}+draft {precision} ...", flush=True)
                     results[(f"{engine}+draft", precision)] = run_in_subprocess(
-                        {**spec, "engine": engine, "precision": precision, "compile": False,
+                        {**spec, "engine": engine, "precision": precision,
                          "draft_tokens": args.draft_tokens})
         load_after = os.getloadavg()
         print_table(results)

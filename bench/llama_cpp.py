@@ -1,7 +1,7 @@
 """llama.cpp's prefill and decode speed on the GPT-2 124M shape, same random checkpoint as bench/decode.py.
 
-    python bench/llama_cpp.py --llama-cpp ~/llama.cpp              # f32, f16, q8_0 at 2 threads, 5 reps
-    python bench/llama_cpp.py --llama-cpp ~/llama.cpp --threads 2,1 --types q8_0
+    python -m bench.llama_cpp --llama-cpp ~/llama.cpp              # f32, f16, q8_0 at 2 threads, 5 reps
+    python -m bench.llama_cpp --llama-cpp ~/llama.cpp --threads 2,1 --types q8_0
 
 DIR is a built llama.cpp checkout: it has convert_hf_to_gguf.py (with its gguf-py folder) and
 build/bin/llama-bench, e.g. built with
@@ -27,11 +27,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
-
-from checkpoints import make_checkpoint  # noqa: E402  tests/checkpoints.py: the Hub layout, written by transformers
-from decode import machine_info  # noqa: E402  bench/decode.py
+from bench.decode import machine_info
+from tests.helpers import REPO as ROOT
+from tests.helpers.checkpoints import (
+    make_checkpoint,  # the Hub layout, written by transformers
+)
 
 GPT2_124M = {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}
 

@@ -1,6 +1,6 @@
 """Load test: concurrent chat sessions against `python app.py`, on loopback, with a small random model.
 
-    python bench/load.py --clients 8 --turns 4 --max-new-tokens 48
+    python -m bench.load --clients 8 --turns 4 --max-new-tokens 48
 
 Each client is its own gradio_client session holding its own conversation for several turns,
 alternating Base GPT-2 and Alpaca LoRA. Client i % 4 == 1 cancels one reply mid-stream
@@ -30,11 +30,10 @@ import psutil
 from gradio_client import Client
 from gradio_client.utils import Status
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-from app_server import running_app  # noqa: E402  (tests/ helpers: tiny checkpoint + adapter, app subprocess)
-from minigpt.chat import BASE, TUNED, message_text  # noqa: E402
+from minigpt.serve.conversation import BASE, TUNED, message_text
+from tests.helpers.app_server import (
+    running_app,  # tiny checkpoint + adapter, app subprocess
+)
 
 LONG_REPLY = 256
 MODEL = dict(n_embd=256, n_layer=4, n_head=4)  # big enough that a leaked KV cache per request would show
@@ -234,7 +233,7 @@ def run_load(tmp: Path, clients: int, turns: int, max_new_tokens: int, rss_bound
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/load.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -1,14 +1,14 @@
 """The weight reads behind one decode step: each matmul kernel on the GPT-2 124M weights, alone.
 
-    python bench/matmul.py              # 1 and 7 rows (one decode step; a speculative check of 6 proposals)
-    python bench/matmul.py --rows 1,2,4,8 --threads 1
+    python -m bench.matmul              # 1 and 7 rows (one decode step; a speculative check of 6 proposals)
+    python -m bench.matmul --rows 1,2,4,8 --threads 1
 
 Decoding a token multiplies a few activation rows by every weight matrix, reading each weight once,
 so the speed of these products bounds the speed of decoding. For the 48 block matrices (340 MB in
 float32; far more than the L3 cache, so every call reads DRAM) and the 50257 x 768 lm_head, it times:
 F.linear (what nn.Linear runs), oneDNN's matmul (torch.ops.mkldnn._linear_pointwise, what
-minigpt.model.linear runs for float32 inference), each with row-major (out, in) weights and with the
-Hub's (in, out) memory order; bfloat16 F.linear; the int8 kernel of minigpt/quantize.py (PyTorch's);
+minigpt.speed.onednn runs for float32 inference), each with row-major (out, in) weights and with the
+Hub's (in, out) memory order; bfloat16 F.linear; the int8 kernel of minigpt/speed/quantize.py (PyTorch's);
 and the int8 matrix-vector loop of minigpt/int8_decode.c (the C decode step's), one row per call.
 Medians of --reps, as milliseconds per step and GB/s of weights read.
 """
@@ -18,16 +18,13 @@ import argparse
 import ctypes
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minigpt import native  # noqa: E402
+from minigpt.speed import native
 
 BLOCK_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12  # (out, in): c_attn, c_proj, c_fc, mlp.c_proj
 LM_HEAD = [(50257, 768)]

@@ -1,8 +1,8 @@
 """Speed of one LoRA training step: MiniGPT's LoRA vs transformers + peft, same shape, same batch, same run.
 
-    python bench/train_step.py                         # GPT-2 124M shape, random weights, batch 4 x 128 tokens
-    python bench/train_step.py --batch-size 8 --seq-len 256 --reps 20
-    python bench/train_step.py --threads 1             # steadiest on a busy shared CPU (compare CPU seconds)
+    python -m bench.train_step                         # GPT-2 124M shape, random weights, batch 4 x 128 tokens
+    python -m bench.train_step --batch-size 8 --seq-len 256 --reps 20
+    python -m bench.train_step --threads 1             # steadiest on a busy shared CPU (compare CPU seconds)
 
 A step is forward, masked cross-entropy (the first half of each row is "prompt", ignored), backward,
 AdamW on the LoRA parameters, zero_grad: rank 8 on c_attn, LoRA dropout 0.05, the base's own
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.helpers import REPO as ROOT
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIDES = ("minigpt", "peft")
 
@@ -155,7 +155,7 @@ def main() -> None:
 
     memory = {}
     for side in SIDES:
-        done = subprocess.run([sys.executable, __file__, "--memory-of", side, *sys.argv[1:]],
+        done = subprocess.run([sys.executable, "-m", "bench.train_step", "--memory-of", side, *sys.argv[1:]], cwd=ROOT,
                               capture_output=True, text=True, check=True)
         memory[side] = json.loads(done.stdout.strip().splitlines()[-1])
     speed = measure_speed(args)

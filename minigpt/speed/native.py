@@ -1,10 +1,10 @@
 """Int8 decoding through int8_decode.c: one C call per token instead of ~500 PyTorch ops.
 
-use_native_decode(model) compiles the C file for this CPU (0.3 s, once per process; it needs a C
-compiler, OpenMP, glibc's libmvec and AVX-512) and routes the model's one-token decode steps
-through it. Prompts, batches and the attention panel's steps keep the PyTorch path; both read and
-write the same KVCache. Build it on the final model: it holds pointers to the model's tensors as
-they are now.
+native_step(model) compiles the C file for this CPU (0.3 s, once per process; it needs a C
+compiler, OpenMP, glibc's libmvec and AVX-512) and returns the step that decodes the model's
+single tokens through it (inference.py wraps it in a Decoder). Prompts, batches and the attention
+panel's steps keep the PyTorch path; both read and write the same KVCache. Build it on the final
+model: it holds pointers to the model's tensors as they are now.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .model import GPT, KVCache
+from ..model import GPT, KVCache
 from .quantize import Int8Embedding, Int8Linear
 
 SOURCE = Path(__file__).with_name("int8_decode.c")
@@ -127,8 +127,8 @@ class NativeDecoder:
         return logits
 
 
-def use_native_decode(model: GPT) -> None:
-    """Decode this int8 CPU model's single tokens in C from now on; NativeUnavailable says why not."""
+def native_step(model: GPT) -> NativeDecoder:
+    """The C decode step for this int8 CPU model (a speed.decoder.Step); NativeUnavailable says why not."""
     if not isinstance(model.transformer.wte, Int8Embedding) or model.transformer.wte.lm_head is not model.lm_head:
         raise NativeUnavailable("the C decode step needs an int8 model (quantize_int8) with its tied embedding")
-    model.native_step = NativeDecoder(model)
+    return NativeDecoder(model)

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import GPT, Linear
+from ..model import GPT
+from .onednn import OneDNNLinear
 
 SCALE_DTYPE = torch.bfloat16  # the CPU kernel wants its scales (and input) in this dtype
 # Up to this many rows (decode steps, short prompts) the int8 kernel wins; above, dequantizing to
@@ -83,9 +84,9 @@ def quantize_int8(*models: GPT) -> None:
     linears = [(parent, name, child) for model in models for parent in model.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for _, name, child in linears:  # check everything before changing anything
-        if type(child) not in (nn.Linear, Linear):  # e.g. a LoRALinear: quantizing it would drop the adapter
+        if type(child) not in (nn.Linear, OneDNNLinear):  # e.g. a LoRALinear: quantizing it would drop the adapter
             raise TypeError(f"cannot quantize {type(child).__name__} {name!r}: merge it into a plain Linear "
-                            "first (lora.load_tuned_model does)")
+                            "first (adapters.load_tuned_model does)")
     quantized: dict[tuple[int, int], tuple[nn.Linear, Int8Linear]] = {}
     for parent, name, child in linears:
         key = (id(child.weight), id(child.bias))
