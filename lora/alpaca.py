@@ -1,4 +1,4 @@
-"""Alpaca instruction data: the prompt template, reading records, and reporting the malformed ones."""
+"""Alpaca instruction data: reading records and reporting the malformed ones (the template: minigpt.prompts)."""
 from __future__ import annotations
 
 import json
@@ -6,25 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+)
+
+from minigpt.prompts import alpaca_prompt
 
 DEFAULT_DATA = "yahma/alpaca-cleaned/alpaca_data_cleaned.json"
 
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n")
-
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The standard Alpaca prompt, ending in "### Response:\\n"; the `### Input:` block only when input is given."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,13 @@ lora_A / lora_B are bias-free nn.Linear modules, which gives state-dict keys of 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from minigpt.model import linear
-
-
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The (out, in) weight update scaling · B @ A, in float32 whatever the adapter dtype."""
-    return (lora_b.float() @ lora_a.float()) * scaling
+from minigpt.adapters import lora_delta, match_targets
 
 
 class LoRALinear(nn.Linear):
@@ -78,29 +73,13 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
         return y + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # scale the narrow r-wide tensor
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
-
-
-def match_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
-    """Names of the transformer-block Linears that PEFT's target_modules rule selects.
-
-    A list selects modules whose name equals an entry or ends in "." + entry (so "c_proj" takes both
-    attn.c_proj and mlp.c_proj, "attn.c_proj" only the first); a string is a regex that must match the
-    whole name; "all-linear" takes every block Linear. lm_head is never a target (it is tied to wte).
-    """
-    candidates = [name for name, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and name.startswith("transformer.h.") and ".lora_" not in name]
-    if targets == "all-linear":
-        return candidates
-    if isinstance(targets, str):
-        return [name for name in candidates if re.fullmatch(targets, name)]
-    return [name for name in candidates if any(name == t or name.endswith(f".{t}") for t in targets)]
 
 
 def inject_lora(model: nn.Module, targets: str | Sequence[str], r: int, alpha: float,

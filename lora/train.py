@@ -20,16 +20,33 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from minigpt.adapters import AdapterConfig
 from minigpt.errors import CheckpointError
 from minigpt.model import GPT
 from minigpt.weights import load_pretrained, pick_device
 
-from .adapter import AdapterConfig, save_adapter
 from .alpaca import DEFAULT_DATA, Record, load_records
-from .batches import IGNORE, Example, batch_stream, collate, epoch_batches, eval_batches, split, tokenize
+from .batches import (
+    IGNORE,
+    Example,
+    batch_stream,
+    collate,
+    epoch_batches,
+    eval_batches,
+    split,
+    tokenize,
+)
 from .layer import inject_lora, lora_parameters
 from .plot import plot_losses
-from .state import STATE_FILE, TrainingState, load_state, rng_state, save_state, set_rng_state
+from .save import save_adapter
+from .state import (
+    STATE_FILE,
+    TrainingState,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 
 LOG_FILE, PLOT_FILE = "log.jsonl", "loss.png"
 # Options that shape the run's trajectory: --resume refuses to continue with different values.

@@ -1,4 +1,4 @@
-"""LoRA adapters on disk in PEFT's format, and the serving path that applies one per call.
+"""LoRA adapters on disk in PEFT's format: read, check against a model, and merge into a copy of it.
 
 A folder holds adapter_config.json and adapter_model.safetensors; tensor keys are
 `base_model.model.<our module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r). Our
@@ -7,20 +7,19 @@ module paths mirror transformers' GPT-2, so the same files load in `peft` and he
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from minigpt.errors import CheckpointError
-from minigpt.hub import fetch
-from minigpt.model import GPT
-
-from .atomic import atomic_write
-from .layer import lora_delta, lora_parameters, match_targets
+from .errors import CheckpointError
+from .hub import fetch
+from .model import GPT
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -80,18 +79,25 @@ class AdapterConfig:
         return cls(r, alpha, dropout, targets, data.get("base_model_name_or_path"))
 
 
-def save_adapter(model: nn.Module, folder: str | Path, config: AdapterConfig) -> Path:
-    """Write the LoRA tensors of an injected model as a PEFT adapter folder (each file atomically)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + name: p.detach().contiguous() for name, p in lora_parameters(model).items()}
-    if not tensors:
-        raise ValueError("the model has no LoRA layers to save")
-    with atomic_write(folder / WEIGHTS_FILE) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    with atomic_write(folder / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(config.to_peft_json(), indent=2) + "\n")
-    return folder
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The (out, in) weight update scaling · B @ A, in float32 whatever the adapter dtype."""
+    return (lora_b.float() @ lora_a.float()) * scaling
+
+
+def match_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Names of the transformer-block Linears that PEFT's target_modules rule selects.
+
+    A list selects modules whose name equals an entry or ends in "." + entry (so "c_proj" takes both
+    attn.c_proj and mlp.c_proj, "attn.c_proj" only the first); a string is a regex that must match the
+    whole name; "all-linear" takes every block Linear. lm_head is never a target (it is tied to wte).
+    """
+    candidates = [name for name, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and name.startswith("transformer.h.") and ".lora_" not in name]
+    if targets == "all-linear":
+        return candidates
+    if isinstance(targets, str):
+        return [name for name in candidates if re.fullmatch(targets, name)]
+    return [name for name in candidates if any(name == t or name.endswith(f".{t}") for t in targets)]
 
 
 def resolve_adapter(name_or_path: str | Path) -> Path:

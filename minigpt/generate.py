@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lora import alpaca_prompt
-
+from .cli import add_precision_arguments, warn_if_compile
 from .errors import CheckpointError
 from .generation import generate
-from .inference import PRECISIONS, load_for_inference, speculative_drafts
+from .inference import load_for_inference, speculative_drafts
+from .prompts import alpaca_prompt
 from .sampling import SamplingParams
 
 
@@ -28,10 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default="float32", choices=PRECISIONS,
-                   help="float32 is exact; int8 (int8 weights) is the fastest on CPU")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: for int8 (1.07x after a warm-up); float32 loses (README, speed)")
+    add_precision_arguments(p)
     p.add_argument("--speculative", action="store_true",
                    help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter for this base: local folder or Hub repo id")
@@ -54,11 +51,12 @@ def stream(model, tokenizer, prompt: str, args: argparse.Namespace, params: Samp
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    warn_if_compile(args)
     try:
         params = SamplingParams(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        base, tuned, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.dtype, args.compile)
+        base, tuned, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.precision)
         model = tuned if tuned is not None else base
         draft = speculative_drafts(model)[0] if args.speculative else None
     except (CheckpointError, ValueError) as e:

@@ -2,7 +2,9 @@
 several per step with a draft model (speculative decoding).
 
 `generate` is a Python generator that yields a TokenEvent per token. All compute happens inside
-next(): a consumer that stops iterating (or calls close()) stops the model with it.
+next(): a consumer that stops iterating (or calls close()) stops the model with it. The model is a
+GPT or a speed.decoder.Decoder (which decodes single tokens through the fastest step built for it);
+both are called the same way.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import torch
 
 from .model import GPT
 from .sampling import SamplingParams, filter_logits, sample
+from .speed.decoder import Decoder
 from .tokenizer import EOT
+
+Model = GPT | Decoder
 
 # Proposals per speculative round: more wins more per accepted round and loses more per rejection.
 DRAFT_TOKENS = 6
@@ -74,7 +79,7 @@ Row = tuple[int, torch.Tensor, torch.Tensor | None]  # (token id, the logits tha
 
 
 @torch.inference_mode()
-def _forward(model: GPT, ids: torch.Tensor, cache, with_attention: bool,
+def _forward(model: Model, ids: torch.Tensor, cache, with_attention: bool,
              last_only: bool = True) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Float32 logits (T, vocab) for the new tokens ids (1, T) after the cache (the last only with
     last_only) and, with attention, each of those queries' rows (n_layer, nh, S)."""
@@ -87,13 +92,13 @@ def _forward(model: GPT, ids: torch.Tensor, cache, with_attention: bool,
     return logits[0].float(), rows
 
 
-def _prefill(model: GPT, cache, prompt: list[int], with_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _prefill(model: Model, cache, prompt: list[int], with_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read the prompt into the cache; the logits (vocab,) that choose the first token, and their attention.
 
     With attention asked for, the last prompt token gets a step alone, so every step's attention is
     a single row per head rather than a prompt's (T, S) maps for every layer.
     """
-    device = model.lm_head.weight.device
+    device = model.device
     if with_attention and len(prompt) > 1:
         _forward(model, torch.tensor([prompt[:-1]], device=device), cache, with_attention=False)
         prompt = prompt[-1:]
@@ -101,7 +106,7 @@ def _prefill(model: GPT, cache, prompt: list[int], with_attention: bool) -> tupl
     return logits[-1], attention[-1]
 
 
-def _one_at_a_time(model: GPT, cache, prompt: list[int], params: SamplingParams, generator: torch.Generator,
+def _one_at_a_time(model: Model, cache, prompt: list[int], params: SamplingParams, generator: torch.Generator,
                    with_attention: bool) -> Iterator[Row]:
     logits, attention = _prefill(model, cache, prompt, with_attention)
     ids = torch.empty(1, 1, dtype=torch.long, device=logits.device)  # every step: one token, written in place
@@ -112,7 +117,7 @@ def _one_at_a_time(model: GPT, cache, prompt: list[int], params: SamplingParams,
         logits, attention = rows[-1], attentions[-1]
 
 
-def _speculative(model: GPT, draft: GPT, cache, prompt: list[int], budget: int, draft_tokens: int,
+def _speculative(model: Model, draft: Model, cache, prompt: list[int], budget: int, draft_tokens: int,
                  params: SamplingParams, generator: torch.Generator, with_attention: bool) -> Iterator[Row]:
     """Speculative decoding: the draft proposes up to draft_tokens tokens, one at a time; the model
     scores them all in one pass, which reads its weights once, like a single step. The longest
@@ -165,9 +170,9 @@ def _accept(logits: torch.Tensor, proposed: list[int], draft_probs: list[torch.T
     return len(proposed), int(torch.multinomial(p[-1], 1, generator=generator))
 
 
-def generate(model: GPT, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int], max_new_tokens: int = 100,
+def generate(model: Model, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int], max_new_tokens: int = 100,
              params: SamplingParams = SamplingParams(), seed: int | None = None, stop: Sequence[str] = (),
-             top_n: int = 5, return_attention: bool = False, draft: GPT | None = None,
+             top_n: int = 5, return_attention: bool = False, draft: Model | None = None,
              draft_tokens: int = DRAFT_TOKENS) -> Iterator[TokenEvent]:
     """Stream up to max_new_tokens tokens after prompt_ids (see fit_to_context for over-long prompts).
 
@@ -176,7 +181,7 @@ def generate(model: GPT, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int]
     With a draft model (quantize.int8_drafts), decoding is speculative (see _speculative): greedy
     tokens stay the model's own, sampled ones keep the model's distribution but are other draws.
     """
-    device = model.lm_head.weight.device
+    device = model.device
     eot_id = tokenizer.encode_single_token(EOT)
     prompt, max_new_tokens = fit_to_context(list(prompt_ids) or [eot_id], max_new_tokens, model.config.n_positions)
     generator = torch.Generator(device=device)

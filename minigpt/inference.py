@@ -1,4 +1,5 @@
-"""The models a command or the app serves: the base, the LoRA-tuned one, in one chosen precision."""
+"""The models a command or the app serves: the base and the LoRA-tuned one, in one chosen precision,
+each behind a Decoder that picked its fastest decode step here, once."""
 from __future__ import annotations
 
 import warnings
@@ -7,11 +8,12 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from lora import load_tuned_model
-
+from .adapters import load_tuned_model
 from .model import GPT
-from .native import NativeUnavailable, use_native_decode
-from .quantize import int8_drafts, quantize_int8
+from .speed.decoder import Decoder, as_decoder
+from .speed.native import NativeUnavailable, native_step
+from .speed.onednn import use_onednn
+from .speed.quantize import Int8Linear, int8_drafts, quantize_int8
 from .weights import load_pretrained
 
 # Precision name -> the dtype the model is loaded in; int8 loads float32, then quantizes the Linears.
@@ -19,44 +21,39 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 
 
 def load_for_inference(name_or_path: str | Path, adapter: str | Path | None = None, device: str | None = None,
-                       precision: str = "float32", compile: bool = False
-                       ) -> tuple[GPT, GPT | None, tiktoken.Encoding]:
-    """(base model, tuned model or None without an adapter, tokenizer).
+                       precision: str = "float32") -> tuple[Decoder, Decoder | None, tiktoken.Encoding]:
+    """(base decoder, tuned decoder or None without an adapter, tokenizer).
 
     The tuned model shares every tensor with the base except the merged LoRA targets. Order matters:
     the merge needs float weights, so int8 quantizes both models afterwards (their shared weights
-    once), and a compiled decode step is bound to each final model. int8 on CPU decodes in C
-    (native.py) unless compile asks for torch.compile's step instead.
+    once), and each decode step is built on its final model.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     base, tokenizer = load_pretrained(name_or_path, device=device, dtype=PRECISIONS[precision])
     tuned = load_tuned_model(base, adapter) if adapter else None
     models = [m for m in (base, tuned) if m is not None]
     if precision == "int8":
         quantize_int8(*models)
-    if compile:
+    elif precision == "float32":
         for model in models:
-            model.compile_decode()
-    elif precision == "int8":
-        try_native_decode(*models)
-    return base, tuned, tokenizer
+            use_onednn(model)
+    decoders = decoders_for(*models)
+    return decoders[0], decoders[1] if tuned is not None else None, tokenizer
 
 
-def try_native_decode(*models: GPT) -> None:
-    """Decode these int8 models' single tokens in C where the kernel builds for this machine (CPU models
-    only); otherwise warn and keep PyTorch's int8 kernel (model.native_step stays None)."""
-    if any(model.lm_head.weight.device.type != "cpu" for model in models):
-        return
+def decoders_for(*models: GPT) -> list[Decoder]:
+    """A Decoder per model: int8 CPU models decode single tokens in C where the step builds for this
+    machine; otherwise (and for every other model) PyTorch does, after one warning line."""
+    int8_cpu = [m for m in models if m.device.type == "cpu" and isinstance(m.lm_head, Int8Linear)]
     try:
-        for model in models:
-            use_native_decode(model)
+        steps = {id(m): native_step(m) for m in int8_cpu}
     except NativeUnavailable as e:
-        for model in models:
-            model.native_step = None
         warnings.warn(f"int8 decoding stays on PyTorch's kernel: {e}", stacklevel=2)
+        steps = {}
+    return [Decoder(m, steps[id(m)], "C decode step") if id(m) in steps else Decoder(m) for m in models]
 
 
-def speculative_drafts(*models: GPT) -> list[GPT]:
+def speculative_drafts(*models: GPT | Decoder) -> list[Decoder]:
     """int8 drafts of float models for speculative decoding (quantize.int8_drafts), decoding in C where it builds."""
-    drafts = int8_drafts(*models)
-    try_native_decode(*drafts)
-    return drafts
+    return decoders_for(*int8_drafts(*(as_decoder(m).model for m in models)))

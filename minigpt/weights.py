@@ -102,24 +102,13 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device | None 
     tokenizer = load_tokenizer(snapshot)
     tensors = read_safetensors(snapshot / "model.safetensors")
     device, dtype = torch.device(device or pick_device()), dtype or torch.float32
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory is allocated (or randomly initialised) before the weights are read
         model = GPT(config)
-        if device.type == "cpu" and dtype == torch.float32:
-            use_input_major_weights(model)
-    model.to_empty(device="cpu")  # keeps each weight's memory order
+    model.to_empty(device="cpu")
     model.lm_head.weight = model.transformer.wte.weight  # to_empty unties
     load_weights(model, tensors)
     model.to(device=device, dtype=dtype)
     return model.eval(), tokenizer
-
-
-def use_input_major_weights(model: GPT) -> None:
-    """Give every Linear weight (in, out) memory order, as the Hub's Conv1D has; shapes stay (out, in).
-    PyTorch's CPU float32 matrix-vector product reads this order about 15% faster
-    (bench/decode_profile.py --transposed-weights); in bfloat16 it is slower, so only float32 gets it.
-    Called on the model while it is on the meta device, so no memory is allocated twice."""
-    for linear in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
-        linear.weight.data = torch.empty(linear.in_features, linear.out_features).t()  # lm_head: also the tied wte
 
 
 def pick_device() -> torch.device:

@@ -1,10 +1,6 @@
-"""The chat app's core, free of any UI: conversation -> prompt for each mode, context-window fitting,
-and the user's sampling settings -> validated values or a message that says what is wrong.
-
-Two modes frame the same conversation differently:
-- Base GPT-2: a plain dialogue transcript after a one-line header; the model continues "Assistant:".
-- Alpaca LoRA: the Alpaca instruction template; the new message is the instruction and the earlier
-  exchanges are its input, so a first message is exactly the format the adapter was trained on.
+"""The chat's core, free of any UI: conversation -> prompt for each mode (framed by minigpt.prompts),
+context-window fitting, and the user's sampling settings -> validated values or a message that says
+what is wrong. The app and the API share it.
 """
 from __future__ import annotations
 
@@ -15,15 +11,12 @@ from dataclasses import dataclass
 
 import tiktoken
 
-from lora import alpaca_prompt
-
-from .sampling import SamplingParams
+from ..prompts import STOP_STRINGS, Exchange, render_prompt, transcript
+from ..sampling import SamplingParams
 
 BASE, TUNED = "Base GPT-2", "Alpaca LoRA"
 MODES = (BASE, TUNED)
-BASE_HEADER = "A conversation between a curious User and a friendly, knowledgeable AI Assistant.\n\n"
-# A reply ends where the model starts writing the next turn.
-STOP_STRINGS = {BASE: ("\nUser:", "\nAssistant:"), TUNED: ("\n### ",)}
+FRAMING = {BASE: "dialogue", TUNED: "alpaca"}  # how each mode frames a conversation (minigpt.prompts)
 
 MAX_NEW_TOKENS = 512
 MAX_TEMPERATURE = 2.0
@@ -33,12 +26,6 @@ FIELD_NAMES = {"temperature": "Temperature", "top_k": "Top-k", "top_p": "Top-p"}
 
 class ChatInputError(ValueError):
     """Input the app refuses; the message is meant for the user, as is."""
-
-
-@dataclass(frozen=True)
-class Exchange:
-    user: str
-    assistant: str
 
 
 @dataclass(frozen=True)
@@ -93,33 +80,36 @@ def without_last_reply(history: Sequence[dict]) -> list[dict]:
     return history
 
 
-def transcript(exchanges: Sequence[Exchange]) -> str:
-    return "".join(f"User: {e.user}\nAssistant: {e.assistant}\n" for e in exchanges)
-
-
-def render_prompt(mode: str, exchanges: Sequence[Exchange], message: str) -> str:
-    if mode == BASE:
-        return f"{BASE_HEADER}{transcript(exchanges)}User: {message}\nAssistant:"
-    if mode == TUNED:
-        return alpaca_prompt(message, transcript(exchanges).rstrip("\n"))
-    raise ChatInputError(f"Unknown mode {mode!r}: choose {' or '.join(MODES)}.")
-
-
 def build_prompt(mode: str, history: Sequence[dict], tokenizer: tiktoken.Encoding, budget: int) -> Prompt:
     """The prompt for replying to the last message of history in `mode`, at most `budget` tokens.
 
     The oldest exchanges are dropped whole until it fits; the header and the new message always stay.
-    The whole text is encoded at once (BPE of pieces would not add up), with encode_ordinary so a
-    typed "<|endoftext|>" stays text.
+    Work is bounded by the window, not the history: exchanges are measured newest first, each encoded
+    once, until the budget is spent. The chosen text is then encoded at once (BPE of pieces need not
+    add up exactly; if it comes out longer, one more exchange goes), with encode_ordinary so a typed
+    "<|endoftext|>" stays text.
     """
+    if mode not in FRAMING:
+        raise ChatInputError(f"Unknown mode {mode!r}: choose {' or '.join(MODES)}.")
+    framing = FRAMING[mode]
     exchanges, message = split_history(history)
-    for dropped in range(len(exchanges) + 1):
-        text = render_prompt(mode, exchanges[dropped:], message)
+    used = len(tokenizer.encode_ordinary(render_prompt(framing, [], message)))
+    keep = 0
+    for exchange in reversed(exchanges):
+        used += len(tokenizer.encode_ordinary(transcript([exchange])))
+        if used > budget:
+            break
+        keep += 1
+    while True:
+        kept = exchanges[len(exchanges) - keep:]
+        text = render_prompt(framing, kept, message)
         ids = tokenizer.encode_ordinary(text)
         if len(ids) <= budget:
-            return Prompt(text, ids, dropped, STOP_STRINGS[mode])
-    raise ChatInputError(f"Your message is too long: with its template it takes {len(ids)} tokens, but only "
-                         f"{budget} fit beside the reply. Shorten it or lower 'Max new tokens'.")
+            return Prompt(text, ids, len(exchanges) - keep, STOP_STRINGS[framing])
+        if not keep:
+            raise ChatInputError(f"Your message is too long: with its template it takes {len(ids)} tokens, but only "
+                                 f"{budget} fit beside the reply. Shorten it or lower 'Max new tokens'.")
+        keep -= 1
 
 
 def context_note(prompt: Prompt, context: int) -> str:

@@ -12,7 +12,8 @@ import tiktoken
 import torch
 from matplotlib.figure import Figure
 
-from .model import GPT
+from ..model import GPT
+from ..speed.decoder import Decoder
 from .replies import Reply
 
 # Probability bands for colouring tokens, most likely first: (lower bound, label, colour).
@@ -79,7 +80,7 @@ class AttentionWindow:
 
 
 @torch.inference_mode()
-def attention_window(model: GPT, tokenizer: tiktoken.Encoding, reply: Reply, max_queries: int = MAX_QUERIES,
+def attention_window(model: GPT | Decoder, tokenizer: tiktoken.Encoding, reply: Reply, max_queries: int = MAX_QUERIES,
                      max_keys: int = MAX_KEYS) -> AttentionWindow:
     """Recompute, through the explicit attention path, the attention rows that chose the reply's tokens.
 
@@ -92,7 +93,7 @@ def attention_window(model: GPT, tokenizer: tiktoken.Encoding, reply: Reply, max
     sequence = reply.prompt_ids + reply.token_ids[:-1]  # every token that was read as a query or key
     length, queries = len(sequence), min(n, max_queries)
     keys = min(length, max_keys)
-    device = model.lm_head.weight.device
+    device = model.device
     ids = torch.tensor([sequence], device=device)
     cache = model.new_cache(length)
     if length > queries:  # the earlier tokens only need to be in the cache

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import tiktoken
 
-from .chat import Prompt, Settings
-from .generation import generate
-from .model import GPT
+from ..generation import generate
+from ..model import GPT
+from ..speed.decoder import Decoder
+from .conversation import Prompt, Settings
 
 TOP_N = 5  # alternatives kept per position for the log-prob panel
 
@@ -37,8 +38,8 @@ class Reply:
         return (n - 1) / (self.elapsed_s - self.first_token_s)
 
 
-def stream_reply(model: GPT, tokenizer: tiktoken.Encoding, mode: str, prompt: Prompt, settings: Settings,
-                 stop: threading.Event, draft: GPT | None = None) -> Iterator[Reply]:
+def stream_reply(model: GPT | Decoder, tokenizer: tiktoken.Encoding, mode: str, prompt: Prompt, settings: Settings,
+                 stop: threading.Event, draft: GPT | Decoder | None = None) -> Iterator[Reply]:
     """Yield the same Reply after every token, finished last; checks `stop` before each token.
 
     The model runs inside this generator: when stop is set, or the consumer closes the generator,

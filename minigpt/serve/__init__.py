@@ -1,0 +1,1 @@
+"""The chat and serving layer: conversation framing, reply streaming, panels, sessions, handlers."""

@@ -1,0 +1,143 @@
+"""The chat app's event handlers: what happens on Send, Retry, Undo, Stop, Clear and in the panels.
+
+app.py lays the page out and wires these to its components; nothing here knows the layout beyond
+the order of each handler's inputs and outputs. Every handler receives the browser session's
+Session (a gr.State) and the Engine every session shares.
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+from .conversation import (
+    ChatInputError,
+    as_chat_text,
+    build_prompt,
+    context_note,
+    message_text,
+    read_settings,
+    without_last_reply,
+)
+from .engine import Engine
+from .panels import (
+    AttentionWindow,
+    alternatives,
+    attention_window,
+    heatmap,
+    position_caption,
+    token_highlights,
+)
+from .replies import stats_line, stream_reply
+from .session import Session
+
+ATTENTION_HINT = "The attention of the last reply is computed when this panel is open."
+
+
+def locked() -> list:
+    """Send, Retry, Undo and Clear wait while a reply streams; Stop does not."""
+    return [gr.Button(interactive=False)] * 4
+
+
+def unlock() -> tuple:
+    return gr.Textbox(interactive=True), *[gr.Button(interactive=True)] * 4
+
+
+class ChatHandlers:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.ready = f"Ready · {engine.device}"
+
+    def prepare(self, history, mode, temperature, top_k, top_p, max_new_tokens, seed):
+        """Everything a reply needs, validated; bad input becomes a message for the user."""
+        context = self.engine.n_positions
+        try:
+            model = self.engine.model(mode)
+            settings, notices = read_settings(temperature, top_k, top_p, max_new_tokens, seed, context)
+            prompt = build_prompt(mode, history, self.engine.tokenizer, context - settings.max_new_tokens)
+        except ChatInputError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        return model, settings, notices, prompt
+
+    def add_message(self, session: Session, message, history, *controls):  # controls as in prepare()
+        if not message.strip():
+            raise gr.Error("Type a message first.", print_exception=False)
+        history = [*history, {"role": "user", "content": as_chat_text(message)}]
+        self.prepare(history, *controls)  # refuse now, while the message is still in the box
+        session.queue_reply()
+        return gr.Textbox(value="", interactive=False), history, *locked()
+
+    def retry(self, session: Session, history, *controls):
+        history = without_last_reply(history)
+        self.prepare(history, *controls)
+        session.queue_reply()
+        return gr.Textbox(interactive=False), history, *locked()
+
+    @staticmethod
+    def undo(history):
+        """Take back the last exchange; the message returns to the box for editing."""
+        history = without_last_reply(history)
+        if not history:
+            return gr.skip(), history
+        return message_text(history[-1]), history[:-1]
+
+    @staticmethod
+    def stop(session: Session):
+        session.stop()
+
+    def respond(self, session: Session, history, mode, temperature, top_k, top_p, max_new_tokens, seed, layer, head):
+        model, settings, notices, prompt = self.prepare(history, mode, temperature, top_k, top_p, max_new_tokens,
+                                                        seed)
+        notes = [*notices, context_note(prompt, self.engine.n_positions)]
+        for note in filter(None, notes):
+            gr.Warning(note)
+        flag = session.start_reply()
+        history = [*history, {"role": "assistant", "content": ""}]
+        try:
+            for reply in stream_reply(model, self.engine.tokenizer, mode, prompt, settings, flag,
+                                      self.engine.drafts.get(mode)):
+                history[-1] = {"role": "assistant", "content": as_chat_text(reply.text.strip())}
+                status = "\n\n".join(filter(None, [stats_line(reply, self.engine.device), *notes]))
+                if reply.finish_reason is None:
+                    yield history, status, *[gr.skip()] * 7
+            wanted = session.attention_open and reply.token_ids
+            session.show(reply, attention_window(model, self.engine.tokenizer, reply) if wanted else None)
+            yield (history, status, prompt.text, *self.log_prob_panel(session, len(reply.token_ids)),
+                   *self.attention_panel(session, layer, head))
+        finally:
+            session.finish_reply(flag)
+
+    def log_prob_panel(self, session: Session, position: int):
+        reply = session.reply
+        if reply is None or not reply.token_ids:
+            return [], gr.Slider(1, 2, value=1), "No reply yet.", None
+        position = min(max(int(position), 1), len(reply.token_ids))  # a slider cannot span a single value
+        tokenizer = self.engine.tokenizer
+        return (token_highlights(reply, tokenizer), gr.Slider(1, max(len(reply.token_ids), 2), value=position),
+                position_caption(reply, tokenizer, position), alternatives(reply, tokenizer, position))
+
+    def alternatives_at(self, session: Session, position):
+        return self.log_prob_panel(session, position)[2:]
+
+    def pick_token(self, session: Session, event: gr.SelectData):
+        return self.log_prob_panel(session, event.index + 1)
+
+    @staticmethod
+    def attention_panel(session: Session, layer, head):
+        window: AttentionWindow | None = session.window
+        if window is None:
+            return None, ATTENTION_HINT
+        return heatmap(window, layer, None if head < 0 else head), window.note
+
+    def open_attention(self, session: Session, layer, head):
+        session.attention_open = True
+        reply = session.reply
+        if session.window is None and reply is not None and reply.token_ids:
+            session.window = attention_window(self.engine.models[reply.mode], self.engine.tokenizer, reply)
+        return self.attention_panel(session, layer, head)
+
+    @staticmethod
+    def close_attention(session: Session):
+        session.attention_open = False
+
+    def clear(self, session: Session):
+        session.show(None)
+        return [], self.ready, "", *self.log_prob_panel(session, 1), *self.attention_panel(session, 0, -1)
