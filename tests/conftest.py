@@ -6,7 +6,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from checkpoints import make_checkpoint  # noqa: E402  (env first: transformers reads it on import)
+from tests.helpers.checkpoints import make_checkpoint  # noqa: E402  (env first: transformers reads it on import)
 
 
 @pytest.fixture(scope="session")

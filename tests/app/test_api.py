@@ -5,15 +5,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from app_server import running_app
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from peft import PeftModel
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
-from minigpt.chat import BASE, BASE_HEADER, TUNED, message_text
+from minigpt.prompts import DIALOGUE_HEADER
+from minigpt.serve.conversation import BASE, TUNED, message_text
+from tests.helpers.app_server import running_app
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_a_reply_streams_in_and_equals_transformers_greedy_text(app, oracle):
     chat, stats, prompt = final[0], final[1], final[2]
 
     assert len(texts) > 3 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # grows token by token
-    assert prompt == BASE_HEADER + "User: Hello, who are you?\nAssistant:"
+    assert prompt == DIALOGUE_HEADER + "User: Hello, who are you?\nAssistant:"
     assert message_text(chat[-1]) == expected_reply(base, tokenizer, prompt, 24, ["\nUser:", "\nAssistant:"])
     assert [m["role"] for m in chat] == ["user", "assistant"]
     assert "first token" in stats and f"{BASE} · cpu float32" in stats
@@ -120,7 +121,7 @@ def test_a_long_conversation_drops_its_oldest_exchanges_and_says_so(app):
     chat, stats, prompt = Client(app.url, verbose=False).predict(*chat_args(history(*turns, "Last one?")),
                                                                  api_name="/chat")[:3]
     assert "The conversation outgrew the 1024-token window: the oldest " in stats
-    assert prompt.startswith(BASE_HEADER) and "Question 0:" not in prompt and "Answer 11:" in prompt
+    assert prompt.startswith(DIALOGUE_HEADER) and "Question 0:" not in prompt and "Answer 11:" in prompt
     assert prompt.endswith("User: Last one?\nAssistant:") and len(chat) == 26  # the chat itself keeps everything
 
 

@@ -1,16 +1,17 @@
 """app.py without a server: command line, loading the models once, the mode switch without an adapter."""
 import pytest
 import torch
-from app_server import make_adapter
 
 import app
-from minigpt.chat import BASE, TUNED, ChatInputError
+from minigpt.serve.conversation import BASE, TUNED, ChatInputError
+from minigpt.serve.engine import load_engine
+from tests.helpers.app_server import make_adapter
 
 
 def test_defaults_bind_to_localhost_7860(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     args = app.parse_args([])
-    assert (args.model, args.adapter, args.host, args.port, args.share, args.dtype, args.concurrency) == \
+    assert (args.model, args.adapter, args.host, args.port, args.share, args.precision, args.concurrency) == \
         ("gpt2", None, "127.0.0.1", 7860, False, "float32", 2)
 
 
@@ -22,7 +23,7 @@ def test_on_a_space_it_binds_all_interfaces(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [(["--concurrency", "0"], "--concurrency must be >= 1"),
                                            (["--dtype", "float64"], "invalid choice: 'float64'"),
-                                           (["--dtype", "int8", "--speculative"], "use it with a float --dtype")])
+                                           (["--dtype", "int8", "--speculative"], "use it with a float --precision")])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         app.parse_args(argv)
@@ -32,7 +33,7 @@ def test_bad_options_are_refused(argv, message, capsys):
 def test_without_an_adapter_only_base_mode_runs_and_the_hint_says_how_to_get_one(tiny_checkpoint, tmp_path,
                                                                                   monkeypatch):
     monkeypatch.chdir(tmp_path)  # no checkpoints/alpaca-lora here
-    engine = app.load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32")
+    engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32")
     assert list(engine.models) == [BASE] and engine.device == "cpu float32"
     assert "python -m lora.train" in engine.adapter_hint and "--adapter" in engine.adapter_hint
     with pytest.raises(ChatInputError, match="Alpaca LoRA mode is off: no adapter in checkpoints/alpaca-lora"):
@@ -41,8 +42,8 @@ def test_without_an_adapter_only_base_mode_runs_and_the_hint_says_how_to_get_one
 
 def test_the_tuned_model_shares_the_base_weights_but_its_lora_targets(tiny_checkpoint, tmp_path):
     folder = tiny_checkpoint[0]
-    engine = app.load_engine(str(folder), str(make_adapter(folder, tmp_path / "adapter")), "cpu", "bfloat16")
-    base, tuned = engine.models[BASE], engine.models[TUNED]
+    engine = load_engine(str(folder), str(make_adapter(folder, tmp_path / "adapter")), "cpu", "bfloat16")
+    base, tuned = engine.models[BASE].model, engine.models[TUNED].model
     assert engine.device == "cpu bfloat16" and tuned.lm_head.weight.dtype == torch.bfloat16
     assert tuned.transformer.wte.weight is base.transformer.wte.weight
     assert tuned.transformer.h[0].mlp.c_fc.weight is base.transformer.h[0].mlp.c_fc.weight
@@ -60,7 +61,7 @@ def test_unloadable_weights_end_with_a_one_line_error_naming_them(tiny_checkpoin
 
 def test_the_app_exposes_chat_stop_and_alternatives(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    demo = app.build_app(app.load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32"))
+    demo = app.build_app(load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32"))
     names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert names == {"chat", "stop", "alternatives"}
 
@@ -68,17 +69,25 @@ def test_the_app_exposes_chat_stop_and_alternatives(tiny_checkpoint, tmp_path, m
 def test_speculative_engine_drafts_each_mode_and_replies_as_without(tiny_checkpoint, tmp_path):
     import threading
 
-    from minigpt.chat import Prompt, read_settings
-    from minigpt.quantize import Int8Linear
-    from minigpt.replies import stream_reply
+    from minigpt.serve.conversation import Prompt, read_settings
+    from minigpt.serve.replies import stream_reply
+    from minigpt.speed.quantize import Int8Linear
     folder = tiny_checkpoint[0]
-    engine = app.load_engine(str(folder), str(make_adapter(folder, tmp_path / "adapter")), "cpu", "float32",
-                             speculative=True)
+    engine = load_engine(str(folder), str(make_adapter(folder, tmp_path / "adapter")), "cpu", "float32",
+                         speculative=True)
     assert list(engine.drafts) == [BASE, TUNED] and engine.device == "cpu float32 + int8 draft"
-    assert isinstance(engine.drafts[TUNED].transformer.h[0].attn.c_attn, Int8Linear)
+    assert isinstance(engine.drafts[TUNED].model.transformer.h[0].attn.c_attn, Int8Linear)
     settings = read_settings(0, 0, 1.0, 24, None, context=128)[0]
     prompt = Prompt("", engine.tokenizer.encode_ordinary("User: Hello there\nAssistant:"), 0, stop=())
     for mode in (BASE, TUNED):
         replies = [list(stream_reply(engine.models[mode], engine.tokenizer, mode, prompt, settings, threading.Event(),
                                      draft))[-1] for draft in (None, engine.drafts[mode])]
         assert replies[0].token_ids == replies[1].token_ids and replies[0].text == replies[1].text
+
+
+def test_precision_is_one_flag_with_dtype_as_its_alias_and_compile_is_ignored(tiny_checkpoint, capsys):
+    assert app.parse_args(["--precision", "int8"]).precision == app.parse_args(["--dtype", "int8"]).precision == "int8"
+    from minigpt.cli import warn_if_compile
+    warn_if_compile(app.parse_args(["--compile"]))
+    assert capsys.readouterr().err == ("note: --compile is no longer needed and is ignored: the fastest decode step "
+                                       "is chosen at load time\n")

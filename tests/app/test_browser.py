@@ -5,10 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
-from app_server import REPO, running_app
+
+from tests.helpers.app_server import REPO, running_app
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = [pytest.mark.browser,
+pytestmark = [pytest.mark.slow, pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian's Chromium at {CHROMIUM}")]
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_server import free_port, make_adapter
-from checkpoints import make_checkpoint
 from safetensors.torch import load_file, save_file
 
 import app
-from lora.adapter import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from lora.state import STATE_FILE, load_state
 from lora.train import main as train_main
-
-REPO = Path(__file__).resolve().parents[1]
+from minigpt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+from tests.helpers import REPO
+from tests.helpers.app_server import free_port, make_adapter
+from tests.helpers.checkpoints import make_checkpoint
 
 
 @pytest.fixture(scope="module")

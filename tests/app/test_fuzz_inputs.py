@@ -5,17 +5,28 @@ valid result or the entry point's own error type with a one-line message; no oth
 import json
 import re
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from lora.adapter import AdapterConfig, AdapterError, read_adapter, resolve_adapter
-from lora.alpaca import read_raw, parse_records
+from lora.alpaca import parse_records, read_raw
 from lora.batches import tokenize
 from minigpt import CheckpointError
-from minigpt.chat import BASE, MAX_SEED, MAX_TEMPERATURE, MODES, ChatInputError, build_prompt, read_settings
+from minigpt.adapters import AdapterConfig, AdapterError, read_adapter, resolve_adapter
+from minigpt.serve.conversation import (
+    BASE,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MODES,
+    ChatInputError,
+    build_prompt,
+    read_settings,
+)
 from minigpt.tokenizer import EOT_ID
 from minigpt.weights import resolve_snapshot
+from tests.minigpt.test_fuzz import ODD_PIECES, odd_text
 
-from test_fuzz_engine import ODD_PIECES, odd_text
+pytestmark = pytest.mark.slow
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                      HealthCheck.function_scoped_fixture])

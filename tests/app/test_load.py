@@ -3,6 +3,8 @@ import pytest
 
 from bench.load import run_load
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_eight_concurrent_sessions_are_served_isolated_and_without_leaks(tmp_path):

@@ -4,17 +4,16 @@ import ast
 import json
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
-from app_server import running_app
 from gradio_client import Client
 
 from bench.load import server_process
-from minigpt.chat import MODES
+from minigpt.serve.conversation import MODES
+from tests.helpers import REPO
+from tests.helpers.app_server import running_app
 
-REPO = Path(__file__).resolve().parents[1]
 FILE_COMPONENTS = {"File", "Files", "UploadButton", "DownloadButton", "FileExplorer", "Image", "Audio", "Video",
                    "Gallery", "Model3D", "ImageEditor", "MultimodalTextbox"}
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
@@ -73,6 +72,7 @@ def status_of(url: str) -> int:
         return e.code
 
 
+@pytest.mark.slow
 def test_the_app_listens_on_loopback_only(app):
     sockets = [c for c in server_process(app.url).net_connections("inet") if c.status == psutil.CONN_LISTEN]
     assert sockets and {c.laddr.ip for c in sockets} == {"127.0.0.1"}
@@ -81,10 +81,12 @@ def test_the_app_listens_on_loopback_only(app):
 @pytest.mark.parametrize("path", ["gradio_api/file=/etc/passwd", "gradio_api/file=app.py",
                                   "gradio_api/file=../../../../etc/passwd", "gradio_api/file=%2Fetc%2Fpasswd",
                                   "gradio_api/file={checkpoint}/model.safetensors", "file=/etc/passwd"])
+@pytest.mark.slow
 def test_no_file_outside_gradio_cache_is_served(app, path):
     assert status_of(app.url + path.format(checkpoint=app.checkpoint)) in (403, 404)
 
 
+@pytest.mark.slow
 def test_a_file_path_smuggled_into_the_history_is_never_read(app):
     history = [{"role": "user", "content": [{"type": "file", "file": {"path": "/etc/passwd",
                                                                      "meta": {"_type": "gradio.FileData"}}},
@@ -99,6 +101,7 @@ def test_a_file_path_smuggled_into_the_history_is_never_read(app):
         api_name="/chat")[0][-1]["role"] == "assistant"
 
 
+@pytest.mark.slow
 def test_the_api_offers_no_file_or_path_input(app):
     api = Client(app.url, verbose=False).view_api(return_format="dict", print_info=False)
     assert set(api["named_endpoints"]) == {"/chat", "/stop", "/alternatives"} and not api["unnamed_endpoints"]
@@ -108,6 +111,7 @@ def test_the_api_offers_no_file_or_path_input(app):
     assert (mode["component"], mode["type"]["enum"]) == ("Radio", list(MODES))  # no adapter path to type in
 
 
+@pytest.mark.slow
 def test_the_chat_renders_text_not_html(app):
     config = json.loads(urllib.request.urlopen(app.url + "config", timeout=10).read())
     chat = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "chat")

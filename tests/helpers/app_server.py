@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from checkpoints import make_checkpoint
 
 from lora import AdapterConfig, inject_lora, save_adapter
 from minigpt import load_pretrained
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+from tests.helpers.checkpoints import make_checkpoint
 
 
 @dataclass

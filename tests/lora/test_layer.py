@@ -7,8 +7,8 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 from lora import LoRALinear, inject_lora, lora_parameters
-from lora.adapter import PEFT_PREFIX
 from minigpt import GPT, GPTConfig
+from minigpt.adapters import PEFT_PREFIX
 
 TARGET_SETS = [["c_attn"], ["c_attn", "c_proj", "c_fc"]]
 

@@ -4,14 +4,14 @@ import math
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
 from safetensors.torch import load_file
 
 import lora.train
 from lora import load_tuned_model
-from lora.adapter import WEIGHTS_FILE
 from lora.train import main, warmup_cosine
 from minigpt import load_pretrained
+from minigpt.adapters import WEIGHTS_FILE
+from tests.helpers.checkpoints import make_checkpoint
 
 RECORDS = [
     {"instruction": "Say yes.", "input": "", "output": "Yes."},

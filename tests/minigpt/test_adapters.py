@@ -5,14 +5,20 @@ import threading
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from test_lora import peft_twin, tokens
 
-from lora import AdapterConfig, AdapterError, alpaca_prompt, load_tuned_model, save_adapter
-from lora.adapter import CONFIG_FILE, WEIGHTS_FILE
+from lora import (
+    AdapterConfig,
+    AdapterError,
+    alpaca_prompt,
+    load_tuned_model,
+    save_adapter,
+)
 from minigpt import CheckpointError, SamplingParams, generate, load_pretrained
+from minigpt.adapters import CONFIG_FILE, WEIGHTS_FILE
+from tests.helpers.checkpoints import make_checkpoint
+from tests.lora.test_layer import peft_twin, tokens
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +191,8 @@ def test_adapter_for_another_base_shape_is_refused(tiny_model, tmp_path):
 
 def test_hub_adapter_loads_from_the_cache_offline(tiny_model, twin, peft_folder, tmp_path, monkeypatch):
     from huggingface_hub import constants
-    from test_weights import fake_hub_cache
+
+    from tests.minigpt.test_weights import fake_hub_cache
     fake_hub_cache(tmp_path, "someone/tiny-gpt2-lora", peft_folder)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     tuned = load_tuned_model(tiny_model[0], "someone/tiny-gpt2-lora")

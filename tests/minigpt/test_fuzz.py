@@ -9,13 +9,16 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from checkpoints import make_checkpoint
 from minigpt import load_pretrained
 from minigpt.generation import StreamDecoder, fit_to_context, generate
 from minigpt.sampling import SamplingParams, filter_logits, sample
 from minigpt.tokenizer import EOT_ID
+from tests.helpers.checkpoints import make_checkpoint
+
+pytestmark = pytest.mark.slow
 
 ODD_PIECES = ["", " ", "\t\n\r", "\x00", "\x07\x1b[31m", "\u202e", "\ufeff", "\ud800", "\udfff", "\ud83d\ude00",
               "<|endoftext|>", "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "**bold** `code`",

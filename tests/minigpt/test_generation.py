@@ -1,5 +1,4 @@
 """The streaming decoder: events, UTF-8 safety, stop strings, context rule, cancellation, seeds."""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ class ScriptedModel:
 
     def __init__(self, script: list[int], prompt_len: int, n_positions: int = 1024):
         self.config = GPTConfig(n_positions=n_positions, n_embd=8, n_layer=1, n_head=1)
-        self.lm_head = SimpleNamespace(weight=torch.zeros(1))
+        self.device = torch.device("cpu")
         self.script, self.prompt_len, self.calls = script, prompt_len, 0
 
     def new_cache(self, max_len: int) -> KVCache:

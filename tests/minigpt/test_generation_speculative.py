@@ -6,10 +6,9 @@ import torch
 
 from minigpt import SamplingParams, generate, load_pretrained
 from minigpt.model import GPT
-from minigpt.quantize import Int8Linear, int8_drafts
 from minigpt.sampling import filter_logits
-
-from checkpoints import make_checkpoint
+from minigpt.speed.quantize import Int8Linear, int8_drafts
+from tests.helpers.checkpoints import make_checkpoint
 
 GREEDY = SamplingParams(temperature=0)
 

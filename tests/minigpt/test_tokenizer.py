@@ -6,7 +6,7 @@ from transformers import GPT2TokenizerFast
 
 from minigpt import CheckpointError
 from minigpt.tokenizer import load_tokenizer
-from checkpoints import write_tokenizer
+from tests.helpers.checkpoints import write_tokenizer
 
 CORPUS = [
     "Hello, world! It's a test: we're done, they'll see, I've been, he'd go.",

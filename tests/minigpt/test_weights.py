@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minigpt import CheckpointError, load_pretrained
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO as ROOT
 
 
 @pytest.fixture

@@ -1,9 +1,26 @@
 """The chat app's core without any UI: prompts for both modes, context fitting, settings validation."""
 import pytest
 
-from minigpt.chat import (BASE, as_chat_text, BASE_HEADER, MAX_TEMPERATURE, TUNED, ChatInputError, Exchange, build_prompt,
-                          context_note, message_text, read_settings, render_prompt, split_history,
-                          without_last_reply)
+from minigpt.prompts import DIALOGUE_HEADER, Exchange
+from minigpt.serve.conversation import (
+    BASE,
+    FRAMING,
+    MAX_TEMPERATURE,
+    TUNED,
+    ChatInputError,
+    as_chat_text,
+    build_prompt,
+    context_note,
+    message_text,
+    read_settings,
+    split_history,
+    without_last_reply,
+)
+
+
+def render_prompt(mode, exchanges, message):
+    from minigpt.prompts import render_prompt as render
+    return render(FRAMING.get(mode, mode), exchanges, message)
 
 ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -51,7 +68,7 @@ def test_split_history_refuses_when_there_is_nothing_to_answer(history):
 
 def test_base_prompt_is_a_plain_dialogue_transcript():
     text = render_prompt(BASE, [Exchange("Hi!", "Hello. How can I help?")], "Name a colour.")
-    assert text == (BASE_HEADER + "User: Hi!\nAssistant: Hello. How can I help?\n"
+    assert text == (DIALOGUE_HEADER + "User: Hi!\nAssistant: Hello. How can I help?\n"
                     "User: Name a colour.\nAssistant:")
 
 
@@ -67,7 +84,7 @@ def test_tuned_prompt_puts_earlier_exchanges_in_the_input():
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ChatInputError, match="Unknown mode"):
-        render_prompt("GPT-5", [], "hi")
+        build_prompt("GPT-5", [{"role": "user", "content": "hi"}], None, 100)
 
 
 def test_prompt_ids_are_the_whole_text_encoded_with_special_tokens_as_text(tiny_model):

@@ -8,10 +8,17 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from minigpt import SamplingParams, generate
-from minigpt.chat import BASE, Prompt, read_settings
-from minigpt.panels import (BANDS, alternatives, attention_window, band, heatmap, position_caption,
-                            token_highlights)
-from minigpt.replies import Reply, stream_reply
+from minigpt.serve.conversation import BASE, Prompt, read_settings
+from minigpt.serve.panels import (
+    BANDS,
+    alternatives,
+    attention_window,
+    band,
+    heatmap,
+    position_caption,
+    token_highlights,
+)
+from minigpt.serve.replies import Reply, stream_reply
 
 
 @pytest.fixture(scope="module")

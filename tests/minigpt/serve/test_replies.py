@@ -4,8 +4,8 @@ import threading
 import pytest
 import torch
 
-from minigpt.chat import BASE, Prompt, read_settings
-from minigpt.replies import Reply, stats_line, stream_reply
+from minigpt.serve.conversation import BASE, Prompt, read_settings
+from minigpt.serve.replies import Reply, stats_line, stream_reply
 
 
 def greedy(max_new_tokens):

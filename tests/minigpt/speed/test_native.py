@@ -1,4 +1,4 @@
-"""The C decode step (minigpt/native.py, int8_decode.c) against an independent oracle.
+"""The C decode step (minigpt/speed/native.py, int8_decode.c) against an independent oracle.
 
 Oracle: our float32 model with every Linear's weight replaced by the int8 model's dequantized weight
 (q * scale, from the stored tensors). The C step does the same arithmetic in another order and with
@@ -9,19 +9,21 @@ import copy
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
-from minigpt import native
 from minigpt.config import GPTConfig
 from minigpt.generation import generate
 from minigpt.inference import load_for_inference, speculative_drafts
 from minigpt.model import GPT
-from minigpt.native import NativeUnavailable, use_native_decode
-from minigpt.quantize import Int8Linear, quantize_int8
 from minigpt.sampling import SamplingParams
+from minigpt.serve.engine import load_engine
+from minigpt.speed import native
+from minigpt.speed.decoder import Decoder
+from minigpt.speed.native import NativeUnavailable, native_step
+from minigpt.speed.quantize import Int8Linear, quantize_int8
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
                                 reason="the C decode step needs AVX-512; other CPUs keep PyTorch's int8 kernel")
@@ -34,13 +36,13 @@ def models(tiny_model):
     model, tokenizer, _ = tiny_model
     int8 = copy.deepcopy(model)
     quantize_int8(int8)
-    use_native_decode(int8)
+    int8 = Decoder(int8, native_step(int8), "C decode step")
     reference = copy.deepcopy(model)
     linears = dict(reference.named_modules())
-    for name, quantized in int8.named_modules():
+    for name, quantized in int8.model.named_modules():
         if isinstance(quantized, Int8Linear) and name in linears:
             linears[name].weight = torch.nn.Parameter(quantized.dequantize())
-    reference.lm_head.weight = reference.transformer.wte.weight = torch.nn.Parameter(int8.lm_head.dequantize())
+    reference.lm_head.weight = reference.transformer.wte.weight = torch.nn.Parameter(int8.model.lm_head.dequantize())
     return int8, reference, tokenizer
 
 
@@ -60,7 +62,7 @@ def test_every_step_matches_the_dequantized_float32_model(models):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(cache.k, ref_cache.k, atol=ATOL, rtol=0)  # the keys and values it stored
     torch.testing.assert_close(cache.v, ref_cache.v, atol=ATOL, rtol=0)
-    plain = int8.copy_sharing_weights()  # PyTorch's int8 kernel rounds activations to bfloat16: not this close
+    plain = int8.model  # without the C step, PyTorch's int8 kernel rounds activations to bfloat16: not this close
     with torch.inference_mode():
         assert (one_at_a_time(plain, ids, plain.new_cache(64)) - expected).abs().max() > 10 * ATOL
 
@@ -79,8 +81,7 @@ def test_it_reads_a_cache_that_pytorch_wrote(models):
 
 def test_prompts_and_batches_stay_on_pytorch(models):
     int8, _, tokenizer = models
-    plain = int8.copy_sharing_weights()
-    assert plain.native_step is None  # copies decode through PyTorch
+    plain = int8.model  # the same model without the C step
     ids = torch.tensor([tokenizer.encode_ordinary("Hello there, general")] * 2)
     with torch.inference_mode():
         for x in (ids[:1], ids, ids[:, :1]):  # a prompt, a batch of prompts, a batch of single tokens
@@ -121,33 +122,31 @@ def test_concurrent_requests_do_not_share_state(models):
 def test_speculative_drafts_decode_in_c_and_keep_the_models_tokens(tiny_model):
     model, tokenizer, _ = tiny_model
     draft = speculative_drafts(model)[0]
-    assert draft.native_step is not None and model.native_step is None
+    assert draft.step is not None and draft.kernel == "C decode step"
     prompt = tokenizer.encode_ordinary("The meaning of life is")
     plain = [e.token_id for e in generate(model, tokenizer, prompt, 30, SamplingParams(temperature=0))]
     fast = [e.token_id for e in generate(model, tokenizer, prompt, 30, SamplingParams(temperature=0), draft=draft)]
     assert fast == plain
 
 
-def test_load_for_inference_decodes_int8_in_c_unless_compiled(tiny_checkpoint):
+def test_load_for_inference_decodes_int8_in_c(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     base, _, _ = load_for_inference(folder, device="cpu", precision="int8")
-    assert isinstance(base.native_step, native.NativeDecoder)
-    assert load_for_inference(folder, device="cpu", precision="float32")[0].native_step is None
-    assert load_for_inference(folder, device="cpu", precision="int8", compile=True)[0].native_step is None
+    assert isinstance(base.step, native.NativeDecoder)
+    assert load_for_inference(folder, device="cpu", precision="float32")[0].step is None
 
 
 def test_cli_and_app_decode_int8_in_c(models, tiny_checkpoint):
-    import app
     _, reference, tokenizer = models
     folder = str(tiny_checkpoint[0])
     expected = [e.token_id for e in generate(reference, tokenizer, tokenizer.encode_ordinary("Hi"), 12,
                                              SamplingParams(temperature=0))]
     run = subprocess.run([sys.executable, "-m", "minigpt.generate", "--model", folder, "--dtype", "int8", "--prompt",
-                          "Hi", "--max-new-tokens", "12", "--temperature", "0"], cwd=Path(__file__).parents[1],
+                          "Hi", "--max-new-tokens", "12", "--temperature", "0"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stderr == "", run.stderr  # no fallback warning
     assert run.stdout == "Hi" + tokenizer.decode(expected) + "\n"
-    assert app.load_engine(folder, None, "cpu", "int8").device == "cpu int8 (C decode step)"
+    assert load_engine(folder, None, "cpu", "int8").device == "cpu int8 (C decode step)"
 
 
 def test_without_a_compiler_int8_warns_and_decodes_with_pytorch(tiny_checkpoint, monkeypatch):
@@ -156,7 +155,7 @@ def test_without_a_compiler_int8_warns_and_decodes_with_pytorch(tiny_checkpoint,
     monkeypatch.setattr(native, "library", native.library.__wrapped__)  # build afresh, not the cached library
     with pytest.warns(UserWarning, match=r"stays on PyTorch's kernel: no C compiler .*'/nonexistent/cc'"):
         base, _, tokenizer = load_for_inference(folder, device="cpu", precision="int8")
-    assert base.native_step is None
+    assert base.step is None and base.kernel == "PyTorch"
     assert len(list(generate(base, tokenizer, [1, 2], 5, SamplingParams(temperature=0)))) == 5
 
 
@@ -169,16 +168,15 @@ def test_a_compiler_error_is_reported(monkeypatch):
 def test_models_it_cannot_serve_are_refused_with_the_reason(tiny_model):
     model, _, _ = tiny_model
     with pytest.raises(NativeUnavailable, match="needs an int8 model"):
-        use_native_decode(model)
+        native_step(model)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     quantize_int8(bf16)
     with pytest.raises(NativeUnavailable, match="float32 CPU tensors, got torch.bfloat16"):
-        use_native_decode(bf16)
+        native_step(bf16)
     narrow = GPT(GPTConfig(vocab_size=100, n_positions=16, n_embd=48, n_layer=1, n_head=4))
     quantize_int8(narrow)
     with pytest.raises(NativeUnavailable, match="multiples of 64, got 48"):
-        use_native_decode(narrow)
-    assert model.native_step is bf16.native_step is narrow.native_step is None
+        native_step(narrow)
 
 
 def test_a_full_cache_is_refused(models):

@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from minigpt.generation import generate
 from minigpt.model import GPT
-from minigpt.quantize import Int8Embedding, Int8Linear, quantize_int8
 from minigpt.sampling import SamplingParams
+from minigpt.speed.quantize import Int8Embedding, Int8Linear, quantize_int8
 
 
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["rest-float32", "rest-bfloat16"])
