@@ -34,92 +34,99 @@ EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of Fran
 
 
 def build_app(engine: Engine) -> gr.Blocks:
-    config = engine.models[BASE].config
-    handlers = ChatHandlers(engine)
+    """The page: one tab per view, each laid out by its own function below."""
     with gr.Blocks(title="MiniGPT chat", analytics_enabled=False) as demo:
         gr.Markdown("# MiniGPT chat\nGPT-2 written from scratch, with real OpenAI weights, and its Alpaca "
                     "LoRA. Replies stream token by token; open the panels below to look inside.")
-        session = gr.State(Session())
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
-                chat = gr.Chatbot(elem_id="chat", label="Conversation", height=440, render_markdown=False,
-                                  sanitize_html=True, allow_tags=False, buttons=["copy", "copy_all"],
-                                  placeholder="Ask something, or pick an example below.")
-                with gr.Row():
-                    msg = gr.Textbox(elem_id="msg", show_label=False, placeholder="Message MiniGPT…", scale=5,
-                                     autofocus=True)
-                    send = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=80)
-                    stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=80)
-                with gr.Row():
-                    retry_btn = gr.Button("↻ Retry", elem_id="retry", size="sm")
-                    undo_btn = gr.Button("↶ Undo", elem_id="undo", size="sm")
-                    clear_btn = gr.Button("✕ Clear", elem_id="clear", size="sm")
-                stats = gr.Markdown(handlers.ready, elem_id="stats")
-                gr.Examples(EXAMPLES, inputs=msg, label="Examples")
-            with gr.Column(scale=2):
-                mode = gr.Radio(list(MODES), value=BASE, label="Model", elem_id="mode",
-                                interactive=TUNED in engine.models,
-                                info=("Base GPT-2 continues a plain dialogue; Alpaca LoRA follows instructions."
-                                      if TUNED in engine.models else f"Alpaca LoRA is off: {engine.adapter_hint}"))
-                with gr.Accordion("Sampling", open=True):
-                    temperature = gr.Slider(0, MAX_TEMPERATURE, value=0.7, step=0.05, label="Temperature",
-                                            info="0 = greedy", elem_id="temperature")
-                    top_k = gr.Slider(0, 200, value=40, step=1, label="Top-k", info="0 = off", elem_id="top_k")
-                    top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p", info="1 = off",
-                                      elem_id="top_p")
-                    max_new_tokens = gr.Slider(1, min(MAX_NEW_TOKENS, config.n_positions // 2), value=128, step=1,
-                                               label="Max new tokens", elem_id="max_new_tokens")
-                    seed = gr.Textbox("", label="Seed", info="a whole number repeats a reply; blank = random",
-                                      placeholder="random", elem_id="seed")
-                with gr.Accordion("Prompt sent to the model", open=False):
-                    prompt_view = gr.Textbox(elem_id="prompt", show_label=False, lines=8, max_lines=20,
-                                             interactive=False, buttons=["copy"])
-        with gr.Accordion("Token log-probabilities", open=False, elem_id="logprob_panel"):
-            tokens = gr.HighlightedText(elem_id="tokens", label="Last reply, coloured by the probability of each token",
-                                        color_map=BAND_COLOURS, show_legend=True, show_inline_category=False)
-            with gr.Row():
-                with gr.Column(scale=2):
-                    position = gr.Slider(1, 2, value=1, step=1, label="Token position (or click a token)",
-                                         elem_id="position")
-                    caption = gr.Markdown(elem_id="caption")
-                alts = gr.Label(elem_id="alternatives", label="Top-5 alternatives (raw model distribution)",
-                                num_top_classes=5, scale=3)
-        with gr.Accordion("Attention map", open=False, elem_id="attention_panel") as attention_acc:
-            with gr.Row():
-                layer = gr.Dropdown([(f"Layer {i + 1}", i) for i in range(config.n_layer)], value=0,
-                                    label="Layer", elem_id="layer")
-                head = gr.Dropdown([("Average over heads", -1)] + [(f"Head {h + 1}", h) for h in range(config.n_head)],
-                                   value=-1, label="Head", elem_id="head")
-            attention_note = gr.Markdown(ATTENTION_HINT, elem_id="attention_note")
-            plot = gr.Plot(elem_id="heatmap", show_label=False)
-
-        controls = [mode, temperature, top_k, top_p, max_new_tokens, seed]
-        lockable = [send, retry_btn, undo_btn, clear_btn]
-        panels = [prompt_view, tokens, position, caption, alts, plot, attention_note]
-
-        def reply_chain(trigger, step, step_inputs, api_name=None):
-            """step checks the input and locks the controls (no queue); then the reply streams; then unlock."""
-            trigger(step, [session, *step_inputs], [msg, chat, *lockable], queue=False,
-                    api_visibility="private").success(
-                handlers.respond, [session, chat, *controls, layer, head], [chat, stats, *panels], api_name=api_name,
-                api_visibility="public" if api_name else "private").then(
-                unlock, None, [msg, *lockable], queue=False, api_visibility="private")
-
-        reply_chain(msg.submit, handlers.add_message, [msg, chat, *controls], api_name="chat")
-        reply_chain(send.click, handlers.add_message, [msg, chat, *controls])
-        reply_chain(retry_btn.click, handlers.retry, [chat, *controls])
-        undo_btn.click(handlers.undo, chat, [msg, chat], queue=False, api_visibility="private")
-        clear_btn.click(handlers.clear, session, [chat, stats, *panels], queue=False, api_visibility="private")
-        stop_btn.click(handlers.stop, session, None, queue=False, api_name="stop")
-        position.release(handlers.alternatives_at, [session, position], [caption, alts], api_name="alternatives")
-        tokens.select(handlers.pick_token, session, [tokens, position, caption, alts], api_visibility="private")
-        attention_acc.expand(handlers.open_attention, [session, layer, head], [plot, attention_note],
-                             api_visibility="private")
-        attention_acc.collapse(handlers.close_attention, session, None, queue=False, api_visibility="private")
-        for selector in (layer, head):
-            selector.change(handlers.attention_panel, [session, layer, head], [plot, attention_note],
-                            api_visibility="private")
+        with gr.Tab("Chat", id="chat-tab"):
+            chat_tab(engine)
     return demo
+
+
+def chat_tab(engine: Engine) -> None:
+    """The chat, its sampling controls and its log-prob and attention panels."""
+    config = engine.models[BASE].config
+    handlers = ChatHandlers(engine)
+    session = gr.State(Session())
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            chat = gr.Chatbot(elem_id="chat", label="Conversation", height=440, render_markdown=False,
+                              sanitize_html=True, allow_tags=False, buttons=["copy", "copy_all"],
+                              placeholder="Ask something, or pick an example below.")
+            with gr.Row():
+                msg = gr.Textbox(elem_id="msg", show_label=False, placeholder="Message MiniGPT…", scale=5,
+                                 autofocus=True)
+                send = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=80)
+                stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=80)
+            with gr.Row():
+                retry_btn = gr.Button("↻ Retry", elem_id="retry", size="sm")
+                undo_btn = gr.Button("↶ Undo", elem_id="undo", size="sm")
+                clear_btn = gr.Button("✕ Clear", elem_id="clear", size="sm")
+            stats = gr.Markdown(handlers.ready, elem_id="stats")
+            gr.Examples(EXAMPLES, inputs=msg, label="Examples")
+        with gr.Column(scale=2):
+            mode = gr.Radio(list(MODES), value=BASE, label="Model", elem_id="mode",
+                            interactive=TUNED in engine.models,
+                            info=("Base GPT-2 continues a plain dialogue; Alpaca LoRA follows instructions."
+                                  if TUNED in engine.models else f"Alpaca LoRA is off: {engine.adapter_hint}"))
+            with gr.Accordion("Sampling", open=True):
+                temperature = gr.Slider(0, MAX_TEMPERATURE, value=0.7, step=0.05, label="Temperature",
+                                        info="0 = greedy", elem_id="temperature")
+                top_k = gr.Slider(0, 200, value=40, step=1, label="Top-k", info="0 = off", elem_id="top_k")
+                top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p", info="1 = off",
+                                  elem_id="top_p")
+                max_new_tokens = gr.Slider(1, min(MAX_NEW_TOKENS, config.n_positions // 2), value=128, step=1,
+                                           label="Max new tokens", elem_id="max_new_tokens")
+                seed = gr.Textbox("", label="Seed", info="a whole number repeats a reply; blank = random",
+                                  placeholder="random", elem_id="seed")
+            with gr.Accordion("Prompt sent to the model", open=False):
+                prompt_view = gr.Textbox(elem_id="prompt", show_label=False, lines=8, max_lines=20,
+                                         interactive=False, buttons=["copy"])
+    with gr.Accordion("Token log-probabilities", open=False, elem_id="logprob_panel"):
+        tokens = gr.HighlightedText(elem_id="tokens", label="Last reply, coloured by the probability of each token",
+                                    color_map=BAND_COLOURS, show_legend=True, show_inline_category=False)
+        with gr.Row():
+            with gr.Column(scale=2):
+                position = gr.Slider(1, 2, value=1, step=1, label="Token position (or click a token)",
+                                     elem_id="position")
+                caption = gr.Markdown(elem_id="caption")
+            alts = gr.Label(elem_id="alternatives", label="Top-5 alternatives (raw model distribution)",
+                            num_top_classes=5, scale=3)
+    with gr.Accordion("Attention map", open=False, elem_id="attention_panel") as attention_acc:
+        with gr.Row():
+            layer = gr.Dropdown([(f"Layer {i + 1}", i) for i in range(config.n_layer)], value=0,
+                                label="Layer", elem_id="layer")
+            head = gr.Dropdown([("Average over heads", -1)] + [(f"Head {h + 1}", h) for h in range(config.n_head)],
+                               value=-1, label="Head", elem_id="head")
+        attention_note = gr.Markdown(ATTENTION_HINT, elem_id="attention_note")
+        plot = gr.Plot(elem_id="heatmap", show_label=False)
+
+    controls = [mode, temperature, top_k, top_p, max_new_tokens, seed]
+    lockable = [send, retry_btn, undo_btn, clear_btn]
+    panels = [prompt_view, tokens, position, caption, alts, plot, attention_note]
+
+    def reply_chain(trigger, step, step_inputs, api_name=None):
+        """step checks the input and locks the controls (no queue); then the reply streams; then unlock."""
+        trigger(step, [session, *step_inputs], [msg, chat, *lockable], queue=False,
+                api_visibility="private").success(
+            handlers.respond, [session, chat, *controls, layer, head], [chat, stats, *panels], api_name=api_name,
+            api_visibility="public" if api_name else "private").then(
+            unlock, None, [msg, *lockable], queue=False, api_visibility="private")
+
+    reply_chain(msg.submit, handlers.add_message, [msg, chat, *controls], api_name="chat")
+    reply_chain(send.click, handlers.add_message, [msg, chat, *controls])
+    reply_chain(retry_btn.click, handlers.retry, [chat, *controls])
+    undo_btn.click(handlers.undo, chat, [msg, chat], queue=False, api_visibility="private")
+    clear_btn.click(handlers.clear, session, [chat, stats, *panels], queue=False, api_visibility="private")
+    stop_btn.click(handlers.stop, session, None, queue=False, api_name="stop")
+    position.release(handlers.alternatives_at, [session, position], [caption, alts], api_name="alternatives")
+    tokens.select(handlers.pick_token, session, [tokens, position, caption, alts], api_visibility="private")
+    attention_acc.expand(handlers.open_attention, [session, layer, head], [plot, attention_note],
+                         api_visibility="private")
+    attention_acc.collapse(handlers.close_attention, session, None, queue=False, api_visibility="private")
+    for selector in (layer, head):
+        selector.change(handlers.attention_panel, [session, layer, head], [plot, attention_note],
+                        api_visibility="private")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
