@@ -215,6 +215,7 @@ async def replies(engine: Engine, job: Job, request: Request) -> AsyncIterator[R
     stop = threading.Event()
     watcher = asyncio.create_task(watch_disconnect(request, stop))
     steps = engine.stream_reply(job.mode, job.prompt, job.settings, stop, top_n=job.top_logprobs or 0)
+    reply = None
     try:
         while (reply := await anyio.to_thread.run_sync(next, steps, None)) is not None:
             if reply.finish_reason == "stopped":
@@ -224,6 +225,9 @@ async def replies(engine: Engine, job: Job, request: Request) -> AsyncIterator[R
         stop.set()
         steps.close()  # no thread runs it now: run_sync waits for next() to return even when cancelled
         watcher.cancel()
+        if reply is not None and reply.finish_reason in (None, "stopped"):
+            print(f"API: {job.model_id} stopped after {len(reply.token_ids)} of {job.settings.max_new_tokens} tokens: "
+                  "the client left", flush=True)
 
 
 async def watch_disconnect(request: Request, stop: threading.Event) -> None:

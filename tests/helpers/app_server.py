@@ -25,6 +25,7 @@ class RunningApp:
     url: str
     checkpoint: Path
     adapter: Path
+    log: Path  # the app's stdout and stderr
 
 
 def make_adapter(checkpoint: Path, folder: Path, seed: int = 1) -> Path:
@@ -75,7 +76,7 @@ def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180, app_arg
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"app.py did not answer in {startup_s} s:\n{(tmp / 'app.log').read_text()}")
                 time.sleep(0.3)
-        yield RunningApp(url, checkpoint, adapter)
+        yield RunningApp(url, checkpoint, adapter, tmp / "app.log")
     finally:
         process.terminate()
         try:
