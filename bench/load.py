@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--api-clients", type=int, default=0, help="OpenAI-API streaming clients alongside (bench/load_api.py)")
+    p.add_argument("--api-clients", type=int, default=0,
+                   help="OpenAI-API streaming clients alongside (bench/load_api.py)")
     p.add_argument("--concurrency", type=int, default=2, help="the app's --concurrency (replies computed at once)")
     p.add_argument("--rss-bound-mib", type=float, default=32)
     args = p.parse_args(argv)

@@ -46,8 +46,9 @@ def run_api_client(url: str, index: int, turns: int, max_new_tokens: int, reques
     for turn in range(turns):
         chat = (index + turn) % 2 == 0
         action = "disconnect" if index % 4 == 3 and turn == turns - 1 else "finish"
-        args = dict(model=("minigpt-base", "minigpt-tuned")[index % 2], temperature=0.9, top_p=0.95, seed=index * 100 + turn,
-                    max_tokens=max_new_tokens if action == "finish" else LONG_REPLY, extra_body={"top_k": 50})
+        args = dict(model=("minigpt-base", "minigpt-tuned")[index % 2], temperature=0.9, top_p=0.95,
+                    seed=index * 100 + turn, max_tokens=max_new_tokens if action == "finish" else LONG_REPLY,
+                    extra_body={"top_k": 50})
         if chat:
             messages = [*messages, {"role": "user", "content": f"API client {index}, turn {turn}: tell me more."}]
             args["messages"] = messages
