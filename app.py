@@ -13,6 +13,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
 
 import gradio as gr  # noqa: E402
+from starlette.routing import Mount  # noqa: E402
 
 from minigpt import CheckpointError  # noqa: E402
 from minigpt.cli import add_precision_arguments, warn_if_compile  # noqa: E402
@@ -25,6 +26,7 @@ from minigpt.serve.conversation import (  # noqa: E402
 )
 from minigpt.serve.engine import DEFAULT_ADAPTER, Engine, load_engine  # noqa: E402
 from minigpt.serve.handlers import ATTENTION_HINT, ChatHandlers, unlock  # noqa: E402
+from minigpt.serve.openai_api import access_for, api_app, describe  # noqa: E402
 from minigpt.serve.panels import BAND_COLOURS  # noqa: E402
 from minigpt.serve.session import Session  # noqa: E402
 
@@ -142,7 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_precision_arguments(p)
     p.add_argument("--speculative", action="store_true",
                    help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
-    p.add_argument("--concurrency", type=int, default=2, help="replies computed at the same time (the rest queue)")
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="replies computed at the same time, chat and API together (the rest queue)")
+    p.add_argument("--api-key", default=os.environ.get("MINIGPT_API_KEY"),
+                   help="every /v1 (OpenAI-compatible API) request must send it as a bearer token "
+                        "(default: $MINIGPT_API_KEY; none: /v1 is open on loopback, off beyond it)")
+    p.add_argument("--open-api", action="store_true",
+                   help="serve /v1 without a key even when bound beyond loopback (--host 0.0.0.0, a Space)")
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error(f"--concurrency must be >= 1, got {args.concurrency}")
@@ -155,15 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warn_if_compile(args)
     try:
-        engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative)
+        engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative,
+                             args.concurrency)
     except CheckpointError as e:  # includes lora.AdapterError
         print(f"error: {e}", file=sys.stderr)
         return 2
     demo = build_app(engine)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
+    access = access_for(args.host, args.share, args.api_key, args.open_api)
+    print(describe(access, f"http://{args.host}:{args.port}"), flush=True)
+    # The API's routes go first in the FastAPI app Gradio builds, so /v1 is ours and the rest is Gradio's.
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                 theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
-                css_paths=[ASSETS / "app.css"], footer_links=["api"])
+                css_paths=[ASSETS / "app.css"], footer_links=["api"],
+                app_kwargs={"routes": [Mount("/v1", api_app(engine, access))]})
     return 0
 
 

@@ -1,15 +1,16 @@
 """Load test: concurrent chat sessions against `python app.py`, on loopback, with a small random model.
 
-    python -m bench.load --clients 8 --turns 4 --max-new-tokens 48
+    python -m bench.load --clients 8 --turns 4 --max-new-tokens 48 [--api-clients 8]
 
 Each client is its own gradio_client session holding its own conversation for several turns,
 alternating Base GPT-2 and Alpaca LoRA. Client i % 4 == 1 cancels one reply mid-stream
 (job.cancel()), i % 4 == 2 presses Stop (/stop) during one, i % 4 == 3 disconnects mid-reply on its
-last turn (drops its HTTP stream). The whole load runs twice: round 1 warms the server up, round 2 is
-measured. Then it checks that every request finished or was cancelled, that each reply equals a
-one-at-a-time replay with the same seed (a stopped one is a prefix of it), so no session's text reached
-another; that the server log holds no traceback; and that server RSS grew by at most --rss-bound-mib
-from after round 1 to after round 2. Exit status 1 if any check fails.
+last turn (drops its HTTP stream). With --api-clients, OpenAI-API streaming clients run alongside
+(bench/load_api.py says what they do and what is checked). The whole load runs twice: round 1 warms the
+server up, round 2 is measured. Then it checks that every request finished or was cancelled, that each
+reply equals a one-at-a-time replay with the same seed (a stopped one is a prefix of it), so no
+session's text reached another; that the server log holds no traceback; and that server RSS grew by at
+most --rss-bound-mib from after round 1 to after round 2. Exit status 1 if any check fails.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import psutil
 from gradio_client import Client
 from gradio_client.utils import Status
 
+from bench.load_api import ApiRequest, check_api_requests, run_api_client
 from minigpt.serve.conversation import BASE, TUNED, message_text
 from tests.helpers.app_server import (
     running_app,  # tiny checkpoint + adapter, app subprocess
@@ -149,19 +151,26 @@ def run_client(url: str, index: int, turns: int, max_new_tokens: int, requests: 
         client.close()
 
 
-def run_round(url: str, clients: int, turns: int, max_new_tokens: int) -> tuple[list[Request], float]:
-    requests: list[Request] = []
+def run_round(url: str, clients: int, turns: int, max_new_tokens: int,
+              api_clients: int = 0) -> tuple[list[Request | ApiRequest], float]:
+    """All clients at once: `clients` chat sessions and `api_clients` OpenAI-API clients."""
+    requests: list[Request | ApiRequest] = []
     lock = threading.Lock()
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(run_client, url, i, turns, max_new_tokens, requests, lock) for i in range(clients)]:
+    with ThreadPoolExecutor(clients + api_clients) as pool:
+        futures = [pool.submit(run_client, url, i, turns, max_new_tokens, requests, lock) for i in range(clients)]
+        futures += [pool.submit(run_api_client, url, i, turns, max_new_tokens, requests, lock)
+                    for i in range(api_clients)]
+        for future in futures:
             future.result()
     return requests, time.perf_counter() - start
 
 
-def check_requests(url: str, requests: list[Request]) -> list[str]:
+def check_requests(url: str, requests: list[Request | ApiRequest]) -> list[str]:
     """Problems found: failed requests, histories that came back changed, replies unlike a solo replay."""
-    problems = [f"client {r.client} turn {r.turn}: {r.outcome}" for r in requests if r.outcome.startswith("error")]
+    problems = check_api_requests(url, [r for r in requests if isinstance(r, ApiRequest)])
+    requests = [r for r in requests if isinstance(r, Request)]
+    problems += [f"client {r.client} turn {r.turn}: {r.outcome}" for r in requests if r.outcome.startswith("error")]
     replay = Client(url, verbose=False, analytics_enabled=False)
     try:
         for r in requests:
@@ -214,12 +223,12 @@ def server_process(port_url: str) -> psutil.Process:
 
 
 def run_load(tmp: Path, clients: int, turns: int, max_new_tokens: int, rss_bound_mib: float,
-             concurrency: int) -> LoadResult:
+             concurrency: int, api_clients: int = 0) -> LoadResult:
     with running_app(tmp, concurrency=concurrency, **MODEL) as app:
         server = server_process(app.url)
         rounds, problems, rss = [], [], []
         for _ in range(2):  # warm-up, then measured
-            requests, wall = run_round(app.url, clients, turns, max_new_tokens)
+            requests, wall = run_round(app.url, clients, turns, max_new_tokens, api_clients)
             time.sleep(1)  # let cancelled and disconnected generators finish their last step
             rss.append(server.memory_info().rss / 2**20)
             problems += check_requests(app.url, requests)
@@ -237,12 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--api-clients", type=int, default=0,
+                   help="OpenAI-API streaming clients alongside (bench/load_api.py)")
     p.add_argument("--concurrency", type=int, default=2, help="the app's --concurrency (replies computed at once)")
     p.add_argument("--rss-bound-mib", type=float, default=32)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_load(Path(tmp), args.clients, args.turns, args.max_new_tokens, args.rss_bound_mib,
-                          args.concurrency)
+                          args.concurrency, args.api_clients)
     for name, r in zip(("warm-up", "measured"), result.rounds):
         print(f"{name}: {r['requests']} requests ({r['done']} done, {r['stopped']} stopped, {r['cancelled']} cancelled, "
               f"{r['disconnected']} disconnected) in {r['wall_s']:.1f} s; time to first token p50 "

@@ -170,6 +170,19 @@ def _accept(logits: torch.Tensor, proposed: list[int], draft_probs: list[torch.T
     return len(proposed), int(torch.multinomial(p[-1], 1, generator=generator))
 
 
+@torch.inference_mode()
+def prompt_logprobs(model: Model, prompt_ids: Sequence[int], top_n: int = 5) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Score a text: for every prompt token after the first, its raw log-probability given the tokens
+    before it, and the top-N alternatives at that position (token id, raw log-probability)."""
+    if len(prompt_ids) < 2:
+        return []
+    ids = torch.tensor([list(prompt_ids)], device=model.device)
+    logprobs = model(ids)[0, :-1].float().log_softmax(dim=-1)  # position i predicts token i + 1
+    chosen = logprobs.gather(-1, ids[0, 1:, None])[:, 0].tolist()
+    top = torch.topk(logprobs, top_n)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top.indices.tolist(), top.values.tolist())]
+
+
 def generate(model: Model, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int], max_new_tokens: int = 100,
              params: SamplingParams = SamplingParams(), seed: int | None = None, stop: Sequence[str] = (),
              top_n: int = 5, return_attention: bool = False, draft: Model | None = None,

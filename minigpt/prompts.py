@@ -44,10 +44,15 @@ def transcript(exchanges: Sequence[Exchange]) -> str:
     return "".join(f"User: {e.user}\nAssistant: {e.assistant}\n" for e in exchanges)
 
 
-def render_prompt(framing: str, exchanges: Sequence[Exchange], message: str) -> str:
-    """The text a model reads to reply to `message` after `exchanges`, in one of FRAMINGS."""
+def render_prompt(framing: str, exchanges: Sequence[Exchange], message: str, system: str = "") -> str:
+    """The text a model reads to reply to `message` after `exchanges`, in one of FRAMINGS.
+
+    A system text (the API's system messages; the chat has none) replaces the dialogue's header, and
+    leads the Alpaca input (the Alpaca preamble stays as the adapter was trained on it).
+    """
     if framing == "dialogue":
-        return f"{DIALOGUE_HEADER}{transcript(exchanges)}User: {message}\nAssistant:"
+        header = f"{system}\n\n" if system else DIALOGUE_HEADER
+        return f"{header}{transcript(exchanges)}User: {message}\nAssistant:"
     if framing == "alpaca":
-        return alpaca_prompt(message, transcript(exchanges).rstrip("\n"))
+        return alpaca_prompt(message, "\n\n".join(filter(None, [system, transcript(exchanges).rstrip("\n")])))
     raise ValueError(f"unknown framing {framing!r}: choose {' or '.join(FRAMINGS)}")

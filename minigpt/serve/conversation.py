@@ -28,6 +28,15 @@ class ChatInputError(ValueError):
     """Input the app refuses; the message is meant for the user, as is."""
 
 
+class MessageTooLong(ChatInputError):
+    """The new message and the framing alone take more than the prompt's token budget."""
+
+    def __init__(self, tokens: int, budget: int):
+        super().__init__(f"Your message is too long: with its template it takes {tokens} tokens, but only "
+                         f"{budget} fit beside the reply. Shorten it or lower 'Max new tokens'.")
+        self.tokens, self.budget = tokens, budget
+
+
 @dataclass(frozen=True)
 class Prompt:
     text: str  # exactly what the model reads
@@ -72,6 +81,11 @@ def split_history(history: Sequence[dict]) -> tuple[list[Exchange], str]:
     return exchanges, message_text(history[-1])
 
 
+def system_text(history: Sequence[dict]) -> str:
+    """The text of the history's system messages, one per line ('' when none: the chat never sends one)."""
+    return "\n".join(message_text(m) for m in history if m.get("role") == "system")
+
+
 def without_last_reply(history: Sequence[dict]) -> list[dict]:
     """history minus the assistant messages at its end (for Retry and Undo)."""
     history = list(history)
@@ -93,7 +107,8 @@ def build_prompt(mode: str, history: Sequence[dict], tokenizer: tiktoken.Encodin
         raise ChatInputError(f"Unknown mode {mode!r}: choose {' or '.join(MODES)}.")
     framing = FRAMING[mode]
     exchanges, message = split_history(history)
-    used = len(tokenizer.encode_ordinary(render_prompt(framing, [], message)))
+    system = system_text(history)
+    used = len(tokenizer.encode_ordinary(render_prompt(framing, [], message, system)))
     keep = 0
     for exchange in reversed(exchanges):
         used += len(tokenizer.encode_ordinary(transcript([exchange])))
@@ -102,13 +117,12 @@ def build_prompt(mode: str, history: Sequence[dict], tokenizer: tiktoken.Encodin
         keep += 1
     while True:
         kept = exchanges[len(exchanges) - keep:]
-        text = render_prompt(framing, kept, message)
+        text = render_prompt(framing, kept, message, system)
         ids = tokenizer.encode_ordinary(text)
         if len(ids) <= budget:
             return Prompt(text, ids, len(exchanges) - keep, STOP_STRINGS[framing])
         if not keep:
-            raise ChatInputError(f"Your message is too long: with its template it takes {len(ids)} tokens, but only "
-                                 f"{budget} fit beside the reply. Shorten it or lower 'Max new tokens'.")
+            raise MessageTooLong(len(ids), budget)
         keep -= 1
 
 

@@ -1,14 +1,20 @@
-"""What every session shares: the models, loaded once per process. Nothing per request lives here."""
+"""What every session shares: the models, loaded once per process, and the slots replies compute in.
+Nothing per request lives here."""
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tiktoken
 
+from ..generation import prompt_logprobs
 from ..inference import load_for_inference, speculative_drafts
 from ..speed.decoder import Decoder
-from .conversation import BASE, TUNED, ChatInputError
+from .conversation import BASE, TUNED, ChatInputError, Prompt, Settings
+from .replies import TOP_N, Reply, stream_reply
 
 DEFAULT_ADAPTER = Path("checkpoints/alpaca-lora")
 
@@ -19,6 +25,8 @@ class Engine:
     tokenizer: tiktoken.Encoding
     adapter_hint: str  # why there is no tuned mode ('' when there is)
     drafts: dict[str, Decoder] = field(default_factory=dict)  # mode -> its int8 draft, with --speculative
+    # --concurrency: replies computed at once, chat and API together; the rest wait for a slot
+    slots: threading.Semaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
 
     @property
     def device(self) -> str:
@@ -38,9 +46,38 @@ class Engine:
             raise ChatInputError(f"{mode} mode is off: {self.adapter_hint}")
         return self.models[mode]
 
+    @contextmanager
+    def compute_slot(self, stop: threading.Event) -> Iterator[bool]:
+        """Hold one of the compute slots: True once it is ours, False if `stop` was set while waiting."""
+        while not self.slots.acquire(timeout=0.05):
+            if stop.is_set():
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            self.slots.release()
+
+    def stream_reply(self, mode: str, prompt: Prompt, settings: Settings, stop: threading.Event,
+                     top_n: int = TOP_N) -> Iterator[Reply]:
+        """replies.stream_reply in `mode`'s model (and its draft), inside a compute slot: the one path by
+        which the chat and the API generate. Stopped while waiting, it yields one empty "stopped" Reply."""
+        with self.compute_slot(stop) as computing:
+            if not computing:
+                yield Reply(mode, list(prompt.ids), finish_reason="stopped")
+                return
+            yield from stream_reply(self.model(mode), self.tokenizer, mode, prompt, settings, stop,
+                                    self.drafts.get(mode), top_n)
+
+    def score(self, mode: str, ids: Sequence[int], top_n: int, stop: threading.Event
+              ) -> list[tuple[float, list[tuple[int, float]]]] | None:
+        """generation.prompt_logprobs in `mode`'s model, inside a compute slot (None if stopped while waiting)."""
+        with self.compute_slot(stop) as computing:
+            return prompt_logprobs(self.model(mode), ids, top_n) if computing else None
+
 
 def load_engine(model: str, adapter: str | None, device: str | None, precision: str,
-                speculative: bool = False) -> Engine:
+                speculative: bool = False, concurrency: int = 2) -> Engine:
     """The base model, and the tuned one when an adapter is given (or found in DEFAULT_ADAPTER)."""
     if adapter is None and DEFAULT_ADAPTER.is_dir():
         adapter = str(DEFAULT_ADAPTER)
@@ -49,4 +86,4 @@ def load_engine(model: str, adapter: str | None, device: str | None, precision: 
     drafts = dict(zip(models, speculative_drafts(*models.values()))) if speculative else {}
     hint = "" if tuned is not None else (f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` or "
                                          "pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 LoRA adapter).")
-    return Engine(models, tokenizer, hint, drafts)
+    return Engine(models, tokenizer, hint, drafts, threading.BoundedSemaphore(concurrency))

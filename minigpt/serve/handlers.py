@@ -26,7 +26,7 @@ from .panels import (
     position_caption,
     token_highlights,
 )
-from .replies import stats_line, stream_reply
+from .replies import stats_line
 from .session import Session
 
 ATTENTION_HINT = "The attention of the last reply is computed when this panel is open."
@@ -92,8 +92,7 @@ class ChatHandlers:
         flag = session.start_reply()
         history = [*history, {"role": "assistant", "content": ""}]
         try:
-            for reply in stream_reply(model, self.engine.tokenizer, mode, prompt, settings, flag,
-                                      self.engine.drafts.get(mode)):
+            for reply in self.engine.stream_reply(mode, prompt, settings, flag):
                 history[-1] = {"role": "assistant", "content": as_chat_text(reply.text.strip())}
                 status = "\n\n".join(filter(None, [stats_line(reply, self.engine.device), *notes]))
                 if reply.finish_reason is None:

@@ -39,8 +39,9 @@ class Reply:
 
 
 def stream_reply(model: GPT | Decoder, tokenizer: tiktoken.Encoding, mode: str, prompt: Prompt, settings: Settings,
-                 stop: threading.Event, draft: GPT | Decoder | None = None) -> Iterator[Reply]:
+                 stop: threading.Event, draft: GPT | Decoder | None = None, top_n: int = TOP_N) -> Iterator[Reply]:
     """Yield the same Reply after every token, finished last; checks `stop` before each token.
+    Each token keeps its top_n alternatives.
 
     The model runs inside this generator: when stop is set, or the consumer closes the generator,
     no further token is computed.
@@ -48,7 +49,7 @@ def stream_reply(model: GPT | Decoder, tokenizer: tiktoken.Encoding, mode: str, 
     reply = Reply(mode, list(prompt.ids))
     start = time.perf_counter()
     events = generate(model, tokenizer, prompt.ids, settings.max_new_tokens, settings.params,
-                      seed=settings.seed, stop=prompt.stop, top_n=TOP_N, draft=draft)
+                      seed=settings.seed, stop=prompt.stop, top_n=top_n, draft=draft)
     try:
         while not stop.is_set():
             event = next(events, None)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ class RunningApp:
     url: str
     checkpoint: Path
     adapter: Path
+    log: Path  # the app's stdout and stderr
 
 
 def make_adapter(checkpoint: Path, folder: Path, seed: int = 1) -> Path:
@@ -47,17 +48,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180, **model_config) -> Iterator[RunningApp]:
+def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180, app_args: Sequence[str] = (),
+                **model_config) -> Iterator[RunningApp]:
     """`python app.py` on a tiny 1024-position checkpoint (long enough replies to press Stop during);
-    model_config overrides make_checkpoint's sizes (e.g. n_embd=256 for the load test)."""
+    app_args are more of app.py's options (e.g. --api-key); model_config overrides make_checkpoint's
+    sizes (e.g. n_embd=256 for the load test)."""
     checkpoint, _ = make_checkpoint(tmp / "model", **{"n_positions": 1024, **model_config})
     adapter = make_adapter(checkpoint, tmp / "adapter")
     port = free_port()
     log = (tmp / "app.log").open("w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MINIGPT_API_KEY", None)  # the key, if any, comes from app_args
     process = subprocess.Popen(
         [sys.executable, "app.py", "--model", str(checkpoint), "--adapter", str(adapter), "--device", "cpu",
-         "--port", str(port), "--concurrency", str(concurrency)],
+         "--port", str(port), "--concurrency", str(concurrency), *app_args],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -72,7 +76,7 @@ def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180, **model
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"app.py did not answer in {startup_s} s:\n{(tmp / 'app.log').read_text()}")
                 time.sleep(0.3)
-        yield RunningApp(url, checkpoint, adapter)
+        yield RunningApp(url, checkpoint, adapter, tmp / "app.log")
     finally:
         process.terminate()
         try:

@@ -163,3 +163,14 @@ def test_settings_clamp_what_makes_sense_and_say_so():
 def test_settings_refuse_nonsense_with_a_message_for_the_user(args, message):
     with pytest.raises(ChatInputError, match=message):
         read_settings(*args, context=1024)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    (BASE, "Talk like a pirate.\n\nUser: Hi\nAssistant: Arr.\nUser: Bye\nAssistant:"),
+    (TUNED, ALPACA_WITH_INPUT.format(instruction="Bye", input="Talk like a pirate.\n\nUser: Hi\nAssistant: Arr.")),
+])
+def test_system_messages_replace_the_dialogue_header_and_lead_the_alpaca_input(tiny_model, mode, expected):
+    _, tokenizer, _ = tiny_model
+    history = [{"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Arr."}, {"role": "user", "content": "Bye"}]
+    assert build_prompt(mode, history, tokenizer, 1000).text == expected

@@ -1,0 +1,54 @@
+"""The API's pieces without a server: who may use /v1, and the compute slots the chat and the API share.
+The endpoints themselves are tested against a running app in tests/app/test_openai_api.py."""
+import threading
+
+import pytest
+
+from minigpt.sampling import SamplingParams
+from minigpt.serve.conversation import BASE, Prompt, Settings
+from minigpt.serve.engine import load_engine
+from minigpt.serve.openai_api import access_for, describe
+
+
+@pytest.mark.parametrize("host, shared, key, open_api, enabled, keyed", [
+    ("127.0.0.1", False, None, False, True, False),
+    ("localhost", False, None, False, True, False),
+    ("0.0.0.0", False, None, False, False, False),  # beyond loopback, no key: off
+    ("127.0.0.1", True, None, False, False, False),  # a public share link is beyond loopback too
+    ("0.0.0.0", False, "k", False, True, True),
+    ("0.0.0.0", False, "", False, False, False),  # an empty MINIGPT_API_KEY is no key
+    ("0.0.0.0", False, None, True, True, False),
+])
+def test_the_api_is_off_beyond_loopback_without_a_key_unless_opened(host, shared, key, open_api, enabled, keyed):
+    access = access_for(host, shared, key, open_api)
+    assert (access.enabled, access.key is not None) == (enabled, keyed)
+    line = describe(access, f"http://{host}:7860")
+    if not enabled:
+        assert line.startswith("OpenAI-compatible API: off, because") and "--api-key" in line and "--open-api" in line
+    else:
+        assert line.startswith(f"OpenAI-compatible API: http://{host}:7860/v1 (")
+
+
+def test_the_api_key_comes_from_the_environment(monkeypatch):
+    import app
+    monkeypatch.setenv("MINIGPT_API_KEY", "from-env")
+    assert app.parse_args([]).api_key == "from-env"
+    assert app.parse_args(["--api-key", "given"]).api_key == "given"
+
+
+def test_replies_wait_for_a_compute_slot_and_a_stop_while_waiting_ends_them(tiny_checkpoint):
+    engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", concurrency=1)
+    prompt, settings = Prompt("", [464, 3290], 0, ()), Settings(SamplingParams(0.0), 3, None)
+    first = engine.stream_reply(BASE, prompt, settings, threading.Event())
+    next(first)  # holds the only slot
+    stop = threading.Event()
+    waiting = []
+    worker = threading.Thread(target=lambda: waiting.extend(engine.stream_reply(BASE, prompt, settings, stop)))
+    worker.start()
+    worker.join(0.3)
+    assert worker.is_alive() and not waiting  # no token while the slot is taken
+    stop.set()
+    worker.join(10)
+    assert [(r.finish_reason, r.token_ids) for r in waiting] == [("stopped", [])]
+    assert list(first)[-1].finish_reason == "length"  # and the slot is free again afterwards:
+    assert list(engine.stream_reply(BASE, prompt, settings, threading.Event()))[-1].finish_reason == "length"
