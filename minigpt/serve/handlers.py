@@ -129,11 +129,11 @@ class ChatHandlers:
             session.finish_reply(flag)
 
     def log_prob_panel(self, session: Session, position):
+        position = checked(whole_number, "Token position", position)
         reply = session.reply
         if reply is None or not reply.token_ids:
             return [], gr.Slider(1, 2, value=1), "No reply yet.", None
-        position = min(max(checked(whole_number, "Token position", position), 1),
-                       len(reply.token_ids))  # clamped: a slider cannot span a single value
+        position = min(max(position, 1), len(reply.token_ids))  # clamped: a slider cannot span a single value
         tokenizer = self.engine.tokenizer
         return (token_highlights(reply, tokenizer), gr.Slider(1, max(len(reply.token_ids), 2), value=position),
                 position_caption(reply, tokenizer, position), alternatives(reply, tokenizer, position))
@@ -147,6 +147,7 @@ class ChatHandlers:
     @staticmethod
     def attention_panel(session: Session, layer, head):
         window: AttentionWindow | None = session.window
+        layer, head = checked(whole_number, "Layer", layer), checked(whole_number, "Head", head)
         if window is None:
             return None, ATTENTION_HINT
         n_layer, n_head = window.probs.shape[:2]
