@@ -17,10 +17,10 @@ def check_chat_payloads(demo: gr.Blocks) -> None:
     """Make every event of `demo` check the raw history sent to each of its Chatbots first."""
     preprocess = demo.preprocess_data  # Gradio's own step: files to the cache, pydantic, component preprocess
 
-    async def checked(block_fn, inputs: list, state, explicit_call: bool = False):
+    async def preprocess_checked(block_fn, inputs: list, state, explicit_call: bool = False):
         for block, value in zip(block_fn.inputs, inputs):
             if isinstance(block, gr.Chatbot) and value is not None:
                 checked(check_history, value)
         return await preprocess(block_fn, inputs, state, explicit_call)
 
-    demo.preprocess_data = checked
+    demo.preprocess_data = preprocess_checked
