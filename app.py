@@ -6,9 +6,53 @@ and log-prob panels. Arguments, layout and wiring only: the handlers are in mini
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 from pathlib import Path
+
+from minigpt.cli import add_precision_arguments, warn_if_compile
+
+DEFAULT_ADAPTER = Path(__file__).resolve().parent / "checkpoints" / "alpaca-lora"  # the project's, whatever the cwd
+UPLOAD_CLEANUP_S = 3600  # the app takes no files; anything in Gradio's cache goes after an hour
+SESSIONS_KEPT = 64  # per-session state (last reply, panels) kept for the most recent sessions: memory levels off
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    on_space = "SPACE_ID" in os.environ  # a Hugging Face Space serves from inside its container
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Hub repo id, or a local folder")
+    adapter = p.add_mutually_exclusive_group()
+    adapter.add_argument("--adapter", default=None,
+                         help="PEFT GPT-2 LoRA adapter: a folder or a Hub repo id (default: checkpoints/alpaca-lora "
+                              "next to app.py, if it is there and fits the model)")
+    adapter.add_argument("--no-adapter", action="store_true", help="serve the base model alone, even if "
+                                                                   "checkpoints/alpaca-lora is there")
+    p.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a temporary public *.gradio.live link")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    add_precision_arguments(p)
+    p.add_argument("--speculative", action="store_true",
+                   help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="replies computed at the same time, chat and API together (the rest queue)")
+    p.add_argument("--api-key", default=os.environ.get("MINIGPT_API_KEY"),
+                   help="every /v1 (OpenAI-compatible API) request must send it as a bearer token "
+                        "(default: $MINIGPT_API_KEY; none: /v1 is open on loopback, off beyond it)")
+    p.add_argument("--open-api", action="store_true",
+                   help="serve /v1 without a key even when bound beyond loopback (--host 0.0.0.0, a Space)")
+    args = p.parse_args(argv)
+    if args.concurrency < 1:
+        p.error(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.speculative and args.precision == "int8":
+        p.error("--speculative checks an int8 draft with the float model: use it with a float --precision")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # answer --help and refuse bad options before the slow imports below (gradio)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
 
@@ -16,7 +60,6 @@ import gradio as gr  # noqa: E402
 from starlette.routing import Mount  # noqa: E402
 
 from minigpt import CheckpointError  # noqa: E402
-from minigpt.cli import add_precision_arguments, warn_if_compile  # noqa: E402
 from minigpt.serve.conversation import (  # noqa: E402
     BASE,
     MAX_NEW_TOKENS,
@@ -24,10 +67,11 @@ from minigpt.serve.conversation import (  # noqa: E402
     MODES,
     TUNED,
 )
-from minigpt.serve.engine import DEFAULT_ADAPTER, Engine, load_engine  # noqa: E402
+from minigpt.serve.engine import Engine, load_engine  # noqa: E402
 from minigpt.serve.handlers import ATTENTION_HINT, ChatHandlers, unlock  # noqa: E402
 from minigpt.serve.openai_api import access_for, api_app, describe  # noqa: E402
 from minigpt.serve.panels import BAND_COLOURS  # noqa: E402
+from minigpt.serve.payloads import check_chat_payloads  # noqa: E402
 from minigpt.serve.session import Session  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
@@ -37,11 +81,13 @@ EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of Fran
 
 def build_app(engine: Engine) -> gr.Blocks:
     """The page: one tab per view, each laid out by its own function below."""
-    with gr.Blocks(title="MiniGPT chat", analytics_enabled=False) as demo:
+    with gr.Blocks(title="MiniGPT chat", analytics_enabled=False,
+                   delete_cache=(UPLOAD_CLEANUP_S, UPLOAD_CLEANUP_S)) as demo:
         gr.Markdown("# MiniGPT chat\nGPT-2 written from scratch, with real OpenAI weights, and its Alpaca "
                     "LoRA. Replies stream token by token; open the panels below to look inside.")
         with gr.Tab("Chat", id="chat-tab"):
             chat_tab(engine)
+    check_chat_payloads(demo)
     return demo
 
 
@@ -107,17 +153,18 @@ def chat_tab(engine: Engine) -> None:
     lockable = [send, retry_btn, undo_btn, clear_btn]
     panels = [prompt_view, tokens, position, caption, alts, plot, attention_note]
 
-    def reply_chain(trigger, step, step_inputs, api_name=None):
-        """step checks the input and locks the controls (no queue); then the reply streams; then unlock."""
-        trigger(step, [session, *step_inputs], [msg, chat, *lockable], queue=False,
-                api_visibility="private").success(
+    def reply_chain(trigger, check, check_inputs, step, step_inputs, api_name=None):
+        """check refuses bad input (queued, so its message shows; no outputs, so nothing is covered by an error
+        badge); step adds the message and locks the controls (no queue); then the reply streams; then unlock."""
+        trigger(check, [*check_inputs, *controls], None, api_visibility="private", show_progress="hidden").success(
+            step, [session, *step_inputs], [msg, chat, *lockable], queue=False, api_visibility="private").success(
             handlers.respond, [session, chat, *controls, layer, head], [chat, stats, *panels], api_name=api_name,
             api_visibility="public" if api_name else "private").then(
             unlock, None, [msg, *lockable], queue=False, api_visibility="private")
 
-    reply_chain(msg.submit, handlers.add_message, [msg, chat, *controls], api_name="chat")
-    reply_chain(send.click, handlers.add_message, [msg, chat, *controls])
-    reply_chain(retry_btn.click, handlers.retry, [chat, *controls])
+    reply_chain(msg.submit, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat], api_name="chat")
+    reply_chain(send.click, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat])
+    reply_chain(retry_btn.click, handlers.check_retry, [chat], handlers.retry, [chat])
     undo_btn.click(handlers.undo, chat, [msg, chat], queue=False, api_visibility="private")
     clear_btn.click(handlers.clear, session, [chat, stats, *panels], queue=False, api_visibility="private")
     stop_btn.click(handlers.stop, session, None, queue=False, api_name="stop")
@@ -131,52 +178,50 @@ def chat_tab(engine: Engine) -> None:
                         api_visibility="private")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    on_space = "SPACE_ID" in os.environ  # a Hugging Face Space serves from inside its container
-    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Hub repo id, or a local folder")
-    p.add_argument("--adapter", default=None,
-                   help=f"PEFT GPT-2 LoRA adapter: a folder or a Hub repo id (default: {DEFAULT_ADAPTER} if present)")
-    p.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="also open a temporary public *.gradio.live link")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    add_precision_arguments(p)
-    p.add_argument("--speculative", action="store_true",
-                   help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
-    p.add_argument("--concurrency", type=int, default=2,
-                   help="replies computed at the same time, chat and API together (the rest queue)")
-    p.add_argument("--api-key", default=os.environ.get("MINIGPT_API_KEY"),
-                   help="every /v1 (OpenAI-compatible API) request must send it as a bearer token "
-                        "(default: $MINIGPT_API_KEY; none: /v1 is open on loopback, off beyond it)")
-    p.add_argument("--open-api", action="store_true",
-                   help="serve /v1 without a key even when bound beyond loopback (--host 0.0.0.0, a Space)")
-    args = p.parse_args(argv)
-    if args.concurrency < 1:
-        p.error(f"--concurrency must be >= 1, got {args.concurrency}")
-    if args.speculative and args.precision == "int8":
-        p.error("--speculative checks an int8 draft with the float model: use it with a float --precision")
-    return args
+class PortBusy(Exception):
+    def __init__(self, host: str, port: int, cause: OSError):
+        in_use = cause.errno in (errno.EADDRINUSE, None)  # Gradio's own "Cannot find empty port" has no errno
+        super().__init__(f"port {port} on {host} is already in use: pick another with --port" if in_use else
+                         f"cannot listen on {host}:{port} ({cause.strerror or cause}): check --host and --port")
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind and release, as Gradio does before it serves (SO_REUSEADDR included): PortBusy if that fails."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise PortBusy(host, port, e) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warn_if_compile(args)
     try:
+        check_port(args.host, args.port)  # before the minutes of loading, not after
         engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative,
-                             args.concurrency)
-    except CheckpointError as e:  # includes lora.AdapterError
+                             default_adapter=None if args.no_adapter else DEFAULT_ADAPTER, concurrency=args.concurrency)
+    except (CheckpointError, PortBusy) as e:  # CheckpointError includes AdapterError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if TUNED not in engine.models:
+        print(f"note: {TUNED} mode is off: {engine.adapter_hint}", file=sys.stderr)
     demo = build_app(engine)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     access = access_for(args.host, args.share, args.api_key, args.open_api)
     print(describe(access, f"http://{args.host}:{args.port}"), flush=True)
-    # The API's routes go first in the FastAPI app Gradio builds, so /v1 is ours and the rest is Gradio's.
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
-                css_paths=[ASSETS / "app.css"], footer_links=["api"],
-                app_kwargs={"routes": [Mount("/v1", api_app(engine, access))]})
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                    theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
+                    css_paths=[ASSETS / "app.css"], footer_links=["api"],
+                    max_file_size=0,  # the app takes no files: every upload is refused (413)
+                    state_session_capacity=SESSIONS_KEPT,
+                    # The API's routes go first in the FastAPI app Gradio builds: /v1 is ours, the rest Gradio's.
+                    app_kwargs={"routes": [Mount("/v1", api_app(engine, access))]})
+    except OSError as e:  # the port was taken while the models loaded
+        print(f"error: {PortBusy(args.host, args.port, e)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,11 +6,12 @@ Each client is its own gradio_client session holding its own conversation for se
 alternating Base GPT-2 and Alpaca LoRA. Client i % 4 == 1 cancels one reply mid-stream
 (job.cancel()), i % 4 == 2 presses Stop (/stop) during one, i % 4 == 3 disconnects mid-reply on its
 last turn (drops its HTTP stream). With --api-clients, OpenAI-API streaming clients run alongside
-(bench/load_api.py says what they do and what is checked). The whole load runs twice: round 1 warms the
-server up, round 2 is measured. Then it checks that every request finished or was cancelled, that each
-reply equals a one-at-a-time replay with the same seed (a stopped one is a prefix of it), so no
-session's text reached another; that the server log holds no traceback; and that server RSS grew by at
-most --rss-bound-mib from after round 1 to after round 2. Exit status 1 if any check fails.
+(bench/load_api.py says what they do and what is checked). Round 1 warms the server up, the later
+rounds are measured (--rounds, at least 2, shows memory level off). Then it checks that every request
+finished or was cancelled, that each reply equals a one-at-a-time replay with the same seed (a stopped
+one is a prefix of it), so no session's text reached another; that the server log holds no traceback;
+and that server RSS grew by at most --rss-bound-mib from after the warm-up round to after the last
+round. Exit status 1 if any check fails.
 """
 from __future__ import annotations
 
@@ -207,10 +208,14 @@ def summary(requests: list[Request], wall_s: float) -> dict:
 
 @dataclass
 class LoadResult:
-    rounds: list[dict]
-    rss_after_warmup_mib: float
-    rss_after_run_mib: float
+    rounds: list[dict]  # warm-up, then each measured round
+    rss_mib: list[float]  # server RSS after each round
     problems: list[str]
+
+    @property
+    def rss_growth_mib(self) -> float:
+        """Growth from the end of the warm-up to the end of the last round."""
+        return self.rss_mib[-1] - self.rss_mib[0]
 
 
 def server_process(port_url: str) -> psutil.Process:
@@ -223,22 +228,24 @@ def server_process(port_url: str) -> psutil.Process:
 
 
 def run_load(tmp: Path, clients: int, turns: int, max_new_tokens: int, rss_bound_mib: float,
-             concurrency: int, api_clients: int = 0) -> LoadResult:
+             concurrency: int, api_clients: int = 0, rounds: int = 2) -> LoadResult:
+    """`rounds` rounds of load, the first a warm-up; RSS is read after each."""
     with running_app(tmp, concurrency=concurrency, **MODEL) as app:
         server = server_process(app.url)
-        rounds, problems, rss = [], [], []
-        for _ in range(2):  # warm-up, then measured
+        summaries, problems, rss = [], [], []
+        for _ in range(rounds):
             requests, wall = run_round(app.url, clients, turns, max_new_tokens, api_clients)
             time.sleep(1)  # let cancelled and disconnected generators finish their last step
             rss.append(server.memory_info().rss / 2**20)
             problems += check_requests(app.url, requests)
-            rounds.append(summary(requests, wall))
-        if rss[1] - rss[0] > rss_bound_mib:
-            problems.append(f"server RSS grew {rss[1] - rss[0]:.1f} MiB in the measured round "
+            summaries.append(summary(requests, wall))
+            print(f"round {len(rss)}: server RSS {rss[-1]:.1f} MiB", file=sys.stderr, flush=True)
+        if rss[-1] - rss[0] > rss_bound_mib:
+            problems.append(f"server RSS grew {rss[-1] - rss[0]:.1f} MiB after the warm-up "
                             f"(bound {rss_bound_mib} MiB)")
         log = (tmp / "app.log").read_text()
     problems += [f"server log: {line}" for line in log_problems(log)]
-    return LoadResult(rounds, rss[0], rss[1], problems)
+    return LoadResult(summaries, rss, problems)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,17 +257,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="OpenAI-API streaming clients alongside (bench/load_api.py)")
     p.add_argument("--concurrency", type=int, default=2, help="the app's --concurrency (replies computed at once)")
     p.add_argument("--rss-bound-mib", type=float, default=32)
+    p.add_argument("--rounds", type=int, default=2, help="rounds of load, the first a warm-up (at least 2)")
     args = p.parse_args(argv)
+    if args.rounds < 2:
+        p.error(f"--rounds must be at least 2 (a warm-up and a measured round), got {args.rounds}")
     with tempfile.TemporaryDirectory() as tmp:
         result = run_load(Path(tmp), args.clients, args.turns, args.max_new_tokens, args.rss_bound_mib,
-                          args.concurrency, args.api_clients)
-    for name, r in zip(("warm-up", "measured"), result.rounds):
+                          args.concurrency, args.api_clients, args.rounds)
+    for i, r in enumerate(result.rounds):
+        name = "warm-up" if i == 0 else f"round {i + 1}"
         print(f"{name}: {r['requests']} requests ({r['done']} done, {r['stopped']} stopped, {r['cancelled']} cancelled, "
               f"{r['disconnected']} disconnected) in {r['wall_s']:.1f} s; time to first token p50 "
               f"{r['ttft_p50_s']:.3f} s, p95 {r['ttft_p95_s']:.3f} s; {r['tokens']} tokens, "
               f"{r['tokens_per_s']:.1f} tokens/s aggregate")
-    print(f"server RSS: {result.rss_after_warmup_mib:.1f} MiB after warm-up, {result.rss_after_run_mib:.1f} MiB after "
-          f"the measured round ({result.rss_after_run_mib - result.rss_after_warmup_mib:+.1f} MiB, "
+    curve = " → ".join(f"{mib:.1f}" for mib in result.rss_mib)
+    print(f"server RSS after each round (MiB): {curve} ({result.rss_growth_mib:+.1f} MiB after the warm-up, "
           f"bound {args.rss_bound_mib} MiB)")
     for problem in result.problems:
         print(f"PROBLEM: {problem}")

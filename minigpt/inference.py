@@ -3,12 +3,13 @@ each behind a Decoder that picked its fastest decode step here, once."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import tiktoken
 import torch
 
-from .adapters import load_tuned_model
+from .adapters import AdapterError, load_tuned_model
 from .model import GPT
 from .speed.decoder import Decoder, as_decoder
 from .speed.native import NativeUnavailable, native_step
@@ -21,8 +22,12 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 
 
 def load_for_inference(name_or_path: str | Path, adapter: str | Path | None = None, device: str | None = None,
-                       precision: str = "float32") -> tuple[Decoder, Decoder | None, tiktoken.Encoding]:
+                       precision: str = "float32", on_adapter_error: Callable[[AdapterError], None] | None = None,
+                       ) -> tuple[Decoder, Decoder | None, tiktoken.Encoding]:
     """(base decoder, tuned decoder or None without an adapter, tokenizer).
+
+    An adapter that cannot be used raises AdapterError, unless on_adapter_error is given: then it gets
+    the error and the base is served alone (for an adapter that is only a convenience, such as a default).
 
     The tuned model shares every tensor with the base except the merged LoRA targets. Order matters:
     the merge needs float weights, so int8 quantizes both models afterwards (their shared weights
@@ -31,7 +36,13 @@ def load_for_inference(name_or_path: str | Path, adapter: str | Path | None = No
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     base, tokenizer = load_pretrained(name_or_path, device=device, dtype=PRECISIONS[precision])
-    tuned = load_tuned_model(base, adapter) if adapter else None
+    try:
+        tuned = load_tuned_model(base, adapter) if adapter else None
+    except AdapterError as e:
+        if on_adapter_error is None:
+            raise
+        on_adapter_error(e)
+        tuned = None
     models = [m for m in (base, tuned) if m is not None]
     if precision == "int8":
         quantize_int8(*models)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import math
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,11 @@ FRAMING = {BASE: "dialogue", TUNED: "alpaca"}  # how each mode frames a conversa
 MAX_NEW_TOKENS = 512
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**32 - 1
+# A request's history is bounded before anything is tokenized: 500 exchanges, 1 MB of text, far more
+# than a 1024-token window keeps (only the newest exchanges that fit are ever encoded).
+MAX_HISTORY_MESSAGES = 1000
+MAX_HISTORY_CHARS = 1_000_000
+ROLES = ("user", "assistant")
 FIELD_NAMES = {"temperature": "Temperature", "top_k": "Top-k", "top_p": "Top-p"}  # as the sliders say
 
 
@@ -66,8 +72,42 @@ def message_text(message: dict) -> str:
     return html.unescape(content) if isinstance(content, str) else ""
 
 
+def check_history(history: object) -> None:
+    """Refuse a history of the wrong shape or size, in our words, before anything reads or tokenizes it.
+
+    A message is {"role": "user" | "assistant", "content": text or a list of {"type": "text", "text": ...}}
+    (other keys, such as Gradio's "metadata", are ignored). The chat takes text only: a file part is
+    refused without being read, and no value sent is echoed back.
+    """
+    if not isinstance(history, list):
+        raise ChatInputError("The chat history must be a list of messages.")
+    if len(history) > MAX_HISTORY_MESSAGES:
+        raise ChatInputError(f"The chat history has {len(history)} messages; at most {MAX_HISTORY_MESSAGES} are "
+                             "accepted. Clear the chat or start again with the recent messages.")
+    chars = 0
+    for number, message in enumerate(history, 1):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ChatInputError(f"Message {number} of the chat history must be an object with a role and a content.")
+        if message["role"] not in ROLES:
+            raise ChatInputError(f"Message {number} of the chat history has an unknown role: use 'user' or "
+                                 "'assistant'.")
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise ChatInputError(f"The content of message {number} must be text or a list of text parts.")
+        for part in parts:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ChatInputError(f"Message {number} of the chat history holds a part that is not text: the "
+                                     "chat takes text only.")
+            chars += len(part["text"])
+    if chars > MAX_HISTORY_CHARS:
+        raise ChatInputError(f"The chat history holds {chars:,} characters; at most {MAX_HISTORY_CHARS:,} are "
+                             "accepted. Clear the chat or start again with the recent messages.")
+
+
 def split_history(history: Sequence[dict]) -> tuple[list[Exchange], str]:
     """A Gradio messages history that ends with the user's new message -> (earlier exchanges, that message)."""
+    check_history(history)
     if not history or history[-1].get("role") != "user":
         raise ChatInputError("There is no user message to reply to: type a message first.")
     exchanges: list[Exchange] = []
@@ -84,6 +124,11 @@ def split_history(history: Sequence[dict]) -> tuple[list[Exchange], str]:
 def system_text(history: Sequence[dict]) -> str:
     """The text of the history's system messages, one per line ('' when none: the chat never sends one)."""
     return "\n".join(message_text(m) for m in history if m.get("role") == "system")
+
+
+def with_user_message(history: Sequence[dict], message: str) -> list[dict]:
+    """history plus the user's new message, as the chat shows it."""
+    return [*history, {"role": "user", "content": as_chat_text(message)}]
 
 
 def without_last_reply(history: Sequence[dict]) -> list[dict]:
@@ -147,15 +192,15 @@ def read_settings(temperature: float, top_k: float | None, top_p: float, max_new
     if temperature > MAX_TEMPERATURE:
         notices.append(f"Temperature {temperature:g} is above {MAX_TEMPERATURE:g}; used {MAX_TEMPERATURE:g}.")
         temperature = MAX_TEMPERATURE
-    top_k = 0 if top_k is None else _whole("Top-k", top_k)
-    max_new = _whole("Max new tokens", max_new_tokens)
+    top_k = 0 if top_k is None else whole_number("Top-k", top_k)
+    max_new = whole_number("Max new tokens", max_new_tokens)
     limit = min(MAX_NEW_TOKENS, context // 2)  # half the window stays for the conversation
     if max_new > limit:
         notices.append(f"Max new tokens {max_new} is above {limit}; used {limit}.")
         max_new = limit
     if max_new < 1:
         raise ChatInputError(f"Max new tokens must be at least 1, got {max_new}.")
-    seed = None if seed is None or (isinstance(seed, str) and not seed.strip()) else _whole("Seed", seed)
+    seed = None if seed is None or (isinstance(seed, str) and not seed.strip()) else whole_number("Seed", seed)
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ChatInputError(f"Seed must be between 0 and {MAX_SEED} (or blank for random), got {seed}.")
     try:
@@ -166,18 +211,26 @@ def read_settings(temperature: float, top_k: float | None, top_p: float, max_new
     return Settings(params, max_new, seed), notices
 
 
+def read_choice(name: str, value: object, choices: range) -> int:
+    """A whole number among `choices` (a dropdown's values, a token position), or ChatInputError."""
+    number = whole_number(name, value)
+    if number not in choices:
+        raise ChatInputError(f"{name} must be between {choices.start} and {choices.stop - 1}, got {number}.")
+    return number
+
+
 def _number(name: str, value: object) -> float:
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):  # OverflowError: an int too big for a float
-        raise ChatInputError(f"{name} must be a number, got {value!r}.") from None
+        raise ChatInputError(f"{name} must be a number, got {reprlib.repr(value)}.") from None
     if not math.isfinite(number):
-        raise ChatInputError(f"{name} must be a finite number, got {value!r}.")
+        raise ChatInputError(f"{name} must be a finite number, got {reprlib.repr(value)}.")
     return number
 
 
-def _whole(name: str, value: object) -> int:
+def whole_number(name: str, value: object) -> int:
     number = _number(name, value)
     if not number.is_integer():
-        raise ChatInputError(f"{name} must be a whole number, got {value!r}.")
+        raise ChatInputError(f"{name} must be a whole number, got {reprlib.repr(value)}.")
     return int(number)

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import tiktoken
 
+from ..adapters import AdapterError
 from ..generation import prompt_logprobs
 from ..inference import load_for_inference, speculative_drafts
 from ..speed.decoder import Decoder
 from .conversation import BASE, TUNED, ChatInputError, Prompt, Settings
 from .replies import TOP_N, Reply, stream_reply
 
-DEFAULT_ADAPTER = Path("checkpoints/alpaca-lora")
+GET_AN_ADAPTER = ("Train one with `python -m lora.train` or pass `--adapter` (a folder or a Hub repo id of a PEFT "
+                  "GPT-2 LoRA adapter).")
 
 
 @dataclass
@@ -77,13 +79,26 @@ class Engine:
 
 
 def load_engine(model: str, adapter: str | None, device: str | None, precision: str,
-                speculative: bool = False, concurrency: int = 2) -> Engine:
-    """The base model, and the tuned one when an adapter is given (or found in DEFAULT_ADAPTER)."""
-    if adapter is None and DEFAULT_ADAPTER.is_dir():
-        adapter = str(DEFAULT_ADAPTER)
-    base, tuned, tokenizer = load_for_inference(model, adapter, device, precision)
+                speculative: bool = False, default_adapter: Path | None = None,
+                concurrency: int = 2) -> Engine:
+    """The base model, and the tuned one from `adapter` (an adapter that cannot be used is an error), or
+    else from the `default_adapter` folder when it exists. The default is a convenience: when it is
+    incomplete (a training run stopped before its first checkpoint) or made for another model, the base
+    is served alone and adapter_hint says why."""
+    problems: list[AdapterError] = []
+    use_default = adapter is None and default_adapter is not None and default_adapter.is_dir()
+    base, tuned, tokenizer = load_for_inference(model, default_adapter if use_default else adapter, device, precision,
+                                                on_adapter_error=problems.append if use_default else None)
     models = {BASE: base} if tuned is None else {BASE: base, TUNED: tuned}
     drafts = dict(zip(models, speculative_drafts(*models.values()))) if speculative else {}
-    hint = "" if tuned is not None else (f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` or "
-                                         "pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 LoRA adapter).")
-    return Engine(models, tokenizer, hint, drafts, threading.BoundedSemaphore(concurrency))
+    return Engine(models, tokenizer, "" if tuned is not None else adapter_hint(default_adapter, problems), drafts,
+                  threading.BoundedSemaphore(concurrency))
+
+
+def adapter_hint(default_adapter: Path | None, problems: list[AdapterError]) -> str:
+    """Why the tuned mode is off, and how to turn it on."""
+    if default_adapter is None:
+        return f"no adapter given. {GET_AN_ADAPTER}"
+    if problems:
+        return f"the adapter in {default_adapter} cannot be used ({problems[0]}). {GET_AN_ADAPTER}"
+    return f"no adapter in {default_adapter}. {GET_AN_ADAPTER}"

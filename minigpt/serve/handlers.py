@@ -14,7 +14,10 @@ from .conversation import (
     build_prompt,
     context_note,
     message_text,
+    read_choice,
     read_settings,
+    whole_number,
+    with_user_message,
     without_last_reply,
 )
 from .engine import Engine
@@ -30,6 +33,20 @@ from .replies import stats_line
 from .session import Session
 
 ATTENTION_HINT = "The attention of the last reply is computed when this panel is open."
+
+
+def refusal(message: str) -> gr.Error:
+    """Refused input, as the browser shows it: a toast that stays until closed. The page's own refusals come
+    from the check steps, which have no outputs, so no component is covered by an "Error" badge."""
+    return gr.Error(message, duration=None, print_exception=False)
+
+
+def checked(read, *args):
+    """read(*args), a ChatInputError becoming the user's message (for values a crafted request can send)."""
+    try:
+        return read(*args)
+    except ChatInputError as e:
+        raise refusal(str(e)) from None
 
 
 def locked() -> list:
@@ -54,22 +71,28 @@ class ChatHandlers:
             settings, notices = read_settings(temperature, top_k, top_p, max_new_tokens, seed, context)
             prompt = build_prompt(mode, history, self.engine.tokenizer, context - settings.max_new_tokens)
         except ChatInputError as e:
-            raise gr.Error(str(e), print_exception=False) from None
+            raise refusal(str(e)) from None
         return model, settings, notices, prompt
 
-    def add_message(self, session: Session, message, history, *controls):  # controls as in prepare()
-        if not message.strip():
-            raise gr.Error("Type a message first.", print_exception=False)
-        history = [*history, {"role": "user", "content": as_chat_text(message)}]
-        self.prepare(history, *controls)  # refuse now, while the message is still in the box
-        session.queue_reply()
-        return gr.Textbox(value="", interactive=False), history, *locked()
+    def check_message(self, message, history, *controls):  # controls as in prepare()
+        """Refuse bad input before anything on the page changes, while the message is still in the box."""
+        if not isinstance(message, str) or not message.strip():
+            raise refusal("Type a message first.")
+        self.prepare(with_user_message(history, message), *controls)
 
-    def retry(self, session: Session, history, *controls):
-        history = without_last_reply(history)
-        self.prepare(history, *controls)
+    def check_retry(self, history, *controls):
+        self.prepare(without_last_reply(history), *controls)
+
+    @staticmethod
+    def add_message(session: Session, message, history):
+        """The checked message joins the chat and the controls lock until the reply has finished."""
         session.queue_reply()
-        return gr.Textbox(interactive=False), history, *locked()
+        return gr.Textbox(value="", interactive=False), with_user_message(history, message), *locked()
+
+    @staticmethod
+    def retry(session: Session, history):
+        session.queue_reply()
+        return gr.Textbox(interactive=False), without_last_reply(history), *locked()
 
     @staticmethod
     def undo(history):
@@ -104,11 +127,12 @@ class ChatHandlers:
         finally:
             session.finish_reply(flag)
 
-    def log_prob_panel(self, session: Session, position: int):
+    def log_prob_panel(self, session: Session, position):
+        position = checked(whole_number, "Token position", position)
         reply = session.reply
         if reply is None or not reply.token_ids:
             return [], gr.Slider(1, 2, value=1), "No reply yet.", None
-        position = min(max(int(position), 1), len(reply.token_ids))  # a slider cannot span a single value
+        position = min(max(position, 1), len(reply.token_ids))  # clamped: a slider cannot span a single value
         tokenizer = self.engine.tokenizer
         return (token_highlights(reply, tokenizer), gr.Slider(1, max(len(reply.token_ids), 2), value=position),
                 position_caption(reply, tokenizer, position), alternatives(reply, tokenizer, position))
@@ -117,13 +141,17 @@ class ChatHandlers:
         return self.log_prob_panel(session, position)[2:]
 
     def pick_token(self, session: Session, event: gr.SelectData):
-        return self.log_prob_panel(session, event.index + 1)
+        return self.log_prob_panel(session, checked(whole_number, "Token index", event.index) + 1)
 
     @staticmethod
     def attention_panel(session: Session, layer, head):
         window: AttentionWindow | None = session.window
+        layer, head = checked(whole_number, "Layer", layer), checked(whole_number, "Head", head)
         if window is None:
             return None, ATTENTION_HINT
+        n_layer, n_head = window.probs.shape[:2]
+        layer = checked(read_choice, "Layer", layer, range(n_layer))
+        head = checked(read_choice, "Head", head, range(-1, n_head))  # -1: the average over heads
         return heatmap(window, layer, None if head < 0 else head), window.note
 
     def open_attention(self, session: Session, layer, head):

@@ -150,3 +150,35 @@ def test_stop_ends_the_generation_early(app):
 def test_bad_input_gets_a_clear_error(app, args, message):
     with pytest.raises(AppError, match=message):
         Client(app.url, verbose=False).predict(*args, api_name="/chat")
+
+
+@pytest.mark.parametrize("hist, message", [
+    ("hello", "The chat history must be a list of messages."),
+    ([{"role": "user"}], "Message 1 of the chat history must be an object with a role and a content."),
+    ([{"content": [{"type": "text", "text": "hi"}]}], "Message 1 of the chat history must be an object"),
+    ([{"role": "user", "content": 42}], "The content of message 1 must be text or a list of text parts."),
+    ([{"role": "robot", "content": "hi"}], "Message 1 of the chat history has an unknown role"),
+    ([{"role": "user", "content": [{"type": "image", "url": "x"}]}], "Message 1 of the chat history holds a part "
+                                                                     "that is not text: the chat takes text only."),
+    (history("hi", "hello") * 500 + history("more?"), "The chat history has 1001 messages; at most 1000"),
+])
+def test_a_malformed_history_gets_one_line_of_ours(app, hist, message):
+    """(A file part naming a server path: see test_security, since gradio_client would upload that file.)"""
+    with pytest.raises(AppError) as refused:
+        Client(app.url, verbose=False).predict(*chat_args(hist), api_name="/chat")
+    text = str(refused.value)
+    assert text.startswith(message) and "\n" not in text
+    assert not any(leak in text for leak in ("validation error", "pydantic", "/etc/passwd", "Traceback"))
+
+
+def test_stop_reaches_both_replies_a_session_has_in_flight(app):
+    client = Client(app.url, verbose=False)
+    jobs = [client.submit(*chat_args(history(f"Tell me long story {i}."), temperature=1.0, max_new_tokens=500),
+                          api_name="/chat") for i in range(2)]
+    deadline = time.monotonic() + 60
+    while any(len(job.outputs()) < 3 and not job.done() for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.predict(api_name="/stop")
+    for job in jobs:
+        stats = job.result(timeout=60)[1]
+        assert stats.endswith("stopped by you") and int(stats.split(" token")[0]) < 500

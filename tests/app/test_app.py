@@ -1,11 +1,19 @@
 """app.py without a server: command line, loading the models once, the mode switch without an adapter."""
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import app
+from minigpt import AdapterError
 from minigpt.serve.conversation import BASE, TUNED, ChatInputError
 from minigpt.serve.engine import load_engine
+from tests.helpers import REPO
 from tests.helpers.app_server import make_adapter
+from tests.helpers.checkpoints import make_checkpoint
 
 
 def test_defaults_bind_to_localhost_7860(monkeypatch):
@@ -30,14 +38,59 @@ def test_bad_options_are_refused(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_without_an_adapter_only_base_mode_runs_and_the_hint_says_how_to_get_one(tiny_checkpoint, tmp_path,
-                                                                                  monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no checkpoints/alpaca-lora here
-    engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32")
+def test_without_an_adapter_only_base_mode_runs_and_the_hint_says_how_to_get_one(tiny_checkpoint, tmp_path):
+    default = tmp_path / "checkpoints" / "alpaca-lora"  # not there
+    engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", default_adapter=default)
     assert list(engine.models) == [BASE] and engine.device == "cpu float32"
     assert "python -m lora.train" in engine.adapter_hint and "--adapter" in engine.adapter_hint
-    with pytest.raises(ChatInputError, match="Alpaca LoRA mode is off: no adapter in checkpoints/alpaca-lora"):
+    with pytest.raises(ChatInputError, match=f"Alpaca LoRA mode is off: no adapter in {default}"):
         engine.model(TUNED)
+
+
+@pytest.mark.parametrize("leftover, why", [
+    ("log only", "missing adapter_config.json"),  # a training run stopped before its first checkpoint
+    ("another model", "a module this 2-layer model does not have"),
+])
+def test_a_default_adapter_that_cannot_be_used_leaves_base_mode_and_says_why(tiny_checkpoint, tmp_path, leftover,
+                                                                             why):
+    default = tmp_path / "checkpoints" / "alpaca-lora"
+    if leftover == "log only":
+        default.mkdir(parents=True)
+        (default / "log.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
+    else:
+        make_adapter(make_checkpoint(tmp_path / "deeper", n_layer=3)[0], default)
+    engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", default_adapter=default)
+    assert list(engine.models) == [BASE]
+    assert engine.adapter_hint.startswith(f"the adapter in {default} cannot be used (") and why in engine.adapter_hint
+    with pytest.raises(AdapterError, match=why):  # the same folder named with --adapter stays an error
+        load_engine(str(tiny_checkpoint[0]), str(default), "cpu", "float32", default_adapter=default)
+
+
+def test_the_default_adapter_is_the_projects_whatever_the_cwd_and_can_be_turned_off(capsys):
+    assert app.DEFAULT_ADAPTER == Path(app.__file__).resolve().parent / "checkpoints" / "alpaca-lora"
+    assert app.parse_args(["--no-adapter"]).no_adapter and not app.parse_args([]).no_adapter
+    with pytest.raises(SystemExit):
+        app.parse_args(["--adapter", "x", "--no-adapter"])
+    assert "not allowed with argument --adapter" in capsys.readouterr().err
+
+
+def test_a_busy_port_is_one_line_naming_our_option(tiny_checkpoint, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert app.main(["--model", str(tiny_checkpoint[0]), "--port", str(port), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: port {port} on 127.0.0.1 is already in use: pick another with --port\n"
+
+
+def test_help_answers_before_gradio_or_a_model_is_imported():
+    """The imports are listed, not timed: -X importtime names every module a run imports."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "app.py", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "--no-adapter" in run.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "argparse" in imported and "gradio" not in imported and "minigpt.serve" not in imported
 
 
 def test_the_tuned_model_shares_the_base_weights_but_its_lora_targets(tiny_checkpoint, tmp_path):
@@ -59,11 +112,11 @@ def test_unloadable_weights_end_with_a_one_line_error_naming_them(tiny_checkpoin
     assert err.startswith("error: ") and missing in err and err.count("\n") == 1
 
 
-def test_the_app_exposes_chat_stop_and_alternatives(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_the_app_exposes_chat_stop_and_alternatives_and_cleans_gradios_cache(tiny_checkpoint):
     demo = app.build_app(load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32"))
     names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert names == {"chat", "stop", "alternatives"}
+    assert demo.delete_cache == (app.UPLOAD_CLEANUP_S, app.UPLOAD_CLEANUP_S)
 
 
 def test_speculative_engine_drafts_each_mode_and_replies_as_without(tiny_checkpoint, tmp_path):

@@ -150,3 +150,68 @@ def test_retry_undo_and_clear(page):
     page.locator("#clear").click()
     expect(bots).to_have_count(0)
     expect(page.locator("#stats")).to_have_text("Ready · cpu float32")
+
+
+def shown_refusal(page, message: str):
+    """The toast that shows a refusal (it stays until closed)."""
+    return page.locator("[data-testid=toast-body]", has_text=message)
+
+
+def test_refused_input_is_a_message_and_the_conversation_stays(page):
+    from playwright.sync_api import expect
+    page.locator("#msg textarea").fill("Hello there.")
+    page.locator("#msg textarea").press("Enter")
+    wait_for_reply(page, 0)
+    users, bots = page.locator("#chat [data-testid=user]"), page.locator("#chat [data-testid=bot]")
+
+    seed = page.locator("#seed textarea, #seed input").first
+    refusals = [("A seed that is not a number.", "abc", "Seed must be a number, got 'abc'."),
+                ("", "", "Type a message first."),
+                ("word " * 1100, "", "Your message is too long: with its template it takes")]
+    for message, seed_text, refusal in refusals:
+        seed.fill(seed_text)
+        page.locator("#msg textarea").fill(message)
+        page.locator("#send").click()
+        expect(shown_refusal(page, refusal)).to_be_visible()
+        expect(page.locator("#msg textarea")).to_have_value(message)  # nothing is lost
+        expect(page.locator("#send")).to_be_enabled()
+        expect(users).to_have_count(1)  # the conversation is still there, uncovered
+        expect(users.first).to_have_text("Hello there.")
+        expect(bots.first).to_be_visible()
+        assert "Error" not in page.locator("#chat").inner_text()  # no error badge over the chat or the box
+        assert "Error" not in page.locator("#msg").inner_text()
+    shot = page.screenshot(full_page=True)
+    if os.environ.get("MINIGPT_SCREENSHOT"):
+        (REPO / "assets" / "refused-input.png").write_bytes(shot)
+
+    seed.fill("")  # and the next good message is served as usual
+    page.locator("#msg textarea").fill("Thanks.")
+    page.locator("#send").click()
+    wait_for_reply(page, 1)
+
+
+@pytest.fixture(scope="module")
+def app_without_adapter(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser-app-base-only")
+    with running_app(tmp, with_adapter=False) as running:
+        yield running, tmp / "app.log"
+
+
+def test_without_an_adapter_the_mode_hint_says_why_and_base_mode_works(app_without_adapter, browser):
+    from playwright.sync_api import expect
+    running, log = app_without_adapter
+    assert "note: Alpaca LoRA mode is off: no adapter given." in log.read_text()  # said in the log too
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(running.url)
+    page.wait_for_selector("#msg textarea")
+    expect(page.locator("#mode")).to_contain_text(re.compile(
+        r"Alpaca LoRA is off: no adapter given\. Train one with\s*python -m lora\.train\s*or pass\s*--adapter"))
+    expect(page.get_by_label("Alpaca LoRA")).to_be_disabled()
+    page.locator("#msg textarea").fill("Hello.")
+    page.locator("#msg textarea").press("Enter")
+    wait_for_reply(page, 0)
+    shot = page.screenshot(full_page=True)
+    if os.environ.get("MINIGPT_SCREENSHOT"):
+        (REPO / "assets" / "no-adapter.png").write_bytes(shot)
+    context.close()

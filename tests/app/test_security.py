@@ -96,6 +96,7 @@ def test_a_file_path_smuggled_into_the_history_is_never_read(app):
     event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
     stream = urllib.request.urlopen(f"{app.url}gradio_api/call/chat/{event}", timeout=60).read().decode()
     assert "root:" not in stream and "event: error" in stream  # refused; nothing of the file comes back
+    assert "holds a part that is not text: the chat takes text only." in stream and "/etc/passwd" not in stream
     assert Client(app.url, verbose=False).predict(  # and the server keeps serving
         [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "Base GPT-2", 0, 0, 1, 4, "1", 0, -1,
         api_name="/chat")[0][-1]["role"] == "assistant"
@@ -116,3 +117,14 @@ def test_the_chat_renders_text_not_html(app):
     config = json.loads(urllib.request.urlopen(app.url + "config", timeout=10).read())
     chat = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "chat")
     assert chat["props"]["render_markdown"] is False and chat["props"]["sanitize_html"] is True
+
+
+@pytest.mark.slow
+def test_uploads_are_refused(app):
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\n" + b"x" * 2**20 + b"\r\n--B--\r\n")
+    request = urllib.request.Request(app.url + "gradio_api/upload", body,
+                                     {"Content-Type": "multipart/form-data; boundary=B"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413  # Gradio's max_file_size: it stops reading at the limit

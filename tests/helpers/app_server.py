@@ -49,18 +49,20 @@ def free_port() -> int:
 
 @contextmanager
 def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180, app_args: Sequence[str] = (),
-                **model_config) -> Iterator[RunningApp]:
-    """`python app.py` on a tiny 1024-position checkpoint (long enough replies to press Stop during);
-    app_args are more of app.py's options (e.g. --api-key); model_config overrides make_checkpoint's
-    sizes (e.g. n_embd=256 for the load test)."""
+                with_adapter: bool = True, **model_config) -> Iterator[RunningApp]:
+    """`python app.py` on a tiny 1024-position checkpoint (long enough replies to press Stop during), with a
+    tiny adapter or --no-adapter; app_args are more of app.py's options (e.g. --api-key); model_config
+    overrides make_checkpoint's sizes (e.g. n_embd=256 for the load test). The server's output goes to
+    tmp/app.log."""
     checkpoint, _ = make_checkpoint(tmp / "model", **{"n_positions": 1024, **model_config})
     adapter = make_adapter(checkpoint, tmp / "adapter")
+    adapter_args = ["--adapter", str(adapter)] if with_adapter else ["--no-adapter"]
     port = free_port()
     log = (tmp / "app.log").open("w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MINIGPT_API_KEY", None)  # the key, if any, comes from app_args
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--model", str(checkpoint), "--adapter", str(adapter), "--device", "cpu",
+        [sys.executable, "app.py", "--model", str(checkpoint), *adapter_args, "--device", "cpu",
          "--port", str(port), "--concurrency", str(concurrency), *app_args],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -5,13 +5,17 @@ from minigpt.prompts import DIALOGUE_HEADER, Exchange
 from minigpt.serve.conversation import (
     BASE,
     FRAMING,
+    MAX_HISTORY_CHARS,
+    MAX_HISTORY_MESSAGES,
     MAX_TEMPERATURE,
     TUNED,
     ChatInputError,
     as_chat_text,
     build_prompt,
+    check_history,
     context_note,
     message_text,
+    read_choice,
     read_settings,
     split_history,
     without_last_reply,
@@ -113,6 +117,77 @@ def test_truncation_drops_the_fewest_oldest_exchanges_and_keeps_header_and_messa
     assert prompt.text.startswith(render_prompt(mode, [], message)[:40])  # the header is kept
     assert "and tomorrow?" in prompt.text and "question number 0 " not in prompt.text
     assert f"question number {prompt.dropped} " in prompt.text  # the oldest kept exchange is whole
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting the calls and the characters it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls, self.chars = tokenizer, 0, 0
+
+    def encode_ordinary(self, text):
+        self.calls += 1
+        self.chars += len(text)
+        return self.tokenizer.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("mode", [BASE, TUNED])
+def test_the_largest_allowed_history_is_fitted_with_work_bounded_by_the_window(tiny_model, mode):
+    tokenizer = CountingTokenizer(tiny_model[1])
+    text = "word " * (MAX_HISTORY_CHARS // MAX_HISTORY_MESSAGES // 5 - 1)  # each message near its share of the bound
+    history = [user(text) if i % 2 == 0 else bot(text) for i in range(MAX_HISTORY_MESSAGES - 1)]
+    check_history(history)  # allowed: the most messages and nearly the most characters
+    assert sum(len(message_text(m)) for m in history) > 0.9 * MAX_HISTORY_CHARS
+
+    prompt = build_prompt(mode, history, tokenizer, budget=896)
+    kept = len(split_history(history)[0]) - prompt.dropped
+    assert len(prompt.ids) <= 896 and prompt.dropped > 400
+    # each kept exchange is measured once, plus the header, the exchange that did not fit and the final text
+    assert tokenizer.calls <= kept + 4
+    assert tokenizer.chars <= 4 * len(prompt.text)  # a few windows' worth, not the 1 MB history
+
+
+@pytest.mark.parametrize("history, message", [
+    ([user("hi"), bot("hello")] * (MAX_HISTORY_MESSAGES // 2) + [user("and?")], "at most 1000 are accepted"),
+    ([user("x" * (MAX_HISTORY_CHARS // 2)), bot("y" * (MAX_HISTORY_CHARS // 2)), user("z")],
+     "holds 1,000,001 characters; at most 1,000,000"),
+])
+def test_an_oversized_history_is_refused_before_any_tokenizing(tiny_model, history, message):
+    tokenizer = CountingTokenizer(tiny_model[1])
+    with pytest.raises(ChatInputError, match=message):
+        build_prompt(BASE, history, tokenizer, budget=896)
+    assert tokenizer.calls == 0
+
+
+@pytest.mark.parametrize("history, message", [
+    ({"role": "user", "content": "hi"}, "must be a list of messages"),
+    (["hi"], "Message 1 of the chat history must be an object with a role and a content"),
+    ([{"role": "user"}], "Message 1 .* must be an object with a role and a content"),
+    ([user("a"), {"role": "system", "content": "b"}], "Message 2 .* unknown role: use 'user' or 'assistant'"),
+    ([{"role": "user", "content": 5}], "content of message 1 must be text or a list of text parts"),
+    ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "Message 1 .* part that is not text"),
+    ([{"role": "user", "content": [{"type": "file", "file": {"path": "/etc/passwd"}}]}], "part that is not text"),
+])
+def test_a_history_of_the_wrong_shape_gets_one_line_that_echoes_nothing(history, message):
+    with pytest.raises(ChatInputError, match=message) as refused:
+        check_history(history)
+    assert "\n" not in str(refused.value) and "/etc/passwd" not in str(refused.value)
+
+
+def test_gradios_own_message_shape_and_plain_text_content_are_accepted():
+    check_history([{"role": "user", "content": [{"type": "text", "text": "hi"}], "metadata": None, "options": None},
+                   {"role": "assistant", "content": "hello"}])
+
+
+@pytest.mark.parametrize("value, message", [("2", None), (None, "must be a number, got None"),
+                                            ("x" * 500, r"must be a number, got 'x{12}\.\.\.x{13}'\.$"),
+                                            (1.5, "must be a whole number"), (9, "must be between -1 and 3, got 9")])
+def test_a_choice_must_be_one_of_the_choices(value, message):
+    if message is None:
+        assert read_choice("Head", value, range(-1, 4)) == 2
+    else:
+        with pytest.raises(ChatInputError, match=f"Head {message}"):
+            read_choice("Head", value, range(-1, 4))
 
 
 def test_a_message_too_long_for_the_window_is_refused_with_the_numbers(tiny_model):
