@@ -26,7 +26,7 @@ MAX_SEED = 2**32 - 1
 # than a 1024-token window keeps (only the newest exchanges that fit are ever encoded).
 MAX_HISTORY_MESSAGES = 1000
 MAX_HISTORY_CHARS = 1_000_000
-ROLES = ("user", "assistant")
+ROLES = ("system", "user", "assistant")  # the chat sends no system message; the API may
 FIELD_NAMES = {"temperature": "Temperature", "top_k": "Top-k", "top_p": "Top-p"}  # as the sliders say
 
 
@@ -75,7 +75,7 @@ def message_text(message: dict) -> str:
 def check_history(history: object) -> None:
     """Refuse a history of the wrong shape or size, in our words, before anything reads or tokenizes it.
 
-    A message is {"role": "user" | "assistant", "content": text or a list of {"type": "text", "text": ...}}
+    A message is {"role": "system" | "user" | "assistant", "content": text or a list of {"type": "text", "text": ...}}
     (other keys, such as Gradio's "metadata", are ignored). The chat takes text only: a file part is
     refused without being read, and no value sent is echoed back.
     """
@@ -89,8 +89,8 @@ def check_history(history: object) -> None:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ChatInputError(f"Message {number} of the chat history must be an object with a role and a content.")
         if message["role"] not in ROLES:
-            raise ChatInputError(f"Message {number} of the chat history has an unknown role: use 'user' or "
-                                 "'assistant'.")
+            raise ChatInputError(f"Message {number} of the chat history has an unknown role: use 'system', 'user' "
+                                 "or 'assistant'.")
         content = message["content"]
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):

@@ -163,7 +163,7 @@ def test_an_oversized_history_is_refused_before_any_tokenizing(tiny_model, histo
     ({"role": "user", "content": "hi"}, "must be a list of messages"),
     (["hi"], "Message 1 of the chat history must be an object with a role and a content"),
     ([{"role": "user"}], "Message 1 .* must be an object with a role and a content"),
-    ([user("a"), {"role": "system", "content": "b"}], "Message 2 .* unknown role: use 'user' or 'assistant'"),
+    ([user("a"), {"role": "tool", "content": "b"}], "Message 2 .* unknown role: use 'system', 'user' or 'assistant'"),
     ([{"role": "user", "content": 5}], "content of message 1 must be text or a list of text parts"),
     ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "Message 1 .* part that is not text"),
     ([{"role": "user", "content": [{"type": "file", "file": {"path": "/etc/passwd"}}]}], "part that is not text"),
