@@ -1,5 +1,6 @@
 """The loader: both key styles, the Hub cache offline, and a specific error for every broken checkpoint."""
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -196,3 +197,30 @@ def test_hub_names_fetch_only_the_four_snapshot_files(monkeypatch, tiny_checkpoi
 def test_a_name_too_long_for_a_path_is_a_clear_error():
     with pytest.raises(CheckpointError, match=r"no model folder 'x{300}' \(nor is it a Hub repo id\)"):
         load_pretrained("x" * 300, device="cpu")
+
+
+def test_weights_of_a_non_float_dtype_are_refused(checkpoint):
+    """The float32 bytes relabelled I32: loading them would convert integers and generate garbage."""
+    rewrite(checkpoint, lambda t: t.update({"h.1.mlp.c_fc.weight": t["h.1.mlp.c_fc.weight"].view(torch.int32)}))
+    with pytest.raises(CheckpointError, match=r"tensor transformer.h.1.mlp.c_fc.weight is stored as I32; "
+                                              r"weights must be floating point \(F32, F16, BF16\)"):
+        load_pretrained(checkpoint, device="cpu")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {**c, "n_head": 0}, "n_head must be between 1 and 1,024, got 0"),
+    (lambda c: {**c, "n_embd": -64}, "n_embd must be between 1"),
+    (lambda c: {**c, "n_layer": "2"}, "n_layer must be a whole number, got '2'"),
+    (lambda c: {**c, "n_positions": 1e9}, "n_positions must be a whole number"),
+    (lambda c: {**c, "n_positions": 10**9}, "n_positions must be between 1 and 65,536"),
+    (lambda c: {**c, "n_layer": 10**6}, "n_layer must be between 1 and 1,024"),
+    (lambda c: {**c, "n_layer": 1000, "n_embd": 16384, "n_head": 64}, "refusing anything over 20 billion"),
+    (lambda c: {**c, "layer_norm_epsilon": None}, "layer_norm_epsilon must be a number"),
+    (lambda c: [c], "config.json must hold a JSON object, found list"),
+    (lambda c: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_a_bad_config_is_refused_before_anything_is_built(checkpoint, edit, message):
+    edited = edit(json.loads((checkpoint / "config.json").read_text()))
+    (checkpoint / "config.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(CheckpointError, match=f"bad .*config.json: .*{re.escape(message)}"):
+        load_pretrained(checkpoint, device="cpu")
