@@ -9,3 +9,7 @@ class DamagedFileError(CheckpointError):
     def __init__(self, message: str, path, damage: str) -> None:
         super().__init__(message)
         self.path, self.damage = path, damage
+
+
+class DeviceError(ValueError):
+    """A --device this machine cannot run on (an unknown name, or CUDA/MPS not available)."""

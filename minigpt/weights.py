@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import GPTConfig
-from .errors import CheckpointError, DamagedFileError
+from .errors import CheckpointError, DamagedFileError, DeviceError
 from .hub import fetch, in_hub_cache, redownload
 from .model import GPT
 from .tokenizer import load_tokenizer
@@ -124,7 +124,7 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device | None 
         redownload(snapshot, Path(e.path).name, "model", CheckpointError, e.damage)  # then trust it once more
         config, tensors = read_config(snapshot), read_safetensors(snapshot / "model.safetensors")
     tokenizer = load_tokenizer(snapshot)
-    device, dtype = torch.device(device or pick_device()), dtype or torch.float32
+    device, dtype = resolve_device(device), dtype or torch.float32
     with torch.device("meta"):
         model = GPT(config)
         if device.type == "cpu" and dtype == torch.float32:
@@ -143,6 +143,30 @@ def use_input_major_weights(model: GPT) -> None:
     Called on the model while it is on the meta device, so no memory is allocated twice."""
     for linear in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
         linear.weight.data = torch.empty(linear.in_features, linear.out_features).t()  # lm_head: also the tied wte
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device a --device names, refused in one line (DeviceError) where this machine cannot use it;
+    None picks the best available."""
+    if name is None:
+        return pick_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {str(name)!r}: use cuda, mps or cpu (or leave it out for the best "
+                          "available)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise DeviceError(f"device {str(name)!r}: CUDA is not available here (this PyTorch is {build}, and "
+                              "no usable NVIDIA GPU was found); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(name)!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(name)!r}: Apple's MPS is not available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {str(name)!r} is not supported: use cuda, mps or cpu")
+    return device
 
 
 def pick_device() -> torch.device:
