@@ -140,6 +140,7 @@ def test_cli_streams_the_greedy_continuation(tiny_model, tiny_checkpoint, specul
               "--device", "cpu", *speculative)
     assert run.returncode == 0, run.stderr
     assert run.stdout == prompt + tokenizer.decode(expected) + "\n"
+    assert re.fullmatch(r"\[12 tokens · first after \d+\.\d\d s · \d+\.\d tokens/s\]", run.stderr.splitlines()[-1])
 
 
 def test_cli_uses_the_hub_cache_offline(tmp_path, tiny_checkpoint):
@@ -224,3 +225,33 @@ def test_a_bad_config_is_refused_before_anything_is_built(checkpoint, edit, mess
     (checkpoint / "config.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
     with pytest.raises(CheckpointError, match=f"bad .*config.json: .*{re.escape(message)}"):
         load_pretrained(checkpoint, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("device, message", [("cuda", "error: device 'cuda': CUDA is not available here"),
+                                             ("gpu", "error: unknown device 'gpu': use cuda, mps or cpu")])
+def test_cli_refuses_an_unusable_device_in_one_line(tiny_checkpoint, device, message):
+    run = cli("--model", str(tiny_checkpoint[0]), "--device", device)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith(message)
+
+
+def test_interactive_mode_has_line_editing(tiny_checkpoint, monkeypatch, capsys):
+    generate = __import__("minigpt.generate", fromlist=["main"])
+    pytest.importorskip("readline")
+    monkeypatch.delitem(sys.modules, "readline", raising=False)
+    monkeypatch.setattr("builtins.input", lambda prompt: (_ for _ in ()).throw(EOFError))
+    assert generate.main(["--model", str(tiny_checkpoint[0]), "--device", "cpu", "--interactive"]) == 0
+    assert "readline" in sys.modules
+
+
+@pytest.mark.parametrize("module, expected", [
+    ("minigpt.generate", ["(default: 100)", "(default: 0.8)", "(default: 50)", "(default: 0.95)", "(default: float32)"]),
+    ("lora.train", ["(default: 0.0003)", "(default: 8)", "(default: 16)", "(default: 0.05)", "(default: 512)"]),
+])
+def test_cli_help_shows_the_defaults(capsys, module, expected):
+    parse_args = __import__(module, fromlist=["parse_args"]).parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help = " ".join(capsys.readouterr().out.split())
+    assert all(default in help for default in expected)
