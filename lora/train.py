@@ -218,7 +218,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     batches = itertools.islice(batch_stream(train_set, args.batch_size, args.seed), step * args.grad_accum, None)
     model.train()
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    with (out / LOG_FILE).open("a") as log_file:
+    with (out / LOG_FILE).open("a") as log_file, bar:  # the bar closes before an error or Ctrl-C line is printed
         def record(entry: dict) -> None:
             log.append(entry)
             log_file.write(json.dumps(entry) + "\n")
@@ -245,7 +245,6 @@ def train(args: argparse.Namespace) -> list[dict]:
                 bar.write(f"step {step}: held-out loss {val_loss:.4f}", file=sys.stderr)
             if step % args.save_every == 0 or step == total:
                 checkpoint()
-    bar.close()
     plot_losses(log, out / PLOT_FILE)
     print(f"adapter written to {out} (log: {LOG_FILE}, curve: {PLOT_FILE})", file=sys.stderr)
     return log
