@@ -10,7 +10,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError)
 
-from minigpt.hub import network_problem
+from minigpt.hub import cache_snapshot, network_problem, redownload
 
 DEFAULT_DATA = "yahma/alpaca-cleaned/alpaca_data_cleaned.json"
 
@@ -148,4 +148,14 @@ def _only_json_file(repo_id: str) -> str:
 
 
 def load_records(spec: str) -> tuple[list[Record], list[str]]:
-    return parse_records(read_raw(resolve_data(spec)))
+    """Records of a file or Hub dataset. A Hub file in the cache that no longer reads (damaged on disk) is
+    downloaded again, once, rather than trusted on every run."""
+    path = resolve_data(spec)
+    try:
+        raw = read_raw(path)
+    except ValueError as e:
+        if (cached := cache_snapshot(path)) is None:
+            raise
+        redownload(*cached, "dataset", ValueError, str(e).removeprefix(f"{path} "))
+        raw = read_raw(path)
+    return parse_records(raw)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minigpt.cli import INTERRUPTED, HelpWithDefaults, exit_cli
+from minigpt.cli import INTERRUPTED, HelpWithDefaults, ctrl_c_exits_now, exit_cli
 from minigpt.errors import CheckpointError
 from minigpt.model import GPT
 from minigpt.weights import load_pretrained, resolve_device
@@ -179,8 +179,9 @@ def train(args: argparse.Namespace) -> list[dict]:
     run = {name: getattr(args, name) for name in RUN_OPTIONS}
     resumed = check_resume(args, run)
     device = resolve_device(args.device)
-    records = read_data(args)
-    model, tokenizer = load_pretrained(args.model, device=device, dtype=torch.float32)
+    with ctrl_c_exits_now("interrupted while loading; nothing was trained yet"):
+        records = read_data(args)
+        model, tokenizer = load_pretrained(args.model, device=device, dtype=torch.float32)
     if args.max_len > model.config.n_positions:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {model.config.n_positions}")
     train_set, val_set = make_splits(records, tokenizer, args)

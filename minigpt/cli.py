@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import NoReturn
 
 INTERRUPTED = 130  # the shell's convention: 128 + SIGINT
@@ -31,3 +36,44 @@ def exit_cli(code: int) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+@contextmanager
+def ctrl_c_exits_now(message: str = "interrupted") -> Iterator[None]:
+    """While loading (downloads included), Ctrl-C prints `message` and exits 130 at once.
+
+    A KeyboardInterrupt cannot stop a download: huggingface_hub downloads in worker threads and waits for
+    them, so a stalled connection would hold Ctrl-C for minutes. This process's own partial downloads
+    (huggingface_hub's uniquely named *.incomplete files) are removed first; complete files are only ever
+    renamed into the cache whole, so the next run trusts nothing half-written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum, frame) -> None:
+        print(f"\n{message}", file=sys.stderr)
+        remove_own_partial_downloads()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)
+
+    previous = signal.signal(signal.SIGINT, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def remove_own_partial_downloads() -> None:
+    """Delete the *.incomplete files this process has open (Linux: /proc/self/fd); elsewhere, nothing."""
+    try:
+        fds = list(Path("/proc/self/fd").iterdir())
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            target = os.readlink(fd)  # fails for the listing's own, already closed, descriptor
+            if target.endswith(".incomplete"):
+                os.unlink(target)
+        except OSError:
+            pass

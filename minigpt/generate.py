@@ -11,7 +11,7 @@ import time
 
 from lora import alpaca_prompt
 
-from .cli import INTERRUPTED, HelpWithDefaults, exit_cli
+from .cli import INTERRUPTED, HelpWithDefaults, ctrl_c_exits_now, exit_cli
 from .errors import CheckpointError
 from .generation import generate
 from .inference import PRECISIONS, load_for_inference, speculative_drafts
@@ -86,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
         params = SamplingParams(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        base, tuned, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.dtype, args.compile)
+        with ctrl_c_exits_now():
+            base, tuned, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.dtype,
+                                                        args.compile)
         model = tuned if tuned is not None else base
         draft = speculative_drafts(model)[0] if args.speculative else None
     except (CheckpointError, ValueError) as e:

@@ -108,3 +108,11 @@ def cache_origin(snapshot: Path) -> tuple[str, str, str]:
 
 def in_hub_cache(snapshot: Path) -> bool:
     return snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith(("models--", "datasets--"))
+
+
+def cache_snapshot(file: Path) -> tuple[Path, str] | None:
+    """(snapshot folder, the file's name in the repo) for a file inside a Hub-cache snapshot; None otherwise."""
+    for folder in file.parents:
+        if in_hub_cache(folder):
+            return folder, file.relative_to(folder).as_posix()
+    return None
