@@ -13,7 +13,7 @@ file None) while `times` lasts (None: for ever):
     "drop"      headers and half the body are sent, then the connection is closed
     "stall"     headers are sent, then nothing until the client gives up
     "truncate"  a body of half the size is sent with a matching Content-Length (a short, "complete" response)
-    "500-api"   the API (repo info, file listing) answers HTTP 500, for any file
+    "500-api"   the API (repo info, file listing) and every HEAD (file metadata) answer HTTP 500
 """
 from __future__ import annotations
 
@@ -120,6 +120,8 @@ class Handler(BaseHTTPRequestHandler):
             files = self.server.repos.get(("dataset" if dataset else "model", repo_id))
             if files is None:
                 return self.not_found()
+            if head and self.server.take_fault("API") is not None:
+                return self.send(500, b"Internal Server Error", {}, head)
             if filename not in files:
                 return self.send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
             return self.serve_file(files[filename], filename, head)
