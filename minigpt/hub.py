@@ -88,15 +88,16 @@ def redownload(snapshot: Path, filename: str, what: str, error: type[CheckpointE
     """
     repo_id, repo_type, commit = cache_origin(snapshot)
     damaged = f"the cached {filename} of {what} {repo_id!r} is damaged ({damage})"
+    command = f"hf download {repo_id} {filename} --force-download" + (f" --repo-type {repo_type}" if
+                                                                       repo_type != "model" else "")
     if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
         raise error(f"{damaged}; downloads are off (HF_HUB_OFFLINE=1): connect and run again without it to "
-                    f"re-download it, or: hf download {repo_id} {filename} --force-download")
+                    f"re-download it, or: {command}")
     try:
         hf_hub_download(repo_id, filename, repo_type=repo_type, revision=commit, force_download=True)
     except (HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as e:
         problem = network_problem(e) or str(e).splitlines()[0]
-        raise error(f"{damaged}, and re-downloading it failed: {problem}. Run again to retry, or: "
-                    f"hf download {repo_id} {filename} --force-download") from None
+        raise error(f"{damaged}, and re-downloading it failed: {problem}. Run again to retry, or: {command}") from None
 
 
 def cache_origin(snapshot: Path) -> tuple[str, str, str]:
