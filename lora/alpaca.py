@@ -70,6 +70,10 @@ def _problem(item: object) -> str | None:
     return None
 
 
+class DamagedDataError(ValueError):
+    """A data file whose bytes do not decode (not UTF-8, not JSON): from the Hub cache, it is fetched again."""
+
+
 def read_raw(path: Path) -> list:
     """The items of a .json array or a .jsonl file (one object per line, blank lines ignored).
 
@@ -95,9 +99,9 @@ def read_raw(path: Path) -> list:
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
+        raise DamagedDataError(f"cannot read {path}: {e}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise DamagedDataError(f"{path} is not valid JSON: {e}") from None
     except RecursionError:
         raise ValueError(f"{path} is nested too deeply to be a list of records") from None
     if not isinstance(data, list):
@@ -153,7 +157,7 @@ def load_records(spec: str) -> tuple[list[Record], list[str]]:
     path = resolve_data(spec)
     try:
         raw = read_raw(path)
-    except ValueError as e:
+    except DamagedDataError as e:
         if (cached := cache_snapshot(path)) is None:
             raise
         redownload(*cached, "dataset", ValueError, str(e).removeprefix(f"{path} "))
