@@ -5,13 +5,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2  # huggingface_hub's HTTP client: its network errors are not OSErrors
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    RepositoryNotFoundError,
 )
 
+from minigpt.hub import cache_snapshot, network_problem, redownload
 from minigpt.prompts import alpaca_prompt
 
 DEFAULT_DATA = "yahma/alpaca-cleaned/alpaca_data_cleaned.json"
@@ -57,25 +60,40 @@ def _problem(item: object) -> str | None:
     return None
 
 
+class DamagedDataError(ValueError):
+    """A data file whose bytes do not decode (not UTF-8, not JSON): from the Hub cache, it is fetched again."""
+
+
 def read_raw(path: Path) -> list:
-    """The items of a .json array or a .jsonl file (one object per line, blank lines ignored)."""
+    """The items of a .json array or a .jsonl file (one object per line, blank lines ignored).
+
+    A .jsonl line that is not UTF-8 or not JSON, or is nested too deeply, becomes a ValueError item:
+    reported and skipped like any malformed record. A .json file must be whole."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
         raise ValueError(f"cannot read {path}: {e}") from None
     if path.suffix == ".jsonl":
         items = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(raw.splitlines(), 1):
             if line.strip():
                 try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as e:  # reported and skipped like any malformed record
+                    items.append(json.loads(line.decode("utf-8")))
+                except UnicodeDecodeError as e:
+                    items.append(ValueError(f"line {n} is not UTF-8 (byte {e.start + 1})"))
+                except json.JSONDecodeError as e:
                     items.append(ValueError(f"line {n} is not valid JSON: {e.msg}"))
+                except RecursionError:
+                    items.append(ValueError(f"line {n} is nested too deeply"))
         return items
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DamagedDataError(f"cannot read {path}: {e}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise DamagedDataError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a list of records") from None
     if not isinstance(data, list):
         raise ValueError(f"{path} must hold a JSON array of records, found {type(data).__name__}")
     return data
@@ -96,13 +114,23 @@ def resolve_data(spec: str) -> Path:
     try:
         filename = parts[2] if len(parts) == 3 else _only_json_file(repo_id)
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
-    except LocalEntryNotFoundError:
-        raise ValueError(f"cannot download dataset {repo_id} (offline or HF_HUB_OFFLINE=1, and not cached); "
-                         "pass a local file with --data path/to/alpaca.json") from None
+    except LocalEntryNotFoundError as e:
+        problem = network_problem(e.__cause__) if e.__cause__ is not None else "offline"
+        if problem == "offline":
+            raise ValueError(f"cannot download dataset {repo_id}: downloads are off (HF_HUB_OFFLINE=1) and it is not "
+                             "cached; pass a local file with --data path/to/alpaca.json") from None
+        raise ValueError(f"cannot download dataset {repo_id}: {problem or str(e).splitlines()[0]}, and it is not "
+                         "cached; try again later, or pass a local file with --data path/to/alpaca.json") from None
     except EntryNotFoundError:
         raise ValueError(f"dataset {repo_id} has no file {filename!r}") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ValueError(f"cannot download dataset {repo_id}: {str(e).splitlines()[0]}") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"no dataset file or Hub dataset repository named {repo_id!r}") from None
+    except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:
+        problem = network_problem(e) or str(e).splitlines()[0]
+        if problem == "offline":
+            problem = "downloads are off (HF_HUB_OFFLINE=1) and it is not cached"
+        raise ValueError(f"cannot download dataset {repo_id}: {problem}; nothing partial was kept: run again to "
+                         "retry, or pass a local file with --data path/to/alpaca.json") from None
 
 
 def _only_json_file(repo_id: str) -> str:
@@ -114,4 +142,14 @@ def _only_json_file(repo_id: str) -> str:
 
 
 def load_records(spec: str) -> tuple[list[Record], list[str]]:
-    return parse_records(read_raw(resolve_data(spec)))
+    """Records of a file or Hub dataset. A Hub file in the cache that no longer reads (damaged on disk) is
+    downloaded again, once, rather than trusted on every run."""
+    path = resolve_data(spec)
+    try:
+        raw = read_raw(path)
+    except DamagedDataError as e:
+        if (cached := cache_snapshot(path)) is None:
+            raise
+        redownload(*cached, "dataset", ValueError, str(e).removeprefix(f"{path} "))
+        raw = read_raw(path)
+    return parse_records(raw)

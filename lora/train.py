@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minigpt.adapters import AdapterConfig
+from minigpt.cli import INTERRUPTED, HelpWithDefaults, ctrl_c_exits_now, exit_cli
 from minigpt.errors import CheckpointError
 from minigpt.model import GPT
-from minigpt.weights import load_pretrained, pick_device
+from minigpt.weights import load_pretrained, resolve_device
 
 from .alpaca import DEFAULT_DATA, Record, load_records
 from .batches import (
@@ -55,30 +56,31 @@ RUN_OPTIONS = ("model", "data", "samples", "epochs", "max_steps", "lr", "warmup_
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lora.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lora.train", description=__doc__.splitlines()[0],
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--model", default="gpt2", help="base model: gpt2[-medium|-large|-xl], Hub repo id or folder")
     p.add_argument("--data", default=DEFAULT_DATA,
-                   help="local .json/.jsonl, or a Hub dataset: owner/name[/file.json] (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("checkpoints/alpaca-lora"))
+                   help="local .json/.jsonl, or a Hub dataset: owner/name[/file.json]")
+    p.add_argument("--out", type=Path, default=Path("checkpoints/alpaca-lora"), help="where the adapter goes")
     p.add_argument("--samples", type=int, default=None, help="use only the first N valid records")
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training records")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default: 5%% of the steps)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the LoRA weights")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=16, help="LoRA scale: the update is multiplied by alpha / rank")
+    p.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input")
     p.add_argument("--targets", default="c_attn", help="comma-separated module names (c_attn, c_proj, c_fc)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example, prompt + response")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of the examples held out for evaluation")
+    p.add_argument("--seed", type=int, default=0, help="data order, split, dropout and initialisation")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--eval-every", type=int, default=100, help="held-out evaluation every N steps (and at the end)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     args = p.parse_args(argv)
     for name in ("samples", "max_steps", "rank", "batch_size", "grad_accum", "eval_every", "save_every"):
@@ -144,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        saved = (args.out / STATE_FILE).is_file()
+        print("\ninterrupted; " + (f"continue from the last checkpoint with --resume --out {args.out}" if saved else
+                                    "no checkpoint was written yet"), file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
@@ -188,9 +195,10 @@ def train(args: argparse.Namespace) -> list[dict]:
     out: Path = args.out
     run = {name: getattr(args, name) for name in RUN_OPTIONS}
     resumed = check_resume(args, run)
-    records = read_data(args)
-    device = torch.device(args.device) if args.device else pick_device()
-    model, tokenizer = load_pretrained(args.model, device=device, dtype=torch.float32)
+    device = resolve_device(args.device)
+    with ctrl_c_exits_now("interrupted while loading; nothing was trained yet"):
+        records = read_data(args)
+        model, tokenizer = load_pretrained(args.model, device=device, dtype=torch.float32)
     if args.max_len > model.config.n_positions:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {model.config.n_positions}")
     train_set, val_set = make_splits(records, tokenizer, args)
@@ -228,7 +236,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     batches = itertools.islice(batch_stream(train_set, args.batch_size, args.seed), step * args.grad_accum, None)
     model.train()
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    with (out / LOG_FILE).open("a") as log_file:
+    with (out / LOG_FILE).open("a") as log_file, bar:  # the bar closes before an error or Ctrl-C line is printed
         def record(entry: dict) -> None:
             log.append(entry)
             log_file.write(json.dumps(entry) + "\n")
@@ -255,7 +263,6 @@ def train(args: argparse.Namespace) -> list[dict]:
                 bar.write(f"step {step}: held-out loss {val_loss:.4f}", file=sys.stderr)
             if step % args.save_every == 0 or step == total:
                 checkpoint()
-    bar.close()
     plot_losses(log, out / PLOT_FILE)
     print(f"adapter written to {out} (log: {LOG_FILE}, curve: {PLOT_FILE})", file=sys.stderr)
     return log
@@ -280,4 +287,4 @@ def write_log(path: Path, log: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_cli(main())

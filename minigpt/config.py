@@ -5,6 +5,12 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+# Sanity bounds: far above every GPT-2 (gpt2-xl: 1.6 billion parameters, 1024 positions), far below what
+# would make building the model an out-of-memory crash instead of a message.
+MAX_SIZES = {"vocab_size": 1_000_000, "n_positions": 65_536, "n_embd": 65_536, "n_layer": 1_024, "n_head": 1_024,
+             "n_inner": 262_144}
+MAX_PARAMETERS = 20_000_000_000  # 80 GB of float32 weights
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -18,8 +24,30 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self) -> None:
+        for name, limit in MAX_SIZES.items():
+            value = getattr(self, name)
+            if value is None and name == "n_inner":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+            if not 1 <= value <= limit:
+                raise ValueError(f"{name} must be between 1 and {limit:,}, got {value:,}")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < 1):
+            raise ValueError(f"layer_norm_epsilon must be a number between 0 and 1, got {eps!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+        if (n := self.n_parameters) > MAX_PARAMETERS:
+            raise ValueError(f"this config describes {n / 1e9:,.0f} billion parameters ({4 * n / 2**30:,.0f} GiB in "
+                             f"float32); refusing anything over {MAX_PARAMETERS / 1e9:.0f} billion")
+
+    @property
+    def n_parameters(self) -> int:
+        """Weights in the model (the tied lm_head counted once)."""
+        d, mlp = self.n_embd, self.mlp_dim
+        per_layer = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (2 * d * mlp + mlp + d)
+        return (self.vocab_size + self.n_positions) * d + self.n_layer * per_layer + 2 * d
 
     @property
     def head_dim(self) -> int:
@@ -37,7 +65,10 @@ class GPTConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "GPTConfig":
-        """Build from a transformers GPT-2 config.json, refusing variants this model does not implement."""
+        """Build from a transformers GPT-2 config.json, refusing variants this model does not implement
+        and sizes that are not whole, positive and sane (__post_init__)."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json must hold a JSON object, found {type(hf).__name__}")
         if hf.get("model_type", "gpt2") != "gpt2":
             raise ValueError(f"config.json describes a {hf['model_type']!r} model, not gpt2")
         unsupported = {
@@ -54,7 +85,11 @@ class GPTConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "GPTConfig":
-        return cls.from_hf_config(json.loads(Path(path).read_text()))
+        try:
+            hf = json.loads(Path(path).read_text(encoding="utf-8"))
+        except RecursionError:
+            raise ValueError("config.json is nested too deeply to be a model config") from None
+        return cls.from_hf_config(hf)
 
 
 PRESETS: dict[str, GPTConfig] = {

@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from .cli import add_precision_arguments, warn_if_compile
+from .cli import (
+    INTERRUPTED,
+    HelpWithDefaults,
+    add_precision_arguments,
+    ctrl_c_exits_now,
+    exit_cli,
+    warn_if_compile,
+)
 from .errors import CheckpointError
 from .generation import generate
 from .inference import load_for_inference, speculative_drafts
@@ -17,11 +25,12 @@ from .sampling import SamplingParams
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minigpt.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m minigpt.generate", description=__doc__.splitlines()[0],
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Hub repo id, or a local folder")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
     p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per line")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
@@ -41,22 +50,48 @@ def as_sent(prompt: str, args: argparse.Namespace) -> str:
 
 
 def stream(model, tokenizer, prompt: str, args: argparse.Namespace, params: SamplingParams, draft=None) -> None:
+    """Print the continuation as it comes, then one line of speed on stderr (also when Ctrl-C stops it)."""
+    started, first, n = time.perf_counter(), None, 0
     events = generate(model, tokenizer, tokenizer.encode_ordinary(as_sent(prompt, args)), args.max_new_tokens, params,
                       seed=args.seed, stop=args.stop, draft=draft)
-    for event in events:
-        sys.stdout.write(event.text)
+    try:
+        for event in events:
+            n += 1
+            first = first or time.perf_counter()
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    finally:
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
+        print(speed_line(n, started, first, time.perf_counter()), file=sys.stderr)
+
+
+def speed_line(n: int, started: float, first: float | None, finished: float) -> str:
+    """"[12 tokens · first after 0.08 s · 41.3 tokens/s]": the rate counts the tokens after the first, over
+    the time after it, so the prompt's processing (in the time to the first token) does not dilute it."""
+    if first is None:
+        return "[0 tokens]"
+    rate = f" · {(n - 1) / (finished - first):.1f} tokens/s" if n > 1 and finished > first else ""
+    return f"[{n} token{'s' * (n != 1)} · first after {first - started:.2f} s{rate}]"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warn_if_compile(args)
     try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
         params = SamplingParams(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        base, tuned, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.precision)
+        with ctrl_c_exits_now():
+            base, tuned, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.precision)
         model = tuned if tuned is not None else base
         draft = speculative_drafts(model)[0] if args.speculative else None
     except (CheckpointError, ValueError) as e:
@@ -66,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(as_sent(args.prompt, args))
         stream(model, tokenizer, args.prompt, args, params, draft)
         return 0
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+    except ImportError:
+        pass
     print("Type a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -82,4 +121,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_cli(main())

@@ -5,6 +5,7 @@ pickled `pytorch_model.bin` files are never loaded.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import GPTConfig
-from .errors import CheckpointError
-from .hub import fetch
+from .errors import CheckpointError, DamagedFileError, DeviceError
+from .hub import fetch, in_hub_cache, redownload
 from .model import GPT
 from .tokenizer import load_tokenizer
 
@@ -24,6 +25,10 @@ HUB_ALIASES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-mediu
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Causal-mask buffers some checkpoints carry; the model builds its mask itself.
 MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+# Weight dtypes the model can use, by their safetensors names; any other (an integer, say) is refused.
+WEIGHT_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+OTHER_DTYPES = {torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def resolve_snapshot(name_or_path: str | Path) -> Path:
@@ -36,8 +41,17 @@ def read_config(snapshot: Path) -> GPTConfig:
     if not path.is_file():
         raise CheckpointError(f"missing config.json in {snapshot}")
     try:
-        return GPTConfig.from_json_file(path)
-    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        text = path.read_text(encoding="utf-8")
+        hf = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedFileError(f"bad {path}: not valid JSON ({e})", path, f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"bad {path}: nested too deeply to be a model config") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    try:
+        return GPTConfig.from_hf_config(hf)
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"bad {path}: {e}") from None
 
 
@@ -49,7 +63,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt: {e}") from None
+        raise DamagedFileError(f"{path} is truncated or corrupt: {e}", path, str(e)) from None
 
 
 def hub_to_minigpt(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,6 +91,10 @@ def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> None:
     if unexpected:
         raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]}" + _and_more(unexpected))
     for key, shape in expected.items():
+        if state[key].dtype not in WEIGHT_DTYPES:
+            name = OTHER_DTYPES.get(state[key].dtype, str(state[key].dtype))
+            raise CheckpointError(f"tensor {key} is stored as {name}; weights must be floating point "
+                                  f"({', '.join(WEIGHT_DTYPES.values())})")
         if state[key].shape != shape:
             raise CheckpointError(f"tensor {key} has shape {tuple(state[key].shape)}, "
                                   f"expected {tuple(shape)} for this config")
@@ -98,10 +116,15 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device | None 
     or a local folder holding the same four files.
     """
     snapshot = resolve_snapshot(name_or_path)
-    config = read_config(snapshot)
+    try:
+        config, tensors = read_config(snapshot), read_safetensors(snapshot / "model.safetensors")
+    except DamagedFileError as e:
+        if not in_hub_cache(snapshot):
+            raise
+        redownload(snapshot, Path(e.path).name, "model", CheckpointError, e.damage)  # then trust it once more
+        config, tensors = read_config(snapshot), read_safetensors(snapshot / "model.safetensors")
     tokenizer = load_tokenizer(snapshot)
-    tensors = read_safetensors(snapshot / "model.safetensors")
-    device, dtype = torch.device(device or pick_device()), dtype or torch.float32
+    device, dtype = resolve_device(device), dtype or torch.float32
     with torch.device("meta"):  # no memory is allocated (or randomly initialised) before the weights are read
         model = GPT(config)
     model.to_empty(device="cpu")
@@ -109,6 +132,30 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device | None 
     load_weights(model, tensors)
     model.to(device=device, dtype=dtype)
     return model.eval(), tokenizer
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device a --device names, refused in one line (DeviceError) where this machine cannot use it;
+    None picks the best available."""
+    if name is None:
+        return pick_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {str(name)!r}: use cuda, mps or cpu (or leave it out for the best "
+                          "available)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise DeviceError(f"device {str(name)!r}: CUDA is not available here (this PyTorch is {build}, and "
+                              "no usable NVIDIA GPU was found); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(name)!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(name)!r}: Apple's MPS is not available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {str(name)!r} is not supported: use cuda, mps or cpu")
+    return device
 
 
 def pick_device() -> torch.device:

@@ -142,3 +142,19 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(parts, tmp_pat
     assert steps_logged(out) == list(range(1, 17))  # each step logged once: the lost ones were redone
     whole, resumed = load_file(tmp_path / "whole" / WEIGHTS_FILE), load_file(out / WEIGHTS_FILE)
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_ctrl_c_during_training_is_one_line_and_exit_130(parts, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(RECORDS))
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-m", "lora.train", "--model", str(parts[0]), "--data", str(data), *TRAIN,
+                            "--max-steps", "100000", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while run.poll() is None and max(steps_logged(out), default=0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"interrupted; continue from the last checkpoint with --resume --out {out}"

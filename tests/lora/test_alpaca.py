@@ -121,3 +121,15 @@ def test_epoch_batches_are_reproducible_length_grouped_and_complete():
 
     random_batches = [examples[i:i + 4] for i in range(0, 300, 4)]
     assert padding(batches) < padding(random_batches) / 5
+
+
+def test_a_jsonl_line_nested_too_deeply_or_not_utf8_is_skipped_not_fatal(tmp_path):
+    lines = [json.dumps(RECORDS[0]).encode(), b"[" * 100_000 + b"]" * 100_000,
+             json.dumps(RECORDS[1]).encode().replace(b"Bonjour", b"Bonjour \xff"), json.dumps(RECORDS[2]).encode()]
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines))
+    assert load_records(str(tmp_path / "a.jsonl")) == ([Record(**RECORDS[0]), Record(**RECORDS[2])],
+                                                       ["record 1: line 2 is nested too deeply",
+                                                        "record 2: line 3 is not UTF-8 (byte 85)"])
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_records(str(tmp_path / "deep.json"))

@@ -1,6 +1,7 @@
 """The loader: both key styles, the Hub cache offline, and a specific error for every broken checkpoint."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,6 +139,7 @@ def test_cli_streams_the_greedy_continuation(tiny_model, tiny_checkpoint, specul
               "--device", "cpu", *speculative)
     assert run.returncode == 0, run.stderr
     assert run.stdout == prompt + tokenizer.decode(expected) + "\n"
+    assert re.fullmatch(r"\[12 tokens · first after \d+\.\d\d s · \d+\.\d tokens/s\]", run.stderr.splitlines()[-1])
 
 
 def test_cli_uses_the_hub_cache_offline(tmp_path, tiny_checkpoint):
@@ -195,3 +197,61 @@ def test_hub_names_fetch_only_the_four_snapshot_files(monkeypatch, tiny_checkpoi
 def test_a_name_too_long_for_a_path_is_a_clear_error():
     with pytest.raises(CheckpointError, match=r"no model folder 'x{300}' \(nor is it a Hub repo id\)"):
         load_pretrained("x" * 300, device="cpu")
+
+
+def test_weights_of_a_non_float_dtype_are_refused(checkpoint):
+    """The float32 bytes relabelled I32: loading them would convert integers and generate garbage."""
+    rewrite(checkpoint, lambda t: t.update({"h.1.mlp.c_fc.weight": t["h.1.mlp.c_fc.weight"].view(torch.int32)}))
+    with pytest.raises(CheckpointError, match=r"tensor transformer.h.1.mlp.c_fc.weight is stored as I32; "
+                                              r"weights must be floating point \(F32, F16, BF16\)"):
+        load_pretrained(checkpoint, device="cpu")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {**c, "n_head": 0}, "n_head must be between 1 and 1,024, got 0"),
+    (lambda c: {**c, "n_embd": -64}, "n_embd must be between 1"),
+    (lambda c: {**c, "n_layer": "2"}, "n_layer must be a whole number, got '2'"),
+    (lambda c: {**c, "n_positions": 1e9}, "n_positions must be a whole number"),
+    (lambda c: {**c, "n_positions": 10**9}, "n_positions must be between 1 and 65,536"),
+    (lambda c: {**c, "n_layer": 10**6}, "n_layer must be between 1 and 1,024"),
+    (lambda c: {**c, "n_layer": 1000, "n_embd": 16384, "n_head": 64}, "refusing anything over 20 billion"),
+    (lambda c: {**c, "layer_norm_epsilon": None}, "layer_norm_epsilon must be a number"),
+    (lambda c: [c], "config.json must hold a JSON object, found list"),
+    (lambda c: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_a_bad_config_is_refused_before_anything_is_built(checkpoint, edit, message):
+    edited = edit(json.loads((checkpoint / "config.json").read_text()))
+    (checkpoint / "config.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(CheckpointError, match=f"bad .*config.json: .*{re.escape(message)}"):
+        load_pretrained(checkpoint, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("device, message", [("cuda", "error: device 'cuda': CUDA is not available here"),
+                                             ("gpu", "error: unknown device 'gpu': use cuda, mps or cpu")])
+def test_cli_refuses_an_unusable_device_in_one_line(tiny_checkpoint, device, message):
+    run = cli("--model", str(tiny_checkpoint[0]), "--device", device)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith(message)
+
+
+def test_interactive_mode_has_line_editing(tiny_checkpoint, monkeypatch, capsys):
+    generate = __import__("minigpt.generate", fromlist=["main"])
+    pytest.importorskip("readline")
+    monkeypatch.delitem(sys.modules, "readline", raising=False)
+    monkeypatch.setattr("builtins.input", lambda prompt: (_ for _ in ()).throw(EOFError))
+    assert generate.main(["--model", str(tiny_checkpoint[0]), "--device", "cpu", "--interactive"]) == 0
+    assert "readline" in sys.modules
+
+
+@pytest.mark.parametrize("module, expected", [
+    ("minigpt.generate", ["(default: 100)", "(default: 0.8)", "(default: 50)", "(default: 0.95)",
+                          "(default: float32)"]),
+    ("lora.train", ["(default: 0.0003)", "(default: 8)", "(default: 16)", "(default: 0.05)", "(default: 512)"]),
+])
+def test_cli_help_shows_the_defaults(capsys, module, expected):
+    parse_args = __import__(module, fromlist=["parse_args"]).parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help = " ".join(capsys.readouterr().out.split())
+    assert all(default in help for default in expected)

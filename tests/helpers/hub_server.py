@@ -1,0 +1,169 @@
+"""A fake Hugging Face Hub on 127.0.0.1: the few endpoints huggingface_hub's snapshot_download and
+hf_hub_download use, serving in-memory repos, with faults switched on and off by the test.
+
+    GET  /api/{models,datasets}/{repo}/revision/{rev}    repo info (the commit sha)
+    GET  /api/{models,datasets}/{repo}/tree/{rev}        the file listing
+    HEAD /{repo}/resolve/{rev}/{file}                    file metadata (etag, size, commit)
+    GET  /{repo}/resolve/{rev}/{file}                    the file, honouring Range
+    (datasets: /datasets/{repo}/resolve/...)
+
+Faults (`server.fault = Fault(kind, file, times)`), applied to GETs of `file` (or of everything, with
+file None) while `times` lasts (None: for ever):
+    "500"       the request answers HTTP 500
+    "drop"      headers and half the body are sent, then the connection is closed
+    "stall"     headers are sent, then nothing until the client gives up
+    "truncate"  a body of half the size is sent with a matching Content-Length (a short, "complete" response)
+    "500-api"   the API (repo info, file listing) and every HEAD (file metadata) answer HTTP 500
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class Fault:
+    kind: str
+    file: str | tuple[str, ...] | None = None  # None: every file
+    times: int | None = None
+
+
+class FakeHub(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.repos: dict[tuple[str, str], dict[str, bytes]] = {}
+        self.fault: Fault | None = None
+        self.requests: list[str] = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def add_repo(self, repo_id: str, folder: Path | dict[str, bytes], repo_type: str = "model") -> None:
+        files = folder if isinstance(folder, dict) else {p.name: p.read_bytes() for p in Path(folder).iterdir()
+                                                         if p.is_file()}
+        self.repos[(repo_type, repo_id)] = files
+
+    def take_fault(self, file: str) -> Fault | None:
+        with self.lock:
+            fault = self.fault
+            if fault is None or (fault.kind == "500-api") != (file == "API"):
+                return None
+            files = (fault.file,) if isinstance(fault.file, str) else fault.file
+            if files is not None and file not in files:
+                return None
+            if fault.times is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    self.fault = None
+            return fault
+
+    def __enter__(self) -> "FakeHub":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def etag(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's blob id
+
+
+API = re.compile(r"/api/(models|datasets)/([^/]+/[^/]+)/(revision|tree)/([^/?]+)")
+RESOLVE = re.compile(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/([^?]+)")
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakeHub
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self.handle_request(head=True)
+
+    def do_GET(self) -> None:
+        self.handle_request(head=False)
+
+    def handle_request(self, head: bool) -> None:
+        self.server.requests.append(f"{self.command} {self.path}")
+        path = self.path.split("?")[0]
+        if m := API.fullmatch(path):
+            kind, repo_id, what, _ = m.groups()
+            if self.server.take_fault("API") is not None:
+                return self.send(500, b"Internal Server Error", {}, head)
+            files = self.server.repos.get((kind[:-1], repo_id))
+            if files is None:
+                return self.not_found()
+            if what == "revision":
+                body = {"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]}
+            else:
+                body = [{"type": "file", "path": f, "size": len(d), "oid": etag(d)} for f, d in files.items()]
+            return self.send(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
+        if m := RESOLVE.fullmatch(path):
+            dataset, repo_id, _, filename = m.groups()
+            files = self.server.repos.get(("dataset" if dataset else "model", repo_id))
+            if files is None:
+                return self.not_found()
+            if head and self.server.take_fault("API") is not None:
+                return self.send(500, b"Internal Server Error", {}, head)
+            if filename not in files:
+                return self.send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
+            return self.serve_file(files[filename], filename, head)
+        self.send(404, b"", {}, head)
+
+    def not_found(self) -> None:
+        self.send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, self.command == "HEAD")
+
+    def serve_file(self, data: bytes, filename: str, head: bool) -> None:
+        headers = {"ETag": f'"{etag(data)}"', "X-Repo-Commit": COMMIT, "Accept-Ranges": "bytes"}
+        if head:
+            return self.send(200, data, headers, head=True)
+        start = 0
+        if (r := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))) is not None:
+            start = int(r.group(1))
+        body = data[start:]
+        status = 206 if start else 200
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        fault = self.server.take_fault(filename)
+        if fault is None:
+            return self.send(status, body, headers)
+        if fault.kind == "500":
+            return self.send(500, b"Internal Server Error", {})
+        if fault.kind == "truncate":
+            return self.send(status, body[:len(body) // 2], headers)
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if fault.kind == "drop":
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+        else:  # stall: hold the connection open, silent, until the client has surely timed out
+            self.wfile.flush()
+            time.sleep(5)
+        self.close_connection = True
+
+    def send(self, status: int, body: bytes, headers: dict, head: bool = False) -> None:
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)

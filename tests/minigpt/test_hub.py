@@ -1,0 +1,204 @@
+"""The real download path, end to end, against a fake Hub on 127.0.0.1 (tests/hub_server.py): first download,
+offline reuse, HTTP 500, a connection dropped mid-file (once: resumed by huggingface_hub; always: one line), a
+stalled server, a truncated body, a damaged cached file (healed), an unknown repo, Ctrl-C. For the model
+(`python -m minigpt.generate`, the path app.py start-up shares through minigpt/hub.py) and for the training
+data (`python -m lora.train`). Every error is one line without a traceback; nothing partial is left in the
+cache; a retry once the server behaves succeeds."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+from tests.helpers.app_server import make_adapter
+from tests.helpers.checkpoints import make_checkpoint
+from tests.helpers.hub_server import FakeHub, Fault
+
+pytestmark = pytest.mark.slow  # subprocesses against a local server, with huggingface_hub's own retry waits
+MODEL, ADAPTER, DATASET, DATA_FILE = "someone/tiny-gpt2", "someone/tiny-lora", "someone/alpaca-mini", "data.json"
+RECORDS = [{"instruction": f"Say {w}.", "input": "", "output": f"{w.capitalize()}."} for w in ("yes", "no", "maybe")]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    model, _ = make_checkpoint(root / "model")
+    with FakeHub() as hub:
+        hub.add_repo(MODEL, model)
+        hub.add_repo(ADAPTER, make_adapter(model, root / "adapter"))
+        hub.add_repo(DATASET, {DATA_FILE: json.dumps(RECORDS).encode()}, "dataset")
+        hub.model_folder = model
+        yield hub
+
+
+@pytest.fixture
+def env(hub, tmp_path):
+    hub.fault = None
+    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def generate_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "minigpt.generate", "--model", MODEL, "--prompt", "Hi", "--max-new-tokens", "2",
+            "--device", "cpu", *args]
+
+
+def train_cmd(hub: FakeHub, out: Path, data: str = f"{DATASET}/{DATA_FILE}") -> list[str]:
+    return [sys.executable, "-m", "lora.train", "--model", str(hub.model_folder), "--data", data, "--out", str(out),
+            "--device", "cpu", "--max-steps", "1", "--batch-size", "1", "--max-len", "64", "--val-fraction", "0"]
+
+
+def run_all(env: dict, *commands: list[str] | tuple[dict, list[str]]) -> list[subprocess.CompletedProcess]:
+    """Run the commands side by side (their waits on the network overlap) and return their results.
+    A command may come with its own environment: (env, command)."""
+    commands = [c if isinstance(c, tuple) else (env, c) for c in commands]
+    procs = [subprocess.Popen(c, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for e, c in commands]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+
+
+def generate(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return run_all(env, generate_cmd(*args))[0]
+
+
+def train(env: dict, hub: FakeHub, out: Path, data: str = f"{DATASET}/{DATA_FILE}") -> subprocess.CompletedProcess:
+    return run_all(env, train_cmd(hub, out, data))[0]
+
+
+def one_error(run: subprocess.CompletedProcess, *words: str) -> str:
+    """The run failed with exactly one `error:` line, the last one, holding words; no traceback."""
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and run.stderr.rstrip().endswith(errors[0]), run.stderr
+    assert all(word in errors[0] for word in words), errors[0]
+    return errors[0]
+
+
+def succeeded(run: subprocess.CompletedProcess) -> None:
+    assert run.returncode == 0 and "error" not in run.stderr, run.stderr
+
+
+def clean_cache(env: dict) -> None:
+    """No partial download anywhere, and every blob holds exactly the bytes its name (the git blob id) says."""
+    hub_cache = Path(env["HF_HOME"]) / "hub"
+    assert not list(hub_cache.rglob("*.incomplete"))
+    for blob in hub_cache.glob("*/blobs/*"):
+        if blob.suffix != ".lock":
+            data = blob.read_bytes()
+            assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob.name, f"damaged {blob}"
+
+
+def model_blob(env: dict) -> Path:
+    return (Path(env["HF_HOME"]) / "hub" / f"models--{MODEL.replace('/', '--')}" / "snapshots").glob(
+        "*/model.safetensors").__next__().resolve()
+
+
+# The model, through python -m minigpt.generate
+
+FAULTS = {"500": ("500", "the Hub answered HTTP 500"),
+          "dropped always": ("drop", "the connection dropped in the middle of a file"),
+          "truncated": ("truncate", "a file arrived incomplete"),
+          "stalled": ("stall", "the Hub stopped answering (timed out after 1 s")}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_failed_download_is_one_line_leaves_nothing_partial_and_a_retry_succeeds(hub, env, tmp_path, fault):
+    """The model file (python -m minigpt.generate) and the training data (python -m lora.train) at once."""
+    kind, words = FAULTS[fault]
+    hub.fault = Fault(kind, ("model.safetensors", DATA_FILE))
+    model, data = run_all({**env, "HF_HUB_DOWNLOAD_TIMEOUT": "1"}, generate_cmd(), train_cmd(hub, tmp_path / "a"))
+    one_error(model, f"could not download model '{MODEL}': {words}", "Nothing partial was kept",
+              "--model also takes a local folder")
+    one_error(data, f"cannot download dataset {DATASET}: {words}", "--data path/to/alpaca.json")
+    clean_cache(env)
+    hub.fault = None
+    for run in run_all(env, generate_cmd(), train_cmd(hub, tmp_path / "b")):
+        succeeded(run)
+    clean_cache(env)
+
+
+def test_a_connection_dropped_once_is_resumed(hub, env):
+    hub.fault = Fault("drop", "model.safetensors", times=1)
+    succeeded(generate(env))
+    clean_cache(env)
+    assert hub.fault is None  # the drop happened
+
+
+def test_hub_500_before_anything_is_cached_is_not_called_offline(hub, env, tmp_path):
+    hub.fault = Fault("500-api")
+    model, data = run_all(env, generate_cmd(), train_cmd(hub, tmp_path / "a"))
+    for run in model, data:
+        assert "offline" not in one_error(run, "the Hub answered HTTP 500", "cache").lower()
+
+
+def test_unknown_repos_and_offline_with_an_empty_cache(hub, env, tmp_path):
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    hub.requests.clear()
+    runs = run_all(env, generate_cmd("--model", "someone/no-such-model"),
+                   train_cmd(hub, tmp_path / "a", "someone/no-such-data/x.json"),
+                   (offline, generate_cmd()), (offline, train_cmd(hub, tmp_path / "b")))
+    one_error(runs[0], "no model folder or Hub repository named 'someone/no-such-model'")
+    one_error(runs[1], "no dataset file or Hub dataset repository named 'someone/no-such-data'")
+    one_error(runs[2], "HF_HUB_OFFLINE=1", "--model also takes a local folder")
+    one_error(runs[3], "HF_HUB_OFFLINE=1", "--data path/to/alpaca.json")
+    assert not any("/someone/tiny-gpt2/" in r or DATASET in r for r in hub.requests)  # the offline ones asked nothing
+
+
+def test_a_model_downloaded_then_reused_offline_then_damaged_is_downloaded_again(hub, env):
+    succeeded(generate(env, "--adapter", ADAPTER))
+    clean_cache(env)
+    hub.requests.clear()
+    succeeded(generate({**env, "HF_HUB_OFFLINE": "1"}, "--adapter", ADAPTER))
+    assert hub.requests == []
+    blob = model_blob(env)
+    blob.write_bytes(blob.read_bytes()[:1000])  # damaged in the cache, behind the snapshot's link
+
+    offline = one_error(generate({**env, "HF_HUB_OFFLINE": "1"}), "the cached model.safetensors of model "
+                        f"'{MODEL}' is damaged", f"hf download {MODEL} model.safetensors --force-download")
+    assert str(blob) not in offline
+
+    succeeded(generate(env))  # online: healed
+    clean_cache(env)
+    hub.requests.clear()
+    succeeded(generate({**env, "HF_HUB_OFFLINE": "1"}))  # and it stays healed
+    assert hub.requests == []
+
+
+def test_ctrl_c_during_a_stalled_download_is_one_line_and_exit_130(hub, env):
+    hub.fault = Fault("stall", "model.safetensors")
+    hub.requests.clear()
+    run = subprocess.Popen([sys.executable, "-m", "minigpt.generate", "--model", MODEL, "--device", "cpu"], cwd=REPO,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(r.startswith("GET") and r.endswith("model.safetensors") for r in hub.requests) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=30)
+    assert run.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted"
+    clean_cache(env)
+
+
+# The training data, through python -m lora.train (the faults: above)
+
+def test_a_dataset_downloaded_then_reused_offline_then_damaged_is_downloaded_again(hub, env, tmp_path):
+    succeeded(train(env, hub, tmp_path / "a"))
+    hub.requests.clear()
+    succeeded(train({**env, "HF_HUB_OFFLINE": "1"}, hub, tmp_path / "b"))
+    assert hub.requests == []
+    blob = next((Path(env["HF_HOME"]) / "hub").glob(f"datasets--*/snapshots/*/{DATA_FILE}")).resolve()
+    blob.write_bytes(blob.read_bytes()[:20])
+    succeeded(train(env, hub, tmp_path / "c"))
+    clean_cache(env)
