@@ -60,6 +60,7 @@ import gradio as gr  # noqa: E402
 from starlette.routing import Mount  # noqa: E402
 
 from minigpt import CheckpointError  # noqa: E402
+from minigpt.errors import DeviceError  # noqa: E402
 from minigpt.serve.conversation import (  # noqa: E402
     BASE,
     MAX_NEW_TOKENS,
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         check_port(args.host, args.port)  # before the minutes of loading, not after
         engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative,
                              default_adapter=None if args.no_adapter else DEFAULT_ADAPTER, concurrency=args.concurrency)
-    except (CheckpointError, PortBusy) as e:  # CheckpointError includes AdapterError
+    except (CheckpointError, DeviceError, PortBusy) as e:  # CheckpointError includes AdapterError
         print(f"error: {e}", file=sys.stderr)
         return 2
     if TUNED not in engine.models:

@@ -144,3 +144,12 @@ def test_precision_is_one_flag_with_dtype_as_its_alias_and_compile_is_ignored(ti
     warn_if_compile(app.parse_args(["--compile"]))
     assert capsys.readouterr().err == ("note: --compile is no longer needed and is ignored: the fastest decode step "
                                        "is chosen at load time\n")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7"])
+def test_a_device_this_machine_lacks_ends_with_one_line(tiny_checkpoint, device, capsys):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    assert app.main(["--model", str(tiny_checkpoint[0]), "--device", device, "--no-adapter"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and repr(device) in err and err.count("\n") == 1
