@@ -41,7 +41,7 @@ def build(side: str, device: torch.device, args: argparse.Namespace):
     torch.manual_seed(0)
     if side == "minigpt":
         from lora import inject_lora, lora_parameters
-        from lora.train import lm_loss_sum
+        from minigpt.training import lm_loss_sum
         from minigpt import GPT, GPTConfig
         model = GPT(GPTConfig()).to(device)
         for module in model.modules():  # GPT-2's init, as transformers does it on the other side

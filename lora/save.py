@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from minigpt.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, AdapterConfig
 
-from .atomic import atomic_write
+from minigpt.atomic import atomic_write
 from .layer import lora_parameters
 
 
