@@ -117,8 +117,8 @@ def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
 
     run = {name: getattr(args, name) for name in RUN_OPTIONS} | {"nproc_per_node": ranks.world}
     resumed = check_resume(args.out, args.resume, run)
-    size_for_cpu(args, ranks, say)
     records = read_data(args, say)
+    size_for_cpu(args, ranks, say)
     model, tokenizer = load_pretrained(args.model, device=ranks.device, dtype=torch.float32)
     if args.max_len > model.config.n_positions:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {model.config.n_positions}")
