@@ -25,13 +25,13 @@ def test_a_model_pretrained_from_scratch_learns_and_loads_in_transformers(tmp_pa
     out = tmp_path / "my-gpt"
     assert main(["--text", str(text), "--out", str(out), "--tokenizer", str(tmp_path / "tokenizer"),
                  "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
-                 "--max-steps", "200", "--lr", "1e-2", "--val-fraction", "0.1", "--eval-every", "100",
+                 "--max-steps", "150", "--lr", "1e-2", "--val-fraction", "0.1", "--eval-every", "75",
                  "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert "parameters: " in err and "plan: steps 1-200 (--max-steps)" in err
+    assert "parameters: " in err and "plan: steps 1-150 (--max-steps)" in err
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     val = [r for r in log if "val_loss" in r]
-    assert [r["step"] for r in val] == [100, 200]
+    assert [r["step"] for r in val] == [75, 150]
     assert val[-1]["val_loss"] < 0.5 * math.log(50257)  # uniform guessing: ln 50257 = 10.8
     assert val[-1]["val_perplexity"] == math.exp(val[-1]["val_loss"])
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
