@@ -35,7 +35,16 @@ from minigpt.training import (
 from minigpt.weights import load_pretrained
 
 from .alpaca import DEFAULT_DATA, Record, load_records
-from .batches import Example, batch_stream, epoch_batches, eval_batches, micro_batch, rank_share, split, tokenize
+from .batches import (
+    Example,
+    batch_stream,
+    epoch_batches,
+    eval_batches,
+    micro_batch,
+    rank_share,
+    split,
+    tokenize,
+)
 from .layer import inject_lora, lora_parameters
 from .save import save_adapter
 

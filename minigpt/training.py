@@ -314,6 +314,11 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
             log_file.flush()
 
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, disable=not ranks.main)
+
+    def note(line: str) -> None:  # tqdm.write is a class method: it would print on every rank
+        if ranks.main:
+            bar.write(line, file=sys.stderr)
+
     batches = task.steps(step)
     has_val = ranks.sum(len(task.val_batches))[0] > 0  # every rank must join each evaluation's sum
     stop = step >= total
@@ -336,13 +341,11 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
             stop = step >= total or out_of_time()
             if stop and step < total:
                 record({"step": step, "stopped": "time budget"})
-                bar.write(f"step {step}: time budget of {format_duration(args.time_budget)} reached, stopping",
-                          file=sys.stderr)
+                note(f"step {step}: time budget of {format_duration(args.time_budget)} reached, stopping")
             if has_val and (step % args.eval_every == 0 or stop):
                 val_loss = evaluate(model, task.val_batches, ranks)
                 record({"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700))})
-                bar.write(f"step {step}: held-out loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.2f}",
-                          file=sys.stderr)
+                note(f"step {step}: held-out loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.2f}")
             if step % args.save_every == 0 or stop:
                 checkpoint()
     finally:

@@ -55,6 +55,7 @@ def two_processes(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-run") / "run"
     done = torchrun(["lora.train", *args(setup, out, "--batch-size", "2")])
     assert "global batch 2 process(es) x 2 sequences x 2 micro-batch(es)" in done.stderr
+    assert done.stderr.count("plan: ") == done.stderr.count("step 2: held-out loss") == 1  # rank 0 alone speaks
     return out
 
 
@@ -68,7 +69,7 @@ def test_two_processes_train_the_adapter_one_process_trains(setup, two_processes
     assert not torch.equal(a[next(k for k in a if "lora_B" in k)], torch.zeros(1))  # it did train
     single, double = scores(log(one)), scores(log(two_processes))
     assert [r["step"] for r in double] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
-    for r1, r2 in zip(single, double):
+    for r1, r2 in zip(single, double, strict=True):
         assert r1.keys() == r2.keys()
         for key in r1:
             assert r2[key] == pytest.approx(r1[key], rel=1e-4), (r1, r2)
