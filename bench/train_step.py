@@ -1,8 +1,10 @@
-"""Speed of one LoRA training step: MiniGPT's LoRA vs transformers + peft, same shape, same batch, same run.
+"""Speed and memory of one LoRA training step: MiniGPT vs transformers + peft, or MiniGPT with and without
+gradient checkpointing; same shape, same batch, same run.
 
     python -m bench.train_step                         # GPT-2 124M shape, random weights, batch 4 x 128 tokens
     python -m bench.train_step --batch-size 8 --seq-len 256 --reps 20
     python -m bench.train_step --threads 1             # steadiest on a busy shared CPU (compare CPU seconds)
+    python -m bench.train_step --compare checkpointing --shape gpt2-medium   # --grad-checkpoint's cost and saving
 
 A step is forward, masked cross-entropy (the first half of each row is "prompt", ignored), backward,
 AdamW on the LoRA parameters, zero_grad: rank 8 on c_attn, LoRA dropout 0.05, the base's own
@@ -33,17 +35,20 @@ import torch
 from tests.helpers import REPO as ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SIDES = ("minigpt", "peft")
+COMPARISONS = {"peft": ("minigpt", "peft"), "checkpointing": ("minigpt", "minigpt-checkpointed")}
 
 
 def build(side: str, device: torch.device, args: argparse.Namespace):
     """(step function taking (inputs, labels), model) for one side, weights random, LoRA injected."""
     torch.manual_seed(0)
-    if side == "minigpt":
+    from minigpt import GPTConfig
+    shape = GPTConfig.from_name(args.shape)
+    if side.startswith("minigpt"):
         from lora import inject_lora, lora_parameters
-        from lora.train import lm_loss_sum
-        from minigpt import GPT, GPTConfig
-        model = GPT(GPTConfig()).to(device)
+        from minigpt import GPT
+        from minigpt.training import lm_loss_sum
+        model = GPT(shape).to(device)
+        model.grad_checkpoint = side == "minigpt-checkpointed"
         for module in model.modules():  # GPT-2's init, as transformers does it on the other side
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 torch.nn.init.normal_(module.weight, 0.0, 0.02)
@@ -58,7 +63,8 @@ def build(side: str, device: torch.device, args: argparse.Namespace):
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import GPT2Config, GPT2LMHeadModel
-        config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = GPT2Config(n_embd=shape.n_embd, n_layer=shape.n_layer, n_head=shape.n_head,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(
             r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules=["c_attn"],
             fan_in_fan_out=True)).to(device)
@@ -106,19 +112,20 @@ def sync(device: torch.device) -> None:
 def measure_speed(args: argparse.Namespace) -> dict:
     """Both sides in this process, steps alternating (ABBA...), so machine noise hits both alike."""
     device = torch.device(args.device)
-    steps = {side: build(side, device, args) for side in SIDES}
+    sides = COMPARISONS[args.compare]
+    steps = {side: build(side, device, args) for side in sides}
     inputs, labels = batch(args, device)
-    times = {side: [] for side in SIDES}
+    times = {side: [] for side in sides}
     for i in range(args.warmup + args.reps):
-        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+        for side in sides if i % 2 == 0 else sides[::-1]:
             t = timed(steps[side][0], inputs, labels, device)
             if i >= args.warmup:
                 times[side].append(t)
         if i >= args.warmup:
             print(f"rep {i - args.warmup + 1}: " + ", ".join(
-                f"{s} {times[s][-1][0]:.3f} s (cpu {times[s][-1][1]:.3f} s)" for s in SIDES), file=sys.stderr)
+                f"{s} {times[s][-1][0]:.3f} s (cpu {times[s][-1][1]:.3f} s)" for s in sides), file=sys.stderr)
     return {side: {"step_s": [t[0] for t in times[side]], "cpu_s": [t[1] for t in times[side]],
-                   "trainable_parameters": steps[side][1]} for side in SIDES}
+                   "trainable_parameters": steps[side][1]} for side in sides}
 
 
 def measure_memory(side: str, args: argparse.Namespace) -> dict:
@@ -145,7 +152,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--memory-of", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side's memory
+    p.add_argument("--compare", choices=COMPARISONS, default="peft", help="what MiniGPT is measured against")
+    p.add_argument("--shape", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], default="gpt2")
+    p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one side's memory
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,7 +163,9 @@ def main() -> None:
         return
 
     memory = {}
-    for side in SIDES:
+    sides = COMPARISONS[args.compare]
+    first, second = sides
+    for side in sides:
         done = subprocess.run([sys.executable, "-m", "bench.train_step", "--memory-of", side, *sys.argv[1:]], cwd=ROOT,
                               capture_output=True, text=True, check=True)
         memory[side] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -166,9 +177,9 @@ def main() -> None:
                       "tokens_per_s": tokens / statistics.median(speed[side]["step_s"]),
                       "trainable_parameters": speed[side]["trainable_parameters"],
                       "peak_memory_mb": round(memory[side]["peak_mb"], 1), "peak_memory_kind": memory[side]["kind"]}
-               for side in SIDES}
-    pair_ratios = [b / a for a, b in zip(speed["minigpt"]["step_s"], speed["peft"]["step_s"])]
-    report = {"benchmark": "one LoRA training step, GPT-2 124M shape (random weights)",
+               for side in sides}
+    pair_ratios = [b / a for a, b in zip(speed[first]["step_s"], speed[second]["step_s"])]
+    report = {"benchmark": f"one LoRA training step, {args.shape} shape (random weights), {first} vs {second}",
               "command": " ".join(["python", "bench/train_step.py", *sys.argv[1:]]),
               "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {"device": args.device, "cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -176,20 +187,20 @@ def main() -> None:
                           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
               "batch_size": args.batch_size, "seq_len": args.seq_len, "rank": args.rank, "targets": ["c_attn"],
               "reps": args.reps, "warmup": args.warmup, "results": summary,
-              "minigpt_over_peft_tokens_per_s": summary["minigpt"]["tokens_per_s"] / summary["peft"]["tokens_per_s"],
+              f"{first}_over_{second}_tokens_per_s": summary[first]["tokens_per_s"] / summary[second]["tokens_per_s"],
               "median_paired_ratio": statistics.median(pair_ratios),
-              "best_step_ratio": summary["peft"]["min_step_s"] / summary["minigpt"]["min_step_s"],
-              "cpu_time_ratio": summary["peft"]["median_cpu_s"] / summary["minigpt"]["median_cpu_s"],
+              "best_step_ratio": summary[second]["min_step_s"] / summary[first]["min_step_s"],
+              "cpu_time_ratio": summary[second]["median_cpu_s"] / summary[first]["median_cpu_s"],
               "threads": torch.get_num_threads(), "raw": speed}
     out = args.out or ROOT / "bench" / "results" / f"train_step-{datetime.now():%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     for side, s in summary.items():
-        print(f"{side:8s} {s['tokens_per_s']:9.1f} tokens/s  median step {s['median_step_s']:.3f} s  "
+        print(f"{side:20s} {s['tokens_per_s']:9.1f} tokens/s  median step {s['median_step_s']:.3f} s  "
               f"best {s['min_step_s']:.3f} s  cpu {s['median_cpu_s']:.3f} s  "
               f"peak {s['peak_memory_mb']:.0f} MB ({s['peak_memory_kind']})")
-    print(f"MiniGPT / peft tokens/s: {report['minigpt_over_peft_tokens_per_s']:.3f} (median of paired reps "
-          f"{report['median_paired_ratio']:.3f}, of best steps {report['best_step_ratio']:.3f}); peft / MiniGPT "
+    print(f"{first} / {second} tokens/s: {report[f'{first}_over_{second}_tokens_per_s']:.3f} (median of paired reps "
+          f"{report['median_paired_ratio']:.3f}, of best steps {report['best_step_ratio']:.3f}); {second} / {first} "
           f"CPU seconds per step: {report['cpu_time_ratio']:.3f}  -> {out}")
 
 

@@ -13,10 +13,9 @@ import tiktoken
 import torch
 
 from minigpt.tokenizer import EOT_ID
+from minigpt.training import IGNORE, MicroBatch
 
 from .alpaca import Record
-
-IGNORE = -100  # F.cross_entropy's default ignore_index
 
 
 @dataclass(frozen=True)
@@ -107,6 +106,20 @@ def batch_stream(examples: Sequence[Example], batch_size: int, seed: int) -> Ite
     while True:
         yield from epoch_batches(examples, batch_size, seed, epoch)
         epoch += 1
+
+
+# A rank whose share of a short last batch is empty still joins the step: one padding token, nothing scored.
+NOTHING = Example([EOT_ID, EOT_ID], n_prompt=2)
+
+
+def rank_share(batch: Sequence[Example], rank: int, per_rank: int) -> list[Example]:
+    """This rank's contiguous slice of a global batch (ranks x per_rank examples, fewer at an epoch's end)."""
+    return list(batch[rank * per_rank:(rank + 1) * per_rank]) or [NOTHING]
+
+
+def micro_batch(examples: Sequence[Example]) -> MicroBatch:
+    inputs, targets = collate(examples)
+    return MicroBatch(inputs, targets, n_tokens=sum(len(e.ids) - 1 for e in examples))  # padding not counted
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:

@@ -8,8 +8,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from minigpt.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, AdapterConfig
+from minigpt.atomic import atomic_write
 
-from .atomic import atomic_write
 from .layer import lora_parameters
 
 

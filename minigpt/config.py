@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # Sanity bounds: far above every GPT-2 (gpt2-xl: 1.6 billion parameters, 1024 positions), far below what
@@ -82,6 +82,11 @@ class GPTConfig:
                 raise ValueError(f"config.json sets {key}={found!r}; only {expected!r} is supported")
         fields = {name: hf[name] for name in cls.__dataclass_fields__ if name in hf}
         return replace(cls(), **fields)
+
+    def to_hf_config(self) -> dict:
+        """A transformers GPT-2 config.json for this model (the inverse of from_hf_config)."""
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
+                **asdict(self), "n_ctx": self.n_positions, "bos_token_id": 50256, "eos_token_id": 50256}
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "GPTConfig":

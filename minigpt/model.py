@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
 
@@ -147,6 +148,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.grad_checkpoint = False  # training: keep only block inputs, recompute the rest in backward
 
     @property
     def device(self) -> torch.device:
@@ -179,8 +181,12 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         atts = []
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x, att = block(x, cache, return_attn)
+            if recompute:
+                x, att = checkpoint(block, x, cache, return_attn, use_reentrant=False)
+            else:
+                x, att = block(x, cache, return_attn)
             atts.append(att)
         if cache is not None:
             cache.length += T

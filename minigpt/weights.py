@@ -1,4 +1,4 @@
-"""Load GPT-2 weights in the Hugging Face Hub layout: from the Hub, its cache, or a local folder.
+"""GPT-2 weights in the Hugging Face Hub layout: load from the Hub, its cache or a local folder; write a folder.
 
 A snapshot holds config.json, model.safetensors, vocab.json and merges.txt. Only safetensors is read:
 pickled `pytorch_model.bin` files are never loaded.
@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write
 from .config import GPTConfig
 from .errors import CheckpointError, DamagedFileError, DeviceError
 from .hub import fetch, in_hub_cache, redownload
 from .model import GPT
 from .tokenizer import load_tokenizer
 
-SNAPSHOT_FILES = ["config.json", "model.safetensors", "vocab.json", "merges.txt"]
+TOKENIZER_FILES = ["vocab.json", "merges.txt"]
+SNAPSHOT_FILES = ["config.json", "model.safetensors", *TOKENIZER_FILES]
 HUB_ALIASES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 # The Hub stores these four as Conv1D weights, (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -78,6 +81,35 @@ def hub_to_minigpt(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             tensor = tensor.t()
         state[f"transformer.{name}"] = tensor
     return state
+
+
+def minigpt_to_hub(model: GPT) -> dict[str, torch.Tensor]:
+    """The inverse of hub_to_minigpt: keys as in openai-community/gpt2 (no `transformer.` prefix, no
+    lm_head, which is tied), Conv1D weights transposed back to (in, out)."""
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        name = key.removeprefix("transformer.")
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+    return tensors
+
+
+def save_pretrained(model: GPT, folder: str | Path, tokenizer_folder: str | Path) -> Path:
+    """Write model as a Hub-layout snapshot (config.json, model.safetensors, and the tokenizer files
+    copied from tokenizer_folder), loadable by load_pretrained and by transformers."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder / "model.safetensors") as tmp:
+        save_file(minigpt_to_hub(model), tmp, metadata={"format": "pt"})
+    with atomic_write(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if Path(tokenizer_folder).resolve() != folder.resolve():
+            shutil.copyfile(Path(tokenizer_folder) / name, folder / name)
+    return folder
 
 
 def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> None:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import app
-from lora.state import STATE_FILE, load_state
+from minigpt.train_state import STATE_FILE, load_state
 from lora.train import main as train_main
 from minigpt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from tests.helpers import REPO

@@ -7,7 +7,7 @@ import torch
 from lora import alpaca_prompt
 from lora.alpaca import Record, load_records, parse_records, resolve_data
 from lora.batches import IGNORE, Example, collate, epoch_batches, split, tokenize
-from lora.train import lm_loss_sum
+from minigpt.training import lm_loss_sum
 from minigpt.tokenizer import EOT_ID
 
 RECORDS = [

@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lora.train
+import minigpt.training
 from lora import load_tuned_model
-from lora.train import main, warmup_cosine
+from lora.train import main
+from minigpt.training import warmup_cosine
 from minigpt import load_pretrained
 from minigpt.adapters import WEIGHTS_FILE
 from tests.helpers.checkpoints import make_checkpoint
@@ -60,7 +61,7 @@ def test_training_drives_the_loss_towards_zero(workdir, tmp_path, capsys):
     # the written adapter is what was trained: loaded for serving, it scores the data as the log says
     from lora.alpaca import Record
     from lora.batches import collate, tokenize
-    from lora.train import lm_loss_sum
+    from minigpt.training import lm_loss_sum
     base, tokenizer = load_pretrained(workdir / "model", device="cpu")
     tuned = load_tuned_model(base, out)
     inputs, targets = collate(tokenize([Record(**r) for r in RECORDS], tokenizer, 128)[0])
@@ -81,7 +82,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(workdir, tmp_path, monkeyp
                "--val-fraction", "0.2", "--eval-every", "2", "--save-every", "3", "--targets", "c_attn,c_fc"]
     assert main(cli(workdir, tmp_path / "whole", *options)) == 0
 
-    real_evaluate = lora.train.evaluate
+    real_evaluate = minigpt.training.evaluate
     calls = []
 
     def crash_at_step_4(*args):
@@ -90,15 +91,15 @@ def test_resumed_run_repeats_the_uninterrupted_losses(workdir, tmp_path, monkeyp
             raise Crash
         return real_evaluate(*args)
 
-    monkeypatch.setattr(lora.train, "evaluate", crash_at_step_4)
+    monkeypatch.setattr(minigpt.training, "evaluate", crash_at_step_4)
     with pytest.raises(Crash):
         main(cli(workdir, tmp_path / "split", *options))
     assert [r["step"] for r in losses(tmp_path / "split")] == [1, 2, 2, 3, 4]
-    monkeypatch.setattr(lora.train, "evaluate", real_evaluate)
+    monkeypatch.setattr(minigpt.training, "evaluate", real_evaluate)
     assert main(cli(workdir, tmp_path / "split", *options, "--resume")) == 0
 
     def comparable(log):
-        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in log]
 
     whole, resumed = comparable(losses(tmp_path / "whole")), comparable(losses(tmp_path / "split"))
     assert [r["step"] for r in resumed] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
@@ -147,8 +148,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model):
 
     from lora import inject_lora, lora_parameters
     from lora.alpaca import Record
-    from lora.batches import tokenize
-    from lora.train import accumulate_gradients
+    from lora.batches import micro_batch, tokenize
+    from minigpt.training import Ranks, accumulate_gradients
     model, tokenizer, _ = tiny_model
     examples, _ = tokenize([Record(**r) for r in RECORDS], tokenizer, 128)
     grads, losses_ = [], []
@@ -159,8 +160,37 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model):
         for name, p in lora_parameters(lora_model).items():
             if "lora_B" in name:  # non-zero B, so A gets a gradient too
                 torch.nn.init.normal_(p, std=0.1)
-        losses_.append(accumulate_gradients(lora_model, micro_batches, torch.device("cpu")))
+        micro = [micro_batch(b) for b in micro_batches]
+        losses_.append(accumulate_gradients(lora_model, micro, Ranks(0, 1, torch.device("cpu")))[0])
         grads.append({n: p.grad for n, p in lora_parameters(lora_model).items()})
     assert losses_[0] == pytest.approx(losses_[1], rel=1e-5)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_time_budget_fits_the_schedule_and_ends_with_a_usable_adapter(workdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    budget = 3.0
+    assert main(cli(workdir, out, "--epochs", "1000", "--time-budget", f"{budget:g}s", "--batch-size", "3",
+                    "--val-fraction", "0.2", "--eval-every", "1000")) == 0
+    err = capsys.readouterr().err
+    assert "what fits the 3 s time budget, out of 2000 steps for 1000 epoch(s)" in err  # 5 examples: 2 steps/epoch
+    log = losses(out)
+    steps = [r for r in log if "loss" in r]
+    stopped_by_budget = any("stopped" in r for r in log)
+    # the last step began before the budget ran out, and the run stopped right after it
+    assert len(steps) == 1 or steps[-2]["elapsed_s"] < budget
+    assert not stopped_by_budget or steps[-1]["elapsed_s"] >= budget
+    last = steps[-1]["step"]
+    assert log[-1]["step"] == last and "val_loss" in log[-1]  # a final held-out evaluation
+    from minigpt.train_state import STATE_FILE, load_state
+    assert load_state(out / STATE_FILE).step == last
+    base, _ = load_pretrained(workdir / "model", device="cpu")
+    load_tuned_model(base, out)  # the adapter is complete and loads
+
+
+def test_a_cpu_run_without_a_size_is_sized_to_the_machine(workdir, tmp_path, capsys):
+    assert main(cli(workdir, tmp_path / "run", "--batch-size", "6", "--val-fraction", "0")) == 0
+    err = capsys.readouterr().err
+    assert "this run trains for 20m (--time-budget 20m); to train on the whole set pass --epochs 1" in err
+    assert "plan: steps 1-1 (1 epoch(s), within the time budget)" in err

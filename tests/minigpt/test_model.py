@@ -102,3 +102,17 @@ def test_presets_have_the_size_of_the_hub_models(name):
     assert count == sum(p.numel() for p in theirs.parameters())
     assert count == {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
                      "gpt2-xl": 1_557_611_200}[name]
+
+
+def test_gradient_checkpointing_recomputes_the_same_gradients(tiny_model):
+    import copy
+    model, _, _ = tiny_model
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for recompute in (False, True):
+        trained = copy.deepcopy(model).train()
+        trained.grad_checkpoint = recompute
+        trained(ids).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in trained.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

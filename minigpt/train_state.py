@@ -1,7 +1,8 @@
-"""Training checkpoints: adapter, optimizer, scheduler, step and RNG state in one safetensors file.
+"""Training checkpoints: trained tensors, optimizer, scheduler and step in one safetensors file.
 
 Tensors go in as tensors, everything else as JSON in the file's metadata, so nothing is pickled,
 and the whole file is replaced atomically: a run killed mid-write leaves the previous checkpoint.
+There is no RNG state to keep: the training loop reseeds from (seed, rank, step) before every step.
 """
 from __future__ import annotations
 
@@ -21,19 +22,18 @@ STATE_FILE = "training_state.safetensors"
 @dataclass
 class TrainingState:
     step: int  # optimizer steps completed
+    total: int  # steps the learning-rate schedule was planned for (a time budget may have fitted it)
     run: dict  # the options that determine the trajectory; a resume must use the same ones
-    lora: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]  # the trained tensors: a LoRA adapter, or a whole model
     optimizer: dict
     scheduler: dict
-    rng: dict[str, torch.Tensor]
 
 
 def save_state(path: Path, state: TrainingState) -> None:
-    tensors = {f"lora.{k}": v.detach().contiguous() for k, v in state.lora.items()}
-    tensors |= {f"rng.{k}": v for k, v in state.rng.items()}
+    tensors = {f"params.{k}": v.detach().contiguous() for k, v in state.params.items()}
     for index, per_param in state.optimizer["state"].items():
         tensors |= {f"optimizer.{index}.{k}": v for k, v in per_param.items()}
-    metadata = {"step": str(state.step), "run": json.dumps(state.run),
+    metadata = {"step": str(state.step), "total": str(state.total), "run": json.dumps(state.run),
                 "param_groups": json.dumps(state.optimizer["param_groups"]),
                 "scheduler": json.dumps(state.scheduler)}
     with atomic_write(path) as tmp:
@@ -45,8 +45,7 @@ def load_state(path: Path) -> TrainingState:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        lora = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
-        rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
+        params = {k.removeprefix("params."): v for k, v in tensors.items() if k.startswith("params.")}
         per_param: dict[int, dict[str, torch.Tensor]] = {}
         for key, v in tensors.items():
             if key.startswith("optimizer."):
@@ -55,20 +54,7 @@ def load_state(path: Path) -> TrainingState:
         param_groups = json.loads(metadata["param_groups"])
         for group in param_groups:
             group["betas"] = tuple(group["betas"])
-        return TrainingState(int(metadata["step"]), json.loads(metadata["run"]), lora,
-                             {"state": per_param, "param_groups": param_groups}, json.loads(metadata["scheduler"]), rng)
+        return TrainingState(int(metadata["step"]), int(metadata["total"]), json.loads(metadata["run"]), params,
+                             {"state": per_param, "param_groups": param_groups}, json.loads(metadata["scheduler"]))
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
         raise ValueError(f"cannot resume from {path}: the checkpoint is unreadable ({e})") from None
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,45 @@
+"""Pre-training a tiny GPT-2 from scratch on a self-written text; its folder against transformers."""
+import json
+import math
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from minigpt import load_pretrained
+from minigpt.pretrain import main
+from tests.helpers.checkpoints import write_tokenizer
+
+LINES = [
+    "The old lighthouse keeper climbed the stairs each evening to light the lamp.",
+    "The ships at sea watched for the light and steered away from the rocks.",
+    "When the storm came, the keeper stayed awake all night beside the lamp.",
+    "In the morning the sea was calm and the fishing boats came home.",
+]
+
+
+def test_a_model_pretrained_from_scratch_learns_and_loads_in_transformers(tmp_path, capsys):
+    (tmp_path / "tokenizer").mkdir()
+    write_tokenizer(tmp_path / "tokenizer")
+    text = tmp_path / "story.txt"
+    text.write_text("\n".join(LINES * 30), encoding="utf-8")
+    out = tmp_path / "my-gpt"
+    assert main(["--text", str(text), "--out", str(out), "--tokenizer", str(tmp_path / "tokenizer"),
+                 "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
+                 "--max-steps", "150", "--lr", "1e-2", "--val-fraction", "0.1", "--eval-every", "75",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "parameters: " in err and "plan: steps 1-150 (--max-steps)" in err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    val = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in val] == [75, 150]
+    assert val[-1]["val_loss"] < 0.5 * math.log(50257)  # uniform guessing: ln 50257 = 10.8
+    assert val[-1]["val_perplexity"] == math.exp(val[-1]["val_loss"])
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
+        assert (out / name).is_file()
+
+    ours, tokenizer = load_pretrained(out, device="cpu")
+    theirs = GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = torch.tensor([tokenizer.encode_ordinary(" ".join(LINES))[:16]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=0, atol=1e-5)
