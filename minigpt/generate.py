@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from lora import alpaca_prompt
 
 from .errors import CheckpointError
 from .generation import generate
 from .inference import PRECISIONS, load_for_inference, speculative_drafts
+from .quantize import ALREADY_INT8
 from .sampling import SamplingParams
 
 
@@ -52,9 +54,17 @@ def stream(model, tokenizer, prompt: str, args: argparse.Namespace, params: Samp
     sys.stdout.write("\n")
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as the CLI's errors are printed: one plain line, no source location."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    warnings.formatwarning = one_line_warning
     try:
+        if args.speculative and args.dtype == "int8":  # refused before loading: no load-time warning first
+            raise ValueError(ALREADY_INT8)
         params = SamplingParams(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

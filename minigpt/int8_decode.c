@@ -9,20 +9,44 @@ loops for the rest, so nearly all the time goes to reading weights.
 Same arithmetic as quantize.py's model: w[o][i] = q[o][i] * scale[o], activations in float32 (not
 rounded to bfloat16 on the way into the matmul, so this path is closer to float32 than PyTorch's).
 Layout (row-major, batch 1): Linear weights (out, in); KV cache (n_layer, n_head, max_len, head_dim).
+
+One source, several instruction sets: native.py defines exactly one of MINIGPT_AVX512, MINIGPT_AVX2
+(x86) or MINIGPT_NEON (aarch64) with the matching compiler flags, or none for the portable C loop
+(any CPU; the compiler vectorizes it as far as its baseline allows). Only dot_rows differs between
+them. MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link (x86-64 glibc).
 */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef __AVX512F__
-#error "this kernel needs AVX-512; without it minigpt decodes int8 with PyTorch's kernel"
+#if defined(MINIGPT_AVX512)
+#  ifndef __AVX512BW__
+#    error "MINIGPT_AVX512 needs -mavx512f -mavx512bw"
+#  endif
+#  include <immintrin.h>
+#  define MINIGPT_ISA "avx512"
+#elif defined(MINIGPT_AVX2)
+#  if !defined(__AVX2__) || !defined(__FMA__)
+#    error "MINIGPT_AVX2 needs -mavx2 -mfma"
+#  endif
+#  include <immintrin.h>
+#  define MINIGPT_ISA "avx2"
+#elif defined(MINIGPT_NEON)
+#  ifndef __aarch64__
+#    error "MINIGPT_NEON is the aarch64 variant"
+#  endif
+#  include <arm_neon.h>
+#  define MINIGPT_ISA "neon"
+#else
+#  define MINIGPT_ISA "generic"
 #endif
 
-/* glibc's libmvec has a 16-lane tanhf; math.h declares it only under -ffast-math, so we do. */
+#ifdef MINIGPT_LIBMVEC
+/* glibc's libmvec has SIMD tanhf; math.h declares it only under -ffast-math, so we do. */
 #pragma omp declare simd notinbranch
 float tanhf(float);
+#endif
 
 typedef struct {
     const int8_t *weight; /* (rows, cols) */
@@ -47,10 +71,16 @@ typedef struct {
     const Block *blocks;
 } Model;
 
-enum { ROWS = 4 };            /* rows per dot_rows call: four weight streams in flight */
-enum { PREFETCH = 1024 };     /* bytes ahead of each stream; measured best of 0, 256, 1024 */
+/* Which variant this library is (native.py checks it after loading). */
+const char *minigpt_isa(void) { return MINIGPT_ISA; }
 
-/* out[r] = q[r] . x for `rows` (<= ROWS) consecutive weight rows of length cols. */
+enum { ROWS = 4 };            /* rows per dot_rows call: four weight streams in flight */
+enum { PREFETCH = 1024 };     /* bytes ahead of each stream; measured best of 0, 256, 1024 (AVX-512) */
+
+/* out[r] = q[r] . x for `rows` (<= ROWS) consecutive weight rows of length cols (a multiple of 64).
+   Each int8 weight is widened to float32 and multiplied by the float32 activation: exact products,
+   float32 sums, so the result is the dequantized float32 model's up to summation order. */
+#if defined(MINIGPT_AVX512)
 static void dot_rows(const int8_t *q, const float *x, int64_t cols, int rows, float *out) {
     __m512 acc[ROWS][2];
     for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -66,6 +96,55 @@ static void dot_rows(const int8_t *q, const float *x, int64_t cols, int rows, fl
     }
     for (int r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
+#elif defined(MINIGPT_AVX2)
+static float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static void dot_rows(const int8_t *q, const float *x, int64_t cols, int rows, float *out) {
+    __m256 acc[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < cols; k += 64) {
+        for (int r = 0; r < rows; ++r) {
+            const int8_t *p = q + r * cols + k;
+            _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);
+            for (int j = 0; j < 8; ++j) {
+                __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * j))));
+                acc[r][j & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + k + 8 * j), acc[r][j & 1]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r) out[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+#elif defined(MINIGPT_NEON)
+static void dot_rows(const int8_t *q, const float *x, int64_t cols, int rows, float *out) {
+    for (int r = 0; r < rows; ++r) {
+        float32x4_t acc[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
+        const int8_t *row = q + r * cols;
+        for (int64_t k = 0; k < cols; k += 16) {
+            const int8x16_t w = vld1q_s8(row + k);
+            const int16x8_t lo = vmovl_s8(vget_low_s8(w)), hi = vmovl_high_s8(w);
+            acc[0] = vfmaq_f32(acc[0], vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vld1q_f32(x + k));
+            acc[1] = vfmaq_f32(acc[1], vcvtq_f32_s32(vmovl_high_s16(lo)), vld1q_f32(x + k + 4));
+            acc[2] = vfmaq_f32(acc[2], vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vld1q_f32(x + k + 8));
+            acc[3] = vfmaq_f32(acc[3], vcvtq_f32_s32(vmovl_high_s16(hi)), vld1q_f32(x + k + 12));
+        }
+        out[r] = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+    }
+}
+#else
+static void dot_rows(const int8_t *q, const float *x, int64_t cols, int rows, float *out) {
+    for (int r = 0; r < rows; ++r) {
+        const int8_t *row = q + r * cols;
+        float s = 0.0f;
+        #pragma omp simd reduction(+ : s)
+        for (int64_t k = 0; k < cols; ++k) s += (float)row[k] * x[k];
+        out[r] = s;
+    }
+}
+#endif
 
 /* y = (q x) * scale + bias, its rows split across the threads (exported for bench/matmul.py). */
 void int8_linear(const Int8Linear *l, const float *x, float *y, int threads) {

@@ -1,11 +1,16 @@
 """The C decode step (minigpt/native.py, int8_decode.c) against an independent oracle.
 
+Every variant this CPU can run is checked (on x86-64: avx2 and the portable C loop always, avx512
+where the CPU has it); the aarch64 variant is checked under emulation in test_native_arm64.py.
+
 Oracle: our float32 model with every Linear's weight replaced by the int8 model's dequantized weight
 (q * scale, from the stored tensors). The C step does the same arithmetic in another order and with
 float32 activations, so it must agree to float32 rounding (tolerance 1e-4, where int8 rounding
 itself moves logits by about 1e-2). The float32 model is checked against transformers elsewhere.
 """
 import copy
+import os
+import platform
 import subprocess
 import sys
 import threading
@@ -23,25 +28,52 @@ from minigpt.native import NativeUnavailable, use_native_decode
 from minigpt.quantize import Int8Linear, quantize_int8
 from minigpt.sampling import SamplingParams
 
-pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
-                                reason="the C decode step needs AVX-512; other CPUs keep PyTorch's int8 kernel")
 ATOL = 1e-4
+# The variants of this CPU's architecture; only one the CPU cannot run (avx512 on an AVX2-only x86) skips.
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in native.cpu_isas(), reason=f"this CPU cannot run {isa}"))
+        for isa in (("neon", "generic") if platform.machine().lower() in native.ARM64 else ("avx512", "avx2", "generic"))]
 
 
-@pytest.fixture(scope="module")
-def models(tiny_model):
-    """(int8 model decoding in C, float32 model on its dequantized weights, tokenizer)."""
-    model, tokenizer, _ = tiny_model
-    int8 = copy.deepcopy(model)
-    quantize_int8(int8)
-    use_native_decode(int8)
+@pytest.fixture(autouse=True, scope="module")
+def fresh_build_cache(tmp_path_factory):
+    """Build into a folder of this test run (the build cache itself is tested too), not the user's cache."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        m.delenv("MINIGPT_ISA", raising=False)
+        yield
+
+
+def dequantized_reference(model, int8):
+    """A float32 copy of model whose Linears hold int8's dequantized weights: what the C step computes."""
     reference = copy.deepcopy(model)
     linears = dict(reference.named_modules())
     for name, quantized in int8.named_modules():
         if isinstance(quantized, Int8Linear) and name in linears:
             linears[name].weight = torch.nn.Parameter(quantized.dequantize())
     reference.lm_head.weight = reference.transformer.wte.weight = torch.nn.Parameter(int8.lm_head.dequantize())
-    return int8, reference, tokenizer
+    return reference
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def models(request, tiny_model):
+    """(int8 model decoding in C with one variant, float32 model on its dequantized weights, tokenizer)."""
+    model, tokenizer, _ = tiny_model
+    int8 = copy.deepcopy(model)
+    quantize_int8(int8)
+    use_native_decode(int8, isa=request.param)
+    assert int8.native_step.isa == request.param
+    return int8, dequantized_reference(model, int8), tokenizer
+
+
+@pytest.fixture(scope="module")
+def default_models(tiny_model):
+    """models, with the variant chosen for this CPU."""
+    model, tokenizer, _ = tiny_model
+    int8 = copy.deepcopy(model)
+    quantize_int8(int8)
+    use_native_decode(int8)
+    assert int8.native_step.isa == native.cpu_isas()[0]
+    return int8, dequantized_reference(model, int8), tokenizer
 
 
 def one_at_a_time(model, ids, cache):
@@ -77,8 +109,8 @@ def test_it_reads_a_cache_that_pytorch_wrote(models):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
-def test_prompts_and_batches_stay_on_pytorch(models):
-    int8, _, tokenizer = models
+def test_prompts_and_batches_stay_on_pytorch(default_models):
+    int8, _, tokenizer = default_models
     plain = int8.copy_sharing_weights()
     assert plain.native_step is None  # copies decode through PyTorch
     ids = torch.tensor([tokenizer.encode_ordinary("Hello there, general")] * 2)
@@ -100,8 +132,8 @@ def test_generate_streams_the_reference_tokens(models, params):
     assert [e.logprob for e in ours] == pytest.approx([e.logprob for e in expected], abs=ATOL)
 
 
-def test_concurrent_requests_do_not_share_state(models):
-    int8, _, tokenizer = models
+def test_concurrent_requests_do_not_share_state(default_models):
+    int8, _, tokenizer = default_models
     prompts = [tokenizer.encode_ordinary(t) for t in ("One", "Two three", "Four five six", "Seven")]
 
     def tokens(prompt):
@@ -136,9 +168,9 @@ def test_load_for_inference_decodes_int8_in_c_unless_compiled(tiny_checkpoint):
     assert load_for_inference(folder, device="cpu", precision="int8", compile=True)[0].native_step is None
 
 
-def test_cli_and_app_decode_int8_in_c(models, tiny_checkpoint):
+def test_cli_and_app_decode_int8_in_c(default_models, tiny_checkpoint):
     import app
-    _, reference, tokenizer = models
+    _, reference, tokenizer = default_models
     folder = str(tiny_checkpoint[0])
     expected = [e.token_id for e in generate(reference, tokenizer, tokenizer.encode_ordinary("Hi"), 12,
                                              SamplingParams(temperature=0))]
@@ -150,20 +182,96 @@ def test_cli_and_app_decode_int8_in_c(models, tiny_checkpoint):
     assert app.load_engine(folder, None, "cpu", "int8").device == "cpu int8 (C decode step)"
 
 
-def test_without_a_compiler_int8_warns_and_decodes_with_pytorch(tiny_checkpoint, monkeypatch):
+def uncached(monkeypatch, tmp_path):
+    """Nothing built yet: an empty cache folder and no library loaded in this process."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_load", native._load.__wrapped__)
+
+
+def test_without_a_compiler_int8_warns_once_and_decodes_with_pytorch(tiny_checkpoint, monkeypatch, tmp_path):
     folder, _ = tiny_checkpoint
+    uncached(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setattr(native, "library", native.library.__wrapped__)  # build afresh, not the cached library
-    with pytest.warns(UserWarning, match=r"stays on PyTorch's kernel: no C compiler .*'/nonexistent/cc'"):
+    with pytest.warns(UserWarning, match=r"stays on PyTorch's kernel: no C compiler .*'/nonexistent/cc'") as caught:
         base, _, tokenizer = load_for_inference(folder, device="cpu", precision="int8")
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
     assert base.native_step is None
     assert len(list(generate(base, tokenizer, [1, 2], 5, SamplingParams(temperature=0)))) == 5
 
 
-def test_a_compiler_error_is_reported(monkeypatch):
-    monkeypatch.setenv("CC", "false")  # runs, fails, says nothing
-    with pytest.raises(NativeUnavailable, match="false could not build int8_decode.c"):
-        native.library.__wrapped__()
+def test_a_compiler_error_is_one_line_and_its_output_goes_to_a_log(monkeypatch, tmp_path):
+    uncached(monkeypatch, tmp_path)
+    script = tmp_path / "bad-cc"
+    script.write_text("#!/bin/sh\necho 'int8_decode.c:1: error: something' >&2\necho 'second line' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    with pytest.raises(NativeUnavailable, match=r"bad-cc could not build int8_decode.c for generic \(exit status 1; "
+                                                r"compiler output in .*\.log\)") as caught:
+        native.library("generic")
+    message = str(caught.value)
+    assert "\n" not in message and "something" not in message
+    log = Path(message.rsplit(" in ", 1)[1].rstrip(")"))
+    assert "error: something\nsecond line" in log.read_text()
+    assert not list(log.parent.glob("*.so*"))  # no library, not even a partial one
+
+
+def test_the_cli_fallback_warning_is_one_plain_line(tiny_checkpoint, tmp_path):
+    env = {**os.environ, "CC": "/nonexistent/cc", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "minigpt.generate", "--model", str(tiny_checkpoint[0]), "--dtype",
+                          "int8", "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0"],
+                         cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0
+    assert run.stderr.splitlines() == ["warning: int8 decoding stays on PyTorch's kernel: no C compiler to build "
+                                       "int8_decode.c: '/nonexistent/cc': No such file or directory"]
+
+
+def test_it_is_built_once_into_the_cache_and_then_only_loaded(monkeypatch, tmp_path):
+    uncached(monkeypatch, tmp_path)
+    first = native.build("generic")
+    assert first.parent == tmp_path / "cache" / "minigpt" / "native" and first.name.startswith("int8_decode-generic-")
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial file or log left behind
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    assert native.build("generic") == first
+    assert native.library("generic").minigpt_isa() == b"generic"
+
+
+def test_a_changed_source_is_a_new_build(monkeypatch, tmp_path):
+    uncached(monkeypatch, tmp_path)
+    first = native.build("generic")
+    source = tmp_path / "int8_decode.c"
+    source.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", source)
+    second = native.build("generic")
+    assert second != first and second.exists() and first.exists()
+
+
+def test_the_variant_is_the_cpus_best_unless_asked(monkeypatch):
+    monkeypatch.delenv("MINIGPT_ISA", raising=False)
+    assert native.choose_isa() == native.cpu_isas()[0]
+    monkeypatch.setenv("MINIGPT_ISA", "generic")
+    assert native.choose_isa() == "generic"
+    assert native.choose_isa(native.cpu_isas()[-2]) == native.cpu_isas()[-2]  # an argument beats the variable
+    with pytest.raises(NativeUnavailable, match="unknown instruction set 'sse9'"):
+        native.choose_isa("sse9")
+    missing = next(isa for isa in ("neon", "avx512", "avx2") if isa not in native.cpu_isas())
+    with pytest.raises(NativeUnavailable, match=f"this CPU does not support the {missing} decode step"):
+        native.choose_isa(missing)
+
+
+def test_cpus_get_the_variants_their_flags_allow(monkeypatch):
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    for flags, expected in [({"avx2", "fma", "f16c"}, ["avx2", "generic"]),  # e.g. AMD EPYC before Zen 4
+                            (native.X86_NEEDS["avx512"] | {"avx512_vnni"}, ["avx512", "avx2", "generic"]),
+                            ({"sse4_2"}, ["generic"])]:
+        monkeypatch.setattr(native, "cpu_features", lambda flags=flags: flags)
+        assert native.cpu_isas() == expected
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert native.cpu_isas() == ["neon", "generic"]
+    monkeypatch.setattr(native.platform, "machine", lambda: "riscv64")
+    assert native.cpu_isas() == []
+    monkeypatch.delenv("MINIGPT_ISA", raising=False)
+    with pytest.raises(NativeUnavailable, match=r"no C decode step for this CPU architecture \(riscv64\)"):
+        native.choose_isa()
 
 
 def test_models_it_cannot_serve_are_refused_with_the_reason(tiny_model):
@@ -181,8 +289,8 @@ def test_models_it_cannot_serve_are_refused_with_the_reason(tiny_model):
     assert model.native_step is bf16.native_step is narrow.native_step is None
 
 
-def test_a_full_cache_is_refused(models):
-    int8, _, _ = models
+def test_a_full_cache_is_refused(default_models):
+    int8, _, _ = default_models
     cache = int8.new_cache(2)
     with torch.inference_mode():
         one_at_a_time(int8, [5, 6], cache)
@@ -191,8 +299,8 @@ def test_a_full_cache_is_refused(models):
     assert cache.length == 2
 
 
-def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(models):
-    int8, _, _ = models
+def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(default_models):
+    int8, _, _ = default_models
     with torch.inference_mode():
         for token in (-1, int8.config.vocab_size):
             with pytest.raises(IndexError, match=f"token id {token} is outside the vocabulary of 50257"):
