@@ -11,6 +11,7 @@ itself moves logits by about 1e-2). The float32 model is checked against transfo
 import copy
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -309,3 +310,96 @@ def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(default_models)
         with pytest.raises(ValueError, match=r"this model's float32 cache for one sequence, got \(3, 1, 4, 4, 16\)"):
             int8(torch.tensor([[5]]), wider)
     assert wider.length == 0
+
+
+# ---- aarch64, under emulation -----------------------------------------------------------------------
+
+# A main() around int8_decode.c: reads a model and tokens (layout below, native-endian), decodes the
+# tokens one step each from an empty cache, writes each step's logits.
+ARM64_DRIVER = r"""
+#include <stdio.h>
+#include "int8_decode.c"
+
+static FILE *in;
+static void *take(size_t bytes) {
+    void *p = malloc(bytes);
+    if (!p || fread(p, 1, bytes, in) != bytes) { fprintf(stderr, "short input\n"); exit(2); }
+    return p;
+}
+static const float *floats(int64_t n) { return take(n * sizeof(float)); }
+static Int8Linear linear(int64_t rows, int64_t cols, int has_bias) {
+    Int8Linear l = {take(rows * cols), floats(rows), NULL, rows, cols};
+    l.bias = has_bias ? floats(rows) : NULL;
+    return l;
+}
+int main(int argc, char **argv) {
+    if (argc != 3 || !(in = fopen(argv[1], "rb"))) return 2;
+    const int64_t *h = take(7 * sizeof(int64_t)); /* n_layer n_head n_embd mlp_dim vocab n_positions n_tokens */
+    const int64_t L = h[0], C = h[2], F = h[3], V = h[4], T = h[6];
+    Model m = {L, h[1], C, F, *floats(1), floats(h[5] * C), NULL, NULL};
+    m.ln_f_weight = floats(C), m.ln_f_bias = floats(C);
+    m.lm_head = linear(V, C, 0);
+    Block *blocks = malloc(L * sizeof(Block));
+    for (int64_t l = 0; l < L; ++l) {
+        blocks[l].ln_1_weight = floats(C), blocks[l].ln_1_bias = floats(C);
+        blocks[l].c_attn = linear(3 * C, C, 1), blocks[l].attn_proj = linear(C, C, 1);
+        blocks[l].ln_2_weight = floats(C), blocks[l].ln_2_bias = floats(C);
+        blocks[l].c_fc = linear(F, C, 1), blocks[l].mlp_proj = linear(C, F, 1);
+    }
+    m.blocks = blocks;
+    const int64_t *tokens = take(T * sizeof(int64_t));
+    float *k = calloc(L * C * T, sizeof(float)), *v = calloc(L * C * T, sizeof(float)), *logits = malloc(V * 4);
+    FILE *out = fopen(argv[2], "wb");
+    for (int64_t t = 0; t < T; ++t) {
+        if (gpt2_int8_step(&m, tokens[t], t, k, v, T, logits, 2)) return 3;
+        fwrite(logits, sizeof(float), V, out);
+    }
+    fclose(out);
+    fprintf(stderr, "%s\n", minigpt_isa());
+    return 0;
+}
+"""
+ARM64_TOOLS = ("aarch64-linux-gnu-gcc", "qemu-aarch64")
+
+
+def write_driver_input(int8, tokens, path):
+    """The driver's input file for an int8 model and a token sequence."""
+    c = int8.config
+    parts = [torch.tensor([c.n_layer, c.n_head, c.n_embd, c.mlp_dim, c.vocab_size, c.n_positions, len(tokens)]),
+             torch.tensor([c.layer_norm_epsilon], dtype=torch.float32), int8.transformer.wpe.weight,
+             int8.transformer.ln_f.weight, int8.transformer.ln_f.bias, int8.lm_head.weight, int8.lm_head.scales.float()]
+    for b in int8.transformer.h:
+        parts += [b.ln_1.weight, b.ln_1.bias]
+        for layer in (b.attn.c_attn, b.attn.c_proj):
+            parts += [layer.weight, layer.scales.float(), layer.bias]
+        parts += [b.ln_2.weight, b.ln_2.bias]
+        for layer in (b.mlp.c_fc, b.mlp.c_proj):
+            parts += [layer.weight, layer.scales.float(), layer.bias]
+    parts.append(torch.tensor(tokens))
+    path.write_bytes(b"".join(t.detach().contiguous().numpy().tobytes() for t in parts))
+
+
+@pytest.mark.skipif(not all(map(shutil.which, ARM64_TOOLS)),
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu "
+                           "qemu-user libc6-dev-arm64-cross)")
+@pytest.mark.parametrize("isa", ["neon", "generic"])
+def test_the_aarch64_variants_match_the_dequantized_float32_model_under_emulation(isa, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, n_positions=32, n_embd=128, n_layer=2, n_head=4))
+    int8 = copy.deepcopy(model)
+    quantize_int8(int8)
+    reference = dequantized_reference(model, int8)
+    tokens = torch.randint(0, 320, (12,)).tolist()
+    write_driver_input(int8, tokens, tmp_path / "input.bin")
+    (tmp_path / "driver.c").write_text(ARM64_DRIVER)
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O3", "-fopenmp", "-static", *native.ISA_FLAGS[isa],
+                    f"-I{native.SOURCE.parent}", str(tmp_path / "driver.c"), "-o", str(tmp_path / "driver"), "-lm"],
+                   check=True, capture_output=True, text=True)
+    run = subprocess.run(["qemu-aarch64", str(tmp_path / "driver"), str(tmp_path / "input.bin"),
+                          str(tmp_path / "logits.bin")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stderr == f"{isa}\n", run.stderr
+    ours = torch.frombuffer(bytearray((tmp_path / "logits.bin").read_bytes()), dtype=torch.float32).view(len(tokens), -1)
+    with torch.inference_mode():
+        expected = reference(torch.tensor([tokens]))[0]
+    assert expected.std() > 0.1  # logits that say something, not all near zero
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
