@@ -121,6 +121,8 @@ def build(isa: str, folder: Path | None = None) -> Path:
     """The shared library of this variant, compiled unless a build with the same key is in folder already."""
     compiler = os.environ.get("CC", "cc")
     flags = [*FLAGS, *ISA_FLAGS[isa]]
+    if isa == "avx512" and "avx512_vnni" in cpu_features():
+        flags.append("-mavx512vnni")  # vpdpwssd: the multiply and the add in one instruction
     libs = ["-lm"]
     if platform.machine().lower() in X86 and platform.libc_ver()[0] == "glibc":
         flags, libs = [*flags, "-DMINIGPT_LIBMVEC"], ["-lmvec", "-lm"]  # glibc's vectorized tanhf
