@@ -3,6 +3,8 @@
     python -m bench.decode                      # GPT-2 124M shape, random weights, 5 reps each
     python -m bench.decode --model gpt2         # the real weights, if they are in the Hugging Face cache
     python -m bench.decode --quick              # 1 rep and short runs: a smoke test, not a measurement
+    python -m bench.decode --shape gpt2-xl --engines minigpt --no-quality   # a bigger shape, random weights
+    MINIGPT_ISA=avx2 python -m bench.decode     # the C step's AVX2 variant on an AVX-512 machine
 
 MiniGPT loads as the CLI and the app do (minigpt.inference.load_for_inference): int8 decodes through
 the C step (minigpt/speed/native.py) where it builds; the `minigpt+pytorch` int8 row is the same model on
@@ -16,7 +18,8 @@ and MiniGPT/transformers ratios, all medians over the repetitions. Every (engine
 so peak memory is its own. Then the quality cost of each reduced precision, through the path decoding
 takes: max logit deviation and greedy-token agreement vs MiniGPT float32 over a fixed prompt set. Results go to
 bench/results/decode-<date>.json. Speed does not depend on weight values, so random weights are
-fine for speed; quality on random weights is only a sanity check.
+fine for speed; quality on random weights is only a sanity check. The quality prompt set is large
+enough (24 prompts x 128 tokens = 3072 positions by default) that 1% is 30 disagreements.
 """
 from __future__ import annotations
 
@@ -58,7 +61,26 @@ QUALITY_PROMPTS = [
     "1, 2, 3, 5, 8, 13,",
     "In 2024 the stock market",
     "She opened the door and saw",
+    "The recipe calls for two cups of flour,",
+    "import numpy as np\nimport torch\n\n",
+    "Dear Sir or Madam, I am writing to",
+    "The best way to learn a new language is",
+    "Q: What is the boiling point of water?\nA:",
+    "The history of the Roman Empire begins",
+    "<html>\n<head>\n<title>",
+    "My favourite movie is",
+    "Scientists have discovered a new species of",
+    "The quarterly report shows that revenue",
+    "To install the package, run",
+    "It was the best of times, it was the worst of times,",
+    "The patient was admitted to the hospital with",
+    "In the beginning God created",
+    "SELECT name, age FROM users WHERE",
+    "The weather today is",
 ]
+# Random-weight checkpoints of the GPT-2 family's shapes (--shape).
+SHAPES = {"gpt2": dict(n_embd=768, n_layer=12, n_head=12), "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
+          "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20), "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25)}
 
 
 # ---- one engine, one precision (runs in a worker process) -----------------------------------------
@@ -120,6 +142,7 @@ def run_worker(spec: dict) -> dict:
     load, timestamps = ENGINES[spec["engine"]]
     rss_start = peak_rss_mb()
     model = load(Path(spec["folder"]), spec["precision"], spec["draft_tokens"], spec["c_step"])
+    step = model[0].step if isinstance(model, tuple) else None
     g = torch.Generator().manual_seed(0)
     short = torch.randint(0, 50000, (spec["prompt_len"],), generator=g).tolist()
     long = torch.randint(0, 50000, (spec["prefill_len"],), generator=g).tolist()
@@ -137,7 +160,8 @@ def run_worker(spec: dict) -> dict:
     return {"decode_tok_s": statistics.median(decode), "decode_runs": decode,
             "ttft_ms": 1e3 * statistics.median(ttft), "prefill_tok_s": statistics.median(prefill),
             "prefill_runs": prefill, "peak_rss_mb": peak_rss_mb(), "rss_before_load_mb": rss_start,
-            "rss_end_mb": psutil.Process().memory_info().rss / 2**20, "warmup_s": warmup_s, "tokens": tokens}
+            "rss_end_mb": psutil.Process().memory_info().rss / 2**20, "warmup_s": warmup_s, "tokens": tokens,
+            "c_step_isa": step.isa if step is not None else None}
 
 
 def peak_rss_mb() -> float:
@@ -190,7 +214,8 @@ def machine_info() -> dict:
     import transformers
     return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+            "simd": [f for f in ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_bf16",
+                                                  "avx512_vnni", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve")
                      if f in flags],
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
@@ -210,6 +235,9 @@ def print_table(results: dict) -> None:
         print(f"{engine:<16}{precision:<10}{r['decode_tok_s']:>13.1f}{x['decode_tok_s']:>6}{r['prefill_tok_s']:>15.0f}"
               f"{x['prefill_tok_s']:>6}{r['ttft_ms']:>9.1f}{r['peak_rss_mb']:>13.0f}{r['rss_end_mb']:>12.0f}"
               f"{r['warmup_s']:>11.1f}")
+    isas = {f"{e} {p}": r["c_step_isa"] for (e, p), r in results.items() if r.get("c_step_isa")}
+    if isas:
+        print("C decode step variant: " + ", ".join(f"{k}: {v}" for k, v in isas.items()))
     print("(x hf: MiniGPT / transformers in the same precision; int8 is compared with transformers float32. "
           "minigpt int8 decodes through the C step, minigpt+pytorch int8 through PyTorch's int8 kernel)")
 
@@ -238,7 +266,11 @@ def print_targets(results: dict, same: dict, qualities: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="a cached Hub name or local folder (default: random 124M weights)")
+    p.add_argument("--model", default=None, help="a cached Hub name or local folder (default: random weights)")
+    p.add_argument("--shape", choices=SHAPES, default="gpt2", help="the random checkpoint's shape (without --model)")
+    p.add_argument("--engines", default="minigpt,minigpt+pytorch,minigpt+draft,transformers",
+                   help="rows to run, comma-separated (minigpt+pytorch: int8 on PyTorch's kernel)")
+    p.add_argument("--no-quality", action="store_true", help="skip the quality comparison with float32")
     p.add_argument("--precisions", default="float32,bfloat16,int8")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -262,8 +294,8 @@ def main() -> None:
         if args.model:
             folder = resolve_snapshot(args.model)
         else:
-            folder, _ = make_checkpoint(Path(tmp) / "gpt2-random", key_style="transformers",
-                                        n_embd=768, n_layer=12, n_head=12, n_positions=1024)
+            folder, _ = make_checkpoint(Path(tmp) / f"{args.shape}-random", key_style="transformers",
+                                        **SHAPES[args.shape], n_positions=1024)
         info = machine_info()
         print(f"{info['cpu']}, {info['cores']} cores, {','.join(info['simd'])}; torch {info['torch']}, "
               f"transformers {info['transformers']}, {args.threads} threads; load average {os.getloadavg()[0]:.2f}")
@@ -272,19 +304,22 @@ def main() -> None:
                 "prompt_len": args.prompt_len, "prefill_len": args.prefill_len,
                 "draft_tokens": args.draft_tokens, "c_step": True}
         results = {}
+        engines = args.engines.split(",")
         for engine, supported in PRECISIONS.items():
+            if engine not in engines:
+                continue
             for precision in (p for p in precisions if p in supported):
                 print(f"  {engine} {precision} ...", flush=True)
                 results[(engine, precision)] = run_in_subprocess(
                     {**spec, "engine": engine, "precision": precision, "draft_tokens": 0})
                 if engine != "minigpt":
                     continue
-                if precision == "int8":  # the same model on PyTorch's int8 kernel instead of the C step
+                if precision == "int8" and "minigpt+pytorch" in engines:  # the same model on PyTorch's int8 kernel
                     print(f"  {engine}+pytorch {precision} ...", flush=True)
                     results[(f"{engine}+pytorch", precision)] = run_in_subprocess(
                         {**spec, "engine": engine, "precision": precision, "draft_tokens": 0,
                          "c_step": False})
-                if args.draft_tokens and precision != "int8":  # speculative decoding with an int8 draft
+                if args.draft_tokens and precision != "int8" and "minigpt+draft" in engines:  # with an int8 draft
                     print(f"  {engine}+draft {precision} ...", flush=True)
                     results[(f"{engine}+draft", precision)] = run_in_subprocess(
                         {**spec, "engine": engine, "precision": precision,
@@ -301,7 +336,7 @@ def main() -> None:
                       + (f" (MiniGPT stopped at <|endoftext|> after {len(ours)})" if len(ours) < len(theirs) else ""))
 
         qualities = {}
-        for precision in (p for p in precisions if p != "float32"):
+        for precision in (p for p in precisions if p != "float32" and not args.no_quality):
             q = quality(folder, precision, new_tokens=args.new_tokens)
             qualities[precision] = q
             print(f"quality {precision} vs float32: greedy agreement {100 * q['greedy_agreement']:.2f}% over "
@@ -318,7 +353,8 @@ def main() -> None:
     out.write_text(json.dumps({
         "date": stamp.isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
         "machine": info, "load_average_before": load_before, "load_average_after": load_after,
-        "settings": {k: v for k, v in spec.items() if k != "folder"} | {"model": args.model or "random gpt2 124M"},
+        "settings": {k: v for k, v in spec.items() if k != "folder"} | {
+            "model": args.model or f"random {args.shape}", "MINIGPT_ISA": os.environ.get("MINIGPT_ISA")},
         "results": [{"engine": e, "precision": p, **{k: v for k, v in r.items() if k != "tokens"}}
                     for (e, p), r in results.items()],
         "greedy_identical_to_transformers": same, "quality_vs_float32": qualities,

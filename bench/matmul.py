@@ -9,7 +9,8 @@ float32; far more than the L3 cache, so every call reads DRAM) and the 50257 x 7
 F.linear (what nn.Linear runs), oneDNN's matmul (torch.ops.mkldnn._linear_pointwise, what
 minigpt.speed.onednn runs for float32 inference), each with row-major (out, in) weights and with the
 Hub's (in, out) memory order; bfloat16 F.linear; the int8 kernel of minigpt/speed/quantize.py (PyTorch's);
-and the int8 matrix-vector loop of minigpt/int8_decode.c (the C decode step's), one row per call.
+and the int8 matrix-vector loop of minigpt/speed/int8_decode.c (the C decode step's), one row per call, in
+each variant this CPU runs (avx512, avx2, the portable C loop; native.cpu_isas()).
 Medians of --reps, as milliseconds per step and GB/s of weights read.
 """
 from __future__ import annotations
@@ -39,15 +40,16 @@ def int8_kernel(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.
 
 
 def c_int8(x: torch.Tensor, w: tuple) -> None:
-    q, _, linear, y = w
+    q, _, linear, y, lib = w
     for row in x:  # the C loop takes one activation row
-        native.library().int8_linear(ctypes.byref(linear), row.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        lib.int8_linear(ctypes.byref(linear), row.data_ptr(), y.data_ptr(), torch.get_num_threads())
 
 
-def c_weights(q: torch.Tensor, scales: torch.Tensor) -> tuple:
-    """(int8 weight, float32 scales, the C struct pointing at them, an output buffer)."""
+def c_weights(q: torch.Tensor, scales: torch.Tensor, isa: str | None = None) -> tuple:
+    """(int8 weight, float32 scales, the C struct pointing at them, an output buffer, the variant's library)."""
     scales = scales.float()
-    return q, scales, native.Int8LinearStruct(q.data_ptr(), scales.data_ptr(), None, *q.shape), torch.empty(q.size(0))
+    return (q, scales, native.Int8LinearStruct(q.data_ptr(), scales.data_ptr(), None, *q.shape),
+            torch.empty(q.size(0)), native.library(isa))
 
 
 def kernels(shapes: list[tuple[int, int]]) -> dict[str, tuple[Callable, list, torch.dtype, int]]:
@@ -62,8 +64,8 @@ def kernels(shapes: list[tuple[int, int]]) -> dict[str, tuple[Callable, list, to
         "oneDNN float32, (in, out)": (onednn, in_out, torch.float32, 4),
         "F.linear bfloat16, (out, in)": (F.linear, [w.bfloat16() for w in rowmajor], torch.bfloat16, 2),
         "int8 kernel (quantize.py)": (int8_kernel, int8, torch.bfloat16, 1),
-        "C int8 (int8_decode.c)": (c_int8, [c_weights(*w) for w in int8], torch.float32, 1),
-    }
+    } | {f"C int8 (int8_decode.c {isa})": (c_int8, [c_weights(*w, isa) for w in int8], torch.float32, 1)
+         for isa in native.cpu_isas()}
 
 
 def time_step(kernel: Callable, weights: list, rows: int, dtype: torch.dtype, reps: int) -> float:
@@ -88,6 +90,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,7", help="activation rows per product, comma-separated")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--only", default="", help="time only the kernels whose name contains this text")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}")
@@ -96,6 +99,8 @@ def main() -> None:
         for rows in map(int, args.rows.split(",")):
             print(f"\n{label}, {rows} row{'s' if rows > 1 else ''}:")
             for name, (kernel, weights, dtype, size) in candidates.items():
+                if args.only not in name:
+                    continue
                 seconds = time_step(kernel, weights, rows, dtype, args.reps)
                 print(f"  {name:<30}{1e3 * seconds:>8.2f} ms{elements * size / seconds / 1e9:>8.1f} GB/s")
 

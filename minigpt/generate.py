@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 from .cli import (
     INTERRUPTED,
@@ -21,6 +22,7 @@ from .errors import CheckpointError
 from .generation import generate
 from .inference import load_for_inference, speculative_drafts
 from .prompts import alpaca_prompt
+from .speed.quantize import ALREADY_INT8
 from .sampling import SamplingParams
 
 
@@ -75,9 +77,15 @@ def speed_line(n: int, started: float, first: float | None, finished: float) -> 
     return f"[{n} token{'s' * (n != 1)} · first after {first - started:.2f} s{rate}]"
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as the CLI's errors are printed: one plain line, no source location."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warn_if_compile(args)
+    warnings.formatwarning = one_line_warning
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -87,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.speculative and args.precision == "int8":  # refused before loading: no load-time warning first
+            raise ValueError(ALREADY_INT8)
         params = SamplingParams(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

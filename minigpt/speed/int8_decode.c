@@ -6,23 +6,48 @@ about 30 GB/s here, and eager PyTorch spends about 2 ms a token dispatching the 
 around it. This file does the same step with one parallel matrix-vector loop per Linear and plain
 loops for the rest, so nearly all the time goes to reading weights.
 
-Same arithmetic as quantize.py's model: w[o][i] = q[o][i] * scale[o], activations in float32 (not
-rounded to bfloat16 on the way into the matmul, so this path is closer to float32 than PyTorch's).
+Same weights as quantize.py's model: w[o][i] = q[o][i] * scale[o]. Each Linear's input vector is
+rounded to int16 (one scale per vector; PyTorch's int8 kernel rounds it to bfloat16, 8 bits of
+mantissa, so this path is closer to float32 than PyTorch's) and multiplied with integer instructions.
 Layout (row-major, batch 1): Linear weights (out, in); KV cache (n_layer, n_head, max_len, head_dim).
+
+One source, several instruction sets: native.py defines exactly one of MINIGPT_AVX512, MINIGPT_AVX2
+(x86) or MINIGPT_NEON (aarch64) with the matching compiler flags, or none for the portable C loop
+(any CPU; the compiler vectorizes it as far as its baseline allows). Only dot_rows differs between
+them. MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link (x86-64 glibc).
 */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef __AVX512F__
-#error "this kernel needs AVX-512; without it minigpt decodes int8 with PyTorch's kernel"
+#if defined(MINIGPT_AVX512)
+#  ifndef __AVX512BW__
+#    error "MINIGPT_AVX512 needs -mavx512f -mavx512bw"
+#  endif
+#  include <immintrin.h>
+#  define MINIGPT_ISA "avx512"
+#elif defined(MINIGPT_AVX2)
+#  if !defined(__AVX2__) || !defined(__FMA__)
+#    error "MINIGPT_AVX2 needs -mavx2 -mfma"
+#  endif
+#  include <immintrin.h>
+#  define MINIGPT_ISA "avx2"
+#elif defined(MINIGPT_NEON)
+#  ifndef __aarch64__
+#    error "MINIGPT_NEON is the aarch64 variant"
+#  endif
+#  include <arm_neon.h>
+#  define MINIGPT_ISA "neon"
+#else
+#  define MINIGPT_ISA "generic"
 #endif
 
-/* glibc's libmvec has a 16-lane tanhf; math.h declares it only under -ffast-math, so we do. */
+#ifdef MINIGPT_LIBMVEC
+/* glibc's libmvec has SIMD tanhf; math.h declares it only under -ffast-math, so we do. */
 #pragma omp declare simd notinbranch
 float tanhf(float);
+#endif
 
 typedef struct {
     const int8_t *weight; /* (rows, cols) */
@@ -47,37 +72,135 @@ typedef struct {
     const Block *blocks;
 } Model;
 
-enum { ROWS = 4 };            /* rows per dot_rows call: four weight streams in flight */
-enum { PREFETCH = 1024 };     /* bytes ahead of each stream; measured best of 0, 256, 1024 */
+/* Which variant this library is (native.py checks it after loading). */
+const char *minigpt_isa(void) { return MINIGPT_ISA; }
 
-/* out[r] = q[r] . x for `rows` (<= ROWS) consecutive weight rows of length cols. */
-static void dot_rows(const int8_t *q, const float *x, int64_t cols, int rows, float *out) {
-    __m512 acc[ROWS][2];
-    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < cols; k += 64) {
-        for (int r = 0; r < rows; ++r) {
-            const int8_t *p = q + r * cols + k;
-            _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);
-            for (int j = 0; j < 4; ++j) {
-                __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * j))));
-                acc[r][j & 1] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k + 16 * j), acc[r][j & 1]);
+enum { ROWS = 4 };            /* rows per dot_rows call: four weight streams in flight */
+enum { PREFETCH = 1024 };     /* bytes ahead of each stream; measured best of 0, 256, 1024 (AVX-512) */
+enum { CHUNK = 256 };         /* columns summed in int32 before adding to float: |sum| < 256 * 127 * 32767 < 2^31 */
+
+/* out[r] = q[r] . xq for `rows` (<= ROWS) consecutive weight rows of length cols (a multiple of 64),
+   with the activations xq rounded to int16 (int8_linear). Integer multiply-adds (vpmaddwd, VNNI's
+   vpdpwssd, NEON's smlal) do in one instruction what widening each weight to float32 and an FMA do
+   in three (docs/speed-cpu.md has the measurements). int32 sums are exact; each CHUNK of columns is
+   added to a float32 sum. */
+#if defined(MINIGPT_AVX512)
+static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
+    __m512 total[ROWS];
+    for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cols; c += CHUNK) {
+        const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
+        __m512i acc[ROWS];
+        for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_si512();
+        for (int64_t k = c; k < end; k += 64) {
+            const __m512i x0 = _mm512_loadu_si512(xq + k), x1 = _mm512_loadu_si512(xq + k + 32);
+            for (int r = 0; r < rows; ++r) {
+                const int8_t *p = q + r * cols + k;
+                _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);
+                const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+                const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 32)));
+#ifdef __AVX512VNNI__
+                acc[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[r], w0, x0), w1, x1);
+#else
+                acc[r] = _mm512_add_epi32(acc[r], _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1)));
+#endif
             }
         }
+        for (int r = 0; r < rows; ++r) total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(acc[r]));
     }
-    for (int r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+    for (int r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
+}
+#elif defined(MINIGPT_AVX2)
+static float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* y = (q x) * scale + bias, its rows split across the threads (exported for bench/matmul.py). */
+static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
+    __m256 total[ROWS];
+    for (int r = 0; r < ROWS; ++r) total[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < cols; c += CHUNK) {
+        const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
+        __m256i acc[ROWS];
+        for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_si256();
+        for (int64_t k = c; k < end; k += 64) {
+            for (int r = 0; r < rows; ++r) {
+                const int8_t *p = q + r * cols + k;
+                _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);
+                for (int j = 0; j < 64; j += 32) {
+                    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + j)));
+                    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + j + 16)));
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k + j));
+                    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + k + j + 16));
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(w0, x0),
+                                                                       _mm256_madd_epi16(w1, x1)));
+                }
+            }
+        }
+        for (int r = 0; r < rows; ++r) total[r] = _mm256_add_ps(total[r], _mm256_cvtepi32_ps(acc[r]));
+    }
+    for (int r = 0; r < rows; ++r) out[r] = hsum256(total[r]);
+}
+#elif defined(MINIGPT_NEON)
+static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
+    for (int r = 0; r < rows; ++r) {
+        const int8_t *row = q + r * cols;
+        float total = 0.0f;
+        for (int64_t c = 0; c < cols; c += CHUNK) {
+            const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
+            int32x4_t acc[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
+            for (int64_t k = c; k < end; k += 16) {
+                const int8x16_t w = vld1q_s8(row + k);
+                const int16x8_t lo = vmovl_s8(vget_low_s8(w)), hi = vmovl_high_s8(w);
+                const int16x8_t x0 = vld1q_s16(xq + k), x1 = vld1q_s16(xq + k + 8);
+                acc[0] = vmlal_s16(acc[0], vget_low_s16(lo), vget_low_s16(x0));
+                acc[1] = vmlal_high_s16(acc[1], lo, x0);
+                acc[0] = vmlal_s16(acc[0], vget_low_s16(hi), vget_low_s16(x1));
+                acc[1] = vmlal_high_s16(acc[1], hi, x1);
+            }
+            total += (float)vaddvq_s32(vaddq_s32(acc[0], acc[1]));
+        }
+        out[r] = total;
+    }
+}
+#else
+static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
+    for (int r = 0; r < rows; ++r) {
+        const int8_t *row = q + r * cols;
+        float total = 0.0f;
+        for (int64_t c = 0; c < cols; c += CHUNK) {
+            const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
+            int32_t s = 0;
+            #pragma omp simd reduction(+ : s)
+            for (int64_t k = c; k < end; ++k) s += (int32_t)row[k] * xq[k];
+            total += (float)s;
+        }
+        out[r] = total;
+    }
+}
+#endif
+
+/* y = (q x) * scale + bias, its rows split across the threads (exported for bench/matmul.py).
+   x is first rounded to int16 with one scale for the vector, amax / 32767: an error of at most
+   1.5e-5 of the largest activation, far below the int8 weights' own rounding (docs/speed-cpu.md). */
 void int8_linear(const Int8Linear *l, const float *x, float *y, int threads) {
-    const int64_t blocks = (l->rows + ROWS - 1) / ROWS;
+    const int64_t cols = l->cols, blocks = (l->rows + ROWS - 1) / ROWS;
+    int16_t *xq = malloc(cols * sizeof(int16_t));
+    if (!xq) abort();
+    float amax = 0.0f;
+    for (int64_t i = 0; i < cols; ++i) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float step = amax / 32767.0f, inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    for (int64_t i = 0; i < cols; ++i) xq[i] = (int16_t)lrintf(x[i] * inverse);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
         const int64_t n = b * ROWS;
         const int rows = l->rows - n < ROWS ? (int)(l->rows - n) : ROWS;
         float dots[ROWS];
-        dot_rows(l->weight + n * l->cols, x, l->cols, rows, dots);
-        for (int r = 0; r < rows; ++r) y[n + r] = dots[r] * l->scale[n + r] + (l->bias ? l->bias[n + r] : 0.0f);
+        dot_rows(l->weight + n * cols, xq, cols, rows, dots);
+        for (int r = 0; r < rows; ++r) y[n + r] = dots[r] * step * l->scale[n + r] + (l->bias ? l->bias[n + r] : 0.0f);
     }
+    free(xq);
 }
 
 static void layer_norm(const float *x, const float *weight, const float *bias, float *out, int64_t n, float eps) {

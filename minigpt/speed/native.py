@@ -1,16 +1,27 @@
 """Int8 decoding through int8_decode.c: one C call per token instead of ~500 PyTorch ops.
 
-native_step(model) compiles the C file for this CPU (0.3 s, once per process; it needs a C
-compiler, OpenMP, glibc's libmvec and AVX-512) and returns the step that decodes the model's
-single tokens through it (inference.py wraps it in a Decoder). Prompts, batches and the attention
-panel's steps keep the PyTorch path; both read and write the same KVCache. Build it on the final
-model: it holds pointers to the model's tensors as they are now.
+native_step(model) returns the step that decodes the model's single tokens in C (inference.py wraps
+it in a Decoder). Prompts, batches and the attention panel's steps keep the PyTorch path; both read
+and write the same KVCache. Build it on the final model: it holds pointers to the model's tensors as
+they are now.
+
+The variant is picked from what the CPU reports (cpu_isas): avx512 or avx2 on x86-64, neon on
+aarch64, the portable C loop (generic) on any other x86-64. MINIGPT_ISA=avx512|avx2|neon|generic
+(or isa=...) asks for one; a variant the CPU lacks is refused, not run. Each variant is compiled
+once per machine with the system C compiler ($CC, default cc; OpenMP) into a cache folder,
+$XDG_CACHE_HOME/minigpt/native (default ~/.cache/minigpt/native), under a name keyed by the
+source, the compiler, its flags and the CPU's features, written atomically (compiled to a temporary
+name, then renamed), so later starts only load it. Where it cannot be built (no compiler, an
+architecture it has no variant for), NativeUnavailable says why in one line; the compiler's
+output goes to a log file in the cache folder, whose path the message gives.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,8 +32,21 @@ from ..model import GPT, KVCache
 from .quantize import Int8Embedding, Int8Linear
 
 SOURCE = Path(__file__).with_name("int8_decode.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-LIBS = ["-lmvec", "-lm"]  # libmvec: glibc's vectorized tanhf
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# Per variant: compiler flags. Explicit instruction sets rather than -march=native, so the avx2 and
+# generic libraries built on an AVX-512 machine are the ones an AVX2-only or older CPU builds.
+ISA_FLAGS = {
+    "avx512": ["-DMINIGPT_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+               "-mf16c"],
+    "avx2": ["-DMINIGPT_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "neon": ["-DMINIGPT_NEON"],  # NEON is part of every aarch64 CPU
+    "generic": [],
+}
+# The /proc/cpuinfo flags each x86 variant's flags above let the compiler use.
+X86_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
+             "avx2": {"avx2", "fma", "f16c"}}
+X86 = ("x86_64", "amd64", "i686", "i386")
+ARM64 = ("aarch64", "arm64")
 
 
 class NativeUnavailable(RuntimeError):
@@ -49,20 +73,107 @@ class _Model(ctypes.Structure):
                 ("blocks", ctypes.POINTER(_Block))]
 
 
-@functools.cache
-def library() -> ctypes.CDLL:
-    """int8_decode.c compiled for this CPU (with $CC, default cc) and loaded; the file is deleted once mapped."""
+def cpu_features() -> set[str]:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo), else as PyTorch's dispatch sees them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    return {"AVX512": X86_NEEDS["avx512"], "AVX2": X86_NEEDS["avx2"]}.get(capability, set())
+
+
+def cpu_isas() -> list[str]:
+    """The variants this CPU can run, fastest first (empty on an architecture there is no variant for)."""
+    machine = platform.machine().lower()
+    if machine in X86:
+        flags = cpu_features()
+        return [isa for isa in ("avx512", "avx2") if X86_NEEDS[isa] <= flags] + ["generic"]
+    if machine in ARM64:
+        return ["neon", "generic"]
+    return []
+
+
+def choose_isa(isa: str | None = None) -> str:
+    """isa, else $MINIGPT_ISA, else the fastest variant the CPU reports; NativeUnavailable if it cannot run here."""
+    isa = isa or os.environ.get("MINIGPT_ISA") or None
+    supported = cpu_isas()
+    if isa is None:
+        if not supported:
+            raise NativeUnavailable(f"no C decode step for this CPU architecture ({platform.machine() or 'unknown'})")
+        return supported[0]
+    if isa not in ISA_FLAGS:
+        raise NativeUnavailable(f"unknown instruction set {isa!r} (MINIGPT_ISA): choose from {', '.join(ISA_FLAGS)}")
+    if isa != "generic" and isa not in supported:  # the portable loop runs anywhere it compiles
+        raise NativeUnavailable(f"this CPU does not support the {isa} decode step (it supports: "
+                                f"{', '.join(supported) or 'none'})")
+    return isa
+
+
+def cache_folder() -> Path:
+    """Where built libraries are kept: $XDG_CACHE_HOME/minigpt/native, default ~/.cache/minigpt/native."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minigpt" / "native"
+
+
+def build(isa: str, folder: Path | None = None) -> Path:
+    """The shared library of this variant, compiled unless a build with the same key is in folder already."""
     compiler = os.environ.get("CC", "cc")
-    with tempfile.TemporaryDirectory(prefix="minigpt-") as folder:
-        target = Path(folder) / "int8_decode.so"
+    flags = [*FLAGS, *ISA_FLAGS[isa]]
+    if isa == "avx512" and "avx512_vnni" in cpu_features():
+        flags.append("-mavx512vnni")  # vpdpwssd: the multiply and the add in one instruction
+    libs = ["-lm"]
+    if platform.machine().lower() in X86 and platform.libc_ver()[0] == "glibc":
+        flags, libs = [*flags, "-DMINIGPT_LIBMVEC"], ["-lmvec", "-lm"]  # glibc's vectorized tanhf
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, *libs, platform.machine(),
+                                     *sorted(cpu_features())]).encode()).hexdigest()[:16]
+    folder = folder or cache_folder()
+    target = folder / f"int8_decode-{isa}-{key}.so"
+    if target.exists():
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so.partial", dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise NativeUnavailable(f"cannot write the C decode step's cache folder {folder}: {e.strerror}") from None
+    log = target.with_suffix(".log")
+    try:
         try:
-            built = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target), *LIBS],
-                                   capture_output=True, text=True)
+            built = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial, *libs], capture_output=True, text=True)
         except OSError as e:
             raise NativeUnavailable(f"no C compiler to build {SOURCE.name}: {compiler!r}: {e.strerror}") from None
         if built.returncode:
-            raise NativeUnavailable(f"{compiler} could not build {SOURCE.name}: {built.stderr.strip()[-600:]}")
+            log.write_text(f"{' '.join([compiler, *flags, str(SOURCE), '-o', partial, *libs])}\n"
+                           f"{built.stdout}{built.stderr}")
+            raise NativeUnavailable(f"{compiler} could not build {SOURCE.name} for {isa} "
+                                    f"(exit status {built.returncode}; compiler output in {log})")
+        os.replace(partial, target)  # atomic: a concurrent start sees no library or a whole one
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def library(isa: str | None = None) -> ctypes.CDLL:
+    """int8_decode.c built for this CPU (or for isa) and loaded, once per process and variant."""
+    return _load(choose_isa(isa))
+
+
+@functools.cache
+def _load(isa: str) -> ctypes.CDLL:
+    target = build(isa)
+    try:
         lib = ctypes.CDLL(str(target))
+    except OSError:  # a damaged file in the cache: build it again
+        target.unlink(missing_ok=True)
+        try:
+            lib = ctypes.CDLL(str(build(isa)))
+        except OSError as e:
+            raise NativeUnavailable(f"cannot load the C decode step {target}: {e}") from None
+    lib.minigpt_isa.restype = ctypes.c_char_p
     lib.gpt2_int8_step.restype = ctypes.c_int
     lib.gpt2_int8_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
@@ -74,8 +185,9 @@ def library() -> ctypes.CDLL:
 class NativeDecoder:
     """The C step bound to one int8 model's tensors; call it as model(idx, cache) would be for one token."""
 
-    def __init__(self, model: GPT):
-        self.lib = library()
+    def __init__(self, model: GPT, isa: str | None = None):
+        self.lib = library(isa)
+        self.isa = self.lib.minigpt_isa().decode()
         self.keep: list[torch.Tensor] = []  # every tensor the C structs point into stays alive with us
         config = model.config
         blocks = [_Block(self._ptr(b.ln_1.weight), self._ptr(b.ln_1.bias), self._linear(b.attn.c_attn),
@@ -127,8 +239,9 @@ class NativeDecoder:
         return logits
 
 
-def native_step(model: GPT) -> NativeDecoder:
-    """The C decode step for this int8 CPU model (a speed.decoder.Step); NativeUnavailable says why not."""
+def native_step(model: GPT, isa: str | None = None) -> NativeDecoder:
+    """The C decode step for this int8 CPU model (a speed.decoder.Step), in the variant for this CPU (or
+    isa); NativeUnavailable says why not."""
     if not isinstance(model.transformer.wte, Int8Embedding) or model.transformer.wte.lm_head is not model.lm_head:
         raise NativeUnavailable("the C decode step needs an int8 model (quantize_int8) with its tied embedding")
-    return NativeDecoder(model)
+    return NativeDecoder(model, isa)

@@ -21,6 +21,7 @@ SCALE_DTYPE = torch.bfloat16  # the CPU kernel wants its scales (and input) in t
 # bfloat16 and using the regular matmul does (GPT-2 124M layer shapes, 1 thread: even at 16 rows,
 # dequantizing 1.4x faster at 32, 1.7x at 128).
 INT8_KERNEL_MAX_ROWS = 16
+ALREADY_INT8 = "the model is already int8: a draft speeds up float32, bfloat16 or float16 models"
 
 
 class Int8Linear(nn.Module):
@@ -103,7 +104,7 @@ def int8_drafts(*models: GPT) -> list[GPT]:
     and with each other the int8 weights of the Linears their models share (quantize_int8)."""
     for model in models:
         if any(isinstance(m, Int8Linear) for m in model.modules()):
-            raise ValueError("the model is already int8: a draft speeds up float32, bfloat16 or float16 models")
+            raise ValueError(ALREADY_INT8)
     drafts = [model.copy_sharing_weights() for model in models]
     quantize_int8(*drafts)
     return drafts

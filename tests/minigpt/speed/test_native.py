@@ -1,14 +1,23 @@
-"""The C decode step (minigpt/speed/native.py, int8_decode.c) against an independent oracle.
+"""The C decode step (minigpt/native.py, int8_decode.c) against an independent oracle.
+
+Every variant this CPU can run is checked (on x86-64: avx2 and the portable C loop always, avx512
+where the CPU has it); the aarch64 variants are checked under emulation (qemu-aarch64) at the end.
 
 Oracle: our float32 model with every Linear's weight replaced by the int8 model's dequantized weight
-(q * scale, from the stored tensors). The C step does the same arithmetic in another order and with
-float32 activations, so it must agree to float32 rounding (tolerance 1e-4, where int8 rounding
-itself moves logits by about 1e-2). The float32 model is checked against transformers elsewhere.
+(q * scale, from the stored tensors) and every Linear's input rounded to int16 as the C step rounds
+it (round_like_c). The C step does the same arithmetic in another order, so it must agree to float32
+rounding (tolerance 1e-4, where int8 rounding itself moves logits by about 1e-2). Without the int16
+rounding, the dequantized model still agrees to INT16_REL of the largest logit. The float32 model is
+checked against transformers elsewhere.
 """
 import copy
+import os
+import platform
+import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,25 +34,78 @@ from minigpt.speed.native import NativeUnavailable, native_step
 from minigpt.speed.quantize import Int8Linear, quantize_int8
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
-                                reason="the C decode step needs AVX-512; other CPUs keep PyTorch's int8 kernel")
 ATOL = 1e-4
+INT16_REL = 3e-5  # int16 activations: |C - dequantized float32| <= ATOL + INT16_REL * max|logit|
+# The variants of this CPU's architecture; only one the CPU cannot run (avx512 on an AVX2-only x86) skips.
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in native.cpu_isas(), reason=f"this CPU cannot run {isa}"))
+        for isa in (("neon", "generic") if platform.machine().lower() in native.ARM64 else ("avx512", "avx2", "generic"))]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_build_cache(tmp_path_factory):
+    """Build into a folder of this test run (the build cache itself is tested too), not the user's cache."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        m.delenv("MINIGPT_ISA", raising=False)
+        yield
+
+
+def round_like_c(x: torch.Tensor) -> torch.Tensor:
+    """Each vector rounded to int16 with one scale, amax / 32767, as int8_decode.c's int8_linear does."""
+    amax = x.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 32767 / amax, 0)
+    return torch.round(x * inverse) * (amax / 32767)
+
+
+def dequantized_reference(model, int8, round_inputs=True):
+    """A float32 copy of model whose Linears hold int8's dequantized weights and, with round_inputs,
+    round their inputs to int16: what the C step computes."""
+    int8 = unwrapped(int8)
+    reference = copy.deepcopy(model)
+    linears = dict(reference.named_modules())
+    for name, quantized in int8.named_modules():
+        if isinstance(quantized, Int8Linear) and name in linears:
+            linears[name].weight = torch.nn.Parameter(quantized.dequantize())
+            if round_inputs:
+                linears[name].register_forward_pre_hook(lambda module, args: (round_like_c(args[0]),))
+    reference.lm_head.weight = reference.transformer.wte.weight = torch.nn.Parameter(int8.lm_head.dequantize())
+    return reference
+
+
+def unwrapped(model: GPT | Decoder) -> GPT:
+    return model.model if isinstance(model, Decoder) else model
+
+
+def c_decoder(model: GPT, isa: str | None = None) -> Decoder:
+    """An int8 copy of model decoding in C (the variant for this CPU, or isa)."""
+    int8 = copy.deepcopy(model)
+    quantize_int8(int8)
+    return Decoder(int8, native_step(int8, isa), "C decode step")
+
+
+def assert_close_to_dequantized(ours, model, int8, ids):
+    """The C step's logits ours vs the dequantized float32 model without int16 rounding: within INT16_REL."""
+    with torch.inference_mode():
+        expected = dequantized_reference(model, int8, round_inputs=False)(torch.tensor([ids]))[0]
+    assert (ours - expected).abs().max() <= ATOL + INT16_REL * expected.abs().max()
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def models(request, tiny_model):
+    """(int8 model decoding in C with one variant, float32 model on its dequantized weights, tokenizer)."""
+    model, tokenizer, _ = tiny_model
+    int8 = c_decoder(model, request.param)
+    assert int8.step.isa == request.param
+    return int8, dequantized_reference(model, int8), tokenizer, model
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model):
-    """(int8 model decoding in C, float32 model on its dequantized weights, tokenizer)."""
+def default_models(tiny_model):
+    """models, with the variant chosen for this CPU."""
     model, tokenizer, _ = tiny_model
-    int8 = copy.deepcopy(model)
-    quantize_int8(int8)
-    int8 = Decoder(int8, native_step(int8), "C decode step")
-    reference = copy.deepcopy(model)
-    linears = dict(reference.named_modules())
-    for name, quantized in int8.model.named_modules():
-        if isinstance(quantized, Int8Linear) and name in linears:
-            linears[name].weight = torch.nn.Parameter(quantized.dequantize())
-    reference.lm_head.weight = reference.transformer.wte.weight = torch.nn.Parameter(int8.model.lm_head.dequantize())
-    return int8, reference, tokenizer
+    int8 = c_decoder(model)
+    assert int8.step.isa == native.cpu_isas()[0]
+    return int8, dequantized_reference(model, int8), tokenizer
 
 
 def one_at_a_time(model, ids, cache):
@@ -52,7 +114,7 @@ def one_at_a_time(model, ids, cache):
 
 
 def test_every_step_matches_the_dequantized_float32_model(models):
-    int8, reference, tokenizer = models
+    int8, reference, tokenizer, model = models
     ids = tokenizer.encode_ordinary("The quick brown fox jumps over the lazy dog, and then it ran away")
     cache, ref_cache = int8.new_cache(64), reference.new_cache(64)
     with torch.inference_mode():
@@ -62,6 +124,7 @@ def test_every_step_matches_the_dequantized_float32_model(models):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(cache.k, ref_cache.k, atol=ATOL, rtol=0)  # the keys and values it stored
     torch.testing.assert_close(cache.v, ref_cache.v, atol=ATOL, rtol=0)
+    assert_close_to_dequantized(ours, model, int8, ids)
     plain = int8.model  # without the C step, PyTorch's int8 kernel rounds activations to bfloat16: not this close
     with torch.inference_mode():
         assert (one_at_a_time(plain, ids, plain.new_cache(64)) - expected).abs().max() > 10 * ATOL
@@ -69,7 +132,7 @@ def test_every_step_matches_the_dequantized_float32_model(models):
 
 def test_it_reads_a_cache_that_pytorch_wrote(models):
     """Production order: the prompt is read by PyTorch (many tokens at once), then the C step continues."""
-    int8, reference, tokenizer = models
+    int8, reference, tokenizer, _ = models
     ids = tokenizer.encode_ordinary("Once upon a time, in a small village by the sea,")
     cache = reference.new_cache(64)
     with torch.inference_mode():
@@ -79,8 +142,8 @@ def test_it_reads_a_cache_that_pytorch_wrote(models):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
-def test_prompts_and_batches_stay_on_pytorch(models):
-    int8, _, tokenizer = models
+def test_prompts_and_batches_stay_on_pytorch(default_models):
+    int8, _, tokenizer = default_models
     plain = int8.model  # the same model without the C step
     ids = torch.tensor([tokenizer.encode_ordinary("Hello there, general")] * 2)
     with torch.inference_mode():
@@ -92,7 +155,7 @@ def test_prompts_and_batches_stay_on_pytorch(models):
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_k=50)],
                          ids=["greedy", "sampled"])
 def test_generate_streams_the_reference_tokens(models, params):
-    int8, reference, tokenizer = models
+    int8, reference, tokenizer, _ = models
     prompt = tokenizer.encode_ordinary("Hi")  # one token: the prompt's step is a C step too
     assert len(prompt) == 1
     ours = list(generate(int8, tokenizer, prompt, 40, params, seed=3))
@@ -101,8 +164,8 @@ def test_generate_streams_the_reference_tokens(models, params):
     assert [e.logprob for e in ours] == pytest.approx([e.logprob for e in expected], abs=ATOL)
 
 
-def test_concurrent_requests_do_not_share_state(models):
-    int8, _, tokenizer = models
+def test_concurrent_requests_do_not_share_state(default_models):
+    int8, _, tokenizer = default_models
     prompts = [tokenizer.encode_ordinary(t) for t in ("One", "Two three", "Four five six", "Seven")]
 
     def tokens(prompt):
@@ -136,33 +199,111 @@ def test_load_for_inference_decodes_int8_in_c(tiny_checkpoint):
     assert load_for_inference(folder, device="cpu", precision="float32")[0].step is None
 
 
-def test_cli_and_app_decode_int8_in_c(models, tiny_checkpoint):
-    _, reference, tokenizer = models
+def test_cli_and_app_decode_int8_in_c(default_models, tiny_checkpoint):
+    _, reference, tokenizer = default_models
     folder = str(tiny_checkpoint[0])
     expected = [e.token_id for e in generate(reference, tokenizer, tokenizer.encode_ordinary("Hi"), 12,
                                              SamplingParams(temperature=0))]
     run = subprocess.run([sys.executable, "-m", "minigpt.generate", "--model", folder, "--dtype", "int8", "--prompt",
                           "Hi", "--max-new-tokens", "12", "--temperature", "0"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stderr == "", run.stderr  # no fallback warning
+    assert run.returncode == 0 and len(run.stderr.splitlines()) == 1, run.stderr  # the speed line, no warning
+    assert run.stderr.startswith("[12 tokens")
     assert run.stdout == "Hi" + tokenizer.decode(expected) + "\n"
     assert load_engine(folder, None, "cpu", "int8").device == "cpu int8 (C decode step)"
 
 
-def test_without_a_compiler_int8_warns_and_decodes_with_pytorch(tiny_checkpoint, monkeypatch):
+def uncached(monkeypatch, tmp_path):
+    """Nothing built yet: an empty cache folder and no library loaded in this process."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_load", native._load.__wrapped__)
+
+
+def test_without_a_compiler_int8_warns_once_and_decodes_with_pytorch(tiny_checkpoint, monkeypatch, tmp_path):
     folder, _ = tiny_checkpoint
+    uncached(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setattr(native, "library", native.library.__wrapped__)  # build afresh, not the cached library
-    with pytest.warns(UserWarning, match=r"stays on PyTorch's kernel: no C compiler .*'/nonexistent/cc'"):
+    with pytest.warns(UserWarning, match=r"stays on PyTorch's kernel: no C compiler .*'/nonexistent/cc'") as caught:
         base, _, tokenizer = load_for_inference(folder, device="cpu", precision="int8")
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
     assert base.step is None and base.kernel == "PyTorch"
     assert len(list(generate(base, tokenizer, [1, 2], 5, SamplingParams(temperature=0)))) == 5
 
 
-def test_a_compiler_error_is_reported(monkeypatch):
-    monkeypatch.setenv("CC", "false")  # runs, fails, says nothing
-    with pytest.raises(NativeUnavailable, match="false could not build int8_decode.c"):
-        native.library.__wrapped__()
+def test_a_compiler_error_is_one_line_and_its_output_goes_to_a_log(monkeypatch, tmp_path):
+    uncached(monkeypatch, tmp_path)
+    script = tmp_path / "bad-cc"
+    script.write_text("#!/bin/sh\necho 'int8_decode.c:1: error: something' >&2\necho 'second line' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    with pytest.raises(NativeUnavailable, match=r"bad-cc could not build int8_decode.c for generic \(exit status 1; "
+                                                r"compiler output in .*\.log\)") as caught:
+        native.library("generic")
+    message = str(caught.value)
+    assert "\n" not in message and "something" not in message
+    log = Path(message.rsplit(" in ", 1)[1].rstrip(")"))
+    assert "error: something\nsecond line" in log.read_text()
+    assert not list(log.parent.glob("*.so*"))  # no library, not even a partial one
+
+
+def test_the_cli_fallback_warning_is_one_plain_line(tiny_checkpoint, tmp_path):
+    env = {**os.environ, "CC": "/nonexistent/cc", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "minigpt.generate", "--model", str(tiny_checkpoint[0]), "--dtype",
+                          "int8", "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0
+    assert run.stderr.splitlines()[:-1] == ["warning: int8 decoding stays on PyTorch's kernel: no C compiler to "
+                                            "build int8_decode.c: '/nonexistent/cc': No such file or directory"]
+    assert run.stderr.splitlines()[-1].startswith("[3 tokens")  # then the speed line
+
+
+def test_it_is_built_once_into_the_cache_and_then_only_loaded(monkeypatch, tmp_path):
+    uncached(monkeypatch, tmp_path)
+    first = native.build("generic")
+    assert first.parent == tmp_path / "cache" / "minigpt" / "native" and first.name.startswith("int8_decode-generic-")
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial file or log left behind
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    assert native.build("generic") == first
+    assert native.library("generic").minigpt_isa() == b"generic"
+
+
+def test_a_changed_source_is_a_new_build(monkeypatch, tmp_path):
+    uncached(monkeypatch, tmp_path)
+    first = native.build("generic")
+    source = tmp_path / "int8_decode.c"
+    source.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", source)
+    second = native.build("generic")
+    assert second != first and second.exists() and first.exists()
+
+
+def test_the_variant_is_the_cpus_best_unless_asked(monkeypatch):
+    monkeypatch.delenv("MINIGPT_ISA", raising=False)
+    assert native.choose_isa() == native.cpu_isas()[0]
+    monkeypatch.setenv("MINIGPT_ISA", "generic")
+    assert native.choose_isa() == "generic"
+    assert native.choose_isa(native.cpu_isas()[-2]) == native.cpu_isas()[-2]  # an argument beats the variable
+    with pytest.raises(NativeUnavailable, match="unknown instruction set 'sse9'"):
+        native.choose_isa("sse9")
+    missing = next(isa for isa in ("neon", "avx512", "avx2") if isa not in native.cpu_isas())
+    with pytest.raises(NativeUnavailable, match=f"this CPU does not support the {missing} decode step"):
+        native.choose_isa(missing)
+
+
+def test_cpus_get_the_variants_their_flags_allow(monkeypatch):
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    for flags, expected in [({"avx2", "fma", "f16c"}, ["avx2", "generic"]),  # e.g. AMD EPYC before Zen 4
+                            (native.X86_NEEDS["avx512"] | {"avx512_vnni"}, ["avx512", "avx2", "generic"]),
+                            ({"sse4_2"}, ["generic"])]:
+        monkeypatch.setattr(native, "cpu_features", lambda flags=flags: flags)
+        assert native.cpu_isas() == expected
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert native.cpu_isas() == ["neon", "generic"]
+    monkeypatch.setattr(native.platform, "machine", lambda: "riscv64")
+    assert native.cpu_isas() == []
+    monkeypatch.delenv("MINIGPT_ISA", raising=False)
+    with pytest.raises(NativeUnavailable, match=r"no C decode step for this CPU architecture \(riscv64\)"):
+        native.choose_isa()
 
 
 def test_models_it_cannot_serve_are_refused_with_the_reason(tiny_model):
@@ -179,8 +320,8 @@ def test_models_it_cannot_serve_are_refused_with_the_reason(tiny_model):
         native_step(narrow)
 
 
-def test_a_full_cache_is_refused(models):
-    int8, _, _ = models
+def test_a_full_cache_is_refused(default_models):
+    int8, _, _ = default_models
     cache = int8.new_cache(2)
     with torch.inference_mode():
         one_at_a_time(int8, [5, 6], cache)
@@ -189,8 +330,8 @@ def test_a_full_cache_is_refused(models):
     assert cache.length == 2
 
 
-def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(models):
-    int8, _, _ = models
+def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(default_models):
+    int8, _, _ = default_models
     with torch.inference_mode():
         for token in (-1, int8.config.vocab_size):
             with pytest.raises(IndexError, match=f"token id {token} is outside the vocabulary of 50257"):
@@ -199,3 +340,101 @@ def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(models):
         with pytest.raises(ValueError, match=r"this model's float32 cache for one sequence, got \(3, 1, 4, 4, 16\)"):
             int8(torch.tensor([[5]]), wider)
     assert wider.length == 0
+
+
+# ---- aarch64, under emulation -----------------------------------------------------------------------
+
+# A main() around int8_decode.c: reads a model and tokens (layout below, native-endian), decodes the
+# tokens one step each from an empty cache, writes each step's logits.
+ARM64_DRIVER = r"""
+#include <stdio.h>
+#include "int8_decode.c"
+
+static FILE *in;
+static void *take(size_t bytes) {
+    void *p = malloc(bytes);
+    if (!p || fread(p, 1, bytes, in) != bytes) { fprintf(stderr, "short input\n"); exit(2); }
+    return p;
+}
+static const float *floats(int64_t n) { return take(n * sizeof(float)); }
+static Int8Linear linear(int64_t rows, int64_t cols, int has_bias) {
+    Int8Linear l = {take(rows * cols), floats(rows), NULL, rows, cols};
+    l.bias = has_bias ? floats(rows) : NULL;
+    return l;
+}
+int main(int argc, char **argv) {
+    if (argc != 3 || !(in = fopen(argv[1], "rb"))) return 2;
+    const int64_t *h = take(7 * sizeof(int64_t)); /* n_layer n_head n_embd mlp_dim vocab n_positions n_tokens */
+    const int64_t L = h[0], C = h[2], F = h[3], V = h[4], T = h[6];
+    Model m = {L, h[1], C, F, *floats(1), floats(h[5] * C), NULL, NULL};
+    m.ln_f_weight = floats(C), m.ln_f_bias = floats(C);
+    m.lm_head = linear(V, C, 0);
+    Block *blocks = malloc(L * sizeof(Block));
+    for (int64_t l = 0; l < L; ++l) {
+        blocks[l].ln_1_weight = floats(C), blocks[l].ln_1_bias = floats(C);
+        blocks[l].c_attn = linear(3 * C, C, 1), blocks[l].attn_proj = linear(C, C, 1);
+        blocks[l].ln_2_weight = floats(C), blocks[l].ln_2_bias = floats(C);
+        blocks[l].c_fc = linear(F, C, 1), blocks[l].mlp_proj = linear(C, F, 1);
+    }
+    m.blocks = blocks;
+    const int64_t *tokens = take(T * sizeof(int64_t));
+    float *k = calloc(L * C * T, sizeof(float)), *v = calloc(L * C * T, sizeof(float)), *logits = malloc(V * 4);
+    FILE *out = fopen(argv[2], "wb");
+    for (int64_t t = 0; t < T; ++t) {
+        if (gpt2_int8_step(&m, tokens[t], t, k, v, T, logits, 2)) return 3;
+        fwrite(logits, sizeof(float), V, out);
+    }
+    fclose(out);
+    fprintf(stderr, "%s\n", minigpt_isa());
+    return 0;
+}
+"""
+ARM64_TOOLS = ("aarch64-linux-gnu-gcc", "qemu-aarch64")
+
+
+def write_driver_input(int8, tokens, path):
+    """The driver's input file for an int8 model and a token sequence."""
+    int8 = unwrapped(int8)
+    c = int8.config
+    parts = [torch.tensor([c.n_layer, c.n_head, c.n_embd, c.mlp_dim, c.vocab_size, c.n_positions, len(tokens)]),
+             torch.tensor([c.layer_norm_epsilon], dtype=torch.float32), int8.transformer.wpe.weight,
+             int8.transformer.ln_f.weight, int8.transformer.ln_f.bias, int8.lm_head.weight, int8.lm_head.scales.float()]
+    for b in int8.transformer.h:
+        parts += [b.ln_1.weight, b.ln_1.bias]
+        for layer in (b.attn.c_attn, b.attn.c_proj):
+            parts += [layer.weight, layer.scales.float(), layer.bias]
+        parts += [b.ln_2.weight, b.ln_2.bias]
+        for layer in (b.mlp.c_fc, b.mlp.c_proj):
+            parts += [layer.weight, layer.scales.float(), layer.bias]
+    parts.append(torch.tensor(tokens))
+    path.write_bytes(b"".join(t.detach().contiguous().numpy().tobytes() for t in parts))
+
+
+@pytest.mark.skipif(not all(map(shutil.which, ARM64_TOOLS)),
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu "
+                           "qemu-user libc6-dev-arm64-cross)")
+@pytest.mark.parametrize("isa", ["neon", "generic"])
+def test_the_aarch64_variants_match_the_dequantized_float32_model_under_emulation(isa, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, n_positions=32, n_embd=128, n_layer=2, n_head=4))
+    for p in model.parameters():  # GPT-2's initialisation (nn.Embedding's own is N(0, 1): logits of ~100)
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    int8 = copy.deepcopy(model)
+    quantize_int8(int8)
+    reference = dequantized_reference(model, int8)
+    tokens = torch.randint(0, 320, (12,)).tolist()
+    write_driver_input(int8, tokens, tmp_path / "input.bin")
+    (tmp_path / "driver.c").write_text(ARM64_DRIVER)
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O3", "-fopenmp", "-static", *native.ISA_FLAGS[isa],
+                    f"-I{native.SOURCE.parent}", str(tmp_path / "driver.c"), "-o", str(tmp_path / "driver"), "-lm"],
+                   check=True, capture_output=True, text=True)
+    run = subprocess.run(["qemu-aarch64", str(tmp_path / "driver"), str(tmp_path / "input.bin"),
+                          str(tmp_path / "logits.bin")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stderr == f"{isa}\n", run.stderr
+    ours = torch.frombuffer(bytearray((tmp_path / "logits.bin").read_bytes()), dtype=torch.float32).view(len(tokens), -1)
+    with torch.inference_mode():
+        expected = reference(torch.tensor([tokens]))[0]
+    assert expected.std() > 0.1  # logits that say something, not all near zero
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+    assert_close_to_dequantized(ours, model, int8, tokens)

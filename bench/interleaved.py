@@ -1,0 +1,107 @@
+"""Decode tok/s of MiniGPT and llama.cpp taking turns, for a machine other jobs keep busy.
+
+    python -m bench.interleaved --llama-cpp DIR --rounds 5 --threads 1
+
+python -m bench.decode and python -m bench.llama_cpp each run for minutes; when other work on the machine comes
+and goes, their figures are measured under different loads. Here each round decodes --new-tokens
+greedy tokens with MiniGPT int8 (the C step, variant as chosen or MINIGPT_ISA), MiniGPT int8 with
+MINIGPT_ISA=avx2 (x86 with AVX2 only), and llama.cpp q8_0 (llama-bench -p 0: decode only), and the
+same for float32 vs llama.cpp f32, one after the other, so every engine sees the same conditions;
+medians over the rounds. Same random GPT-2 124M checkpoint for all (bench/llama_cpp.py writes and
+converts it). DIR as in python -m bench.llama_cpp. Prints a table and writes bench/results/interleaved-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.decode import machine_info
+from bench.llama_cpp import convert, write_checkpoint
+from tests.helpers import REPO as ROOT
+
+MINIGPT = r"""
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+from minigpt.generation import generate
+from minigpt.inference import load_for_inference
+from minigpt.sampling import SamplingParams
+model, _, tok = load_for_inference(sys.argv[1], device="cpu", precision=sys.argv[2])
+prompt = list(range(100, 132))
+for n in (8, int(sys.argv[4])):  # warm-up, then the measured run
+    times = [time.perf_counter() for _ in generate(model, tok, prompt, n, SamplingParams(temperature=0))]
+print((len(times) - 1) / (times[-1] - times[0]), getattr(model.step, "isa", "PyTorch"))
+"""
+
+
+def minigpt(folder: Path, precision: str, threads: int, tokens: int, isa: str | None = None) -> tuple[float, str]:
+    env = os.environ.copy()
+    env.pop("MINIGPT_ISA", None)
+    if isa:
+        env["MINIGPT_ISA"] = isa
+    out = subprocess.run([sys.executable, "-c", MINIGPT, str(folder), precision, str(threads), str(tokens)],
+                         cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.split()
+    return float(out[0]), out[1]
+
+
+def llama(llama_cpp: Path, model: Path, threads: int, tokens: int) -> float:
+    cmd = [str(llama_cpp / "build" / "bin" / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0",
+           "-n", str(tokens), "-r", "1", "-o", "json"]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)[0]["avg_ts"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--llama-cpp", type=Path, required=True, help="a built llama.cpp checkout")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    llama_cpp = args.llama_cpp.expanduser().resolve()
+    info = machine_info()
+    print(f"{info['cpu']}, {info['cores']} cores, {','.join(info['simd'])}; {args.threads} threads; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    runs: dict[str, list[float]] = {}
+    labels: dict[str, str] = {}
+    loads = [os.getloadavg()]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_checkpoint(Path(tmp) / "gpt2-random")
+        ggufs = {t: convert(llama_cpp, folder, t, Path(tmp) / f"{t}.gguf") for t in ("q8_0", "f32")}
+        engines = {
+            "minigpt int8": lambda: minigpt(folder, "int8", args.threads, args.new_tokens),
+            "minigpt int8 (MINIGPT_ISA=avx2)": lambda: minigpt(folder, "int8", args.threads, args.new_tokens, "avx2"),
+            "llama.cpp q8_0": lambda: (llama(llama_cpp, ggufs["q8_0"], args.threads, args.new_tokens), ""),
+            "minigpt float32": lambda: minigpt(folder, "float32", args.threads, args.new_tokens),
+            "llama.cpp f32": lambda: (llama(llama_cpp, ggufs["f32"], args.threads, args.new_tokens), ""),
+        }
+        for r in range(args.rounds):
+            for name, run in engines.items():
+                tok_s, label = run()
+                runs.setdefault(name, []).append(tok_s)
+                labels[name] = label
+            loads.append(os.getloadavg())
+            print(f"  round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in runs.items()), flush=True)
+    print(f"\n{'engine':<34}{'decode tok/s (median)':>22}{'min':>8}{'max':>8}")
+    for name, values in runs.items():
+        print(f"{name:<34}{statistics.median(values):>22.1f}{min(values):>8.1f}{max(values):>8.1f}"
+              + (f"  [{labels[name]}]" if labels[name] else ""))
+    print(f"load average per round: {' '.join(f'{a[0]:.1f}' for a in loads)}")
+    stamp = datetime.now(timezone.utc)
+    out = args.out or ROOT / "bench" / "results" / f"interleaved-{stamp:%Y%m%d-%H%M}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": stamp.isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
+                               "machine": info, "load_averages": loads, "threads": args.threads,
+                               "new_tokens": args.new_tokens, "runs": runs, "c_step_variant": labels}, indent=2))
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+
+
+if __name__ == "__main__":
+    main()
