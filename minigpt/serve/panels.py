@@ -12,6 +12,7 @@ import tiktoken
 import torch
 from matplotlib.figure import Figure
 
+from ..inspection import without_sink
 from ..model import GPT
 from ..speed.decoder import Decoder
 from .replies import Reply
@@ -67,6 +68,7 @@ class AttentionWindow:
     query_labels: list[str]  # the reply token each row chose
     key_labels: list[str]
     note: str  # which part of the conversation the window shows
+    hides_sink: bool = False  # the first token dropped, each row renormalised (see attention_window)
 
     def matrix(self, layer: int, head: int | None) -> np.ndarray:
         """(queries, keys) for one layer: one head, or the average over heads when head is None."""
@@ -81,30 +83,37 @@ class AttentionWindow:
 
 @torch.inference_mode()
 def attention_window(model: GPT | Decoder, tokenizer: tiktoken.Encoding, reply: Reply, max_queries: int = MAX_QUERIES,
-                     max_keys: int = MAX_KEYS) -> AttentionWindow:
+                     max_keys: int = MAX_KEYS, hide_sink: bool = False) -> AttentionWindow:
     """Recompute, through the explicit attention path, the attention rows that chose the reply's tokens.
 
     Row i is the query at the position before reply token i: the same rows generate(return_attention=True)
-    reports while streaming, computed once here, only when the panel asks for them.
+    reports while streaming, computed once here, only when the panel asks for them. hide_sink drops
+    the conversation's first token (where many heads park their attention) and renormalises each row.
     """
     n = len(reply.token_ids)
     if n == 0:
         raise ValueError("the reply has no tokens")
     sequence = reply.prompt_ids + reply.token_ids[:-1]  # every token that was read as a query or key
     length, queries = len(sequence), min(n, max_queries)
-    keys = min(length, max_keys)
     device = model.device
     ids = torch.tensor([sequence], device=device)
     cache = model.new_cache(length)
     if length > queries:  # the earlier tokens only need to be in the cache
         model(ids[:, :length - queries], cache, last_only=True)
     _, att = model.forward_with_attention(ids[:, length - queries:], cache, last_only=True)
-    probs = att[:, 0, :, :, length - keys:].float().cpu().numpy()  # (n_layer, nh, queries, keys)
+    rows, key_ids = att[:, 0].float().cpu().numpy(), sequence  # (n_layer, nh, queries, length)
+    hide_sink = hide_sink and length > 1
+    if hide_sink:
+        rows, key_ids = without_sink(rows), sequence[1:]
+    keys = min(len(key_ids), max_keys)
     shown = f"the last {queries} of {n} reply tokens" if queries < n else f"all {n} reply tokens"
-    context = f"the last {keys} of {length} context tokens" if keys < length else f"all {length} context tokens"
-    return AttentionWindow(probs, [axis_label(tokenizer, t) for t in reply.token_ids[n - queries:]],
-                           [axis_label(tokenizer, t) for t in sequence[length - keys:]],
-                           f"Rows: {shown}. Columns: {context}.")
+    context = (f"the last {keys} of {len(key_ids)} context tokens" if keys < len(key_ids)
+               else f"all {keys} context tokens")
+    sink = " The first token is hidden and each row renormalised." if hide_sink else ""
+    return AttentionWindow(rows[..., len(key_ids) - keys:],
+                           [axis_label(tokenizer, t) for t in reply.token_ids[n - queries:]],
+                           [axis_label(tokenizer, t) for t in key_ids[len(key_ids) - keys:]],
+                           f"Rows: {shown}. Columns: {context}.{sink}", hide_sink)
 
 
 def heatmap(window: AttentionWindow, layer: int, head: int | None) -> Figure:
