@@ -72,7 +72,7 @@ def chat_tab(engine: Engine) -> None:
                                         show_inline_category=False)
             with gr.Row(equal_height=False):
                 alts = gr.Label(elem_id="alternatives", label="Top-5 alternatives: click one to branch from it",
-                                num_top_classes=5, scale=3)
+                                num_top_classes=5, scale=3, show_heading=False)
                 with gr.Column(scale=2, min_width=160):
                     caption = gr.Markdown(elem_id="caption")
                     position = gr.Slider(1, 2, value=1, step=1, label="Token position", elem_id="position")

@@ -34,7 +34,7 @@ def entropy_figure(window: AttentionWindow, selected: tuple[int, int | None]) ->
     ax.set_xlabel("head", fontsize=7)
     ax.set_ylabel("layer", fontsize=7)
     ax.set_title("Attention entropy (nats)", fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=6)
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, format="%.2f").ax.tick_params(labelsize=6)
     return render(fig, ax, n_layer, n_head)
 
 
