@@ -17,12 +17,12 @@ import gradio as gr
 from ..inspection import logit_lens
 from .conversation import BASE, ChatInputError, Prompt, as_chat_text
 from .engine import Engine
-from .panels import alternatives, attention_window, heatmap, position_caption, token_highlights
+from .panels import MAX_KEYS, MAX_QUERIES, alternatives, attention_window, heatmap, position_caption, token_highlights
 from .panels_heads import entropy_figure, similarity_figure
 from .panels_lens import lens_figure, lens_ids, lens_table, reply_column
 from .panels_sampling import pipeline_figure, pipeline_summary, position_logits, sampling_pipeline
 from .panels_timeline import timeline_figure, timeline_summary
-from .replies import Reply, stats_line, stream_reply
+from .replies import stats_line, stream_reply
 from .session import Session
 from .transcript import TranscriptError, export_conversation, load_conversation
 
@@ -79,15 +79,16 @@ class InspectHandlers:
 
     def attention_view(self, session: Session, layer: int, head: int) -> list:
         reply, model = session.reply, self.engine.model(session.reply.mode)
-        if session.window is None or session.window.hides_sink != session.hide_sink:
-            session.window = attention_window(model, self.tokenizer, reply, hide_sink=session.hide_sink)
         if session.heads is None or session.heads.hides_sink != session.hide_sink:
+            # one pass gives every row; the heatmap shows the most recent of them
             session.heads = attention_window(model, self.tokenizer, reply, max_queries=len(reply.token_ids),
                                              max_keys=model.config.n_positions, hide_sink=session.hide_sink)
+            session.window = session.heads.last(MAX_QUERIES, MAX_KEYS)
         head = None if head < 0 else head
         entropy, session.clicks["entropy"] = entropy_figure(session.heads, (layer, head))
         similarity, session.clicks["similarity"] = similarity_figure(session.heads, layer, head)
-        return [heatmap(session.window, layer, head), session.window.note, entropy, similarity]
+        row = session.position - 1 - (len(reply.token_ids) - len(session.window.query_labels))  # in the window
+        return [heatmap(session.window, layer, head, row), session.window.note, entropy, similarity]
 
     def timeline_view(self, session: Session) -> list:
         if not session.reply.token_times:

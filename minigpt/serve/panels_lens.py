@@ -71,8 +71,8 @@ def lens_figure(lens: LogitLens, tokenizer: tiktoken.Encoding, column: int,
 def lens_table(lens: LogitLens, tokenizer: tiktoken.Encoding, column: int) -> str:
     """The selected column, every layer in numbers (markdown)."""
     target = lens.ids[column + 1]
-    lines = [f"After `{axis_label(tokenizer, lens.ids[column])}` the next token was "
-             f"`{axis_label(tokenizer, target)}`. What each layer predicts:", "",
+    read, came = axis_label(tokenizer, lens.ids[column]), axis_label(tokenizer, target)
+    lines = [f"After `{read}` the next token was `{came}`. What each layer predicts:", "",
              "| layer | top-1 | p(top-1) | p(next) | rank of next |", "|---|---|---|---|---|"]
     n_layers = lens.top_ids.shape[0]
     for layer in reversed(range(n_layers)):

@@ -134,7 +134,6 @@ def test_branch_from_an_alternative_undo_export_and_load(page, tmp_path):
 
     foreign = tmp_path / "foreign.json"
     foreign.write_text('{"hello": "world"}')
-    page.locator("#export_file button[aria-label]").first.click() if False else None
     page.locator("#load_file button[aria-label='Clear']").first.click()
     page.locator("#load_file input[type=file]").set_input_files(str(foreign))
     expect(page.locator("#export_note")).to_contain_text("Could not load: not a MiniGPT conversation")

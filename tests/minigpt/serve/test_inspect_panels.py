@@ -2,6 +2,7 @@
 token shared by all, branching against transformers, export and load, clicks on figures."""
 import json
 import threading
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -129,7 +130,8 @@ def test_an_exported_conversation_loads_back_to_the_same_panels(inspect, tmp_pat
     reply = a_reply(inspect, temperature=0.9)
     session = session_with(reply)
     path, note = inspect.export(session, HISTORY)
-    data = json.loads(open(path, encoding="utf-8").read())
+    assert note.startswith("Ready: 2 messages")
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
     assert data["seed"] == 5 and data["mode"] == BASE and data["settings"]["temperature"] == 0.9
     token = data["reply"]["tokens"][0]
     assert token["id"] == reply.token_ids[0] and len(token["top"]) == 5 and token["logprob"] == reply.logprobs[0]
@@ -166,7 +168,7 @@ def test_a_malformed_or_foreign_file_gives_a_message_and_changes_nothing(inspect
 def test_out_of_vocabulary_ids_are_refused(inspect, tmp_path):
     session = session_with(a_reply(inspect))
     path, _ = inspect.export(session, HISTORY)
-    data = json.loads(open(path, encoding="utf-8").read())
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
     data["prompt_ids"][0] = 10**6
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
