@@ -166,7 +166,7 @@ def chat_tab(engine: Engine) -> None:
     for selector in (layer, head):
         selector.change(inspect.views, selection, views, **private)
     hide_sink.change(inspect.toggle_sink, [session, hide_sink, layer, head], views, **private)
-    alts.select(inspect.branch, [session, chat, layer, head], [chat, stats, *views], **private)
+    alts.select(inspect.branch, [session, chat, layer, head], [chat, stats, msg, *lockable, *views], **private)
     undo_branch.click(inspect.undo_branch, [session, chat, layer, head], [chat, stats, *views], **private)
     export_btn.click(inspect.export, [session, chat], [export_file, export_note], **private)
     load_file.upload(inspect.load, [session, load_file, layer, head], [chat, export_note, *views], **private)

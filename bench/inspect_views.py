@@ -1,6 +1,6 @@
 """What each "look inside" view costs, in ms, for one 128-token reply on the GPT-2 124M shape (random weights).
 
-    python -m bench.inspect_views               # 5 repetitions, medians
+    python -m bench.inspect_views               # 3 repetitions, medians
     python -m bench.inspect_views --reps 1      # a smoke test, not a measurement
 
 The model loads as the app loads it (load_engine: float32 through oneDNN on CPU). A sampled reply of
@@ -27,12 +27,13 @@ from minigpt.serve.replies import stream_reply
 from minigpt.serve.session import Session
 from tests.helpers.checkpoints import make_checkpoint
 
-PROMPT = "The history of the city goes back to the Roman era, when a small settlement grew on the river banks"
+PROMPT = ("The history of the city goes back to the Roman era, when a small settlement grew on the river banks "
+          "and traders from the south brought wine, oil and new ideas about building, farming and law")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="Glyph")  # token texts in scripts the default font lacks
@@ -65,9 +66,6 @@ def main() -> None:
         "attention: heatmap window, entropy, similarity": lambda s: inspect.attention_view(s, 5, -1),
         "timeline": lambda s: inspect.timeline_view(s),
         "export JSON": lambda s: inspect.export(s, history),
-        "branch at token 64 (65 new tokens)": lambda s: list(stream_reply(
-            engine.models[BASE], engine.tokenizer, BASE, Prompt(PROMPT, ids, 0, ()), settings, threading.Event(),
-            forced=[*reply.token_ids[:63], reply.top[63][1][0]])),
     }
     for name, view in views.items():
         times = []

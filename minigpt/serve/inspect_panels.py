@@ -17,6 +17,7 @@ import gradio as gr
 from ..inspection import logit_lens
 from .conversation import BASE, ChatInputError, Prompt, as_chat_text
 from .engine import Engine
+from .handlers import locked, unlock
 from .panels import MAX_KEYS, MAX_QUERIES, alternatives, attention_window, heatmap, position_caption, token_highlights
 from .panels_heads import entropy_figure, similarity_figure
 from .panels_lens import lens_figure, lens_ids, lens_table, reply_column
@@ -151,7 +152,8 @@ class InspectHandlers:
     def branch(self, session: Session, history: list, layer: int, head: int,
                event: gr.SelectData) -> Iterator[list]:
         """An alternative was clicked: cut the reply before the selected token, force the alternative and
-        continue with the same settings and seed, streaming into the chat. -> chat, stats, *VIEW_OUTPUTS."""
+        continue with the same settings and seed, streaming into the chat. The message box and Send,
+        Retry, Undo, Clear wait meanwhile, as for any reply. -> chat, stats, msg, 4 buttons, *VIEW_OUTPUTS."""
         reply, position = session.reply, session.position
         if reply is None or not history or history[-1]["role"] != "assistant":
             raise gr.Error("Branching needs the last reply of this conversation on screen.", print_exception=False)
@@ -164,17 +166,19 @@ class InspectHandlers:
             raise gr.Error(str(e), print_exception=False) from None
         flag = session.start_reply()
         history = [*history]
+        keep = [gr.skip()] * len(VIEW_OUTPUTS)
+        yield [gr.skip(), gr.skip(), gr.Textbox(interactive=False), *locked(), *keep]
         try:
             prompt = Prompt("", reply.prompt_ids, 0, reply.stop)
             for new in stream_reply(model, self.tokenizer, reply.mode, prompt, reply.settings, flag,
                                     forced=[*reply.token_ids[:position - 1], token]):
                 history[-1] = {"role": "assistant", "content": as_chat_text(new.text.strip())}
                 if new.finish_reason is None:
-                    yield [history, stats_line(new, self.engine.device), *[gr.skip()] * len(VIEW_OUTPUTS)]
+                    yield [history, stats_line(new, self.engine.device), *[gr.skip()] * 5, *keep]
             session.show(new)
             session.original, session.position = original, position
             status = f"Branched at token {position}: {stats_line(new, self.engine.device)} · Undo branch returns"
-            yield [history, status, *self.views(session, layer, head)]
+            yield [history, status, *unlock(), *self.views(session, layer, head)]
         finally:
             session.finish_reply(flag)
 

@@ -78,6 +78,6 @@ def lens_table(lens: LogitLens, tokenizer: tiktoken.Encoding, column: int) -> st
     for layer in reversed(range(n_layers)):
         top = axis_label(tokenizer, int(lens.top_ids[layer, column]))
         lines.append(f"| {layer_name(layer, n_layers)} | `{top}` | "
-                     f"{lens.top_probs[layer, column]:.3f} | {lens.target_probs[layer, column]:.3f} | "
+                     f"{lens.top_probs[layer, column]:.3g} | {lens.target_probs[layer, column]:.3g} | "
                      f"{lens.target_ranks[layer, column]} |")
     return "\n".join(lines)

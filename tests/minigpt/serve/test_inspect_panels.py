@@ -118,6 +118,8 @@ def test_branching_forces_the_alternative_then_continues_as_transformers_greedy(
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([forced]), max_new_tokens=11, do_sample=False, pad_token_id=50256)
     assert new.token_ids[5:] == out[0, len(forced):len(forced) + len(new.token_ids) - 5].tolist()
+    assert updates[0][3].interactive is False and updates[-1][3].interactive is True  # Send waits meanwhile
+    assert all(len(u) == 7 + len(VIEW_OUTPUTS) for u in updates)
     chat, status = updates[-1][0], updates[-1][1]
     assert chat[-1]["content"] != "..." and status.startswith("Branched at token 5")
     assert session.original is reply and session.position == 5
