@@ -20,7 +20,7 @@ from .engine import Engine
 from .handlers import locked, unlock
 from .panels import MAX_KEYS, MAX_QUERIES, alternatives, attention_window, heatmap, position_caption, token_highlights
 from .panels_heads import entropy_figure, similarity_figure
-from .panels_lens import lens_figure, lens_ids, lens_table, reply_column
+from .panels_lens import lens_figure, lens_ids, lens_table, reply_column, visible_columns
 from .panels_sampling import pipeline_figure, pipeline_summary, position_logits, sampling_pipeline
 from .panels_timeline import timeline_figure, timeline_summary
 from .replies import stats_line, stream_reply
@@ -73,9 +73,7 @@ class InspectHandlers:
         if session.lens is None:
             session.lens = logit_lens(self.engine.model(reply.mode), lens_ids(reply))
         column = reply_column(reply, session.position)
-        pixels, session.clicks["lens"], columns = lens_figure(session.lens, self.tokenizer, column,
-                                                              len(reply.prompt_ids) - 1)
-        session.clicks["lens_columns"] = columns
+        pixels, session.clicks["lens"] = lens_figure(session.lens, self.tokenizer, column, len(reply.prompt_ids) - 1)
         return [pixels, lens_table(session.lens, self.tokenizer, column)]
 
     def attention_view(self, session: Session, layer: int, head: int) -> list:
@@ -120,7 +118,8 @@ class InspectHandlers:
         """A lens cell: select the reply token its column predicted (prompt columns select nothing)."""
         cell = session.clicks["lens"].cell(*event.index) if "lens" in session.clicks else None
         if cell is not None:
-            column = session.clicks["lens_columns"][cell[1]]
+            shown = visible_columns(session.lens, reply_column(session.reply, session.position))  # as drawn
+            column = shown[cell[1]]
             position = column - len(session.reply.prompt_ids) + 2
             if 1 <= position <= len(session.reply.token_ids):
                 session.position = position
@@ -158,7 +157,9 @@ class InspectHandlers:
         if reply is None or not history or history[-1]["role"] != "assistant":
             raise gr.Error("Branching needs the last reply of this conversation on screen.", print_exception=False)
         labels = alternatives(reply, self.tokenizer, position)
-        token = next(t for label, (t, _) in zip(labels, reply.top[position - 1]) if label == event.value)
+        token = next((t for label, (t, _) in zip(labels, reply.top[position - 1]) if label == event.value), None)
+        if token is None:  # the panel was redrawn for another reply meanwhile
+            raise gr.Error("That alternative is no longer on screen: click it again.", print_exception=False)
         original = session.original or reply
         try:
             model = self.engine.model(reply.mode)

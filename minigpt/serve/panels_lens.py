@@ -36,8 +36,8 @@ def layer_name(layer: int, n_layers: int) -> str:
 
 
 def lens_figure(lens: LogitLens, tokenizer: tiktoken.Encoding, column: int,
-                first_reply_column: int) -> tuple[np.ndarray, ClickMap, range]:
-    """The grid image, its click map and the columns it shows. A cell shows the layer's top-1 token and
+                first_reply_column: int) -> tuple[np.ndarray, ClickMap]:
+    """The grid image and its click map, over visible_columns(lens, column). A cell shows the layer's top-1 token and
     the rank of the token that came next; its colour is that token's probability under the layer."""
     def short(token_id: int) -> str:
         return axis_label(tokenizer, int(token_id))[:7]
@@ -64,8 +64,7 @@ def lens_figure(lens: LogitLens, tokenizer: tiktoken.Encoding, column: int,
                                linewidth=2))
     ax.set_xlabel("position: the token read → the token that came next (gray: prompt)", fontsize=7)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01).set_label("p(token that came next)", fontsize=7)
-    pixels, clicks = render(fig, ax, n_layers, len(columns), bottom_up=True)
-    return pixels, clicks, columns
+    return render(fig, ax, n_layers, len(columns), bottom_up=True)
 
 
 def lens_table(lens: LogitLens, tokenizer: tiktoken.Encoding, column: int) -> str:

@@ -12,6 +12,7 @@ import torch
 from minigpt.serve.conversation import BASE, Prompt, read_settings
 from minigpt.serve.engine import Engine
 from minigpt.serve.inspect_panels import SELECTED, VIEW_OUTPUTS, VIEWS, InspectHandlers
+from minigpt.serve.panels_lens import reply_column, visible_columns
 from minigpt.serve.replies import stream_reply
 from minigpt.serve.session import Session
 from minigpt.speed.decoder import Decoder
@@ -79,7 +80,8 @@ def test_lens_clicks_select_reply_tokens(inspect):
     reply = a_reply(inspect)
     session = session_with(reply)
     inspect.opener("Logit lens")(session, 0, -1)
-    clicks, columns = session.clicks["lens"], session.clicks["lens_columns"]
+    clicks = session.clicks["lens"]
+    columns = visible_columns(session.lens, reply_column(reply, session.position))
     assert clicks.rows == inspect.engine.models[BASE].config.n_layer + 1
     wanted = len(reply.token_ids) - 3
     x, y = clicks.centre(0, columns.index(len(reply.prompt_ids) + wanted - 2))  # the column that predicted it
