@@ -15,7 +15,8 @@ from pathlib import Path
 from minigpt.cli import add_precision_arguments, warn_if_compile
 
 DEFAULT_ADAPTER = Path(__file__).resolve().parent / "checkpoints" / "alpaca-lora"  # the project's, whatever the cwd
-UPLOAD_CLEANUP_S = 3600  # the app takes no files; anything in Gradio's cache goes after an hour
+UPLOAD_CLEANUP_S = 3600  # uploads (conversation exports) leave Gradio's cache after an hour
+MAX_UPLOAD = "2mb"  # a conversation export is tens of kB
 SESSIONS_KEPT = 64  # per-session state (last reply, panels) kept for the most recent sessions: memory levels off
 
 
@@ -70,6 +71,7 @@ from minigpt.serve.conversation import (  # noqa: E402
 )
 from minigpt.serve.engine import Engine, load_engine  # noqa: E402
 from minigpt.serve.handlers import ATTENTION_HINT, ChatHandlers, unlock  # noqa: E402
+from minigpt.serve.inspect_panels import SELECTED, InspectHandlers  # noqa: E402
 from minigpt.serve.openai_api import access_for, api_app, describe  # noqa: E402
 from minigpt.serve.panels import BAND_COLOURS  # noqa: E402
 from minigpt.serve.payloads import check_chat_payloads  # noqa: E402
@@ -85,7 +87,7 @@ def build_app(engine: Engine) -> gr.Blocks:
     with gr.Blocks(title="MiniGPT chat", analytics_enabled=False,
                    delete_cache=(UPLOAD_CLEANUP_S, UPLOAD_CLEANUP_S)) as demo:
         gr.Markdown("# MiniGPT chat\nGPT-2 written from scratch, with real OpenAI weights, and its Alpaca "
-                    "LoRA. Replies stream token by token; open the panels below to look inside.")
+                    "LoRA. Replies stream token by token; the panels beside the chat look inside.")
         with gr.Tab("Chat", id="chat-tab"):
             chat_tab(engine)
     check_chat_payloads(demo)
@@ -93,27 +95,72 @@ def build_app(engine: Engine) -> gr.Blocks:
 
 
 def chat_tab(engine: Engine) -> None:
-    """The chat, its sampling controls and its log-prob and attention panels."""
+    """The chat in the middle of three columns: the conversation, the "look inside" panels, the settings.
+    At 1280x800 the conversation, the token panel and the tabs of the heavier views fit without scrolling."""
     config = engine.models[BASE].config
-    handlers = ChatHandlers(engine)
+    handlers, inspect = ChatHandlers(engine), InspectHandlers(engine)
     session = gr.State(Session())
     with gr.Row(equal_height=False):
-        with gr.Column(scale=3):
-            chat = gr.Chatbot(elem_id="chat", label="Conversation", height=440, render_markdown=False,
+        with gr.Column(scale=4, min_width=340):
+            chat = gr.Chatbot(elem_id="chat", label="Conversation", height=420, render_markdown=False,
                               sanitize_html=True, allow_tags=False, buttons=["copy", "copy_all"],
                               placeholder="Ask something, or pick an example below.")
             with gr.Row():
                 msg = gr.Textbox(elem_id="msg", show_label=False, placeholder="Message MiniGPT…", scale=5,
                                  autofocus=True)
-                send = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=80)
-                stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=80)
+                send = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=70)
+                stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=70)
             with gr.Row():
                 retry_btn = gr.Button("↻ Retry", elem_id="retry", size="sm")
                 undo_btn = gr.Button("↶ Undo", elem_id="undo", size="sm")
                 clear_btn = gr.Button("✕ Clear", elem_id="clear", size="sm")
             stats = gr.Markdown(handlers.ready, elem_id="stats")
             gr.Examples(EXAMPLES, inputs=msg, label="Examples")
-        with gr.Column(scale=2):
+        with gr.Column(scale=5, min_width=420, elem_id="inspect"):
+            tokens = gr.HighlightedText(elem_id="tokens", label="Last reply: click a token to look inside",
+                                        color_map={**BAND_COLOURS, SELECTED: "#29b6f6"}, show_legend=True,
+                                        show_inline_category=False)
+            with gr.Row(equal_height=False):
+                alts = gr.Label(elem_id="alternatives", label="Top-5 alternatives: click one to branch from it",
+                                num_top_classes=5, scale=3, show_heading=False)
+                with gr.Column(scale=2, min_width=160):
+                    caption = gr.Markdown(elem_id="caption")
+                    position = gr.Slider(1, 2, value=1, step=1, label="Token position", elem_id="position")
+                    undo_branch = gr.Button("↶ Undo branch", elem_id="undo_branch", size="sm")
+            with gr.Tabs(elem_id="views"):
+                with gr.Tab("Sampling", elem_id="view_sampling") as sampling_tab:
+                    pipeline_note = gr.Markdown(elem_id="pipeline_note")
+                    pipeline = gr.Plot(elem_id="pipeline", show_label=False)
+                with gr.Tab("Logit lens", elem_id="view_lens") as lens_tab:
+                    lens = gr.Image(elem_id="lens", type="numpy", interactive=False, show_label=False, buttons=[])
+                    lens_note = gr.Markdown(elem_id="lens_table")
+                with gr.Tab("Attention", elem_id="view_attention") as attention_tab:
+                    with gr.Row():
+                        layer = gr.Dropdown([(f"Layer {i + 1}", i) for i in range(config.n_layer)], value=0,
+                                            label="Layer", elem_id="layer", min_width=100)
+                        head = gr.Dropdown([("Average over heads", -1)] +
+                                           [(f"Head {h + 1}", h) for h in range(config.n_head)],
+                                           value=-1, label="Head", elem_id="head", min_width=100)
+                        hide_sink = gr.Checkbox(False, label="Hide the first token (attention sink)",
+                                                elem_id="hide_sink")
+                    attention_note = gr.Markdown(ATTENTION_HINT, elem_id="attention_note")
+                    with gr.Row():
+                        entropy = gr.Image(elem_id="entropy", type="numpy", interactive=False, show_label=False,
+                                           buttons=[])
+                        similarity = gr.Image(elem_id="similarity", type="numpy", interactive=False, show_label=False,
+                                              buttons=[])
+                    plot = gr.Plot(elem_id="heatmap", show_label=False)
+                with gr.Tab("Timeline", elem_id="view_timeline") as timeline_tab:
+                    timeline_note = gr.Markdown(elem_id="timeline_note")
+                    timeline = gr.Image(elem_id="timeline", type="numpy", interactive=False, show_label=False,
+                                        buttons=[])
+                with gr.Tab("Export", elem_id="view_export"):
+                    export_btn = gr.Button("Export the conversation as JSON", elem_id="export", size="sm")
+                    export_file = gr.File(label="Download", elem_id="export_file", interactive=False)
+                    load_file = gr.File(label="Load a conversation file to view its panels", file_types=[".json"],
+                                        elem_id="load_file", type="filepath")
+                    export_note = gr.Markdown(elem_id="export_note")
+        with gr.Column(scale=2, min_width=220):
             mode = gr.Radio(list(MODES), value=BASE, label="Model", elem_id="mode",
                             interactive=TUNED in engine.models,
                             info=("Base GPT-2 continues a plain dialogue; Alpaca LoRA follows instructions."
@@ -131,52 +178,50 @@ def chat_tab(engine: Engine) -> None:
             with gr.Accordion("Prompt sent to the model", open=False):
                 prompt_view = gr.Textbox(elem_id="prompt", show_label=False, lines=8, max_lines=20,
                                          interactive=False, buttons=["copy"])
-    with gr.Accordion("Token log-probabilities", open=False, elem_id="logprob_panel"):
-        tokens = gr.HighlightedText(elem_id="tokens", label="Last reply, coloured by the probability of each token",
-                                    color_map=BAND_COLOURS, show_legend=True, show_inline_category=False)
-        with gr.Row():
-            with gr.Column(scale=2):
-                position = gr.Slider(1, 2, value=1, step=1, label="Token position (or click a token)",
-                                     elem_id="position")
-                caption = gr.Markdown(elem_id="caption")
-            alts = gr.Label(elem_id="alternatives", label="Top-5 alternatives (raw model distribution)",
-                            num_top_classes=5, scale=3)
-    with gr.Accordion("Attention map", open=False, elem_id="attention_panel") as attention_acc:
-        with gr.Row():
-            layer = gr.Dropdown([(f"Layer {i + 1}", i) for i in range(config.n_layer)], value=0,
-                                label="Layer", elem_id="layer")
-            head = gr.Dropdown([("Average over heads", -1)] + [(f"Head {h + 1}", h) for h in range(config.n_head)],
-                               value=-1, label="Head", elem_id="head")
-        attention_note = gr.Markdown(ATTENTION_HINT, elem_id="attention_note")
-        plot = gr.Plot(elem_id="heatmap", show_label=False)
 
     controls = [mode, temperature, top_k, top_p, max_new_tokens, seed]
     lockable = [send, retry_btn, undo_btn, clear_btn]
     panels = [prompt_view, tokens, position, caption, alts, plot, attention_note]
+    views = [tokens, position, caption, alts, pipeline, pipeline_note, lens, lens_note, plot, attention_note,
+             entropy, similarity, timeline, timeline_note]  # inspect_panels.VIEW_OUTPUTS
+    selection = [session, layer, head]
+    private = {"api_visibility": "private"}
 
     def reply_chain(trigger, check, check_inputs, step, step_inputs, api_name=None):
         """check refuses bad input (queued, so its message shows; no outputs, so nothing is covered by an error
-        badge); step adds the message and locks the controls (no queue); then the reply streams; then unlock."""
-        trigger(check, [*check_inputs, *controls], None, api_visibility="private", show_progress="hidden").success(
-            step, [session, *step_inputs], [msg, chat, *lockable], queue=False, api_visibility="private").success(
+        badge); step adds the message and locks the controls (no queue); then the reply streams; then unlock,
+        and the views on screen are computed for the new reply."""
+        reply = trigger(check, [*check_inputs, *controls], None, show_progress="hidden", **private).success(
+            step, [session, *step_inputs], [msg, chat, *lockable], queue=False, **private).success(
             handlers.respond, [session, chat, *controls, layer, head], [chat, stats, *panels], api_name=api_name,
-            api_visibility="public" if api_name else "private").then(
-            unlock, None, [msg, *lockable], queue=False, api_visibility="private")
+            api_visibility="public" if api_name else "private")
+        reply.then(unlock, None, [msg, *lockable], queue=False, **private)
+        reply.then(inspect.views, selection, views, **private)
 
     reply_chain(msg.submit, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat], api_name="chat")
     reply_chain(send.click, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat])
     reply_chain(retry_btn.click, handlers.check_retry, [chat], handlers.retry, [chat])
-    undo_btn.click(handlers.undo, chat, [msg, chat], queue=False, api_visibility="private")
-    clear_btn.click(handlers.clear, session, [chat, stats, *panels], queue=False, api_visibility="private")
+    undo_btn.click(handlers.undo, chat, [msg, chat], queue=False, **private)
+    clear_btn.click(handlers.clear, session, [chat, stats, *panels], queue=False, **private).then(
+        inspect.views, selection, views, **private)
     stop_btn.click(handlers.stop, session, None, queue=False, api_name="stop")
-    position.release(handlers.alternatives_at, [session, position], [caption, alts], api_name="alternatives")
-    tokens.select(handlers.pick_token, session, [tokens, position, caption, alts], api_visibility="private")
-    attention_acc.expand(handlers.open_attention, [session, layer, head], [plot, attention_note],
-                         api_visibility="private")
-    attention_acc.collapse(handlers.close_attention, session, None, queue=False, api_visibility="private")
+    position.release(handlers.alternatives_at, [session, position], [caption, alts], api_name="alternatives").then(
+        inspect.select, [session, position, layer, head], views, **private)
+    tokens.select(inspect.pick_token, selection, views, **private)
+    for tab, name in ((sampling_tab, "Sampling"), (lens_tab, "Logit lens"), (attention_tab, "Attention"),
+                      (timeline_tab, "Timeline")):
+        tab.select(inspect.opener(name), selection, views, **private)
+    lens.select(inspect.click_lens, selection, views, **private)
+    timeline.select(inspect.click_timeline, selection, views, **private)
+    entropy.select(inspect.head_clicker("entropy"), selection, [layer, head], **private)
+    similarity.select(inspect.head_clicker("similarity"), selection, [layer, head], **private)
     for selector in (layer, head):
-        selector.change(handlers.attention_panel, [session, layer, head], [plot, attention_note],
-                        api_visibility="private")
+        selector.change(inspect.views, selection, views, **private)
+    hide_sink.change(inspect.toggle_sink, [session, hide_sink, layer, head], views, **private)
+    alts.select(inspect.branch, [session, chat, layer, head], [chat, stats, msg, *lockable, *views], **private)
+    undo_branch.click(inspect.undo_branch, [session, chat, layer, head], [chat, stats, *views], **private)
+    export_btn.click(inspect.export, [session, chat], [export_file, export_note], **private)
+    load_file.upload(inspect.load, [session, load_file, layer, head], [chat, export_note, *views], **private)
 
 
 class PortBusy(Exception):
@@ -216,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                     theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
                     css_paths=[ASSETS / "app.css"], footer_links=["api"],
-                    max_file_size=0,  # the app takes no files: every upload is refused (413)
+                    max_file_size=MAX_UPLOAD,  # only a conversation export is ever loaded: larger uploads get 413
                     state_session_capacity=SESSIONS_KEPT,
                     # The API's routes go first in the FastAPI app Gradio builds: /v1 is ours, the rest Gradio's.
                     app_kwargs={"routes": [Mount("/v1", api_app(engine, access))]})

@@ -107,14 +107,23 @@ def _prefill(model: Model, cache, prompt: list[int], with_attention: bool) -> tu
 
 
 def _one_at_a_time(model: Model, cache, prompt: list[int], params: SamplingParams, generator: torch.Generator,
-                   with_attention: bool) -> Iterator[Row]:
-    logits, attention = _prefill(model, cache, prompt, with_attention)
-    ids = torch.empty(1, 1, dtype=torch.long, device=logits.device)  # every step: one token, written in place
-    while True:
+                   with_attention: bool, forced: list[int]) -> Iterator[Row]:
+    if forced:
+        # The forced tokens are read with the prompt in one pass, which also gives the logits each one
+        # was chosen over (they carry no attention row).
+        logits = _forward(model, torch.tensor([prompt + forced[:-1]], device=model.device), cache,
+                          with_attention=False, last_only=False)[0]
+        yield from ((token, row, None) for token, row in zip(forced, logits[len(prompt) - 1:]))
+        token = forced[-1]
+    else:
+        logits, attention = _prefill(model, cache, prompt, with_attention)
         token = int(sample(logits, params, generator))
         yield token, logits, attention
+    ids = torch.empty(1, 1, dtype=torch.long, device=model.device)  # every step: one token, written in place
+    while True:
         rows, attentions = _forward(model, ids.fill_(token), cache, with_attention)
-        logits, attention = rows[-1], attentions[-1]
+        token = int(sample(rows[-1], params, generator))
+        yield token, rows[-1], attentions[-1]
 
 
 def _speculative(model: Model, draft: Model, cache, prompt: list[int], budget: int, draft_tokens: int,
@@ -186,13 +195,15 @@ def prompt_logprobs(model: Model, prompt_ids: Sequence[int], top_n: int = 5) -> 
 def generate(model: Model, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int], max_new_tokens: int = 100,
              params: SamplingParams = SamplingParams(), seed: int | None = None, stop: Sequence[str] = (),
              top_n: int = 5, return_attention: bool = False, draft: Model | None = None,
-             draft_tokens: int = DRAFT_TOKENS) -> Iterator[TokenEvent]:
+             draft_tokens: int = DRAFT_TOKENS, forced: Sequence[int] = ()) -> Iterator[TokenEvent]:
     """Stream up to max_new_tokens tokens after prompt_ids (see fit_to_context for over-long prompts).
 
     Stops at <|endoftext|>, at the first stop string (the text before it is emitted, the stop
     string is not), or at the token budget. Same seed and inputs give the same tokens.
     With a draft model (quantize.int8_drafts), decoding is speculative (see _speculative): greedy
     tokens stay the model's own, sampled ones keep the model's distribution but are other draws.
+    `forced` tokens are the reply's first tokens instead of drawn ones (branching from an alternative);
+    the rest is decoded one token at a time, without the draft.
     """
     device = model.device
     eot_id = tokenizer.encode_single_token(EOT)
@@ -202,10 +213,12 @@ def generate(model: Model, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[in
         generator.seed()
     else:
         generator.manual_seed(seed)
+    if len(forced) > max_new_tokens:
+        raise ValueError(f"{len(forced)} forced tokens exceed the budget of {max_new_tokens} new tokens")
     cache = model.new_cache(len(prompt) + max_new_tokens)
     decoder = StreamDecoder(tokenizer, stop)
-    if draft is None:
-        rows = _one_at_a_time(model, cache, prompt, params, generator, return_attention)
+    if draft is None or forced:
+        rows = _one_at_a_time(model, cache, prompt, params, generator, return_attention, list(forced))
     else:
         rows = _speculative(model, draft, cache, prompt, max_new_tokens, draft_tokens, params, generator,
                             return_attention)

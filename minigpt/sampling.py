@@ -31,10 +31,14 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Logits (..., vocab) with temperature applied and tokens outside top-k / top-p set to -inf."""
+def filter_stages(logits: torch.Tensor, params: SamplingParams) -> list[tuple[str, torch.Tensor]]:
+    """The sampler's pipeline, stage by stage: [("raw", logits), ("temperature", ...), ("top-k", ...),
+    ("top-p", ...)] as logits (..., vocab), filtered tokens at -inf; a stage that is off is left out.
+    The last stage is what sample() draws from (after a softmax); greedy has the raw stage only.
+    The chat's sampling panel shows these same tensors."""
+    stages = [("raw", logits)]
     if params.greedy:
-        return logits
+        return stages
     best = logits.argmax(dim=-1, keepdim=True)  # the most likely token survives every filter below
     # top-k is chosen on the unscaled logits: the same set (temperature keeps the order), without the
     # ties that dividing by a huge temperature would round distinct logits into.
@@ -44,8 +48,10 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     # Shift the max to 0 and never divide by less than the dtype's smallest normal number, so a
     # temperature like 1e-320 acts as greedy instead of giving inf - inf = nan.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(params.temperature, torch.finfo(logits.dtype).tiny)
+    stages.append(("temperature", logits))
     if outside_top_k is not None:
         logits = logits.masked_fill(outside_top_k, float("-inf"))
+        stages.append(("top-k", logits))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
@@ -55,8 +61,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         # Kept explicitly: a p that rounds to 0, or a huge temperature that rounds logits into a tie,
         # would otherwise let sorting pick another token as "the top".
         drop.scatter_(-1, best, False)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+        stages.append(("top-p", logits.masked_fill(drop, float("-inf"))))
+    return stages
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Logits (..., vocab) with temperature applied and tokens outside top-k / top-p set to -inf."""
+    return filter_stages(logits, params)[-1][1]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

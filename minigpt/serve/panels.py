@@ -5,13 +5,15 @@ Probabilities are the raw model distribution (temperature 1, before top-k/top-p)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tiktoken
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
+from ..inspection import without_sink
 from ..model import GPT
 from ..speed.decoder import Decoder
 from .replies import Reply
@@ -66,7 +68,26 @@ class AttentionWindow:
     probs: np.ndarray  # (n_layer, n_head, queries, keys)
     query_labels: list[str]  # the reply token each row chose
     key_labels: list[str]
-    note: str  # which part of the conversation the window shows
+    reply_tokens: int  # the reply's length: the rows are its last ones
+    context_tokens: int  # every key the rows could see: the columns are the last ones
+    hides_sink: bool = False  # the first token dropped, each row renormalised (see attention_window)
+
+    @property
+    def note(self) -> str:
+        """Which part of the conversation the window shows."""
+        queries, keys = self.probs.shape[-2:]
+        shown = (f"the last {queries} of {self.reply_tokens} reply tokens" if queries < self.reply_tokens
+                 else f"all {queries} reply tokens")
+        context = (f"the last {keys} of {self.context_tokens} context tokens" if keys < self.context_tokens
+                   else f"all {keys} context tokens")
+        sink = " The first token is hidden and each row renormalised." if self.hides_sink else ""
+        return f"Rows: {shown}. Columns: {context}.{sink}"
+
+    def last(self, queries: int, keys: int) -> "AttentionWindow":
+        """The most recent `queries` rows over the most recent `keys` keys."""
+        q, k = min(queries, self.probs.shape[-2]), min(keys, self.probs.shape[-1])
+        return replace(self, probs=self.probs[..., -q:, -k:], query_labels=self.query_labels[-q:],
+                       key_labels=self.key_labels[-k:])
 
     def matrix(self, layer: int, head: int | None) -> np.ndarray:
         """(queries, keys) for one layer: one head, or the average over heads when head is None."""
@@ -81,34 +102,35 @@ class AttentionWindow:
 
 @torch.inference_mode()
 def attention_window(model: GPT | Decoder, tokenizer: tiktoken.Encoding, reply: Reply, max_queries: int = MAX_QUERIES,
-                     max_keys: int = MAX_KEYS) -> AttentionWindow:
+                     max_keys: int = MAX_KEYS, hide_sink: bool = False) -> AttentionWindow:
     """Recompute, through the explicit attention path, the attention rows that chose the reply's tokens.
 
     Row i is the query at the position before reply token i: the same rows generate(return_attention=True)
-    reports while streaming, computed once here, only when the panel asks for them.
+    reports while streaming, computed once here, only when the panel asks for them. hide_sink drops
+    the conversation's first token (where many heads park their attention) and renormalises each row.
     """
     n = len(reply.token_ids)
     if n == 0:
         raise ValueError("the reply has no tokens")
     sequence = reply.prompt_ids + reply.token_ids[:-1]  # every token that was read as a query or key
     length, queries = len(sequence), min(n, max_queries)
-    keys = min(length, max_keys)
-    device = model.device
-    ids = torch.tensor([sequence], device=device)
+    ids = torch.tensor([sequence], device=model.device)
     cache = model.new_cache(length)
     if length > queries:  # the earlier tokens only need to be in the cache
         model(ids[:, :length - queries], cache, last_only=True)
     _, att = model.forward_with_attention(ids[:, length - queries:], cache, last_only=True)
-    probs = att[:, 0, :, :, length - keys:].float().cpu().numpy()  # (n_layer, nh, queries, keys)
-    shown = f"the last {queries} of {n} reply tokens" if queries < n else f"all {n} reply tokens"
-    context = f"the last {keys} of {length} context tokens" if keys < length else f"all {length} context tokens"
-    return AttentionWindow(probs, [axis_label(tokenizer, t) for t in reply.token_ids[n - queries:]],
-                           [axis_label(tokenizer, t) for t in sequence[length - keys:]],
-                           f"Rows: {shown}. Columns: {context}.")
+    rows, key_ids = att[:, 0].float().cpu().numpy(), sequence  # (n_layer, nh, queries, length)
+    hide_sink = hide_sink and length > 1
+    if hide_sink:
+        rows, key_ids = without_sink(rows), sequence[1:]
+    window = AttentionWindow(rows, [axis_label(tokenizer, t) for t in reply.token_ids[n - queries:]],
+                             [axis_label(tokenizer, t) for t in key_ids], n, len(key_ids), hide_sink)
+    return window.last(queries, max_keys)
 
 
-def heatmap(window: AttentionWindow, layer: int, head: int | None) -> Figure:
-    """Query x key heatmap with token labels; OO matplotlib (no pyplot state: safe across threads)."""
+def heatmap(window: AttentionWindow, layer: int, head: int | None, selected_row: int | None = None) -> Figure:
+    """Query x key heatmap with token labels, the selected token's row outlined; OO matplotlib (no
+    pyplot state: safe across threads)."""
     matrix = window.matrix(layer, head)
     q, k = matrix.shape
     fig = Figure(figsize=(max(6.0, 0.2 * k + 2), max(3.5, 0.18 * q + 1.8)), layout="constrained")
@@ -120,5 +142,7 @@ def heatmap(window: AttentionWindow, layer: int, head: int | None) -> Figure:
     ax.set_xlabel("key token (what was looked at)")
     ax.set_ylabel("reply token (being chosen)")
     ax.set_title(f"Layer {layer + 1}, {'average over heads' if head is None else f'head {head + 1}'}", fontsize=10)
+    if selected_row is not None and 0 <= selected_row < q:
+        ax.add_patch(Rectangle((-0.5, selected_row - 0.5), k, 1, fill=False, edgecolor="#29b6f6", linewidth=1.5))
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="attention probability")
     return fig

@@ -1,17 +1,18 @@
 """One chat reply: stream it from the model, stop it on request, time it, and keep what the panels need."""
 from __future__ import annotations
 
+import random
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 import tiktoken
 
 from ..generation import generate
 from ..model import GPT
 from ..speed.decoder import Decoder
-from .conversation import Prompt, Settings
+from .conversation import MAX_SEED, Prompt, Settings
 
 TOP_N = 5  # alternatives kept per position for the log-prob panel
 
@@ -28,6 +29,9 @@ class Reply:
     finish_reason: str | None = None  # "eos", "stop", "length" or "stopped" (the user pressed Stop)
     first_token_s: float | None = None  # time to first token, prefill included
     elapsed_s: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # seconds from the start to each token's arrival
+    settings: Settings | None = None  # what drew it, its seed filled in: branching and export repeat it
+    stop: tuple[str, ...] = ()  # the prompt's stop strings
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -39,23 +43,28 @@ class Reply:
 
 
 def stream_reply(model: GPT | Decoder, tokenizer: tiktoken.Encoding, mode: str, prompt: Prompt, settings: Settings,
-                 stop: threading.Event, draft: GPT | Decoder | None = None, top_n: int = TOP_N) -> Iterator[Reply]:
+                 stop: threading.Event, draft: GPT | Decoder | None = None, top_n: int = TOP_N,
+                 forced: Sequence[int] = ()) -> Iterator[Reply]:
     """Yield the same Reply after every token, finished last; checks `stop` before each token.
     Each token keeps its top_n alternatives.
 
     The model runs inside this generator: when stop is set, or the consumer closes the generator,
-    no further token is computed.
+    no further token is computed. A random seed is drawn here, so the Reply records it. `forced`
+    tokens start the reply (a branch: see generation.generate).
     """
-    reply = Reply(mode, list(prompt.ids))
+    if settings.seed is None:
+        settings = replace(settings, seed=random.randint(0, MAX_SEED))
+    reply = Reply(mode, list(prompt.ids), settings=settings, stop=prompt.stop)
     start = time.perf_counter()
     events = generate(model, tokenizer, prompt.ids, settings.max_new_tokens, settings.params,
-                      seed=settings.seed, stop=prompt.stop, top_n=top_n, draft=draft)
+                      seed=settings.seed, stop=prompt.stop, top_n=top_n, draft=draft, forced=forced)
     try:
         while not stop.is_set():
             event = next(events, None)
             if event is None:
                 break
             reply.elapsed_s = time.perf_counter() - start
+            reply.token_times.append(reply.elapsed_s)
             if reply.first_token_s is None:
                 reply.first_token_s = reply.elapsed_s
             reply.text += event.text

@@ -4,6 +4,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from ..inspection import LogitLens
+from .clickable import ClickMap
 from .panels import AttentionWindow
 from .replies import Reply
 
@@ -18,6 +20,15 @@ class Session:
     reply: Reply | None = None  # the last finished reply, behind the log-prob and attention panels
     window: AttentionWindow | None = None  # its attention, once computed
     attention_open: bool = False  # the attention panel is open (it may open mid-reply)
+    # The "look inside" views (minigpt/serve/inspect_panels.py) share one selected token and cache
+    # what they computed for the last reply, until the next one.
+    position: int = 1  # the selected reply token, 1-based
+    view: str = "Sampling"  # the view on screen: the others are computed when they are opened
+    hide_sink: bool = False  # attention views without the first token, renormalised
+    lens: LogitLens | None = None
+    heads: AttentionWindow | None = None  # every row and key of the reply's attention (entropy, similarity)
+    clicks: dict[str, ClickMap] = field(default_factory=dict)  # each clickable figure's grid, by view
+    original: Reply | None = None  # the reply before branching from an alternative, for Undo
 
     def __deepcopy__(self, memo: dict) -> "Session":
         return Session()  # threading.Event cannot be copied, and a new session starts empty
@@ -42,4 +53,7 @@ class Session:
             flag.set()
 
     def show(self, reply: Reply | None, window: AttentionWindow | None = None) -> None:
-        self.reply, self.window = reply, window
+        """A new last reply (None: none): every view starts over, its last token selected."""
+        self.reply, self.window, self.lens, self.heads, self.original = reply, window, None, None, None
+        self.position = len(reply.token_ids) if reply is not None else 1
+        self.clicks = {}

@@ -1,12 +1,11 @@
 """The chat app in a real browser: headless Debian Chromium driven by Playwright, against app.py serving a
-tiny checkpoint and adapter. Set MINIGPT_SCREENSHOT=1 to refresh assets/screenshot.png from this run."""
-import os
+tiny checkpoint and adapter. The panels beside the chat have their own tests (test_browser_inspect.py)."""
 import re
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.app_server import REPO, running_app
+from tests.helpers.app_server import running_app
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.slow, pytest.mark.browser,
@@ -60,7 +59,7 @@ def bot_text_lengths_until_done(page) -> list[int]:
     return lengths
 
 
-def test_chat_streams_switches_mode_and_shows_both_panels(page):
+def test_chat_streams_switches_mode_and_shows_the_token_and_attention_panels(page):
     from playwright.sync_api import expect
     page.get_by_role("button", name="What is the capital of France?").click()  # an example fills the box
     expect(page.locator("#msg textarea")).to_have_value("What is the capital of France?")
@@ -80,7 +79,6 @@ def test_chat_streams_switches_mode_and_shows_both_panels(page):
     expect(page.locator("#prompt textarea")).to_have_value(re.compile(
         r"### Instruction:\nWrite a short poem about the sea\.\n\n### Input:\nUser: What is the capital"))
 
-    page.get_by_role("button", name="Token log-probabilities").click()
     tokens = page.locator("#tokens .textfield .token")
     expect(tokens.first).to_be_visible()
     assert tokens.count() >= 1
@@ -89,7 +87,7 @@ def test_chat_streams_switches_mode_and_shows_both_panels(page):
     expect(page.locator("#caption")).to_contain_text(re.compile(r"Token 1 of \d+: chose"))
     expect(page.locator("#alternatives")).to_contain_text("%")
 
-    page.get_by_role("button", name="Attention map").click()
+    page.get_by_role("tab", name="Attention").click()
     heatmap = page.locator("#heatmap [data-testid=matplotlib] img")
     expect(heatmap).to_be_visible()
     expect(page.locator("#attention_note")).to_contain_text("Rows:")
@@ -98,9 +96,6 @@ def test_chat_streams_switches_mode_and_shows_both_panels(page):
     page.get_by_role("option", name="Head 2", exact=True).click()
     expect(heatmap).not_to_have_attribute("src", average)  # redrawn for one head
 
-    shot = page.screenshot(full_page=True)
-    if os.environ.get("MINIGPT_SCREENSHOT"):
-        (REPO / "assets" / "screenshot.png").write_bytes(shot)
 
 
 def test_markup_is_shown_as_text_and_stop_ends_a_long_reply(page):

@@ -120,9 +120,9 @@ def test_the_chat_renders_text_not_html(app):
 
 
 @pytest.mark.slow
-def test_uploads_are_refused(app):
+def test_uploads_beyond_the_export_size_are_refused(app):
     body = (b"--B\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
-            b"Content-Type: application/octet-stream\r\n\r\n" + b"x" * 2**20 + b"\r\n--B--\r\n")
+            b"Content-Type: application/octet-stream\r\n\r\n" + b"x" * 3 * 2**20 + b"\r\n--B--\r\n")
     request = urllib.request.Request(app.url + "gradio_api/upload", body,
                                      {"Content-Type": "multipart/form-data; boundary=B"})
     with pytest.raises(urllib.error.HTTPError) as refused:

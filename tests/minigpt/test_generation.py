@@ -174,3 +174,25 @@ def test_empty_prompt_starts_from_endoftext(tiny_model):
     events = list(generate(model, tokenizer, [], 5, GREEDY))
     expected = list(generate(model, tokenizer, [tokenizer.eot_token], 5, GREEDY))
     assert [e.token_id for e in events] == [e.token_id for e in expected]
+
+
+def test_forced_tokens_lead_and_the_greedy_continuation_equals_transformers(tiny_model):
+    """Branching: the reply's first tokens are forced (a prefix, then an alternative); the rest is the
+    oracle's greedy continuation of prompt + forced tokens, and every forced token keeps its raw log-prob."""
+    model, tokenizer, hf_model = tiny_model
+    prompt = tokenizer.encode_ordinary("Once upon a time there was")
+    original = list(generate(model, tokenizer, prompt, 12, GREEDY))
+    alternative = original[3].top[1][0]  # the second most likely token at the 4th position
+    forced = [e.token_id for e in original[:3]] + [alternative]
+    events = list(generate(model, tokenizer, prompt, 12, GREEDY, forced=forced))
+    assert [e.token_id for e in events[:4]] == forced
+    for ours, theirs in zip(events[:4], original[:4]):  # the same distributions as the original reply's
+        assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
+        assert [lp for _, lp in ours.top] == pytest.approx([lp for _, lp in theirs.top], abs=1e-4)
+    assert events[3].logprob == pytest.approx(original[3].top[1][1], abs=1e-4)
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt + forced]), max_new_tokens=8, do_sample=False,
+                                pad_token_id=50256)
+    assert [e.token_id for e in events[4:]] == out[0, len(prompt) + 4:].tolist()
+    with pytest.raises(ValueError, match="forced tokens exceed"):
+        next(generate(model, tokenizer, prompt, 2, GREEDY, forced=forced))

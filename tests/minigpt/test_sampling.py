@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minigpt.sampling import SamplingParams, filter_logits, sample
+from minigpt.sampling import SamplingParams, filter_logits, filter_stages, sample
 
 PROBS = torch.tensor([0.05, 0.40, 0.10, 0.25, 0.20])  # sorted: idx 1 (.40), 3 (.25), 4 (.20), 2 (.10), 0 (.05)
 LOGITS = PROBS.log()
@@ -107,3 +107,21 @@ def test_the_most_likely_token_survives_float32_rounding(params):
     assert torch.isfinite(filter_logits(logits, params))[1]
     assert sample(logits, params, torch.Generator().manual_seed(0)).item() in (
         {1} if params.top_k == 1 or params.temperature < 1 else {0, 1, 2})
+
+
+def test_pipeline_stages_end_in_the_distribution_the_sampler_draws_from():
+    """The stages the chat's sampling panel shows: their last one, renormalised, is what sample() draws from."""
+    params = SamplingParams(temperature=0.7, top_k=4, top_p=0.9)
+    stages = filter_stages(LOGITS, params)
+    assert [name for name, _ in stages] == ["raw", "temperature", "top-k", "top-p"]
+    assert [int(torch.isfinite(s).sum()) for _, s in stages] == [5, 5, 4, 3]  # survivors: top-p keeps 1, 3, 4
+    torch.testing.assert_close(stages[1][1].softmax(-1), (LOGITS / 0.7).softmax(-1))
+    final = stages[-1][1].softmax(-1)
+    n = 20_000
+    draws = sample(LOGITS.expand(n, 5), params, torch.Generator().manual_seed(7)).flatten()
+    freq = torch.bincount(draws, minlength=5).float() / n
+    for i in range(5):
+        se = math.sqrt(max(final[i].item() * (1 - final[i].item()), 1e-12) / n)
+        assert abs(freq[i].item() - final[i].item()) <= 5 * se + 1e-9, (i, freq, final)
+    assert [name for name, _ in filter_stages(LOGITS, SamplingParams(temperature=0))] == ["raw"]
+    assert [name for name, _ in filter_stages(LOGITS, SamplingParams(top_k=0, top_p=1.0))] == ["raw", "temperature"]

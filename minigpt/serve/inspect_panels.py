@@ -1,0 +1,224 @@
+"""Event handlers of the "look inside" panels beside the chat: one selected token shared by every view,
+the sampling pipeline, the logit lens, attention (heatmap, entropy, head similarity), the timeline,
+branching from an alternative, and export / load of a conversation.
+
+Nothing here runs while a reply streams: the views are computed after it, and only the view on
+screen (Session.view); the others when they are opened. app.py wires these to its components; the
+outputs of every view refresh are VIEW_OUTPUTS, in that order.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import gradio as gr
+
+from ..inspection import logit_lens
+from .conversation import BASE, ChatInputError, Prompt, as_chat_text
+from .engine import Engine
+from .handlers import locked, unlock
+from .panels import MAX_KEYS, MAX_QUERIES, alternatives, attention_window, heatmap, position_caption, token_highlights
+from .panels_heads import entropy_figure, similarity_figure
+from .panels_lens import lens_figure, lens_ids, lens_table, reply_column, visible_columns
+from .panels_sampling import pipeline_figure, pipeline_summary, position_logits, sampling_pipeline
+from .panels_timeline import timeline_figure, timeline_summary
+from .replies import stats_line, stream_reply
+from .session import Session
+from .transcript import TranscriptError, export_conversation, load_conversation
+
+SELECTED = "selected token"  # the HighlightedText category of the selected token
+VIEWS = ("Sampling", "Logit lens", "Attention", "Timeline", "Export")
+VIEW_OUTPUTS = ("tokens", "position", "caption", "alternatives", "pipeline", "pipeline_note", "lens", "lens_table",
+                "heatmap", "attention_note", "entropy", "similarity", "timeline", "timeline_note")
+NO_REPLY = "No reply yet: send a message, or load a conversation in Export."
+EXPORT_DIR = Path(tempfile.gettempdir()) / "minigpt-exports"
+
+
+class InspectHandlers:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+
+    # -- the views, for the selected token -------------------------------------------------------------
+
+    def views(self, session: Session, layer: int, head: int) -> list:
+        """Every output of VIEW_OUTPUTS: the token panel always, the other views when on screen."""
+        reply = session.reply
+        if reply is None or not reply.token_ids:
+            return [[], gr.Slider(1, 2, value=1), NO_REPLY, None, None, NO_REPLY, None, NO_REPLY,
+                    None, NO_REPLY, None, None, None, NO_REPLY]
+        n = len(reply.token_ids)
+        session.position = position = min(max(int(session.position), 1), n)
+        highlights = token_highlights(reply, self.tokenizer)
+        highlights[position - 1] = (highlights[position - 1][0], SELECTED)
+        out = [highlights, gr.Slider(1, max(n, 2), value=position),
+               position_caption(reply, self.tokenizer, position), alternatives(reply, self.tokenizer, position)]
+        skip = gr.skip()
+        out += self.sampling_view(session) if session.view == "Sampling" else [skip] * 2
+        out += self.lens_view(session) if session.view == "Logit lens" else [skip] * 2
+        out += self.attention_view(session, layer, head) if session.view == "Attention" else [skip] * 4
+        out += self.timeline_view(session) if session.view == "Timeline" else [skip] * 2
+        return out
+
+    def sampling_view(self, session: Session) -> list:
+        reply, position = session.reply, session.position
+        params = reply.settings.params
+        logits = position_logits(self.engine.model(reply.mode), reply, position)
+        pipeline = sampling_pipeline(logits, params, reply.token_ids[position - 1])
+        return [pipeline_figure(pipeline, self.tokenizer), pipeline_summary(pipeline, self.tokenizer, params)]
+
+    def lens_view(self, session: Session) -> list:
+        reply = session.reply
+        if session.lens is None:
+            session.lens = logit_lens(self.engine.model(reply.mode), lens_ids(reply))
+        column = reply_column(reply, session.position)
+        pixels, session.clicks["lens"] = lens_figure(session.lens, self.tokenizer, column, len(reply.prompt_ids) - 1)
+        return [pixels, lens_table(session.lens, self.tokenizer, column)]
+
+    def attention_view(self, session: Session, layer: int, head: int) -> list:
+        reply, model = session.reply, self.engine.model(session.reply.mode)
+        if session.heads is None or session.heads.hides_sink != session.hide_sink:
+            # one pass gives every row; the heatmap shows the most recent of them
+            session.heads = attention_window(model, self.tokenizer, reply, max_queries=len(reply.token_ids),
+                                             max_keys=model.config.n_positions, hide_sink=session.hide_sink)
+            session.window = session.heads.last(MAX_QUERIES, MAX_KEYS)
+        head = None if head < 0 else head
+        entropy, session.clicks["entropy"] = entropy_figure(session.heads, (layer, head))
+        similarity, session.clicks["similarity"] = similarity_figure(session.heads, layer, head)
+        row = session.position - 1 - (len(reply.token_ids) - len(session.window.query_labels))  # in the window
+        return [heatmap(session.window, layer, head, row), session.window.note, entropy, similarity]
+
+    def timeline_view(self, session: Session) -> list:
+        if not session.reply.token_times:
+            return [None, timeline_summary(session.reply)]
+        pixels, session.clicks["timeline"] = timeline_figure(session.reply, self.tokenizer, session.position)
+        return [pixels, timeline_summary(session.reply)]
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    def opener(self, view: str) -> Callable:
+        """The handler of a view's tab: the view is computed now, as it comes on screen."""
+        def open_view(session: Session, layer: int, head: int):
+            session.view = view
+            session.attention_open = view == "Attention"  # respond() computes the heatmap's window for it
+            return self.views(session, layer, head)
+        return open_view
+
+    def select(self, session: Session, position, layer: int, head: int):
+        """A token was chosen on the slider: every view follows."""
+        session.position = int(position)
+        return self.views(session, layer, head)
+
+    def pick_token(self, session: Session, layer: int, head: int, event: gr.SelectData):
+        session.position = event.index + 1
+        return self.views(session, layer, head)
+
+    def click_lens(self, session: Session, layer: int, head: int, event: gr.SelectData):
+        """A lens cell: select the reply token its column predicted (prompt columns select nothing)."""
+        cell = session.clicks["lens"].cell(*event.index) if "lens" in session.clicks else None
+        if cell is not None:
+            shown = visible_columns(session.lens, reply_column(session.reply, session.position))  # as drawn
+            column = shown[cell[1]]
+            position = column - len(session.reply.prompt_ids) + 2
+            if 1 <= position <= len(session.reply.token_ids):
+                session.position = position
+        return self.views(session, layer, head)
+
+    def click_timeline(self, session: Session, layer: int, head: int, event: gr.SelectData):
+        cell = session.clicks["timeline"].cell(*event.index) if "timeline" in session.clicks else None
+        if cell is not None:
+            session.position = cell[1] + 1
+        return self.views(session, layer, head)
+
+    @staticmethod
+    def head_clicker(which: str) -> Callable:
+        """The handler of a click on the entropy grid (picks layer and head) or on the head-similarity
+        matrix (picks the head of the clicked row). -> layer, head; the heatmap follows their change."""
+        def click(session: Session, layer: int, head: int, event: gr.SelectData):
+            cell = session.clicks[which].cell(*event.index) if which in session.clicks else None
+            if cell is None:
+                return gr.skip(), gr.skip()
+            return (cell[0], cell[1]) if which == "entropy" else (layer, cell[0])
+        return click
+
+    def toggle_sink(self, session: Session, hide: bool, layer: int, head: int):
+        session.hide_sink = bool(hide)
+        return self.views(session, layer, head)
+
+    # -- branching -------------------------------------------------------------------------------------
+
+    def branch(self, session: Session, history: list, layer: int, head: int,
+               event: gr.SelectData) -> Iterator[list]:
+        """An alternative was clicked: cut the reply before the selected token, force the alternative and
+        continue with the same settings and seed, streaming into the chat. The message box and Send,
+        Retry, Undo, Clear wait meanwhile, as for any reply. -> chat, stats, msg, 4 buttons, *VIEW_OUTPUTS."""
+        reply, position = session.reply, session.position
+        if reply is None or not history or history[-1]["role"] != "assistant":
+            raise gr.Error("Branching needs the last reply of this conversation on screen.", print_exception=False)
+        labels = alternatives(reply, self.tokenizer, position)
+        token = next((t for label, (t, _) in zip(labels, reply.top[position - 1]) if label == event.value), None)
+        if token is None:  # the panel was redrawn for another reply meanwhile
+            raise gr.Error("That alternative is no longer on screen: click it again.", print_exception=False)
+        original = session.original or reply
+        try:
+            model = self.engine.model(reply.mode)
+        except ChatInputError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        flag = session.start_reply()
+        history = [*history]
+        keep = [gr.skip()] * len(VIEW_OUTPUTS)
+        yield [gr.skip(), gr.skip(), gr.Textbox(interactive=False), *locked(), *keep]
+        try:
+            prompt = Prompt("", reply.prompt_ids, 0, reply.stop)
+            for new in stream_reply(model, self.tokenizer, reply.mode, prompt, reply.settings, flag,
+                                    forced=[*reply.token_ids[:position - 1], token]):
+                history[-1] = {"role": "assistant", "content": as_chat_text(new.text.strip())}
+                if new.finish_reason is None:
+                    yield [history, stats_line(new, self.engine.device), *[gr.skip()] * 5, *keep]
+            session.show(new)
+            session.original, session.position = original, position
+            status = f"Branched at token {position}: {stats_line(new, self.engine.device)} · Undo branch returns"
+            yield [history, status, *unlock(), *self.views(session, layer, head)]
+        finally:
+            session.finish_reply(flag)
+
+    def undo_branch(self, session: Session, history: list, layer: int, head: int):
+        """Back to the reply before branching. -> chat, stats, *VIEW_OUTPUTS."""
+        original = session.original
+        if original is None or not history:
+            raise gr.Error("There is no branch to undo.", print_exception=False)
+        session.show(original)
+        history = [*history[:-1], {"role": "assistant", "content": as_chat_text(original.text.strip())}]
+        return [history, stats_line(original, self.engine.device), *self.views(session, layer, head)]
+
+    # -- export and load -------------------------------------------------------------------------------
+
+    def export(self, session: Session, history: list):
+        """-> (file, note): the conversation and its last reply as JSON."""
+        if session.reply is None or not session.reply.token_ids:
+            return None, NO_REPLY
+        EXPORT_DIR.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=EXPORT_DIR, prefix="conversation-", suffix=".json",
+                                         delete=False, encoding="utf-8") as f:
+            f.write(export_conversation(history, session.reply, self.tokenizer))
+        return f.name, f"Ready: {len(history)} messages, {len(session.reply.token_ids)} reply tokens with top-5 each."
+
+    def load(self, session: Session, file, layer: int, head: int):
+        """A conversation file was uploaded. -> chat, export note, *VIEW_OUTPUTS; a bad file only gets a message."""
+        unchanged = [gr.skip()] * (1 + len(VIEW_OUTPUTS))
+        if file is None:
+            return [gr.skip(), *unchanged]
+        try:
+            text = Path(file).read_bytes().decode("utf-8")
+            vocab_size = self.engine.models[BASE].config.vocab_size
+            history, reply = load_conversation(text, vocab_size, self.engine.n_positions)
+            self.engine.model(reply.mode)
+        except UnicodeDecodeError:
+            return [gr.skip(), "Could not load: the file is not UTF-8 text.", *unchanged[1:]]
+        except (TranscriptError, ChatInputError) as e:
+            return [gr.skip(), f"Could not load: {e}", *unchanged[1:]]
+        session.show(reply)
+        note = f"Loaded {len(history)} messages; the panels show its last reply ({len(reply.token_ids)} tokens)."
+        return [history, note, *self.views(session, layer, head)]
+

@@ -1,0 +1,104 @@
+"""A conversation as a JSON file: its messages, the last reply's settings, seed, mode and every token
+(id, text, log-prob, top-5), so the file can be loaded back to look at that reply's panels again."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import tiktoken
+
+from ..sampling import SamplingParams
+from .conversation import MODES, Settings, as_chat_text, message_text
+from .panels import token_text
+from .replies import Reply
+
+FORMAT, VERSION = "minigpt-conversation", 1
+FINISH_REASONS = ("eos", "stop", "length", "stopped")
+
+
+class TranscriptError(ValueError):
+    """A file that is not a conversation this app wrote; the message is meant for the user."""
+
+
+def export_conversation(history: Sequence[dict], reply: Reply, tokenizer: tiktoken.Encoding) -> str:
+    settings = reply.settings
+    params = settings.params
+    return json.dumps({
+        "format": FORMAT, "version": VERSION, "mode": reply.mode,
+        "settings": {"temperature": params.temperature, "top_k": params.top_k or 0, "top_p": params.top_p,
+                     "max_new_tokens": settings.max_new_tokens},
+        "seed": settings.seed, "stop": list(reply.stop),
+        "conversation": [{"role": m["role"], "content": message_text(m)} for m in history],
+        "prompt_ids": reply.prompt_ids,
+        "reply": {"text": reply.text, "finish_reason": reply.finish_reason, "token_times": reply.token_times,
+                  "tokens": [{"id": t, "text": token_text(tokenizer, t), "logprob": lp,
+                              "top": [{"id": a, "text": token_text(tokenizer, a), "logprob": alp} for a, alp in top]}
+                             for t, lp, top in zip(reply.token_ids, reply.logprobs, reply.top)]},
+    }, ensure_ascii=False, indent=1)
+
+
+def load_conversation(text: str, vocab_size: int, n_positions: int) -> tuple[list[dict], Reply]:
+    """(chat history, the last reply) from export_conversation's JSON; TranscriptError says what is wrong."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TranscriptError(f"not a JSON file ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise TranscriptError(f"not a MiniGPT conversation (expected \"format\": \"{FORMAT}\")")
+    if data.get("version") != VERSION:
+        raise TranscriptError(f"conversation format version {data.get('version')!r} is not {VERSION}")
+    try:
+        return _history(data["conversation"]), _reply(data, vocab_size, n_positions)
+    except KeyError as e:
+        raise TranscriptError(f"the conversation file has no {e.args[0]!r} field") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise TranscriptError(f"the conversation file is malformed: {e}") from None
+
+
+def _history(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError("'conversation' must be a list of {role: user|assistant, content: text}")
+    return [{"role": m["role"], "content": as_chat_text(m["content"])} for m in messages]
+
+
+def _ids(values: Any, vocab_size: int, what: str) -> list[int]:
+    if not isinstance(values, list) or not all(type(v) is int and 0 <= v < vocab_size for v in values):
+        raise ValueError(f"{what} must be token ids between 0 and {vocab_size - 1}")
+    return values
+
+
+def _logprob(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) or value == -math.inf):
+        raise ValueError(f"a log-probability must be a number, got {value!r}")
+    return float(value)
+
+
+def _reply(data: dict, vocab_size: int, n_positions: int) -> Reply:
+    if data["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {data['mode']!r}")
+    s = data["settings"]
+    settings = Settings(SamplingParams(s["temperature"], s["top_k"], s["top_p"]), int(s["max_new_tokens"]),
+                        data["seed"] if type(data["seed"]) is int else None)
+    reply_data = data["reply"]
+    tokens = reply_data["tokens"]
+    prompt_ids = _ids(data["prompt_ids"], vocab_size, "prompt_ids")
+    token_ids = _ids([t["id"] for t in tokens], vocab_size, "reply token ids")
+    if not prompt_ids or not token_ids or len(prompt_ids) + len(token_ids) > n_positions:
+        raise ValueError(f"the prompt and the reply must each have a token and fit {n_positions} positions together")
+    top = [[(_ids([a["id"]], vocab_size, "top ids")[0], _logprob(a["logprob"])) for a in t["top"]] for t in tokens]
+    times = reply_data.get("token_times") or []
+    if not isinstance(times, list) or len(times) not in (0, len(tokens)) or not all(
+            isinstance(x, (int, float)) for x in times):
+        raise ValueError("token_times must be one number per reply token")
+    finish = reply_data.get("finish_reason")
+    if finish not in (*FINISH_REASONS, None):
+        raise ValueError(f"finish_reason must be one of {', '.join(FINISH_REASONS)}")
+    return Reply(data["mode"], prompt_ids, text=str(reply_data["text"]), token_ids=token_ids,
+                 logprobs=[_logprob(t["logprob"]) for t in tokens], top=top, finish_reason=finish,
+                 first_token_s=times[0] if times else None, elapsed_s=times[-1] if times else 0.0,
+                 token_times=[float(x) for x in times], settings=settings,
+                 stop=tuple(str(x) for x in data.get("stop", [])))

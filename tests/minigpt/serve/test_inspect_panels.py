@@ -1,0 +1,179 @@
+"""The "look inside" views behind their handlers, without a browser: every view for a reply, one selected
+token shared by all, branching against transformers, export and load, clicks on figures."""
+import json
+import threading
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+
+from minigpt.serve.conversation import BASE, Prompt, read_settings
+from minigpt.serve.engine import Engine
+from minigpt.serve.inspect_panels import SELECTED, VIEW_OUTPUTS, VIEWS, InspectHandlers
+from minigpt.serve.panels_lens import reply_column, visible_columns
+from minigpt.serve.replies import stream_reply
+from minigpt.serve.session import Session
+from minigpt.speed.decoder import Decoder
+
+HISTORY = [{"role": "user", "content": "Tell me about foxes."}, {"role": "assistant", "content": "..."}]
+
+
+@pytest.fixture(scope="module")
+def inspect(tiny_model):
+    model, tokenizer, _ = tiny_model
+    return InspectHandlers(Engine({BASE: Decoder(model)}, tokenizer, ""))
+
+
+def a_reply(inspect, temperature=0.0, n=16):
+    tokenizer = inspect.tokenizer
+    ids = tokenizer.encode_ordinary("The quick brown fox jumps over the lazy dog. Foxes")
+    settings = read_settings(temperature, 0, 1.0, n, 5, context=128)[0]
+    return list(stream_reply(inspect.engine.models[BASE], tokenizer, BASE, Prompt("", ids, 0, ("\nUser:",)),
+                             settings, threading.Event()))[-1]
+
+
+def session_with(reply) -> Session:
+    session = Session()
+    session.show(reply)
+    return session
+
+
+def outputs(values) -> dict:
+    assert len(values) == len(VIEW_OUTPUTS)
+    return dict(zip(VIEW_OUTPUTS, values))
+
+
+def select(index, value=None) -> gr.SelectData:
+    return gr.SelectData(None, {"index": index, "value": value, "selected": True})
+
+
+@pytest.mark.parametrize("view", VIEWS[:4])
+def test_every_view_is_drawn_for_the_selected_token_and_only_on_screen(inspect, view):
+    reply = a_reply(inspect, temperature=0.8)
+    session = session_with(reply)
+    out = outputs(inspect.opener(view)(session, 1, -1))
+    assert session.position == len(reply.token_ids)  # the last token is selected after a reply
+    assert out["tokens"][-1][1] == SELECTED and all(label != SELECTED for _, label in out["tokens"][:-1])
+    assert f"Token {session.position} of {len(reply.token_ids)}" in out["caption"]
+    shown = {"Sampling": ("pipeline", "pipeline_note"), "Logit lens": ("lens", "lens_table"),
+             "Attention": ("heatmap", "attention_note", "entropy", "similarity"),
+             "Timeline": ("timeline", "timeline_note")}
+    for name in ("pipeline", "lens", "heatmap", "timeline"):
+        on_screen = name in shown[view]
+        assert (out[name] is not None and not isinstance(out[name], dict)) == on_screen, name
+    out = outputs(inspect.select(session, 3, 1, -1))  # the slider moves every view
+    assert session.position == 3 and out["tokens"][2][1] == SELECTED
+    assert "Token 3 of" in out["caption"]
+
+
+def test_sampling_view_counts_survivors_with_the_sampler_settings(inspect):
+    reply = a_reply(inspect, temperature=0.8)
+    session = session_with(reply)
+    out = outputs(inspect.opener("Sampling")(session, 0, -1))
+    assert out["pipeline_note"].startswith("Tokens left at each stage: raw: **50,257** → temperature 0.8: **50,257**")
+    assert "Drawn:" in out["pipeline_note"]
+
+
+def test_lens_clicks_select_reply_tokens(inspect):
+    reply = a_reply(inspect)
+    session = session_with(reply)
+    inspect.opener("Logit lens")(session, 0, -1)
+    clicks = session.clicks["lens"]
+    columns = visible_columns(session.lens, reply_column(reply, session.position))
+    assert clicks.rows == inspect.engine.models[BASE].config.n_layer + 1
+    wanted = len(reply.token_ids) - 3
+    x, y = clicks.centre(0, columns.index(len(reply.prompt_ids) + wanted - 2))  # the column that predicted it
+    out = outputs(inspect.click_lens(session, 0, -1, select([x, y])))
+    assert session.position == wanted
+    assert f"the next token was `{out['tokens'][wanted - 1][0].replace(' ', '␣')}`" in out["lens_table"]
+    assert clicks.cell(clicks.left - 5, y) is None
+
+
+def test_entropy_click_picks_a_layer_and_head_and_hiding_the_sink_renormalises(inspect):
+    reply = a_reply(inspect)
+    session = session_with(reply)
+    inspect.opener("Attention")(session, 0, -1)
+    x, y = session.clicks["entropy"].centre(1, 2)
+    assert inspect.head_clicker("entropy")(session, 0, -1, select([x, y])) == (1, 2)
+    x, y = session.clicks["similarity"].centre(3, 0)
+    assert inspect.head_clicker("similarity")(session, 1, 2, select([x, y])) == (1, 3)
+    out = outputs(inspect.toggle_sink(session, True, 1, 2))
+    assert "first token is hidden" in out["attention_note"]
+    rows = session.heads.probs
+    np.testing.assert_allclose(rows.sum(-1)[..., 1:], 1.0, atol=1e-5)  # each row sums to 1 without the sink
+    assert rows.shape[-1] == len(reply.prompt_ids) + len(reply.token_ids) - 2
+
+
+def test_branching_forces_the_alternative_then_continues_as_transformers_greedy(inspect, tiny_model):
+    _, _, hf_model = tiny_model
+    reply = a_reply(inspect, temperature=0.0, n=16)
+    session = session_with(reply)
+    session.position = 5
+    label, _ = list(outputs(inspect.views(session, 0, -1))["alternatives"].items())[2]
+    updates = list(inspect.branch(session, HISTORY, 0, -1, select(2, label)))
+    new = session.reply
+    token = reply.top[4][2][0]
+    assert new.token_ids[:5] == reply.token_ids[:4] + [token]
+    forced = reply.prompt_ids + new.token_ids[:5]
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([forced]), max_new_tokens=11, do_sample=False, pad_token_id=50256)
+    assert new.token_ids[5:] == out[0, len(forced):len(forced) + len(new.token_ids) - 5].tolist()
+    assert updates[0][3].interactive is False and updates[-1][3].interactive is True  # Send waits meanwhile
+    assert all(len(u) == 7 + len(VIEW_OUTPUTS) for u in updates)
+    chat, status = updates[-1][0], updates[-1][1]
+    assert chat[-1]["content"] != "..." and status.startswith("Branched at token 5")
+    assert session.original is reply and session.position == 5
+    chat, _, *views = inspect.undo_branch(session, chat, 0, -1)
+    assert session.reply is reply and session.original is None
+    assert outputs(views)["tokens"][-1][0] == inspect.tokenizer.decode([reply.token_ids[-1]])
+
+
+def test_an_exported_conversation_loads_back_to_the_same_panels(inspect, tmp_path):
+    reply = a_reply(inspect, temperature=0.9)
+    session = session_with(reply)
+    path, note = inspect.export(session, HISTORY)
+    assert note.startswith("Ready: 2 messages")
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    assert data["seed"] == 5 and data["mode"] == BASE and data["settings"]["temperature"] == 0.9
+    token = data["reply"]["tokens"][0]
+    assert token["id"] == reply.token_ids[0] and len(token["top"]) == 5 and token["logprob"] == reply.logprobs[0]
+    for view in VIEWS[:4]:
+        before = outputs(inspect.opener(view)(session, 1, 0))
+        loaded = Session()
+        chat, message, *after = inspect.load(loaded, path, 1, 0)
+        loaded.position = session.position
+        after = outputs(inspect.opener(view)(loaded, 1, 0))
+        assert chat == [{"role": "user", "content": "Tell me about foxes."}, {"role": "assistant", "content": "..."}]
+        assert message.startswith("Loaded 2 messages")
+        for name in VIEW_OUTPUTS:
+            if isinstance(before[name], np.ndarray):
+                np.testing.assert_array_equal(before[name], after[name])
+            elif name not in ("pipeline", "heatmap", "position"):  # Figures and Slider updates compare by identity
+                assert before[name] == after[name], (view, name)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "Could not load: not a JSON file"),
+    (b'{"format": "something-else"}', "not a MiniGPT conversation"),
+    (b'\xff\xfe\x00', "not UTF-8"),
+    (b'{"format": "minigpt-conversation", "version": 1, "conversation": []}', "has no 'mode' field"),
+])
+def test_a_malformed_or_foreign_file_gives_a_message_and_changes_nothing(inspect, tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    session = Session()
+    chat, note, *views = inspect.load(session, str(path), 0, -1)
+    assert message in note and session.reply is None
+    assert all(isinstance(v, dict) for v in [chat, *views])  # gr.skip(): nothing on screen changes
+
+
+def test_out_of_vocabulary_ids_are_refused(inspect, tmp_path):
+    session = session_with(a_reply(inspect))
+    path, _ = inspect.export(session, HISTORY)
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data["prompt_ids"][0] = 10**6
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    assert "token ids between 0 and 50256" in inspect.load(Session(), str(bad), 0, -1)[1]
