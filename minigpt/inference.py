@@ -3,17 +3,19 @@ each behind a Decoder that picked its fastest decode step here, once."""
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 
 import tiktoken
 import torch
 
-from .adapters import load_tuned_model
+from .adapters import adapter_deltas, merge_deltas, read_adapter, resolve_adapter
 from .model import GPT
 from .speed.decoder import Decoder, as_decoder
 from .speed.native import NativeUnavailable, native_step
 from .speed.onednn import use_onednn
 from .speed.quantize import Int8Linear, int8_drafts, quantize_int8
+from .strength import AdapterStrength
 from .weights import load_pretrained
 
 # Precision name -> the dtype the model is loaded in; int8 loads float32, then quantizes the Linears.
@@ -22,7 +24,14 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 
 def load_for_inference(name_or_path: str | Path, adapter: str | Path | None = None, device: str | None = None,
                        precision: str = "float32") -> tuple[Decoder, Decoder | None, tiktoken.Encoding]:
-    """(base decoder, tuned decoder or None without an adapter, tokenizer).
+    """(base decoder, tuned decoder or None without an adapter, tokenizer)."""
+    base, strength, tokenizer = load_with_strength(name_or_path, adapter, device, precision)
+    return base, strength.tuned if strength is not None else None, tokenizer
+
+
+def load_with_strength(name_or_path: str | Path, adapter: str | Path | None = None, device: str | None = None,
+                       precision: str = "float32") -> tuple[Decoder, AdapterStrength | None, tiktoken.Encoding]:
+    """(base decoder, the adapter at any strength (None without an adapter), tokenizer).
 
     The tuned model shares every tensor with the base except the merged LoRA targets. Order matters:
     the merge needs float weights, so int8 quantizes both models afterwards (their shared weights
@@ -31,15 +40,28 @@ def load_for_inference(name_or_path: str | Path, adapter: str | Path | None = No
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     base, tokenizer = load_pretrained(name_or_path, device=device, dtype=PRECISIONS[precision])
-    tuned = load_tuned_model(base, adapter) if adapter else None
-    models = [m for m in (base, tuned) if m is not None]
+    if not adapter:
+        return with_precision([base], precision)[0], None, tokenizer
+    deltas = adapter_deltas(base, *read_adapter(resolve_adapter(adapter)))
+    float_targets = {name: base.get_submodule(name) for name in deltas}  # int8 replaces them: kept here
+    tuned = merge_deltas(base, deltas)
+    base_decoder, tuned_decoder = with_precision([base, tuned], precision)
+    finish = partial(_finish, precision=precision)
+    return base_decoder, AdapterStrength(base_decoder, tuned_decoder, deltas, float_targets, finish), tokenizer
+
+
+def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
+    """Apply the precision to models that share weights (together: shared weights are quantized once)."""
     if precision == "int8":
         quantize_int8(*models)
     elif precision == "float32":
         for model in models:
             use_onednn(model)
-    decoders = decoders_for(*models)
-    return decoders[0], decoders[1] if tuned is not None else None, tokenizer
+    return decoders_for(*models)
+
+
+def _finish(model: GPT, precision: str) -> Decoder:
+    return with_precision([model], precision)[0]
 
 
 def decoders_for(*models: GPT) -> list[Decoder]:
