@@ -15,9 +15,7 @@ import sys
 from .cli import add_precision_arguments, warn_if_compile
 from .errors import CheckpointError
 from .inference import load_with_strength
-from .scoring import score_text
-
-DEFAULT_STRIDE = 512
+from .scoring import DEFAULT_STRIDE, score_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,6 +19,7 @@ from .model import GPT
 from .speed.decoder import Decoder
 
 TOP_N = 5
+DEFAULT_STRIDE = 512  # the perplexity guide's stride for GPT-2's 1024-token windows
 
 
 class ScoringError(ValueError):

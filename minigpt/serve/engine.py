@@ -6,8 +6,9 @@ from pathlib import Path
 
 import tiktoken
 
-from ..inference import load_for_inference, speculative_drafts
+from ..inference import load_with_strength, speculative_drafts
 from ..speed.decoder import Decoder
+from ..strength import AdapterStrength
 from .conversation import BASE, TUNED, ChatInputError
 
 DEFAULT_ADAPTER = Path("checkpoints/alpaca-lora")
@@ -19,6 +20,7 @@ class Engine:
     tokenizer: tiktoken.Encoding
     adapter_hint: str  # why there is no tuned mode ('' when there is)
     drafts: dict[str, Decoder] = field(default_factory=dict)  # mode -> its int8 draft, with --speculative
+    strength: AdapterStrength | None = None  # the tuned model at any LoRA strength (None without an adapter)
 
     @property
     def device(self) -> str:
@@ -33,10 +35,16 @@ class Engine:
     def n_positions(self) -> int:
         return self.models[BASE].config.n_positions
 
-    def model(self, mode: str) -> Decoder:
+    def model(self, mode: str, strength: float = 1.0) -> Decoder:
+        """The decoder of a mode; for tuned mode, with the adapter's update scaled by strength."""
         if mode not in self.models:
             raise ChatInputError(f"{mode} mode is off: {self.adapter_hint}")
-        return self.models[mode]
+        if mode != TUNED or self.strength is None:
+            return self.models[mode]
+        try:
+            return self.strength.decoder(strength)
+        except ValueError as e:
+            raise ChatInputError(f"{e}.") from None
 
 
 def load_engine(model: str, adapter: str | None, device: str | None, precision: str,
@@ -44,9 +52,9 @@ def load_engine(model: str, adapter: str | None, device: str | None, precision: 
     """The base model, and the tuned one when an adapter is given (or found in DEFAULT_ADAPTER)."""
     if adapter is None and DEFAULT_ADAPTER.is_dir():
         adapter = str(DEFAULT_ADAPTER)
-    base, tuned, tokenizer = load_for_inference(model, adapter, device, precision)
-    models = {BASE: base} if tuned is None else {BASE: base, TUNED: tuned}
+    base, strength, tokenizer = load_with_strength(model, adapter, device, precision)
+    models = {BASE: base} if strength is None else {BASE: base, TUNED: strength.tuned}
     drafts = dict(zip(models, speculative_drafts(*models.values()))) if speculative else {}
-    hint = "" if tuned is not None else (f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` or "
+    hint = "" if strength is not None else (f"no adapter in {DEFAULT_ADAPTER}. Train one with `python -m lora.train` or "
                                          "pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 LoRA adapter).")
-    return Engine(models, tokenizer, hint, drafts)
+    return Engine(models, tokenizer, hint, drafts, strength)

@@ -21,6 +21,7 @@ class Reply:
     """A reply as it grows, and afterwards the record behind the log-prob and attention panels."""
     mode: str
     prompt_ids: list[int]
+    strength: float = 1.0  # the LoRA strength of a tuned-mode reply
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # raw model distribution (temperature 1, unfiltered)
@@ -39,13 +40,13 @@ class Reply:
 
 
 def stream_reply(model: GPT | Decoder, tokenizer: tiktoken.Encoding, mode: str, prompt: Prompt, settings: Settings,
-                 stop: threading.Event, draft: GPT | Decoder | None = None) -> Iterator[Reply]:
+                 stop: threading.Event, draft: GPT | Decoder | None = None, strength: float = 1.0) -> Iterator[Reply]:
     """Yield the same Reply after every token, finished last; checks `stop` before each token.
 
     The model runs inside this generator: when stop is set, or the consumer closes the generator,
     no further token is computed.
     """
-    reply = Reply(mode, list(prompt.ids))
+    reply = Reply(mode, list(prompt.ids), strength)
     start = time.perf_counter()
     events = generate(model, tokenizer, prompt.ids, settings.max_new_tokens, settings.params,
                       seed=settings.seed, stop=prompt.stop, top_n=TOP_N, draft=draft)
@@ -82,7 +83,7 @@ def stats_line(reply: Reply, device: str) -> str:
         parts.append(f"first token {reply.first_token_s:.2f} s")
     if (speed := reply.tokens_per_s) is not None:
         parts.append(f"{speed:.1f} tokens/s")
-    parts += [reply.mode, device]
+    parts += [reply.mode if reply.strength == 1 else f"{reply.mode} at strength {reply.strength:g}", device]
     if reply.finish_reason:
         parts.append(FINISH_WORDS[reply.finish_reason])
     return " · ".join(parts)
