@@ -43,11 +43,17 @@ def load_with_strength(name_or_path: str | Path, adapter: str | Path | None = No
     if not adapter:
         return with_precision([base], precision)[0], None, tokenizer
     deltas = adapter_deltas(base, *read_adapter(resolve_adapter(adapter)))
+    return *with_adapter(base, deltas, precision), tokenizer
+
+
+def with_adapter(base: GPT, deltas: dict[str, torch.Tensor], precision: str) -> tuple[Decoder, AdapterStrength]:
+    """Merge the adapter's float32 updates into a weight-sharing copy of a float base, apply the precision
+    to both, and keep what other strengths need: (base decoder, the adapter at any strength)."""
     float_targets = {name: base.get_submodule(name) for name in deltas}  # int8 replaces them: kept here
     tuned = merge_deltas(base, deltas)
     base_decoder, tuned_decoder = with_precision([base, tuned], precision)
     finish = partial(_finish, precision=precision)
-    return base_decoder, AdapterStrength(base_decoder, tuned_decoder, deltas, float_targets, finish), tokenizer
+    return base_decoder, AdapterStrength(base_decoder, tuned_decoder, deltas, float_targets, finish)
 
 
 def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
