@@ -177,9 +177,9 @@ def compare_tab(engine: Engine) -> None:
             which = gr.Radio(list(MODES), value=TUNED, label="Reply to re-score", elem_id="diff_which", scale=3)
             diff_btn = gr.Button("Compare tokens", elem_id="diff_btn", scale=1)
         summary = gr.Markdown(DIFF_HINT, elem_id="diff_summary")
-        tokens = gr.HighlightedText(elem_id="diff_tokens", show_legend=False, show_inline_category=False,
+        tokens = gr.HighlightedText(elem_id="diff_tokens", show_legend=True, show_inline_category=False,
                                     label="log p tuned − log p base: red = the adapter made the token likelier, "
-                                          "blue = less likely")
+                                          "purple = less likely (±1 = ±4 nats)")
         ranked = gr.Dataframe(elem_id="diff_ranked", label="Where the adapter changed its mind (top-1 differs), "
                               "largest KL(tuned ‖ base) first", interactive=False, wrap=True)
         with gr.Accordion("Every token", open=False):

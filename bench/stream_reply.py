@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from minigpt import GPT, GPTConfig, SamplingParams
-from minigpt.speed.decoder import Decoder
-from minigpt.speed.onednn import use_onednn
 from minigpt.serve.conversation import BASE, Prompt, Settings
 from minigpt.serve.replies import stream_reply
+from minigpt.speed.decoder import Decoder
+from minigpt.speed.onednn import use_onednn
 from minigpt.tokenizer import load_tokenizer
 from tests.helpers.checkpoints import write_tokenizer
 

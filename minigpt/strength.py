@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .adapters import merged_weight
 from .model import GPT

@@ -31,7 +31,7 @@ class CompareSession:
     sides: dict[str, Session] = field(default_factory=lambda: {mode: Session() for mode in MODES})
     request: tuple = ()  # (history, temperature, top_k, top_p, max_new_tokens, seed, strength) of the last Send
 
-    def __deepcopy__(self, memo: dict) -> "CompareSession":
+    def __deepcopy__(self, memo: dict) -> CompareSession:
         return CompareSession()
 
     @property
@@ -118,7 +118,7 @@ class CompareHandlers:
                 f"{len(c.tokens)} positions.")
 
     def highlights(self, c: Comparison) -> list[tuple[str, float]]:
-        """Each token coloured by log p_tuned − log p_base: red where the adapter made it likelier, blue less."""
+        """Each token coloured by log p_tuned − log p_base: red where the adapter made it likelier, purple less."""
         return [(token_text(self.engine.tokenizer, t.token_id), max(-1.0, min(1.0, t.diff / DIFF_SCALE)))
                 for t in c.tokens]
 

@@ -38,10 +38,10 @@ class ScoreHandlers:
                  f"- {BASE}: perplexity **{base.perplexity:.2f}**, mean NLL {base.mean_nll:.4f} nats"]
         if TUNED in results:
             tuned = results[TUNED]
-            lines += [f"- {TUNED} (strength {float(strength):g}): perplexity **{tuned.perplexity:.2f}**, "
-                      f"mean NLL {tuned.mean_nll:.4f} nats",
-                      f"- tuned − base: perplexity {tuned.perplexity - base.perplexity:+.2f}, "
-                      f"mean NLL {tuned.mean_nll - base.mean_nll:+.4f} nats"]
+            lines += [(f"- {TUNED} (strength {float(strength):g}): perplexity **{tuned.perplexity:.2f}**, "
+                       f"mean NLL {tuned.mean_nll:.4f} nats"),
+                      (f"- tuned − base: perplexity {tuned.perplexity - base.perplexity:+.2f}, "
+                       f"mean NLL {tuned.mean_nll - base.mean_nll:+.4f} nats")]
         else:
             lines.append(f"- {TUNED}: off ({self.engine.adapter_hint})")
         return "\n".join(lines), self.highlights(base), self.highlights(results.get(TUNED))

@@ -4,6 +4,7 @@ Set MINIGPT_SCREENSHOT=1 to refresh assets/compare.png, assets/strength.png and 
 import json
 import os
 import re
+from itertools import pairwise
 
 import pytest
 import torch
@@ -83,7 +84,7 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
             break
         page.wait_for_timeout(20)
     for key, seen in lengths.items():
-        assert len([b for a, b in zip(seen, seen[1:]) if b > a]) >= 2, f"{key} did not stream: {seen}"
+        assert len([b for a, b in pairwise(seen) if b > a]) >= 2, f"{key} did not stream: {seen}"
     expect(page.locator("#cmp_base_stats")).to_contain_text("Base GPT-2 · cpu float32")
     expect(page.locator("#cmp_tuned_stats")).to_contain_text("Alpaca LoRA · cpu float32")
     expect(page.locator("#cmp_note")).to_contain_text(re.compile(r"Both sides: seed \d+, LoRA strength 1"))

@@ -46,6 +46,7 @@ def test_both_sides_answer_with_one_seed_and_the_diff_rescores_a_reply(setup):
     assert f"base {expected.mean_logprob_base:.3f}, tuned {expected.mean_logprob_tuned:.3f}" in summary
     assert len(tokens) == len(table["data"]) == len(chat_reply.token_ids)
     assert [row[4] for row in table["data"]] == [round(t.diff, 3) for t in expected.tokens]
+    assert [row[1] for row in ranked["data"]] == [t.position for t in expected.changed_minds()]
 
 
 def test_stop_ends_one_side_only(setup):
