@@ -40,7 +40,7 @@ class AdapterStrength:
         self.deltas, self.float_targets, self.finish = deltas, float_targets, finish
         self.capacity = capacity
         self.cache: OrderedDict[float, Decoder] = OrderedDict()
-        self.lock = threading.Lock()  # one build at a time; readers of a built decoder never wait
+        self.lock = threading.Lock()  # guards the cache; strengths 0 and 1 never take it
 
     def decoder(self, strength: float) -> Decoder:
         """The decoder for W + strength · ΔW: the loaded base or tuned one for 0 and 1, else built or cached."""
