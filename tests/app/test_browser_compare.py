@@ -64,7 +64,7 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     set_number(page, "cmp_max_new_tokens", 500)  # a long pair; stop only the base side
     page.locator("#cmp_msg textarea").fill("Tell me a long story.")
     page.locator("#cmp_send").click()
-    expect(page.locator("#cmp_note")).to_contain_text("Both sides")
+    expect(page.locator("#cmp_note")).to_contain_text(re.compile(r"Both sides: seed \d+, LoRA strength 1"))
     page.locator("#cmp_base_stop").click()
     expect(page.locator("#cmp_base_stats")).to_contain_text("stopped by you")
     expect(page.locator("#cmp_tuned_stats")).to_contain_text(re.compile("ended|hit the token limit"))
@@ -73,7 +73,9 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
 
     set_number(page, "cmp_max_new_tokens", 200)
     page.locator("#cmp_msg textarea").fill("Write a short poem about the sea.")
+    page.locator("#cmp_seed textarea, #cmp_seed input").first.fill("5")
     page.locator("#cmp_send").click()
+    expect(page.locator("#cmp_note")).to_contain_text("seed 5,")  # this send's outputs were cleared
     lengths = {"base": [], "tuned": []}
     while True:  # both sides at once, as they stream
         seen = page.evaluate("() => ['base', 'tuned'].map(k => [document.querySelector(`#cmp_${k} textarea`)"
@@ -87,7 +89,7 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
         assert len([b for a, b in pairwise(seen) if b > a]) >= 2, f"{key} did not stream: {seen}"
     expect(page.locator("#cmp_base_stats")).to_contain_text("Base GPT-2 · cpu float32")
     expect(page.locator("#cmp_tuned_stats")).to_contain_text("Alpaca LoRA · cpu float32")
-    expect(page.locator("#cmp_note")).to_contain_text(re.compile(r"Both sides: seed \d+, LoRA strength 1"))
+    expect(page.locator("#cmp_note")).to_have_text("Both sides: seed 5, LoRA strength 1.")
     expect(page.locator("#cmp_send")).to_be_enabled()
 
     page.locator("#diff_btn").click()
