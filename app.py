@@ -69,13 +69,16 @@ from minigpt.serve.conversation import (  # noqa: E402
     MODES,
     TUNED,
 )
+from minigpt.serve.compare import DIFF_HINT, CompareHandlers, CompareSession  # noqa: E402
 from minigpt.serve.engine import Engine, load_engine  # noqa: E402
 from minigpt.serve.handlers import ATTENTION_HINT, ChatHandlers, unlock  # noqa: E402
 from minigpt.serve.inspect_panels import SELECTED, InspectHandlers  # noqa: E402
 from minigpt.serve.openai_api import access_for, api_app, describe  # noqa: E402
 from minigpt.serve.panels import BAND_COLOURS  # noqa: E402
 from minigpt.serve.payloads import check_chat_payloads  # noqa: E402
+from minigpt.serve.score import ScoreHandlers  # noqa: E402
 from minigpt.serve.session import Session  # noqa: E402
+from minigpt.strength import MAX_STRENGTH  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of France?",
@@ -90,8 +93,18 @@ def build_app(engine: Engine) -> gr.Blocks:
                     "LoRA. Replies stream token by token; the panels beside the chat look inside.")
         with gr.Tab("Chat", id="chat-tab"):
             chat_tab(engine)
+        with gr.Tab("Compare", id="compare-tab"):
+            compare_tab(engine)
+        with gr.Tab("Score", id="score-tab"):
+            score_tab(engine)
     check_chat_payloads(demo)
     return demo
+
+
+def strength_slider(engine: Engine, elem_id: str) -> gr.Slider:
+    return gr.Slider(0, MAX_STRENGTH, value=1, step=0.05, label="LoRA strength", elem_id=elem_id,
+                     interactive=TUNED in engine.models,
+                     info="scales the adapter's update: 0 = base, 1 = as trained, 2 = doubled")
 
 
 def chat_tab(engine: Engine) -> None:
@@ -175,6 +188,7 @@ def chat_tab(engine: Engine) -> None:
                                            label="Max new tokens", elem_id="max_new_tokens")
                 seed = gr.Textbox("", label="Seed", info="a whole number repeats a reply; blank = random",
                                   placeholder="random", elem_id="seed")
+                strength = strength_slider(engine, "strength")
             with gr.Accordion("Prompt sent to the model", open=False):
                 prompt_view = gr.Textbox(elem_id="prompt", show_label=False, lines=8, max_lines=20,
                                          interactive=False, buttons=["copy"])
@@ -191,10 +205,10 @@ def chat_tab(engine: Engine) -> None:
         """check refuses bad input (queued, so its message shows; no outputs, so nothing is covered by an error
         badge); step adds the message and locks the controls (no queue); then the reply streams; then unlock,
         and the views on screen are computed for the new reply."""
-        reply = trigger(check, [*check_inputs, *controls], None, show_progress="hidden", **private).success(
+        reply = trigger(check, [*check_inputs, *controls, strength], None, show_progress="hidden", **private).success(
             step, [session, *step_inputs], [msg, chat, *lockable], queue=False, **private).success(
-            handlers.respond, [session, chat, *controls, layer, head], [chat, stats, *panels], api_name=api_name,
-            api_visibility="public" if api_name else "private")
+            handlers.respond, [session, chat, *controls, layer, head, strength], [chat, stats, *panels],
+            api_name=api_name, api_visibility="public" if api_name else "private")
         reply.then(unlock, None, [msg, *lockable], queue=False, **private)
         reply.then(inspect.views, selection, views, **private)
 
@@ -222,6 +236,77 @@ def chat_tab(engine: Engine) -> None:
     undo_branch.click(inspect.undo_branch, [session, chat, layer, head], [chat, stats, *views], **private)
     export_btn.click(inspect.export, [session, chat], [export_file, export_note], **private)
     load_file.upload(inspect.load, [session, load_file, layer, head], [chat, export_note, *views], **private)
+
+
+def compare_tab(engine: Engine) -> None:
+    """One message, both models answering side by side with the same settings and seed; the token diff."""
+    handlers = CompareHandlers(engine)
+    session = gr.State(CompareSession())
+    with gr.Row():
+        message = gr.Textbox(elem_id="cmp_msg", show_label=False, placeholder="One message for both models…",
+                             scale=5)
+        send = gr.Button("Send to both", elem_id="cmp_send", variant="primary", scale=1, min_width=120)
+    with gr.Accordion("Settings (both sides)", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0, MAX_TEMPERATURE, value=0.7, step=0.05, label="Temperature",
+                                    elem_id="cmp_temperature")
+            top_k = gr.Slider(0, 200, value=40, step=1, label="Top-k", elem_id="cmp_top_k")
+            top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p", elem_id="cmp_top_p")
+        with gr.Row():
+            max_new_tokens = gr.Slider(1, min(MAX_NEW_TOKENS, engine.n_positions // 2), value=96, step=1,
+                                       label="Max new tokens", elem_id="cmp_max_new_tokens")
+            seed = gr.Textbox("", label="Seed", info="blank = one random seed for both", elem_id="cmp_seed")
+            strength = strength_slider(engine, "cmp_strength")
+    note = gr.Markdown(elem_id="cmp_note")
+    outputs = {}
+    with gr.Row(equal_height=False):
+        for mode, key in ((BASE, "base"), (TUNED, "tuned")):
+            with gr.Column():
+                text = gr.Textbox(label=mode, elem_id=f"cmp_{key}", lines=10, max_lines=24, interactive=False)
+                stats = gr.Markdown(elem_id=f"cmp_{key}_stats")
+                stop = gr.Button(f"Stop {mode}", elem_id=f"cmp_{key}_stop", variant="stop", size="sm")
+            outputs[mode] = (text, stats, stop)
+    with gr.Accordion("Token diff", open=True, elem_id="diff_panel"):
+        with gr.Row():
+            which = gr.Radio(list(MODES), value=TUNED, label="Reply to re-score", elem_id="diff_which", scale=3)
+            diff_btn = gr.Button("Compare tokens", elem_id="diff_btn", scale=1)
+        summary = gr.Markdown(DIFF_HINT, elem_id="diff_summary")
+        tokens = gr.HighlightedText(elem_id="diff_tokens", show_legend=True, show_inline_category=False,
+                                    label="log p tuned − log p base: red = the adapter made the token likelier, "
+                                          "purple = less likely (±1 = ±4 nats)")
+        ranked = gr.Dataframe(elem_id="diff_ranked", label="Where the adapter changed its mind (top-1 differs), "
+                              "largest KL(tuned ‖ base) first", interactive=False, wrap=True)
+        with gr.Accordion("Every token", open=False):
+            per_token = gr.Dataframe(elem_id="diff_table", interactive=False)
+
+    controls = [temperature, top_k, top_p, max_new_tokens, seed, strength]
+    for trigger in (send.click, message.submit):  # the two sides stream as two queued events, each Stop-able
+        started = trigger(handlers.start, [session, message, *controls],
+                          [send, note, *outputs[BASE][:2], *outputs[TUNED][:2]], queue=False,
+                          api_visibility="private")
+        for mode, respond in ((BASE, handlers.respond_base), (TUNED, handlers.respond_tuned)):
+            started.success(respond, session, outputs[mode][:2], api_visibility="private").then(
+                handlers.unlock, session, send, queue=False, api_visibility="private")
+    for mode, stop in ((BASE, handlers.stop_base), (TUNED, handlers.stop_tuned)):
+        outputs[mode][2].click(stop, session, None, queue=False, api_visibility="private")
+    diff_btn.click(handlers.diff, [session, which], [summary, tokens, ranked, per_token], api_visibility="private")
+
+
+def score_tab(engine: Engine) -> None:
+    """Paste a text: every token coloured by its surprisal under each model, and their perplexities."""
+    handlers = ScoreHandlers(engine)
+    text = gr.Textbox(elem_id="score_text", label="Text to score", lines=6, max_lines=20,
+                      placeholder="Paste any text: each model's perplexity, and how surprised it is by each token.")
+    with gr.Row():
+        strength = strength_slider(engine, "score_strength")
+        score = gr.Button("Score", elem_id="score_btn", variant="primary")
+    summary = gr.Markdown(elem_id="score_summary")
+    label = "surprisal (−log p): white = expected, red = surprising"
+    base = gr.HighlightedText(elem_id="score_base", label=f"{BASE}, {label}", show_legend=False,
+                              show_inline_category=False)
+    tuned = gr.HighlightedText(elem_id="score_tuned", label=f"{TUNED}, {label}", show_legend=False,
+                               show_inline_category=False)
+    score.click(handlers.score, [text, strength], [summary, base, tuned], api_visibility="private")
 
 
 class PortBusy(Exception):

@@ -161,18 +161,27 @@ def load_tuned_model(base: GPT, adapter: str | Path) -> GPT:
     dtype and device. Base and tuned models can then serve requests at the same time on any threads.
     """
     config, tensors = read_adapter(resolve_adapter(adapter))
-    deltas = adapter_deltas(base, config, tensors)
+    return merge_deltas(base, adapter_deltas(base, config, tensors))
+
+
+def merge_deltas(base: GPT, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> GPT:
+    """A copy of base sharing every tensor but the targets of deltas, whose weights become W + scale · ΔW."""
     tuned = base.copy_sharing_weights()
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            linear = tuned.get_submodule(name)
-            merged = torch.empty_like(linear.weight)  # same dtype, device and memory order as the base weight
-            merged.copy_(linear.weight.float() + delta.to(linear.weight.device))
-            if not merged.isfinite().all():  # as peft's safe_merge: a NaN/inf tensor or lora_alpha poisons every reply
-                raise AdapterError(f"adapter makes the weight of {name} NaN or infinite: its tensors or lora_alpha "
-                                   "are corrupt")
-            linear.weight = nn.Parameter(merged, requires_grad=False)
+    for name, delta in deltas.items():
+        linear = tuned.get_submodule(name)
+        linear.weight = merged_weight(linear.weight, delta, scale, name)
     return tuned
+
+
+@torch.no_grad()
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor, scale: float, name: str) -> nn.Parameter:
+    """W + scale · ΔW computed in float32, in W's dtype, device and memory order (a new tensor)."""
+    merged = torch.empty_like(weight)
+    merged.copy_(weight.float() + (delta if scale == 1 else delta * scale).to(weight.device))
+    if not merged.isfinite().all():  # as peft's safe_merge: a NaN/inf tensor or lora_alpha poisons every reply
+        raise AdapterError(f"adapter makes the weight of {name} NaN or infinite: its tensors or lora_alpha "
+                           "are corrupt")
+    return nn.Parameter(merged, requires_grad=False)
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

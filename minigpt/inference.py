@@ -4,27 +4,40 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import tiktoken
 import torch
 
-from .adapters import AdapterError, load_tuned_model
+from .adapters import AdapterError, adapter_deltas, merge_deltas, read_adapter, resolve_adapter
 from .model import GPT
 from .speed.decoder import Decoder, as_decoder
 from .speed.native import NativeUnavailable, native_step
 from .speed.onednn import use_onednn
 from .speed.quantize import Int8Linear, int8_drafts, quantize_int8
+from .strength import AdapterStrength
 from .weights import load_pretrained
 
 # Precision name -> the dtype the model is loaded in; int8 loads float32, then quantizes the Linears.
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 
 
+OnAdapterError = Callable[[AdapterError], None]
+
+
 def load_for_inference(name_or_path: str | Path, adapter: str | Path | None = None, device: str | None = None,
-                       precision: str = "float32", on_adapter_error: Callable[[AdapterError], None] | None = None,
+                       precision: str = "float32", on_adapter_error: OnAdapterError | None = None,
                        ) -> tuple[Decoder, Decoder | None, tiktoken.Encoding]:
-    """(base decoder, tuned decoder or None without an adapter, tokenizer).
+    """(base decoder, tuned decoder or None without an adapter, tokenizer); see load_with_strength."""
+    base, strength, tokenizer = load_with_strength(name_or_path, adapter, device, precision, on_adapter_error)
+    return base, strength.tuned if strength is not None else None, tokenizer
+
+
+def load_with_strength(name_or_path: str | Path, adapter: str | Path | None = None, device: str | None = None,
+                       precision: str = "float32", on_adapter_error: OnAdapterError | None = None,
+                       ) -> tuple[Decoder, AdapterStrength | None, tiktoken.Encoding]:
+    """(base decoder, the adapter at any strength (None without an adapter), tokenizer).
 
     An adapter that cannot be used raises AdapterError, unless on_adapter_error is given: then it gets
     the error and the base is served alone (for an adapter that is only a convenience, such as a default).
@@ -36,21 +49,41 @@ def load_for_inference(name_or_path: str | Path, adapter: str | Path | None = No
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     base, tokenizer = load_pretrained(name_or_path, device=device, dtype=PRECISIONS[precision])
-    try:
-        tuned = load_tuned_model(base, adapter) if adapter else None
-    except AdapterError as e:
-        if on_adapter_error is None:
-            raise
-        on_adapter_error(e)
-        tuned = None
-    models = [m for m in (base, tuned) if m is not None]
+    deltas = None
+    if adapter:
+        try:
+            deltas = adapter_deltas(base, *read_adapter(resolve_adapter(adapter)))
+        except AdapterError as e:
+            if on_adapter_error is None:
+                raise
+            on_adapter_error(e)
+    if deltas is None:
+        return with_precision([base], precision)[0], None, tokenizer
+    return *with_adapter(base, deltas, precision), tokenizer
+
+
+def with_adapter(base: GPT, deltas: dict[str, torch.Tensor], precision: str) -> tuple[Decoder, AdapterStrength]:
+    """Merge the adapter's float32 updates into a weight-sharing copy of a float base, apply the precision
+    to both, and keep what other strengths need: (base decoder, the adapter at any strength)."""
+    float_targets = {name: base.get_submodule(name) for name in deltas}  # int8 replaces them: kept here
+    tuned = merge_deltas(base, deltas)
+    base_decoder, tuned_decoder = with_precision([base, tuned], precision)
+    finish = partial(_finish, precision=precision)
+    return base_decoder, AdapterStrength(base_decoder, tuned_decoder, deltas, float_targets, finish)
+
+
+def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
+    """Apply the precision to models that share weights (together: shared weights are quantized once)."""
     if precision == "int8":
         quantize_int8(*models)
     elif precision == "float32":
         for model in models:
             use_onednn(model)
-    decoders = decoders_for(*models)
-    return decoders[0], decoders[1] if tuned is not None else None, tokenizer
+    return decoders_for(*models)
+
+
+def _finish(model: GPT, precision: str) -> Decoder:
+    return with_precision([model], precision)[0]
 
 
 def decoders_for(*models: GPT) -> list[Decoder]:

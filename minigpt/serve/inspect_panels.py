@@ -23,7 +23,7 @@ from .panels_heads import entropy_figure, similarity_figure
 from .panels_lens import lens_figure, lens_ids, lens_table, reply_column, visible_columns
 from .panels_sampling import pipeline_figure, pipeline_summary, position_logits, sampling_pipeline
 from .panels_timeline import timeline_figure, timeline_summary
-from .replies import stats_line, stream_reply
+from .replies import stats_line
 from .session import Session
 from .transcript import TranscriptError, export_conversation, load_conversation
 
@@ -162,7 +162,7 @@ class InspectHandlers:
             raise gr.Error("That alternative is no longer on screen: click it again.", print_exception=False)
         original = session.original or reply
         try:
-            model = self.engine.model(reply.mode)
+            self.engine.model(reply.mode, reply.strength)  # refused here if the mode is off
         except ChatInputError as e:
             raise gr.Error(str(e), print_exception=False) from None
         flag = session.start_reply()
@@ -171,8 +171,8 @@ class InspectHandlers:
         yield [gr.skip(), gr.skip(), gr.Textbox(interactive=False), *locked(), *keep]
         try:
             prompt = Prompt("", reply.prompt_ids, 0, reply.stop)
-            for new in stream_reply(model, self.tokenizer, reply.mode, prompt, reply.settings, flag,
-                                    forced=[*reply.token_ids[:position - 1], token]):
+            for new in self.engine.stream_reply(reply.mode, prompt, reply.settings, flag, strength=reply.strength,
+                                                forced=[*reply.token_ids[:position - 1], token]):
                 history[-1] = {"role": "assistant", "content": as_chat_text(new.text.strip())}
                 if new.finish_reason is None:
                     yield [history, stats_line(new, self.engine.device), *[gr.skip()] * 5, *keep]

@@ -1,0 +1,56 @@
+"""Time to first token and decode tokens/s of one chat reply streamed by minigpt.serve.replies.stream_reply,
+on the GPT-2 124M shape with random weights (float32 through oneDNN, as the app serves it).
+
+    python -m bench.stream_reply [--reps 5] [--new-tokens 64] [--prompt-tokens 100]
+
+Prints the median over the repetitions, after one warm-up reply. Speed does not depend on weight values.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from minigpt import GPT, GPTConfig, SamplingParams
+from minigpt.serve.conversation import BASE, Prompt, Settings
+from minigpt.serve.replies import stream_reply
+from minigpt.speed.decoder import Decoder
+from minigpt.speed.onednn import use_onednn
+from minigpt.tokenizer import load_tokenizer
+from tests.helpers.checkpoints import write_tokenizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=100)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).eval()
+    use_onednn(model)
+    decoder = Decoder(model)
+    with tempfile.TemporaryDirectory() as folder:  # the real GPT-2 BPE, offline
+        write_tokenizer(Path(folder))
+        tokenizer = load_tokenizer(folder)
+    ids = list(range(1000, 1000 + args.prompt_tokens))
+    prompt = Prompt("", ids, 0, ())
+    settings = Settings(SamplingParams(0.0, 0, 1.0), args.new_tokens, 0)
+    results = []
+    for rep in range(args.reps + 1):
+        *_, reply = stream_reply(decoder, tokenizer, BASE, prompt, settings, threading.Event())
+        if rep:
+            results.append((reply.first_token_s, reply.tokens_per_s))
+    ttft = statistics.median(r[0] for r in results)
+    tps = statistics.median(r[1] for r in results)
+    print(f"stream_reply, GPT-2 124M shape, float32 oneDNN, {torch.get_num_threads()} threads: first token "
+          f"{ttft * 1000:.1f} ms, {tps:.1f} tokens/s (median of {args.reps}; {args.prompt_tokens}-token prompt, "
+          f"{args.new_tokens} new tokens)")
+
+
+if __name__ == "__main__":
+    main()

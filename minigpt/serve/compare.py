@@ -1,0 +1,137 @@
+"""The Compare tab's handlers: one message answered by both models side by side, and the token diff.
+
+Each side streams in its own queued event with its own Stop flag (a Session per side), from the same
+message, settings and seed; a blank seed is drawn once here, so both sides share it.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from ..scoring import Comparison, TokenDiff, compare_ids
+from .conversation import BASE, MAX_SEED, MODES, TUNED, as_chat_text
+from .engine import Engine
+from .handlers import ChatHandlers
+from .panels import token_text
+from .replies import stats_line
+from .session import Session
+
+DIFF_SCALE = 4.0  # nats of log p_tuned − log p_base at which a token's colour saturates
+DIFF_HINT = "Pick a reply and press Compare tokens: both models re-score it in one teacher-forced pass each."
+RANKED_HEADERS = ["rank", "position", "token", "log p base", "log p tuned", "KL", "base top-5", "tuned top-5"]
+TOKEN_HEADERS = ["position", "token", "log p base", "log p tuned", "tuned − base", "KL"]
+
+
+@dataclass
+class CompareSession:
+    """One browser session's comparison: a Session per side (Stop flags, last reply) and the request."""
+    sides: dict[str, Session] = field(default_factory=lambda: {mode: Session() for mode in MODES})
+    request: tuple = ()  # (history, temperature, top_k, top_p, max_new_tokens, seed, strength) of the last Send
+
+    def __deepcopy__(self, memo: dict) -> CompareSession:
+        return CompareSession()
+
+    @property
+    def busy(self) -> bool:
+        return any(side.in_flight for side in self.sides.values())
+
+
+class CompareHandlers:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.chat = ChatHandlers(engine)  # its prepare(): the same validation and framing as the chat
+
+    def start(self, session: CompareSession, message: str, temperature, top_k, top_p, max_new_tokens, seed,
+              strength):
+        """Check the message and settings, fix the seed, register both sides' Stop flags (no queue)."""
+        if TUNED not in self.engine.models:
+            raise gr.Error(f"Comparing needs the Alpaca LoRA: {self.engine.adapter_hint}", print_exception=False)
+        if not message.strip():
+            raise gr.Error("Type a message first.", print_exception=False)
+        if seed is None or not str(seed).strip():
+            seed = str(random.randint(0, MAX_SEED))
+        history = [{"role": "user", "content": as_chat_text(message)}]
+        request = (history, temperature, top_k, top_p, max_new_tokens, seed, strength)
+        for mode in MODES:
+            self.chat.prepare(history, mode, *request[1:])  # a gr.Error now, before anything starts
+        session.request = request
+        for side in session.sides.values():
+            side.queue_reply()
+        note = f"Both sides: seed {seed}, LoRA strength {float(strength):g}."
+        return gr.Button(interactive=False), note, "", "", "", ""
+
+    def respond(self, session: CompareSession, mode: str):
+        """Stream one side's reply: (text, stats line) after every token."""
+        history, temperature, top_k, top_p, max_new_tokens, seed, strength = session.request
+        strength = float(strength) if mode == TUNED else 1.0
+        model, settings, _, prompt = self.chat.prepare(history, mode, temperature, top_k, top_p, max_new_tokens,
+                                                       seed, strength)
+        side = session.sides[mode]
+        flag = side.start_reply()
+        try:
+            for reply in self.engine.stream_reply(mode, prompt, settings, flag, strength=strength):
+                yield reply.text.strip(), stats_line(reply, self.engine.device)
+            side.show(reply)
+        finally:
+            side.finish_reply(flag)
+
+    def respond_base(self, session: CompareSession):
+        yield from self.respond(session, BASE)
+
+    def respond_tuned(self, session: CompareSession):
+        yield from self.respond(session, TUNED)
+
+    @staticmethod
+    def stop_base(session: CompareSession):
+        session.sides[BASE].stop()
+
+    @staticmethod
+    def stop_tuned(session: CompareSession):
+        session.sides[TUNED].stop()
+
+    @staticmethod
+    def unlock(session: CompareSession):
+        """Send comes back when neither side is still streaming."""
+        return gr.skip() if session.busy else gr.Button(interactive=True)
+
+    def diff(self, session: CompareSession, which: str):
+        """The token diff of the last reply of side `which`: (summary, coloured tokens, ranked table, all tokens)."""
+        reply = session.sides[which].reply if which in session.sides else None
+        if reply is None or not reply.token_ids:
+            return f"No {which} reply yet: send a message first.", [], None, None
+        base, tuned = self.engine.model(BASE), self.engine.model(TUNED, float(session.request[-1]))
+        comparison = compare_ids(base, tuned, reply.prompt_ids + reply.token_ids, len(reply.prompt_ids))
+        return (self.summary(comparison, which, float(session.request[-1])), self.highlights(comparison),
+                self.ranked(comparison), self.per_token(comparison))
+
+    @staticmethod
+    def summary(c: Comparison, which: str, strength: float) -> str:
+        changed = len(c.changed_minds())
+        return (f"**{which}'s reply, {len(c.tokens)} tokens, scored by both models** (Alpaca LoRA at strength "
+                f"{strength:g}). Mean log-prob: base {c.mean_logprob_base:.3f}, tuned {c.mean_logprob_tuned:.3f} "
+                f"(tuned − base {c.mean_logprob_tuned - c.mean_logprob_base:+.3f} nats). "
+                f"Mean KL(tuned ‖ base) {c.mean_kl:.3f} nats. The top-1 token differs at {changed} of "
+                f"{len(c.tokens)} positions.")
+
+    def highlights(self, c: Comparison) -> list[tuple[str, float]]:
+        """Each token coloured by log p_tuned − log p_base: red where the adapter made it likelier, purple less."""
+        return [(token_text(self.engine.tokenizer, t.token_id), max(-1.0, min(1.0, t.diff / DIFF_SCALE)))
+                for t in c.tokens]
+
+    def top(self, alternatives: list[tuple[int, float]]) -> str:
+        return ", ".join(f"{token_text(self.engine.tokenizer, i)!r} {math.exp(lp):.0%}" for i, lp in alternatives)
+
+    def ranked(self, c: Comparison) -> dict:
+        rows = [[rank, t.position, repr(token_text(self.engine.tokenizer, t.token_id)), round(t.logprob_base, 3),
+                 round(t.logprob_tuned, 3), round(t.kl, 3), self.top(t.top_base), self.top(t.top_tuned)]
+                for rank, t in enumerate(c.changed_minds(), 1)]
+        return {"headers": RANKED_HEADERS, "data": rows or [[""] * len(RANKED_HEADERS)]}
+
+    def per_token(self, c: Comparison) -> dict:
+        def row(t: TokenDiff) -> list:
+            return [t.position, repr(token_text(self.engine.tokenizer, t.token_id)), round(t.logprob_base, 3),
+                    round(t.logprob_tuned, 3), round(t.diff, 3), round(t.kl, 3)]
+        return {"headers": TOKEN_HEADERS, "data": [row(t) for t in c.tokens]}

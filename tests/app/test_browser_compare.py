@@ -1,0 +1,153 @@
+"""The Compare and Score tabs and the LoRA strength slider in a real browser (headless Chromium, Playwright),
+against app.py serving a tiny checkpoint and adapter; transformers, peft and the perplexity CLI as oracles.
+Set MINIGPT_SCREENSHOT=1 to refresh assets/compare.png, assets/strength.png and assets/score.png."""
+import json
+import os
+import re
+from itertools import pairwise
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+
+from minigpt import perplexity
+from tests.app.test_browser import ARGS, CHROMIUM, FINISHED, wait_for_reply
+from tests.helpers.app_server import REPO, running_app
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's Chromium at {CHROMIUM}")]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("browser-compare")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import expect, sync_playwright
+    expect.set_options(timeout=60_000)  # a shared 2-core machine: two replies stream at once here
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(app, browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(app.url)
+    page.wait_for_selector("#msg textarea")
+    yield page
+    context.close()
+
+
+def save(page, name):
+    shot = page.screenshot(full_page=True)
+    if os.environ.get("MINIGPT_SCREENSHOT"):
+        (REPO / "assets" / name).write_bytes(shot)
+
+
+def set_number(page, elem_id, value):
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
+    from playwright.sync_api import expect
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_role("button", name="Settings (both sides)").click()
+    set_number(page, "cmp_max_new_tokens", 500)  # a long pair; stop only the base side
+    page.locator("#cmp_msg textarea").fill("Tell me a long story.")
+    page.locator("#cmp_send").click()
+    expect(page.locator("#cmp_note")).to_contain_text(re.compile(r"Both sides: seed \d+, LoRA strength 1"))
+    page.locator("#cmp_base_stop").click()
+    expect(page.locator("#cmp_base_stats")).to_contain_text("stopped by you")
+    expect(page.locator("#cmp_tuned_stats")).to_contain_text(re.compile("ended|hit the token limit"))
+    assert "stopped" not in page.locator("#cmp_tuned_stats").inner_text()
+    expect(page.locator("#cmp_send")).to_be_enabled()
+
+    set_number(page, "cmp_max_new_tokens", 200)
+    page.locator("#cmp_msg textarea").fill("Write a short poem about the sea.")
+    page.locator("#cmp_seed textarea, #cmp_seed input").first.fill("5")
+    page.locator("#cmp_send").click()
+    expect(page.locator("#cmp_note")).to_contain_text("seed 5,")  # this send's outputs were cleared
+    lengths = {"base": [], "tuned": []}
+    while True:  # both sides at once, as they stream
+        seen = page.evaluate("() => ['base', 'tuned'].map(k => [document.querySelector(`#cmp_${k} textarea`)"
+                             ".value.length, document.querySelector(`#cmp_${k}_stats`).innerText])")
+        for key, (length, _) in zip(lengths, seen):
+            lengths[key].append(length)
+        if all(FINISHED.search(stats) for _, stats in seen):
+            break
+        page.wait_for_timeout(20)
+    for key, seen in lengths.items():
+        assert len([b for a, b in pairwise(seen) if b > a]) >= 2, f"{key} did not stream: {seen}"
+    expect(page.locator("#cmp_base_stats")).to_contain_text("Base GPT-2 · cpu float32")
+    expect(page.locator("#cmp_tuned_stats")).to_contain_text("Alpaca LoRA · cpu float32")
+    expect(page.locator("#cmp_note")).to_have_text("Both sides: seed 5, LoRA strength 1.")
+    expect(page.locator("#cmp_send")).to_be_enabled()
+
+    page.locator("#diff_btn").click()
+    expect(page.locator("#diff_summary")).to_contain_text(re.compile(
+        r"Alpaca LoRA's reply, \d+ tokens, scored by both models.*Mean log-prob: base -\d+\.\d+, tuned -\d+\.\d+"))
+    tokens = page.locator("#diff_tokens .textfield .token")
+    expect(tokens.first).to_be_visible()
+    n_tokens = int(re.search(r"reply, (\d+) tokens", page.locator("#diff_summary").inner_text()).group(1))
+    assert tokens.count() == n_tokens
+    assert "background" in tokens.first.get_attribute("style")
+    expect(page.locator("#diff_ranked")).to_contain_text("base top-5")
+    expect(page.locator("#diff_ranked")).to_contain_text("%")  # a random adapter changes the top-1 somewhere
+    save(page, "compare.png")
+
+def test_strength_0_in_the_chat_answers_exactly_as_the_base_model(page, app):
+    from playwright.sync_api import expect
+    page.get_by_label("Alpaca LoRA").check()
+    set_number(page, "temperature", 0)
+    set_number(page, "max_new_tokens", 16)
+    set_number(page, "strength", 0)
+    page.locator("#msg textarea").fill("Name a colour.")
+    page.locator("#send").click()
+    wait_for_reply(page, 0)
+    expect(page.locator("#stats")).to_contain_text("Alpaca LoRA at strength 0 · cpu float32")
+    page.get_by_role("button", name="Prompt sent to the model").click()
+    prompt = page.locator("#prompt textarea").input_value()
+    reply = page.locator("#chat [data-testid=bot]").last.inner_text()
+    tokenizer = GPT2TokenizerFast.from_pretrained(app.checkpoint)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    base = GPT2LMHeadModel.from_pretrained(app.checkpoint).eval()
+    tuned = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(app.checkpoint), app.adapter).eval()
+    with torch.no_grad():
+        expected, at_one = (tokenizer.decode(m.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=50256)
+                                             [0, ids.size(1):], skip_special_tokens=True) for m in (base, tuned))
+    assert expected.strip().startswith(reply.strip()) and reply.strip()
+    assert at_one.strip() != expected.strip()  # the adapter does change this reply at strength 1
+    save(page, "strength.png")
+
+
+def test_score_tab_shows_the_perplexity_the_cli_prints(page, app, tmp_path, capsys):
+    from playwright.sync_api import expect
+    text = "The sea was calm. Instruction tuning changes what a model expects to read next."
+    (tmp_path / "text.txt").write_text(text)
+    page.get_by_role("tab", name="Score").click()
+    page.locator("#score_text textarea").fill(text)
+    set_number(page, "score_strength", 0.5)
+    page.locator("#score_btn").click()
+    expect(page.locator("#score_summary")).to_contain_text("tokens scored")
+    summary = page.locator("#score_summary").inner_text()
+    for extra, label in (([], "Base GPT-2"), (["--adapter", str(app.adapter), "--lora-scale", "0.5"], "Alpaca LoRA")):
+        assert perplexity.main(["--model", str(app.checkpoint), "--file", str(tmp_path / "text.txt"), "--device", "cpu",
+                                "--json", *extra]) == 0
+        cli = json.loads(capsys.readouterr().out)
+        assert re.search(rf"{label}[^\n]*perplexity {cli['perplexity']:.2f}, mean NLL {cli['nll']:.4f}", summary), \
+            (label, cli, summary)
+        assert f"{cli['tokens']} tokens scored" in summary
+    for elem_id in ("score_base", "score_tuned"):
+        tokens = page.locator(f"#{elem_id} .textfield .token")
+        expect(tokens.first).to_be_visible()
+        assert "background" in tokens.nth(1).get_attribute("style")
+    save(page, "score.png")

@@ -1,0 +1,103 @@
+"""The Compare and Score handlers in process: two sides from one message and seed, the diff of a reply,
+the Score tab's numbers against the perplexity CLI, and sessions at different strengths at once."""
+import json
+import re
+import threading
+
+import pytest
+
+from minigpt import perplexity
+from minigpt.scoring import compare_ids
+from minigpt.serve.compare import CompareHandlers, CompareSession
+from minigpt.serve.conversation import BASE, TUNED
+from minigpt.serve.engine import load_engine
+from minigpt.serve.handlers import ChatHandlers
+from minigpt.serve.score import ScoreHandlers
+from minigpt.serve.session import Session
+from tests.helpers.app_server import make_adapter
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tmp_path_factory):
+    adapter = make_adapter(tiny_checkpoint[0], tmp_path_factory.mktemp("adapter"))
+    return load_engine(str(tiny_checkpoint[0]), str(adapter), "cpu", "float32"), adapter
+
+
+def run_side(handlers, session, mode):
+    return list(handlers.respond(session, mode))[-1]
+
+
+def test_both_sides_answer_with_one_seed_and_the_diff_rescores_a_reply(setup):
+    engine, _ = setup
+    handlers, session = CompareHandlers(engine), CompareSession()
+    out = handlers.start(session, "Name a colour.", 1.0, 0, 1.0, 12, "", 0.5)
+    seed = re.search(r"seed (\d+)", out[1]).group(1)
+    assert all(len(side.in_flight) == 1 for side in session.sides.values())  # both Stop flags registered
+    texts = {mode: run_side(handlers, session, mode) for mode in (BASE, TUNED)}
+    assert "Alpaca LoRA at strength 0.5" in texts[TUNED][1] and not session.busy
+    # the same seed in the chat gives the same tuned reply
+    chat_reply = session.sides[TUNED].reply
+    again = list(ChatHandlers(engine).respond(Session(), [{"role": "user", "content": "Name a colour."}], TUNED,
+                                              1.0, 0, 1.0, 12, seed, 0, -1, 0.5))[-1][0][-1]["content"]
+    assert again == texts[TUNED][0]
+    summary, tokens, ranked, table = handlers.diff(session, TUNED)
+    expected = compare_ids(engine.model(BASE), engine.model(TUNED, 0.5), chat_reply.prompt_ids + chat_reply.token_ids,
+                           len(chat_reply.prompt_ids))
+    assert f"base {expected.mean_logprob_base:.3f}, tuned {expected.mean_logprob_tuned:.3f}" in summary
+    assert len(tokens) == len(table["data"]) == len(chat_reply.token_ids)
+    assert [row[4] for row in table["data"]] == [round(t.diff, 3) for t in expected.tokens]
+    assert [row[1] for row in ranked["data"]] == [t.position for t in expected.changed_minds()]
+
+
+def test_stop_ends_one_side_only(setup):
+    engine, _ = setup
+    handlers, session = CompareHandlers(engine), CompareSession()
+    handlers.start(session, "Tell a story.", 1.0, 0, 1.0, 40, "1", 1.0)
+    session.sides[BASE].stop()
+    assert run_side(handlers, session, BASE)[1].endswith("stopped by you")
+    assert "stopped" not in run_side(handlers, session, TUNED)[1]
+
+
+def test_score_tab_numbers_are_the_clis(setup, tiny_checkpoint, tmp_path, capsys):
+    engine, adapter = setup
+    text = "Scoring a text under both models, token by token. " * 30  # longer than one 128-token window
+    (tmp_path / "t.txt").write_text(text)
+    summary, base_tokens, tuned_tokens = ScoreHandlers(engine).score(text, 1.5)
+    for extra, label in (([], BASE), (["--adapter", str(adapter), "--lora-scale", "1.5"], TUNED)):
+        assert perplexity.main(["--model", str(tiny_checkpoint[0]), "--file", str(tmp_path / "t.txt"),
+                                "--device", "cpu", "--json", *extra]) == 0
+        cli = json.loads(capsys.readouterr().out)
+        assert re.search(rf"{label}[^\n]*perplexity \*\*{cli['perplexity']:.2f}\*\*, mean NLL {cli['nll']:.4f}",
+                         summary)
+        assert f"{cli['tokens']} tokens scored" in summary and "windows of 128, stride 128" in summary
+    assert len(base_tokens) == len(tuned_tokens) == len(engine.tokenizer.encode_ordinary(text))
+    assert base_tokens[0][1] is None and sum(v is not None for _, v in tuned_tokens) == cli["tokens"]
+
+
+def test_two_chat_sessions_at_different_strengths_at_once_each_get_their_own(setup):
+    engine, _ = setup
+    chat = ChatHandlers(engine)
+    history = [{"role": "user", "content": "Name a colour."}]
+    replies = {}
+
+    def reply(strength):
+        replies[strength] = list(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, strength))[-1]
+
+    threads = [threading.Thread(target=reply, args=(s,)) for s in (0.0, 2.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for strength, (history_out, stats, *_) in replies.items():
+        alone = list(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, strength))[-1][0]
+        assert history_out == alone and f"strength {strength:g}" in stats
+    assert replies[0.0][0] != replies[2.0][0]
+
+
+def test_bad_strength_or_empty_text_is_a_message(setup):
+    import gradio as gr
+    engine, _ = setup
+    with pytest.raises(gr.Error, match="LoRA strength must be between 0 and 2"):
+        CompareHandlers(engine).start(CompareSession(), "Hi", 1.0, 0, 1.0, 8, "", 2.5)
+    with pytest.raises(gr.Error, match="at least 2"):
+        ScoreHandlers(engine).score("", 1.0)
