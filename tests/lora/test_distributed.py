@@ -14,6 +14,8 @@ from tests.helpers import REPO
 from tests.helpers.checkpoints import make_checkpoint
 from tests.lora.test_train import RECORDS
 
+pytestmark = pytest.mark.slow  # torchrun-style subprocesses
+
 # 6 records: 5 for training, 1 held out. A global batch of 4 leaves a last batch of 1 in each epoch,
 # so rank 1 gets no example there, and no held-out batch at all: both must still join every step.
 OPTIONS = ["--max-steps", "6", "--lr", "1e-2", "--grad-accum", "2", "--dropout", "0", "--val-fraction", "0.2",

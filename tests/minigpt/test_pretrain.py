@@ -2,12 +2,15 @@
 import json
 import math
 
+import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
 from minigpt import load_pretrained
 from minigpt.pretrain import main
 from tests.helpers.checkpoints import write_tokenizer
+
+pytestmark = pytest.mark.slow  # hundreds of training steps
 
 LINES = [
     "The old lighthouse keeper climbed the stairs each evening to light the lamp.",
