@@ -1,5 +1,6 @@
 """The chat app in a real browser: headless Debian Chromium driven by Playwright, against app.py serving a
 tiny checkpoint and adapter. The panels beside the chat have their own tests (test_browser_inspect.py)."""
+import os
 import re
 from pathlib import Path
 

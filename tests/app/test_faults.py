@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import app
-from minigpt.train_state import STATE_FILE, load_state
 from lora.train import main as train_main
 from minigpt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+from minigpt.train_state import STATE_FILE, load_state
 from tests.helpers import REPO
 from tests.helpers.app_server import free_port, make_adapter
 from tests.helpers.checkpoints import make_checkpoint

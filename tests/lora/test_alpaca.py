@@ -7,8 +7,8 @@ import torch
 from lora import alpaca_prompt
 from lora.alpaca import Record, load_records, parse_records, resolve_data
 from lora.batches import IGNORE, Example, collate, epoch_batches, split, tokenize
-from minigpt.training import lm_loss_sum
 from minigpt.tokenizer import EOT_ID
+from minigpt.training import lm_loss_sum
 
 RECORDS = [
     {"instruction": "Name a primary colour.", "input": "", "output": "Red."},

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 import minigpt.training
 from lora import load_tuned_model
 from lora.train import main
-from minigpt.training import warmup_cosine
 from minigpt import load_pretrained
 from minigpt.adapters import WEIGHTS_FILE
+from minigpt.training import warmup_cosine
 from tests.helpers.checkpoints import make_checkpoint
 
 RECORDS = [
