@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
 from tests.helpers.app_server import running_app
 
 CHROMIUM = "/usr/bin/chromium"
