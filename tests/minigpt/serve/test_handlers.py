@@ -51,7 +51,8 @@ def test_before_any_reply_only_numbers_are_accepted_as_layer_and_head():
 
 def test_valid_layer_and_head_draw_the_heatmap():
     figure, note = ChatHandlers.attention_panel(session_with_attention(), "1", 1)
-    assert note == "Rows: all 2 reply tokens. Columns: all 3 context tokens." and figure.axes[0].get_title() == "Layer 2, head 2"
+    assert note == "Rows: all 2 reply tokens. Columns: all 3 context tokens."
+    assert figure.axes[0].get_title() == "Layer 2, head 2"
 
 
 def test_a_position_that_is_not_a_number_is_refused(handlers):
