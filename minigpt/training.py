@@ -116,7 +116,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, batch_size: int, lr: f
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--time-budget", type=parse_duration, default=None, metavar="DURATION",
                    help="stop cleanly after this long (90s, 20m, 1.5h), fitting the LR schedule to it")
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (%(default)s)")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default: 5%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=batch_size, help="sequences per micro-batch, per process")

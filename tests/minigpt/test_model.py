@@ -110,7 +110,7 @@ def test_gradient_checkpointing_recomputes_the_same_gradients(tiny_model):
     ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     grads = []
     for recompute in (False, True):
-        trained = copy.deepcopy(model).train()
+        trained = copy.deepcopy(model).train().requires_grad_(True)  # the shared model may have been frozen
         trained.grad_checkpoint = recompute
         trained(ids).logsumexp(-1).mean().backward()
         grads.append({n: p.grad for n, p in trained.named_parameters()})
