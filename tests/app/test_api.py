@@ -12,15 +12,8 @@ from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 from minigpt.prompts import DIALOGUE_HEADER
 from minigpt.serve.conversation import BASE, TUNED, message_text
-from tests.helpers.app_server import running_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("app")) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

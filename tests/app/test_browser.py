@@ -1,46 +1,13 @@
 """The chat app in a real browser: headless Debian Chromium driven by Playwright, against app.py serving a
 tiny checkpoint and adapter. The panels beside the chat have their own tests (test_browser_inspect.py)."""
-import os
 import re
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.app.conftest import FINISHED, needs_chromium, open_page, save_screenshot
 from tests.helpers.app_server import running_app
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = [pytest.mark.slow, pytest.mark.browser,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian's Chromium at {CHROMIUM}")]
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-FINISHED = re.compile("ended by the model|ended at the next turn|hit the token limit|stopped by you")
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("browser-app")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import expect, sync_playwright
-    expect.set_options(timeout=30_000)  # a busy 2-core machine: the plot chunk and replies can be slow
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(app, browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.goto(app.url)
-    page.wait_for_selector("#msg textarea")
-    yield page
-    context.close()
+pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
 
 
 def wait_for_reply(page, users_before: int) -> None:
@@ -177,9 +144,7 @@ def test_refused_input_is_a_message_and_the_conversation_stays(page):
         expect(bots.first).to_be_visible()
         assert "Error" not in page.locator("#chat").inner_text()  # no error badge over the chat or the box
         assert "Error" not in page.locator("#msg").inner_text()
-    shot = page.screenshot(full_page=True)
-    if os.environ.get("MINIGPT_SCREENSHOT"):
-        (REPO / "assets" / "refused-input.png").write_bytes(shot)
+    save_screenshot(page, "refused-input.png")
 
     seed.fill("")  # and the next good message is served as usual
     page.locator("#msg textarea").fill("Thanks.")
@@ -198,17 +163,12 @@ def test_without_an_adapter_the_mode_hint_says_why_and_base_mode_works(app_witho
     from playwright.sync_api import expect
     running, log = app_without_adapter
     assert "note: Alpaca LoRA mode is off: no adapter given." in log.read_text()  # said in the log too
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.goto(running.url)
-    page.wait_for_selector("#msg textarea")
+    page = open_page(browser, running.url)
     expect(page.locator("#mode")).to_contain_text(re.compile(
         r"Alpaca LoRA is off: no adapter given\. Train one with\s*python -m lora\.train\s*or pass\s*--adapter"))
     expect(page.get_by_label("Alpaca LoRA")).to_be_disabled()
     page.locator("#msg textarea").fill("Hello.")
     page.locator("#msg textarea").press("Enter")
     wait_for_reply(page, 0)
-    shot = page.screenshot(full_page=True)
-    if os.environ.get("MINIGPT_SCREENSHOT"):
-        (REPO / "assets" / "no-adapter.png").write_bytes(shot)
-    context.close()
+    save_screenshot(page, "no-adapter.png")
+    page.context.close()

@@ -2,7 +2,6 @@
 against app.py serving a tiny checkpoint and adapter; transformers, peft and the perplexity CLI as oracles.
 Set MINIGPT_SCREENSHOT=1 to refresh assets/compare.png, assets/strength.png and assets/score.png."""
 import json
-import os
 import re
 from itertools import pairwise
 
@@ -12,43 +11,10 @@ from peft import PeftModel
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 from minigpt import perplexity
-from tests.app.test_browser import ARGS, CHROMIUM, FINISHED, wait_for_reply
-from tests.helpers.app_server import REPO, running_app
+from tests.app.conftest import FINISHED, needs_chromium, save_screenshot
+from tests.app.test_browser import wait_for_reply
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser,
-              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's Chromium at {CHROMIUM}")]
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("browser-compare")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import expect, sync_playwright
-    expect.set_options(timeout=60_000)  # a shared 2-core machine: two replies stream at once here
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(app, browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.goto(app.url)
-    page.wait_for_selector("#msg textarea")
-    yield page
-    context.close()
-
-
-def save(page, name):
-    shot = page.screenshot(full_page=True)
-    if os.environ.get("MINIGPT_SCREENSHOT"):
-        (REPO / "assets" / name).write_bytes(shot)
+pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
 
 
 def set_number(page, elem_id, value):
@@ -65,6 +31,7 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     page.locator("#cmp_msg textarea").fill("Tell me a long story.")
     page.locator("#cmp_send").click()
     expect(page.locator("#cmp_note")).to_contain_text(re.compile(r"Both sides: seed \d+, LoRA strength 1"))
+    expect(page.locator("#cmp_base textarea")).not_to_have_value("")  # streaming: now stop it
     page.locator("#cmp_base_stop").click()
     expect(page.locator("#cmp_base_stats")).to_contain_text("stopped by you")
     expect(page.locator("#cmp_tuned_stats")).to_contain_text(re.compile("ended|hit the token limit"))
@@ -102,7 +69,7 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     assert "background" in tokens.first.get_attribute("style")
     expect(page.locator("#diff_ranked")).to_contain_text("base top-5")
     expect(page.locator("#diff_ranked")).to_contain_text("%")  # a random adapter changes the top-1 somewhere
-    save(page, "compare.png")
+    save_screenshot(page, "compare.png")
 
 def test_strength_0_in_the_chat_answers_exactly_as_the_base_model(page, app):
     from playwright.sync_api import expect
@@ -126,7 +93,7 @@ def test_strength_0_in_the_chat_answers_exactly_as_the_base_model(page, app):
                                              [0, ids.size(1):], skip_special_tokens=True) for m in (base, tuned))
     assert expected.strip().startswith(reply.strip()) and reply.strip()
     assert at_one.strip() != expected.strip()  # the adapter does change this reply at strength 1
-    save(page, "strength.png")
+    save_screenshot(page, "strength.png")
 
 
 def test_score_tab_shows_the_perplexity_the_cli_prints(page, app, tmp_path, capsys):
@@ -150,4 +117,4 @@ def test_score_tab_shows_the_perplexity_the_cli_prints(page, app, tmp_path, caps
         tokens = page.locator(f"#{elem_id} .textfield .token")
         expect(tokens.first).to_be_visible()
         assert "background" in tokens.nth(1).get_attribute("style")
-    save(page, "score.png")
+    save_screenshot(page, "score.png")

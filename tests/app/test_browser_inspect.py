@@ -2,35 +2,21 @@
 selected token across every view, each view, clicks on figures, branching, export and load.
 Screenshots go to assets/ (inspect-*.png; MINIGPT_SCREENSHOT=1 also refreshes assets/screenshot.png)."""
 import json
-import os
 import re
 
 import pytest
 
-from tests.app.test_browser import ARGS, CHROMIUM, FINISHED
-from tests.helpers.app_server import REPO, running_app
+from tests.app.conftest import FINISHED, needs_chromium, open_page, save_screenshot
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser,
-              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's Chromium at {CHROMIUM}")]
-ASSETS = REPO / "assets"
+pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    from playwright.sync_api import expect, sync_playwright
-    expect.set_options(timeout=30_000)
-    with running_app(tmp_path_factory.mktemp("inspect-app")) as app, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(app.url)
-        page.wait_for_selector("#msg textarea")
-        yield page
-        browser.close()
-
-
-def shot(page, name: str, full_page: bool = True) -> None:
-    page.wait_for_timeout(300)  # let images finish painting
-    page.screenshot(path=ASSETS / f"inspect-{name}.png", full_page=full_page)
+def page(app, browser):
+    """One page at 1280x800 for the whole module: each test goes on from the last one's reply."""
+    page = open_page(browser, app.url, 1280, 800)
+    yield page
+    page.context.close()
 
 
 def in_viewport(page, selector: str) -> bool:
@@ -56,9 +42,8 @@ def test_panels_sit_beside_the_chat_and_follow_one_selected_token(page):
     page.evaluate("window.scrollTo(0, 0)")  # as the page opens
     for selector in ("#chat", "#msg textarea", "#tokens", "#alternatives", "#views [role=tablist]"):
         assert in_viewport(page, selector), f"{selector} is not on screen at 1280x800 without scrolling"
-    if os.environ.get("MINIGPT_SCREENSHOT"):
-        page.screenshot(path=ASSETS / "screenshot.png")
-    shot(page, "sampling", full_page=False)
+    save_screenshot(page, "screenshot.png", full_page=False)
+    save_screenshot(page, "inspect-sampling.png", full_page=False)
 
     tokens = page.locator("#tokens .textfield .token")
     expect(tokens).to_have_count(24)
@@ -78,7 +63,7 @@ def test_panels_sit_beside_the_chat_and_follow_one_selected_token(page):
     click_image_cell(page, "#lens", 0.75, 0.5)  # a column to the right of token 3's: a later reply token
     expect(table).not_to_have_text(before)
     expect(page.locator("#caption")).not_to_contain_text("Token 3 of 24")
-    shot(page, "logit-lens")
+    save_screenshot(page, "inspect-logit-lens.png")
 
     page.get_by_role("tab", name="Attention").click()
     expect(page.locator("#entropy img")).to_be_visible()
@@ -90,14 +75,14 @@ def test_panels_sit_beside_the_chat_and_follow_one_selected_token(page):
     expect(page.locator("#layer input")).to_have_value("Layer 2")
     page.locator("#hide_sink input").check()
     expect(page.locator("#attention_note")).to_contain_text("first token is hidden")
-    shot(page, "attention")
+    save_screenshot(page, "inspect-attention.png")
 
     page.get_by_role("tab", name="Timeline").click()
     expect(page.locator("#timeline img")).to_be_visible()
     expect(page.locator("#timeline_note")).to_contain_text("tokens/s")
     click_image_cell(page, "#timeline", 0.5, 0.5)
     expect(page.locator("#caption")).to_contain_text(re.compile(r"Token 1[0-5] of 24"))
-    shot(page, "timeline")
+    save_screenshot(page, "inspect-timeline.png")
 
 
 def test_branch_from_an_alternative_undo_export_and_load(page, tmp_path):
@@ -110,7 +95,7 @@ def test_branch_from_an_alternative_undo_export_and_load(page, tmp_path):
     expect(page.locator("#stats")).to_contain_text("Branched at token 5")
     assert bot.inner_text() != original
     expect(page.locator("#caption")).to_contain_text("Token 5 of")
-    shot(page, "branch", full_page=False)
+    save_screenshot(page, "inspect-branch.png", full_page=False)
     page.locator("#undo_branch").click()
     expect(bot).to_have_text(original)
 
@@ -130,7 +115,7 @@ def test_branch_from_an_alternative_undo_export_and_load(page, tmp_path):
     expect(page.locator("#export_note")).to_contain_text("Loaded 2 messages")
     expect(page.locator("#chat [data-testid=bot]")).to_have_text(original)
     expect(page.locator("#tokens .textfield .token")).to_have_count(24)
-    shot(page, "export")
+    save_screenshot(page, "inspect-export.png")
 
     foreign = tmp_path / "foreign.json"
     foreign.write_text('{"hello": "world"}')

@@ -22,12 +22,6 @@ IDS = {BASE: "minigpt-base", TUNED: "minigpt-tuned"}
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("app")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def api(app):
     return openai.OpenAI(base_url=app.url + "v1", api_key="unused", max_retries=0)
 

@@ -12,7 +12,6 @@ from gradio_client import Client
 from bench.load import server_process
 from minigpt.serve.conversation import MODES
 from tests.helpers import REPO
-from tests.helpers.app_server import running_app
 
 FILE_COMPONENTS = {"File", "Files", "UploadButton", "DownloadButton", "FileExplorer", "Image", "Audio", "Video",
                    "Gallery", "Model3D", "ImageEditor", "MultimodalTextbox"}
@@ -57,12 +56,6 @@ def test_no_python_file_in_the_repo_loads_pickles():
     assert len(files) > 20
     found = {str(p.relative_to(REPO)): uses for p in files if (uses := pickle_uses(p.read_text(encoding="utf-8")))}
     assert found == {}
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("app")) as running:
-        yield running
 
 
 def status_of(url: str) -> int:

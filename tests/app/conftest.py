@@ -1,0 +1,56 @@
+"""What the app suites share: one app.py server (tiny checkpoint + tiny adapter) for the whole run, and one
+headless Chromium. Each test opens its own browser context or client session, so tests stay independent;
+starting the server once instead of once per module saves a model load and a Gradio start-up each."""
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+from tests.helpers.app_server import RunningApp, running_app
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+FINISHED = re.compile("ended by the model|ended at the next turn|hit the token limit|stopped by you")
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian's Chromium at {CHROMIUM}")
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory) -> RunningApp:
+    with running_app(tmp_path_factory.mktemp("app")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import expect, sync_playwright
+    expect.set_options(timeout=60_000)  # a 2-core machine: the plot chunk and two streaming replies can be slow
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, url: str, width: int = 1400, height: int = 1000):
+    """A fresh browser context (its own Gradio session) on the app, once the chat box is there."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#msg textarea")
+    return page
+
+
+@pytest.fixture
+def page(app, browser):
+    page = open_page(browser, app.url)
+    yield page
+    page.context.close()
+
+
+def save_screenshot(page, name: str, full_page: bool = True) -> None:
+    """With MINIGPT_SCREENSHOT=1, refresh assets/<name> (README and docs show them); otherwise nothing."""
+    if os.environ.get("MINIGPT_SCREENSHOT"):
+        page.wait_for_timeout(300)  # let images finish painting
+        page.screenshot(path=REPO / "assets" / name, full_page=full_page)
