@@ -17,7 +17,6 @@ from minigpt.cli import add_precision_arguments, warn_if_compile
 DEFAULT_ADAPTER = Path(__file__).resolve().parent / "checkpoints" / "alpaca-lora"  # the project's, whatever the cwd
 UPLOAD_CLEANUP_S = 3600  # uploads (conversation exports) leave Gradio's cache after an hour
 MAX_UPLOAD = "2mb"  # a conversation export is tens of kB
-SESSIONS_KEPT = 64  # per-session state (last reply, panels) kept for the most recent sessions: memory levels off
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,14 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
     p.add_argument("--concurrency", type=int, default=2,
                    help="replies computed at the same time, chat and API together (the rest queue)")
+    p.add_argument("--sessions-kept", type=int, default=64,
+                   help="keep the per-session state (last reply, panels) of this many most recent browser "
+                        "sessions; older ones start over: memory levels off")
     p.add_argument("--api-key", default=os.environ.get("MINIGPT_API_KEY"),
                    help="every /v1 (OpenAI-compatible API) request must send it as a bearer token "
                         "(default: $MINIGPT_API_KEY; none: /v1 is open on loopback, off beyond it)")
     p.add_argument("--open-api", action="store_true",
                    help="serve /v1 without a key even when bound beyond loopback (--host 0.0.0.0, a Space)")
     args = p.parse_args(argv)
-    if args.concurrency < 1:
-        p.error(f"--concurrency must be >= 1, got {args.concurrency}")
+    for name in ("concurrency", "sessions_kept"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.speculative and args.precision == "int8":
         p.error("--speculative checks an int8 draft with the float model: use it with a float --precision")
     return args
@@ -261,10 +264,10 @@ def compare_tab(engine: Engine) -> None:
     outputs = {}
     with gr.Row(equal_height=False):
         for mode, key in ((BASE, "base"), (TUNED, "tuned")):
-            with gr.Column():
+            with gr.Column():  # Stop above the text: it stays put while the reply grows below it
+                stop = gr.Button(f"Stop {mode}", elem_id=f"cmp_{key}_stop", variant="stop", size="sm")
                 text = gr.Textbox(label=mode, elem_id=f"cmp_{key}", lines=10, max_lines=24, interactive=False)
                 stats = gr.Markdown(elem_id=f"cmp_{key}_stats")
-                stop = gr.Button(f"Stop {mode}", elem_id=f"cmp_{key}_stop", variant="stop", size="sm")
             outputs[mode] = (text, stats, stop)
     with gr.Accordion("Token diff", open=True, elem_id="diff_panel"):
         with gr.Row():
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                     theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
                     css_paths=[ASSETS / "app.css"], footer_links=["api"],
                     max_file_size=MAX_UPLOAD,  # only a conversation export is ever loaded: larger uploads get 413
-                    state_session_capacity=SESSIONS_KEPT,
+                    state_session_capacity=args.sessions_kept,
                     # The API's routes go first in the FastAPI app Gradio builds: /v1 is ours, the rest Gradio's.
                     app_kwargs={"routes": [Mount("/v1", api_app(engine, access))]})
     except OSError as e:  # the port was taken while the models loaded

@@ -19,8 +19,8 @@ from tests.helpers.checkpoints import make_checkpoint
 def test_defaults_bind_to_localhost_7860(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     args = app.parse_args([])
-    assert (args.model, args.adapter, args.host, args.port, args.share, args.precision, args.concurrency) == \
-        ("gpt2", None, "127.0.0.1", 7860, False, "float32", 2)
+    assert (args.model, args.adapter, args.host, args.port, args.share, args.precision, args.concurrency,
+            args.sessions_kept) == ("gpt2", None, "127.0.0.1", 7860, False, "float32", 2, 64)
 
 
 def test_on_a_space_it_binds_all_interfaces(monkeypatch):
@@ -30,6 +30,7 @@ def test_on_a_space_it_binds_all_interfaces(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [(["--concurrency", "0"], "--concurrency must be >= 1"),
+                                           (["--sessions-kept", "0"], "--sessions-kept must be >= 1"),
                                            (["--dtype", "float64"], "invalid choice: 'float64'"),
                                            (["--dtype", "int8", "--speculative"], "use it with a float --precision")])
 def test_bad_options_are_refused(argv, message, capsys):

@@ -1,4 +1,5 @@
-"""The load test (bench/load.py) in a shorter form: 8 concurrent sessions, 2 turns each, twice."""
+"""The load test (bench/load.py) in a shorter form: 4 chat sessions and 4 streaming OpenAI-API clients at
+once, 2 turns each, three rounds (a warm-up and two measured)."""
 import pytest
 
 from bench.load import run_load
@@ -7,22 +8,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_eight_concurrent_sessions_are_served_isolated_and_without_leaks(tmp_path):
-    result = run_load(tmp_path, clients=8, turns=2, max_new_tokens=16, rss_bound_mib=32, concurrency=2)
+def test_chat_sessions_and_api_streams_are_served_isolated_and_memory_levels_off(tmp_path):
+    # RSS settles slowly (allocator arenas, Gradio's per-session state): 10-18 MiB a round after the warm-up
+    # was measured here, so the bound is on two measured rounds together; a leaked cache per request grows
+    # without end (bench/load.py --rounds 8 shows the curve).
+    result = run_load(tmp_path, clients=4, turns=2, max_new_tokens=12, rss_bound_mib=48, concurrency=2,
+                      api_clients=4, rounds=3)
     assert result.problems == []
-    measured = result.rounds[1]
-    # clients 1, 2, 3 (mod 4) cancel, stop and disconnect once each; the rest of the 16 turns finish
-    assert (measured["requests"], measured["cancelled"], measured["stopped"], measured["disconnected"]) == (16, 2, 2, 2)
-    assert measured["done"] == 10 and measured["tokens"] > 0
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_api_streams_mixed_with_chat_sessions_are_well_formed_and_memory_stays_bounded(tmp_path):
-    """8 streaming OpenAI-API clients (two hang up mid-stream) beside 4 chat sessions, 2 turns each."""
-    result = run_load(tmp_path, clients=4, turns=2, max_new_tokens=12, rss_bound_mib=32, concurrency=2, api_clients=8)
-    assert result.problems == []
-    measured = result.rounds[1]
-    # 24 requests: the chat's 8 (clients 1, 2, 3 cancel, stop and disconnect once) and the API's 16 (clients 3 and 7
-    # hang up on their last turn)
-    assert (measured["requests"], measured["cancelled"], measured["stopped"], measured["disconnected"]) == (24, 1, 1, 3)
-    assert measured["done"] == 19 and measured["tokens"] > 0
+    for measured in result.rounds[1:]:
+        # 16 requests: the chat's 8 (clients 1, 2, 3 cancel, stop and disconnect once each) and the API's 8
+        # (client 3 hangs up on its last turn)
+        assert (measured["requests"], measured["cancelled"], measured["stopped"], measured["disconnected"]) \
+            == (16, 1, 1, 2)
+        assert measured["done"] == 12 and measured["tokens"] > 0
