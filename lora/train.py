@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +18,7 @@ from pathlib import Path
 import torch
 
 from minigpt.adapters import AdapterConfig
-from minigpt.cli import INTERRUPTED, HelpWithDefaults, ctrl_c_exits_now, exit_cli
-from minigpt.errors import CheckpointError
-from minigpt.train_state import STATE_FILE
+from minigpt.cli import HelpWithDefaults, ctrl_c_exits_now, exit_cli
 from minigpt.training import (
     MicroBatch,
     Ranks,
@@ -31,8 +28,7 @@ from minigpt.training import (
     check_resume,
     parse_duration,
     run_training,
-    start_ranks,
-    stop_ranks,
+    train_cli,
 )
 from minigpt.weights import load_pretrained
 
@@ -78,25 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
-    args = parse_args(argv)
-    ranks = None
-    try:
-        ranks = start_ranks(args.device)
-        train(args, ranks, started)
-    except (CheckpointError, ValueError) as e:
-        if ranks is None or ranks.main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        saved = (args.out / STATE_FILE).is_file()
-        if ranks is None or ranks.main:
-            print("\ninterrupted; " + (f"continue from the last checkpoint with --resume --out {args.out}" if saved
-                                        else "no checkpoint was written yet"), file=sys.stderr)
-        return INTERRUPTED
-    finally:
-        if ranks is not None:
-            stop_ranks(ranks)
-    return 0
+    return train_cli(train, parse_args(argv), started)
 
 
 def read_data(args: argparse.Namespace, say) -> list[Record]:
@@ -129,10 +107,7 @@ def size_for_cpu(args: argparse.Namespace, ranks: Ranks, say) -> None:
 
 def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
     """Run (or resume) training; returns the log records of the whole run."""
-    def say(line: str) -> None:
-        if ranks.main:
-            print(line, file=sys.stderr)
-
+    say = ranks.say
     run = {name: getattr(args, name) for name in RUN_OPTIONS} | {"nproc_per_node": ranks.world}
     resumed = check_resume(args.out, args.resume, run)
     with ctrl_c_exits_now("interrupted while loading; nothing was trained yet"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .cli import HelpWithDefaults, ctrl_c_exits_now, exit_cli
 from .config import GPTConfig
-from .errors import CheckpointError
 from .hub import fetch
 from .model import GPT
 from .tokenizer import load_tokenizer
@@ -36,8 +35,7 @@ from .training import (
     check_positive,
     check_resume,
     run_training,
-    start_ranks,
-    stop_ranks,
+    train_cli,
 )
 from .weights import HUB_ALIASES, TOKENIZER_FILES, save_pretrained
 
@@ -48,14 +46,15 @@ EVAL_WINDOWS = 100  # held-out loss over at most this many windows, so an evalua
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minigpt.pretrain", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m minigpt.pretrain", description=__doc__.splitlines()[0],
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--text", required=True, help="a UTF-8 text file")
     p.add_argument("--out", type=Path, required=True, help="the model folder to write (Hub layout)")
     p.add_argument("--tokenizer", default="gpt2",
                    help="folder or Hub repo with GPT-2's vocab.json and merges.txt (default: %(default)s)")
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-head", type=int, default=6)
-    p.add_argument("--n-embd", type=int, default=384)
+    p.add_argument("--n-layer", type=int, default=6, help="transformer blocks")
+    p.add_argument("--n-head", type=int, default=6, help="attention heads per block")
+    p.add_argument("--n-embd", type=int, default=384, help="width of the residual stream (a multiple of --n-head)")
     p.add_argument("--block-size", type=int, default=256, help="context window, and tokens per training window")
     add_training_arguments(p, batch_size=16, lr=1e-3, eval_every=100)
     args = p.parse_args(argv)
@@ -66,19 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
-    args = parse_args(argv)
-    ranks = None
-    try:
-        ranks = start_ranks(args.device)
-        train(args, ranks, started)
-    except (CheckpointError, ValueError) as e:
-        if ranks is None or ranks.main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if ranks is not None:
-            stop_ranks(ranks)
-    return 0
+    return train_cli(train, parse_args(argv), started)
 
 
 def read_tokens(path: Path, tokenizer) -> torch.Tensor:
@@ -131,13 +118,11 @@ def init_weights(model: GPT) -> None:
 
 def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
     """Run (or resume) pre-training; returns the log records of the whole run."""
-    def say(line: str) -> None:
-        if ranks.main:
-            print(line, file=sys.stderr)
-
+    say = ranks.say
     run = {name: getattr(args, name) for name in RUN_OPTIONS} | {"nproc_per_node": ranks.world}
     resumed = check_resume(args.out, args.resume, run)
-    tokenizer_folder = fetch(HUB_ALIASES.get(args.tokenizer, args.tokenizer), TOKENIZER_FILES, "tokenizer")
+    with ctrl_c_exits_now("interrupted while loading; nothing was trained yet"):
+        tokenizer_folder = fetch(HUB_ALIASES.get(args.tokenizer, args.tokenizer), TOKENIZER_FILES, "tokenizer")
     tokenizer = load_tokenizer(tokenizer_folder)
     config = GPTConfig(vocab_size=tokenizer.n_vocab, n_positions=args.block_size, n_embd=args.n_embd,
                        n_layer=args.n_layer, n_head=args.n_head)
@@ -179,4 +164,4 @@ def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_cli(main())

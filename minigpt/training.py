@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .cli import INTERRUPTED
+from .errors import CheckpointError
 from .model import GPT
 from .plot import plot_losses
 from .train_state import STATE_FILE, TrainingState, load_state, save_state
@@ -72,6 +74,11 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
+    def say(self, line: str) -> None:
+        """A progress line on stderr, from rank 0 only (N ranks would print it N times)."""
+        if self.main:
+            print(line, file=sys.stderr)
+
     def sum(self, *values: float) -> list[float]:
         """Each value summed over all ranks."""
         if self.world == 1:
@@ -108,6 +115,31 @@ def start_ranks(device: str | None) -> Ranks:
 def stop_ranks(ranks: Ranks) -> None:
     if ranks.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def train_cli(train: Callable[[argparse.Namespace, Ranks, float], object], args: argparse.Namespace,
+              started: float) -> int:
+    """What both training commands do around `train(args, ranks, started)`: join the torchrun job (or run
+    alone) and leave it; a bad option, file or checkpoint is one `error:` line and status 2; Ctrl-C is one
+    line saying how to go on, status 130. Only rank 0 prints them."""
+    ranks = None
+    try:
+        ranks = start_ranks(args.device)
+        train(args, ranks, started)
+    except (CheckpointError, ValueError) as e:
+        if ranks is None or ranks.main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        saved = (args.out / STATE_FILE).is_file()
+        if ranks is None or ranks.main:
+            print("\ninterrupted; " + (f"continue from the last checkpoint with --resume --out {args.out}" if saved
+                                        else "no checkpoint was written yet"), file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        if ranks is not None:
+            stop_ranks(ranks)
+    return 0
 
 
 def add_training_arguments(p: argparse.ArgumentParser, *, batch_size: int, lr: float, eval_every: int) -> None:
