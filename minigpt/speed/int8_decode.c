@@ -84,63 +84,68 @@ enum { CHUNK = 256 };         /* columns summed in int32 before adding to float:
    vpdpwssd, NEON's smlal) do in one instruction what widening each weight to float32 and an FMA do
    in three (docs/speed-cpu.md has the measurements). int32 sums are exact; each CHUNK of columns is
    added to a float32 sum. */
-#if defined(MINIGPT_AVX512)
-static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
-    __m512 total[ROWS];
-    for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < cols; c += CHUNK) {
-        const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
-        __m512i acc[ROWS];
-        for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_si512();
-        for (int64_t k = c; k < end; k += 64) {
-            const __m512i x0 = _mm512_loadu_si512(xq + k), x1 = _mm512_loadu_si512(xq + k + 32);
-            for (int r = 0; r < rows; ++r) {
-                const int8_t *p = q + r * cols + k;
-                _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);
-                const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
-                const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 32)));
-#ifdef __AVX512VNNI__
-                acc[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[r], w0, x0), w1, x1);
-#else
-                acc[r] = _mm512_add_epi32(acc[r], _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1)));
-#endif
-            }
-        }
-        for (int r = 0; r < rows; ++r) total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(acc[r]));
-    }
-    for (int r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
+#if defined(MINIGPT_AVX512) || defined(MINIGPT_AVX2)
+/* Both x86 variants share dot_rows below; what differs is the vector width and these few operations:
+   madd64 adds the products of 64 weights of one row (p) and 64 activations (x) into acc. */
+#  if defined(MINIGPT_AVX512)
+typedef __m512i ivec;
+typedef __m512 fvec;
+#    define IZERO() _mm512_setzero_si512()
+#    define FZERO() _mm512_setzero_ps()
+#    define ADD_TO_FLOAT(total, acc) _mm512_add_ps(total, _mm512_cvtepi32_ps(acc))
+#    define HSUM(total) _mm512_reduce_add_ps(total)
+static inline ivec madd64(ivec acc, const int8_t *p, const int16_t *x) {
+    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 32)));
+    const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 32);
+#    ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc, w0, x0), w1, x1);
+#    else
+    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1)));
+#    endif
 }
-#elif defined(MINIGPT_AVX2)
+#  else
+typedef __m256i ivec;
+typedef __m256 fvec;
+#    define IZERO() _mm256_setzero_si256()
+#    define FZERO() _mm256_setzero_ps()
+#    define ADD_TO_FLOAT(total, acc) _mm256_add_ps(total, _mm256_cvtepi32_ps(acc))
+#    define HSUM(total) hsum256(total)
 static float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+static inline ivec madd64(ivec acc, const int8_t *p, const int16_t *x) {
+    for (int j = 0; j < 64; j += 32) {
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + j)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + j + 16)));
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + j));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + j + 16));
+        acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
+    }
+    return acc;
+}
+#  endif
+
 static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
-    __m256 total[ROWS];
-    for (int r = 0; r < ROWS; ++r) total[r] = _mm256_setzero_ps();
+    fvec total[ROWS];
+    for (int r = 0; r < ROWS; ++r) total[r] = FZERO();
     for (int64_t c = 0; c < cols; c += CHUNK) {
         const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
-        __m256i acc[ROWS];
-        for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_si256();
+        ivec acc[ROWS];
+        for (int r = 0; r < ROWS; ++r) acc[r] = IZERO();
         for (int64_t k = c; k < end; k += 64) {
             for (int r = 0; r < rows; ++r) {
                 const int8_t *p = q + r * cols + k;
                 _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);
-                for (int j = 0; j < 64; j += 32) {
-                    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + j)));
-                    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + j + 16)));
-                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k + j));
-                    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + k + j + 16));
-                    acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(w0, x0),
-                                                                       _mm256_madd_epi16(w1, x1)));
-                }
+                acc[r] = madd64(acc[r], p, xq + k);
             }
         }
-        for (int r = 0; r < rows; ++r) total[r] = _mm256_add_ps(total[r], _mm256_cvtepi32_ps(acc[r]));
+        for (int r = 0; r < rows; ++r) total[r] = ADD_TO_FLOAT(total[r], acc[r]);
     }
-    for (int r = 0; r < rows; ++r) out[r] = hsum256(total[r]);
+    for (int r = 0; r < rows; ++r) out[r] = HSUM(total[r]);
 }
 #elif defined(MINIGPT_NEON)
 static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
