@@ -46,6 +46,7 @@ from minigpt.generation import DRAFT_TOKENS, generate
 from minigpt.inference import load_for_inference, speculative_drafts
 from minigpt.sampling import SamplingParams
 from minigpt.speed.decoder import Decoder
+from minigpt.speed.onednn import OneDNNLinear
 from minigpt.weights import resolve_snapshot
 from tests.helpers import REPO as ROOT
 from tests.helpers.checkpoints import make_checkpoint
@@ -161,7 +162,14 @@ def run_worker(spec: dict) -> dict:
             "ttft_ms": 1e3 * statistics.median(ttft), "prefill_tok_s": statistics.median(prefill),
             "prefill_runs": prefill, "peak_rss_mb": peak_rss_mb(), "rss_before_load_mb": rss_start,
             "rss_end_mb": psutil.Process().memory_info().rss / 2**20, "warmup_s": warmup_s, "tokens": tokens,
-            "c_step_isa": step.isa if step is not None else None}
+            "c_step_isa": step.isa if step is not None else None,
+            "float32_kernel": float32_kernel(model[0].model) if isinstance(model, tuple) and spec["precision"] == "float32"
+            else None}
+
+
+def float32_kernel(model) -> str:
+    """The float32 matmul load_for_inference kept, after measuring both on this CPU (minigpt/speed/onednn.py)."""
+    return "oneDNN" if any(isinstance(m, OneDNNLinear) for m in model.modules()) else "F.linear"
 
 
 def peak_rss_mb() -> float:
@@ -238,6 +246,9 @@ def print_table(results: dict) -> None:
     isas = {f"{e} {p}": r["c_step_isa"] for (e, p), r in results.items() if r.get("c_step_isa")}
     if isas:
         print("C decode step variant: " + ", ".join(f"{k}: {v}" for k, v in isas.items()))
+    kernels = {f"{e} {p}": r["float32_kernel"] for (e, p), r in results.items() if r.get("float32_kernel")}
+    if kernels:  # load_for_inference measures which is faster on this CPU (minigpt/speed/onednn.py)
+        print("float32 matmuls: " + ", ".join(f"{k}: {v}" for k, v in kernels.items()))
     print("(x hf: MiniGPT / transformers in the same precision; int8 is compared with transformers float32. "
           "minigpt int8 decodes through the C step, minigpt+pytorch int8 through PyTorch's int8 kernel)")
 

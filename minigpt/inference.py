@@ -14,7 +14,7 @@ from .adapters import AdapterError, adapter_deltas, merge_deltas, read_adapter, 
 from .model import GPT
 from .speed.decoder import Decoder, as_decoder
 from .speed.native import NativeUnavailable, native_step
-from .speed.onednn import use_onednn
+from .speed.onednn import onednn_is_faster, use_onednn
 from .speed.quantize import Int8Linear, int8_drafts, quantize_int8
 from .strength import AdapterStrength
 from .weights import load_pretrained
@@ -76,7 +76,7 @@ def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
     """Apply the precision to models that share weights (together: shared weights are quantized once)."""
     if precision == "int8":
         quantize_int8(*models)
-    elif precision == "float32":
+    elif precision == "float32" and onednn_is_faster(models[0]):
         for model in models:
             use_onednn(model)
     return decoders_for(*models)

@@ -40,3 +40,28 @@ def test_use_onednn_swaps_every_linear_keeps_tied_weights_and_the_logits(tiny_mo
     assert twin.lm_head.weight is twin.transformer.wte.weight  # still tied
     assert all(m.weight.t().is_contiguous() for m in linears)  # (in, out) memory order, shapes unchanged
     torch.testing.assert_close(twin(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_loading_keeps_the_faster_float32_kernel_and_the_environment_can_choose(tiny_checkpoint, monkeypatch):
+    """Which kernel is faster depends on the CPU, so loading measures; either way the logits are the model's."""
+    from minigpt.inference import load_for_inference
+    from minigpt.speed.onednn import KERNEL_ENV, onednn_is_faster
+
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1000]])
+    logits = {}
+    for kernel in ("onednn", "pytorch"):
+        monkeypatch.setenv(KERNEL_ENV, kernel)
+        decoder = load_for_inference(str(tiny_checkpoint[0]), device="cpu", precision="float32")[0]
+        uses_onednn = any(type(m) is OneDNNLinear for m in decoder.model.modules())
+        assert uses_onednn == (kernel == "onednn")
+        with torch.inference_mode():
+            logits[kernel] = decoder.model(ids)
+    torch.testing.assert_close(logits["onednn"], logits["pytorch"], rtol=1e-5, atol=1e-5)
+
+    monkeypatch.delenv(KERNEL_ENV)
+    model = load_for_inference(str(tiny_checkpoint[0]), device="cpu", precision="float32")[0].model
+    assert isinstance(onednn_is_faster(model), bool)  # measured: the answer is this machine's
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    with pytest.warns(UserWarning, match="neither 'onednn' nor 'pytorch'"):
+        onednn_is_faster(model)
