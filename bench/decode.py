@@ -305,8 +305,8 @@ def main() -> None:
         if args.model:
             folder = resolve_snapshot(args.model)
         else:
-            folder, _ = make_checkpoint(Path(tmp) / f"{args.shape}-random", key_style="transformers",
-                                        **SHAPES[args.shape], n_positions=1024)
+            folder = make_checkpoint(Path(tmp) / f"{args.shape}-random", key_style="transformers",
+                                     **SHAPES[args.shape], n_positions=1024)[0]  # not its model: gpt2-xl is 6 GB
         info = machine_info()
         print(f"{info['cpu']}, {info['cores']} cores, {','.join(info['simd'])}; torch {info['torch']}, "
               f"transformers {info['transformers']}, {args.threads} threads; load average {os.getloadavg()[0]:.2f}")
