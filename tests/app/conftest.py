@@ -24,6 +24,14 @@ def app(tmp_path_factory) -> RunningApp:
 
 
 @pytest.fixture(scope="session")
+def app_without_adapter(tmp_path_factory) -> RunningApp:
+    """The base model alone, bound beyond loopback with no API key: /v1 is off there, the chat is not."""
+    with running_app(tmp_path_factory.mktemp("app-base-only"), with_adapter=False,
+                     app_args=["--host", "0.0.0.0"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
 def browser():
     from playwright.sync_api import expect, sync_playwright
     expect.set_options(timeout=60_000)  # a 2-core machine: the plot chunk and two streaming replies can be slow

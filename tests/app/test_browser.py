@@ -5,7 +5,6 @@ import re
 import pytest
 
 from tests.app.conftest import FINISHED, needs_chromium, open_page, save_screenshot
-from tests.helpers.app_server import running_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
 
@@ -152,18 +151,10 @@ def test_refused_input_is_a_message_and_the_conversation_stays(page):
     wait_for_reply(page, 1)
 
 
-@pytest.fixture(scope="module")
-def app_without_adapter(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("browser-app-base-only")
-    with running_app(tmp, with_adapter=False) as running:
-        yield running, tmp / "app.log"
-
-
 def test_without_an_adapter_the_mode_hint_says_why_and_base_mode_works(app_without_adapter, browser):
     from playwright.sync_api import expect
-    running, log = app_without_adapter
-    assert "note: Alpaca LoRA mode is off: no adapter given." in log.read_text()  # said in the log too
-    page = open_page(browser, running.url)
+    assert "note: Alpaca LoRA mode is off: no adapter given." in app_without_adapter.log.read_text()  # the log too
+    page = open_page(browser, app_without_adapter.url)
     expect(page.locator("#mode")).to_contain_text(re.compile(
         r"Alpaca LoRA is off: no adapter given\. Train one with\s*python -m lora\.train\s*or pass\s*--adapter"))
     expect(page.get_by_label("Alpaca LoRA")).to_be_disabled()

@@ -236,9 +236,8 @@ def test_an_api_key_is_required_when_set(tmp_path):
         assert "(a bearer API key is required)" in (tmp_path / "app.log").read_text()
 
 
-def test_beyond_loopback_without_a_key_the_api_is_off_and_says_so(tmp_path):
-    with running_app(tmp_path, app_args=["--host", "0.0.0.0"], n_positions=64) as app:
-        refused = httpx.get(app.url + "v1/models", timeout=30)
-        assert refused.status_code == 403 and "--api-key" in refused.json()["error"]["message"]
-        assert httpx.get(app.url, timeout=30).status_code == 200  # the chat itself is served
-        assert "OpenAI-compatible API: off, because" in (tmp_path / "app.log").read_text()
+def test_beyond_loopback_without_a_key_the_api_is_off_and_says_so(app_without_adapter):
+    refused = httpx.get(app_without_adapter.url + "v1/models", timeout=30)
+    assert refused.status_code == 403 and "--api-key" in refused.json()["error"]["message"]
+    assert httpx.get(app_without_adapter.url, timeout=30).status_code == 200  # the chat itself is served
+    assert "OpenAI-compatible API: off, because" in app_without_adapter.log.read_text()
