@@ -284,9 +284,11 @@ def compare_tab(engine: Engine) -> None:
 
     controls = [temperature, top_k, top_p, max_new_tokens, seed, strength]
     for trigger in (send.click, message.submit):  # the two sides stream as two queued events, each Stop-able
-        started = trigger(handlers.start, [session, message, *controls],
-                          [send, note, *outputs[BASE][:2], *outputs[TUNED][:2]], queue=False,
-                          api_visibility="private")
+        # check is queued, so a refusal shows its message; start (no queue) registers the Stop flags
+        started = trigger(handlers.check, [message, *controls], None, show_progress="hidden",
+                          api_visibility="private").success(
+            handlers.start, [session, message, *controls], [send, note, *outputs[BASE][:2], *outputs[TUNED][:2]],
+            queue=False, api_visibility="private")
         for mode, respond in ((BASE, handlers.respond_base), (TUNED, handlers.respond_tuned)):
             started.success(respond, session, outputs[mode][:2], api_visibility="private").then(
                 handlers.unlock, session, send, queue=False, api_visibility="private")

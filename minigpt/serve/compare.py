@@ -44,20 +44,25 @@ class CompareHandlers:
         self.engine = engine
         self.chat = ChatHandlers(engine)  # its prepare(): the same validation and framing as the chat
 
-    def start(self, session: CompareSession, message: str, temperature, top_k, top_p, max_new_tokens, seed,
-              strength):
-        """Check the message and settings, fix the seed, register both sides' Stop flags (no queue)."""
+    def check(self, message: str, temperature, top_k, top_p, max_new_tokens, seed, strength) -> None:
+        """Refuse a message or settings either side cannot use: a gr.Error, raised in a queued step so the
+        browser shows its message (and nothing on screen is covered by an error badge)."""
         if TUNED not in self.engine.models:
             raise gr.Error(f"Comparing needs the Alpaca LoRA: {self.engine.adapter_hint}", print_exception=False)
         if not message.strip():
             raise gr.Error("Type a message first.", print_exception=False)
+        history = [{"role": "user", "content": as_chat_text(message)}]
+        for mode in MODES:
+            self.chat.prepare(history, mode, temperature, top_k, top_p, max_new_tokens, seed, strength)
+
+    def start(self, session: CompareSession, message: str, temperature, top_k, top_p, max_new_tokens, seed,
+              strength):
+        """After check: fix the seed (a blank one is drawn once, for both sides), register both sides' Stop
+        flags and clear the outputs (no queue, so a Stop clicked right after Send counts)."""
         if seed is None or not str(seed).strip():
             seed = str(random.randint(0, MAX_SEED))
         history = [{"role": "user", "content": as_chat_text(message)}]
-        request = (history, temperature, top_k, top_p, max_new_tokens, seed, strength)
-        for mode in MODES:
-            self.chat.prepare(history, mode, *request[1:])  # a gr.Error now, before anything starts
-        session.request = request
+        session.request = (history, temperature, top_k, top_p, max_new_tokens, seed, strength)
         for side in session.sides.values():
             side.queue_reply()
         note = f"Both sides: seed {seed}, LoRA strength {float(strength):g}."

@@ -98,6 +98,11 @@ def test_bad_strength_or_empty_text_is_a_message(setup):
     import gradio as gr
     engine, _ = setup
     with pytest.raises(gr.Error, match="LoRA strength must be between 0 and 2"):
-        CompareHandlers(engine).start(CompareSession(), "Hi", 1.0, 0, 1.0, 8, "", 2.5)
+        CompareHandlers(engine).check("Hi", 1.0, 0, 1.0, 8, "", 2.5)
+    with pytest.raises(gr.Error, match="Type a message first"):
+        CompareHandlers(engine).check("  ", 1.0, 0, 1.0, 8, "", 1.0)
+    with pytest.raises(gr.Error, match="Seed must be a number"):
+        CompareHandlers(engine).check("Hi", 1.0, 0, 1.0, 8, "abc", 1.0)
+    CompareHandlers(engine).check("Hi", 1.0, 0, 1.0, 8, "", 1.0)  # a blank seed is fine: start draws one
     with pytest.raises(gr.Error, match="at least 2"):
         ScoreHandlers(engine).score("", 1.0)
