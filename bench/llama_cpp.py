@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,10 +65,15 @@ def wait_for_quiet(max_load: float, tries: int = 10) -> tuple[float, float, floa
 
 
 def llama_bench(llama_cpp: Path, model: Path, threads: int, reps: int, prompt: int, gen: int) -> list[dict]:
-    """llama-bench's JSON records: one for pp<prompt>, one for tg<gen>."""
+    """llama-bench's JSON records: one for pp<prompt> (none when prompt is 0), one for tg<gen>."""
     cmd = [str(llama_cpp / "build" / "bin" / "llama-bench"), "-m", str(model), "-t", str(threads),
            "-p", str(prompt), "-n", str(gen), "-r", str(reps), "-o", "json"]
-    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        died = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                else f"exit status {proc.returncode}")
+        hint = "; its prefill test crashes on some builds: --prompt 0 measures decoding alone" if prompt else ""
+        raise SystemExit(f"error: llama-bench stopped with {died} ({' '.join(cmd[1:])}){hint}")
     return json.loads(proc.stdout)
 
 
@@ -77,7 +83,7 @@ def main() -> None:
     p.add_argument("--types", default="f32,f16,q8_0", help="GGUF weight types, comma-separated")
     p.add_argument("--threads", default="2", help="thread counts, comma-separated")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--prompt", type=int, default=512, help="prefill test length (pp)")
+    p.add_argument("--prompt", type=int, default=512, help="prefill test length (pp; 0: decoding alone)")
     p.add_argument("--gen", type=int, default=128, help="decode test length (tg)")
     p.add_argument("--max-load", type=float, default=1.5, help="wait while the 1-minute load is above this")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/llama_cpp-<date>.json)")
@@ -106,7 +112,8 @@ def main() -> None:
           f"{'load before/after':>20}")
     for run in runs:
         by_test = {"pp" if r["n_gen"] == 0 else "tg": r for r in run["llama_bench"]}
-        cells = [f"{by_test[t]['avg_ts']:.1f} ± {by_test[t]['stddev_ts']:.1f}" for t in ("pp", "tg")]
+        cells = [f"{by_test[t]['avg_ts']:.1f} ± {by_test[t]['stddev_ts']:.1f}" if t in by_test else "-"
+                 for t in ("pp", "tg")]
         print(f"{run['type']:<6}{run['threads']:>8}{cells[0]:>18}{cells[1]:>18}"
               f"{run['load_average_before'][0]:>12.2f} / {run['load_average_after'][0]:.2f}")
 
