@@ -2,6 +2,7 @@
 each behind a Decoder that picked its fastest decode step here, once."""
 from __future__ import annotations
 
+import ctypes
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -58,8 +59,12 @@ def load_with_strength(name_or_path: str | Path, adapter: str | Path | None = No
                 raise
             on_adapter_error(e)
     if deltas is None:
-        return with_precision([base], precision)[0], None, tokenizer
-    return *with_adapter(base, deltas, precision), tokenizer
+        loaded = with_precision([base], precision)[0], None, tokenizer
+    else:
+        loaded = *with_adapter(base, deltas, precision), tokenizer
+    if precision == "int8":
+        return_freed_memory()
+    return loaded
 
 
 def with_adapter(base: GPT, deltas: dict[str, torch.Tensor], precision: str) -> tuple[Decoder, AdapterStrength]:
@@ -80,6 +85,18 @@ def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
         for model in models:
             use_onednn(model)
     return decoders_for(*models)
+
+
+def return_freed_memory() -> None:
+    """Give the memory of the float32 weights that int8 replaced back to the system. glibc keeps freed
+    heap blocks for reuse, so without this an int8 process held about as much as a float32 one
+    (gpt2-medium shape: 1.97 GB resident after loading, 0.78 GB after malloc_trim; its int8 weights are
+    0.39 GB). Without glibc, nothing is done."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _finish(model: GPT, precision: str) -> Decoder:
