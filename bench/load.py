@@ -32,7 +32,7 @@ import psutil
 from gradio_client import Client
 from gradio_client.utils import Status
 
-from bench.load_api import ApiRequest, check_api_requests, run_api_client
+from bench.load_api import ApiRequest, check_api_requests, run_api_client, warm_up
 from minigpt.serve.conversation import BASE, TUNED, message_text
 from tests.helpers.app_server import (
     running_app,  # tiny checkpoint + adapter, app subprocess
@@ -235,6 +235,8 @@ def run_load(tmp: Path, clients: int, turns: int, max_new_tokens: int, rss_bound
     `sessions_kept` sessions: below the sessions a round opens, memory should stop growing after the warm-up."""
     with running_app(tmp, concurrency=concurrency, app_args=["--sessions-kept", str(sessions_kept)], **MODEL) as app:
         server = server_process(app.url)
+        if api_clients:
+            warm_up(app.url)
         summaries, problems, rss = [], [], []
         for _ in range(rounds):
             requests, wall = run_round(app.url, clients, turns, max_new_tokens, api_clients)

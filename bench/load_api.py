@@ -34,6 +34,19 @@ def api(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
 
 
+def warm_up(url: str) -> None:
+    """One short streamed completion and chat completion, from this thread, before the clients' threads
+    start: the openai client builds its response models' pydantic schemas on first use, and threads doing
+    that at once can fail ("type object 'Choice' has no attribute '__pydantic_core_schema__'")."""
+    client = api(url)
+    for create, prompt in ((client.completions.create, {"prompt": "Hi"}),
+                           (client.chat.completions.create, {"messages": [{"role": "user", "content": "Hi"}]})):
+        for _ in create(model="minigpt-base", max_tokens=1, stream=True, stream_options={"include_usage": True},
+                        **prompt):
+            pass
+    client.close()
+
+
 def text_of(choice, chat: bool) -> str:
     if chat:
         return (choice.message.content if hasattr(choice, "message") else choice.delta.content) or ""
