@@ -100,7 +100,11 @@ def return_freed_memory() -> None:
 
 
 def _finish(model: GPT, precision: str) -> Decoder:
-    return with_precision([model], precision)[0]
+    """The decoder of a copy merged at another strength. Its Linears are copies of the base's, so in float32
+    they already multiply through the kernel loading chose for the base; int8 quantizes the merged ones."""
+    if precision == "int8":
+        quantize_int8(model)
+    return decoders_for(model)[0]
 
 
 def decoders_for(*models: GPT) -> list[Decoder]:
