@@ -147,40 +147,37 @@ static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows,
     }
     for (int r = 0; r < rows; ++r) out[r] = HSUM(total[r]);
 }
-#elif defined(MINIGPT_NEON)
-static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
-    for (int r = 0; r < rows; ++r) {
-        const int8_t *row = q + r * cols;
-        float total = 0.0f;
-        for (int64_t c = 0; c < cols; c += CHUNK) {
-            const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
-            int32x4_t acc[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
-            for (int64_t k = c; k < end; k += 16) {
-                const int8x16_t w = vld1q_s8(row + k);
-                const int16x8_t lo = vmovl_s8(vget_low_s8(w)), hi = vmovl_high_s8(w);
-                const int16x8_t x0 = vld1q_s16(xq + k), x1 = vld1q_s16(xq + k + 8);
-                acc[0] = vmlal_s16(acc[0], vget_low_s16(lo), vget_low_s16(x0));
-                acc[1] = vmlal_high_s16(acc[1], lo, x0);
-                acc[0] = vmlal_s16(acc[0], vget_low_s16(hi), vget_low_s16(x1));
-                acc[1] = vmlal_high_s16(acc[1], hi, x1);
-            }
-            total += (float)vaddvq_s32(vaddq_s32(acc[0], acc[1]));
-        }
-        out[r] = total;
-    }
-}
 #else
+/* NEON and the portable loop: one row at a time; dot_chunk sums at most CHUNK products exactly in int32. */
+#  if defined(MINIGPT_NEON)
+static int32_t dot_chunk(const int8_t *w, const int16_t *x, int64_t n) {
+    int32x4_t acc[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
+    for (int64_t k = 0; k < n; k += 16) {
+        const int8x16_t v = vld1q_s8(w + k);
+        const int16x8_t lo = vmovl_s8(vget_low_s8(v)), hi = vmovl_high_s8(v);
+        const int16x8_t x0 = vld1q_s16(x + k), x1 = vld1q_s16(x + k + 8);
+        acc[0] = vmlal_s16(acc[0], vget_low_s16(lo), vget_low_s16(x0));
+        acc[1] = vmlal_high_s16(acc[1], lo, x0);
+        acc[0] = vmlal_s16(acc[0], vget_low_s16(hi), vget_low_s16(x1));
+        acc[1] = vmlal_high_s16(acc[1], hi, x1);
+    }
+    return vaddvq_s32(vaddq_s32(acc[0], acc[1]));
+}
+#  else
+static int32_t dot_chunk(const int8_t *w, const int16_t *x, int64_t n) {
+    int32_t s = 0;
+    #pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) s += (int32_t)w[k] * x[k];
+    return s;
+}
+#  endif
+
 static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
     for (int r = 0; r < rows; ++r) {
         const int8_t *row = q + r * cols;
         float total = 0.0f;
-        for (int64_t c = 0; c < cols; c += CHUNK) {
-            const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
-            int32_t s = 0;
-            #pragma omp simd reduction(+ : s)
-            for (int64_t k = c; k < end; ++k) s += (int32_t)row[k] * xq[k];
-            total += (float)s;
-        }
+        for (int64_t c = 0; c < cols; c += CHUNK)
+            total += (float)dot_chunk(row + c, xq + c, (c + CHUNK < cols ? c + CHUNK : cols) - c);
         out[r] = total;
     }
 }
