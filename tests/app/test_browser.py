@@ -115,9 +115,17 @@ def test_retry_undo_and_clear(page):
     expect(page.locator("#stats")).to_have_text("Ready · cpu float32")
 
 
-def shown_refusal(page, message: str):
-    """The toast that shows a refusal (it stays until closed)."""
-    return page.locator("[data-testid=toast-body]", has_text=message)
+def send_refused(page, prefix: str, message: str, seed_text: str, refusal: str) -> None:
+    """Send `message` with `seed_text` from the tab whose elements are #<prefix>msg, #<prefix>seed and
+    #<prefix>send; the refusal shows in a toast (it stays until closed), the message stays in the box,
+    and Send is usable again."""
+    from playwright.sync_api import expect
+    page.locator(f"#{prefix}seed textarea, #{prefix}seed input").first.fill(seed_text)
+    page.locator(f"#{prefix}msg textarea").fill(message)
+    page.locator(f"#{prefix}send").click()
+    expect(page.locator("[data-testid=toast-body]", has_text=refusal)).to_be_visible()
+    expect(page.locator(f"#{prefix}msg textarea")).to_have_value(message)  # nothing is lost
+    expect(page.locator(f"#{prefix}send")).to_be_enabled()
 
 
 def test_refused_input_is_a_message_and_the_conversation_stays(page):
@@ -127,17 +135,11 @@ def test_refused_input_is_a_message_and_the_conversation_stays(page):
     wait_for_reply(page, 0)
     users, bots = page.locator("#chat [data-testid=user]"), page.locator("#chat [data-testid=bot]")
 
-    seed = page.locator("#seed textarea, #seed input").first
     refusals = [("A seed that is not a number.", "abc", "Seed must be a number, got 'abc'."),
                 ("", "", "Type a message first."),
                 ("word " * 1100, "", "Your message is too long: with its template it takes")]
     for message, seed_text, refusal in refusals:
-        seed.fill(seed_text)
-        page.locator("#msg textarea").fill(message)
-        page.locator("#send").click()
-        expect(shown_refusal(page, refusal)).to_be_visible()
-        expect(page.locator("#msg textarea")).to_have_value(message)  # nothing is lost
-        expect(page.locator("#send")).to_be_enabled()
+        send_refused(page, "", message, seed_text, refusal)
         expect(users).to_have_count(1)  # the conversation is still there, uncovered
         expect(users.first).to_have_text("Hello there.")
         expect(bots.first).to_be_visible()
@@ -145,7 +147,7 @@ def test_refused_input_is_a_message_and_the_conversation_stays(page):
         assert "Error" not in page.locator("#msg").inner_text()
     save_screenshot(page, "refused-input.png")
 
-    seed.fill("")  # and the next good message is served as usual
+    page.locator("#seed textarea, #seed input").first.fill("")  # and the next good message is served as usual
     page.locator("#msg textarea").fill("Thanks.")
     page.locator("#send").click()
     wait_for_reply(page, 1)

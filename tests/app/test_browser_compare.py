@@ -121,18 +121,11 @@ def test_score_tab_shows_the_perplexity_the_cli_prints(page, app, tmp_path, caps
 
 
 def test_refused_input_in_compare_is_a_message_and_nothing_is_lost(page):
-    from playwright.sync_api import expect
-    from tests.app.test_browser import shown_refusal
+    from tests.app.test_browser import send_refused
     page.get_by_role("tab", name="Compare").click()
     page.get_by_role("button", name="Settings (both sides)").click()
-    seed = page.locator("#cmp_seed textarea, #cmp_seed input").first
     for message, seed_text, refusal in [("Hi.", "abc", "Seed must be a number, got 'abc'."),
                                         ("", "", "Type a message first.")]:
-        seed.fill(seed_text)
-        page.locator("#cmp_msg textarea").fill(message)
-        page.locator("#cmp_send").click()
-        expect(shown_refusal(page, refusal)).to_be_visible()
-        expect(page.locator("#cmp_msg textarea")).to_have_value(message)  # nothing is lost
-        expect(page.locator("#cmp_send")).to_be_enabled()
+        send_refused(page, "cmp_", message, seed_text, refusal)
         for side in ("#cmp_base", "#cmp_tuned"):  # no error badge over the outputs
             assert "Error" not in page.locator(side).inner_text()
