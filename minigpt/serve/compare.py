@@ -16,7 +16,7 @@ from .conversation import BASE, MAX_SEED, MODES, TUNED, as_chat_text
 from .engine import Engine
 from .handlers import ChatHandlers
 from .panels import token_text
-from .replies import stats_line
+from .replies import paced, stats_line
 from .session import Session
 
 DIFF_SCALE = 4.0  # nats of log p_tuned − log p_base at which a token's colour saturates
@@ -77,7 +77,7 @@ class CompareHandlers:
         side = session.sides[mode]
         flag = side.start_reply()
         try:
-            for reply in self.engine.stream_reply(mode, prompt, settings, flag, strength=strength):
+            for reply in paced(self.engine.stream_reply(mode, prompt, settings, flag, strength=strength)):
                 yield reply.text.strip(), stats_line(reply, self.engine.device)
             side.show(reply)
         finally:

@@ -30,7 +30,7 @@ from .panels import (
     position_caption,
     token_highlights,
 )
-from .replies import stats_line
+from .replies import paced, stats_line
 from .session import Session
 
 ATTENTION_HINT = "The attention of the last reply is computed when this panel is open."
@@ -117,8 +117,8 @@ class ChatHandlers:
         flag = session.start_reply()
         history = [*history, {"role": "assistant", "content": ""}]
         try:
-            for reply in self.engine.stream_reply(mode, prompt, settings, flag,
-                                                  strength=strength if mode == TUNED else 1.0):
+            strength = strength if mode == TUNED else 1.0
+            for reply in paced(self.engine.stream_reply(mode, prompt, settings, flag, strength=strength)):
                 history[-1] = {"role": "assistant", "content": as_chat_text(reply.text.strip())}
                 status = "\n\n".join(filter(None, [stats_line(reply, self.engine.device), *notes]))
                 if reply.finish_reason is None:

@@ -23,7 +23,7 @@ from .panels_heads import entropy_figure, similarity_figure
 from .panels_lens import lens_figure, lens_ids, lens_table, reply_column, visible_columns
 from .panels_sampling import pipeline_figure, pipeline_summary, position_logits, sampling_pipeline
 from .panels_timeline import timeline_figure, timeline_summary
-from .replies import stats_line
+from .replies import paced, stats_line
 from .session import Session
 from .transcript import TranscriptError, export_conversation, load_conversation
 
@@ -171,8 +171,9 @@ class InspectHandlers:
         yield [gr.skip(), gr.skip(), gr.Textbox(interactive=False), *locked(), *keep]
         try:
             prompt = Prompt("", reply.prompt_ids, 0, reply.stop)
-            for new in self.engine.stream_reply(reply.mode, prompt, reply.settings, flag, strength=reply.strength,
-                                                forced=[*reply.token_ids[:position - 1], token]):
+            forced = [*reply.token_ids[:position - 1], token]
+            for new in paced(self.engine.stream_reply(reply.mode, prompt, reply.settings, flag,
+                                                      strength=reply.strength, forced=forced)):
                 history[-1] = {"role": "assistant", "content": as_chat_text(new.text.strip())}
                 if new.finish_reason is None:
                     yield [history, stats_line(new, self.engine.device), *[gr.skip()] * 5, *keep]

@@ -1,11 +1,12 @@
 """Streaming one chat reply: tokens and log-probs against transformers, Stop, and the stats line."""
 import threading
+import time
 
 import pytest
 import torch
 
 from minigpt.serve.conversation import BASE, Prompt, read_settings
-from minigpt.serve.replies import Reply, stats_line, stream_reply
+from minigpt.serve.replies import Reply, paced, stats_line, stream_reply
 
 
 def greedy(max_new_tokens):
@@ -77,3 +78,33 @@ def test_a_stop_string_ends_the_reply_before_it(tiny_model):
 ])
 def test_stats_line(reply, line):
     assert stats_line(reply, "cpu float32") == line
+
+
+def test_paced_sends_at_most_one_reply_per_frame_and_always_the_last(tiny_model):
+    model, tokenizer, _ = tiny_model
+    prompt = Prompt("", tokenizer.encode_ordinary("Hello"), 0, stop=())
+    arrivals = []
+
+    def stream():
+        for reply in stream_reply(model, tokenizer, BASE, prompt, greedy(60), threading.Event()):
+            arrivals.append(time.perf_counter())
+            yield reply
+            time.sleep(0.002)  # a fast model: 60 tokens in well under a second, many per frame
+
+    sent = []
+    for reply in paced(stream(), every_s=0.05):
+        sent.append((time.perf_counter(), len(reply.token_ids), reply.finish_reason))
+    assert len(arrivals) == 60 and sent[-1][1:] == (60, "length")  # the finished reply always arrives
+    assert sent[0][1] == 1  # the first token shows at once
+    assert 2 <= len(sent) < 60
+    gaps = [b[0] - a[0] for a, b in zip(sent[:-2], sent[1:-1])]  # between unfinished replies
+    assert all(gap >= 0.05 for gap in gaps), gaps
+
+
+def test_closing_paced_closes_the_model_stream(tiny_model):
+    model, tokenizer, _ = tiny_model
+    stream = stream_reply(model, tokenizer, BASE, Prompt("", [464], 0, ()), greedy(50), threading.Event())
+    replies = paced(stream, every_s=0)
+    next(replies), next(replies)
+    replies.close()  # the browser went away: Gradio closes the handler's generator
+    assert stream.gi_frame is None  # closed, its generate() loop with it, though this test still holds it
