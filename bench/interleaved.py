@@ -6,7 +6,7 @@ python -m bench.decode and python -m bench.llama_cpp each run for minutes; when 
 and goes, their figures are measured under different loads. Here each round decodes --new-tokens
 greedy tokens with MiniGPT int8 (the C step, variant as chosen or MINIGPT_ISA), MiniGPT int8 with
 MINIGPT_ISA=avx2 (x86 with AVX2 only), and llama.cpp q8_0 (llama-bench -p 0: decode only), and the
-same for float32 vs llama.cpp f32, one after the other, so every engine sees the same conditions;
+same for float32 (the C step too) vs llama.cpp f32, one after the other, so every engine sees the same conditions;
 medians over the rounds. Same random GPT-2 124M checkpoint for all (bench/llama_cpp.py writes and
 converts it). DIR as in python -m bench.llama_cpp. Prints a table and writes bench/results/interleaved-<date>.json.
 """
@@ -79,6 +79,8 @@ def main() -> None:
             "minigpt int8 (MINIGPT_ISA=avx2)": lambda: minigpt(folder, "int8", args.threads, args.new_tokens, "avx2"),
             "llama.cpp q8_0": lambda: (llama(llama_cpp, ggufs["q8_0"], args.threads, args.new_tokens), ""),
             "minigpt float32": lambda: minigpt(folder, "float32", args.threads, args.new_tokens),
+            "minigpt float32 (MINIGPT_ISA=avx2)": lambda: minigpt(folder, "float32", args.threads, args.new_tokens,
+                                                                  "avx2"),
             "llama.cpp f32": lambda: (llama(llama_cpp, ggufs["f32"], args.threads, args.new_tokens), ""),
         }
         for r in range(args.rounds):

@@ -9,8 +9,8 @@ float32; far more than the L3 cache, so every call reads DRAM) and the 50257 x 7
 F.linear (what nn.Linear runs), oneDNN's matmul (torch.ops.mkldnn._linear_pointwise, what
 minigpt.speed.onednn runs for float32 inference), each with row-major (out, in) weights and with the
 Hub's (in, out) memory order; bfloat16 F.linear; the int8 kernel of minigpt/speed/quantize.py (PyTorch's);
-and the int8 matrix-vector loop of minigpt/speed/int8_decode.c (the C decode step's), one row per call, in
-each variant this CPU runs (avx512, avx2, the portable C loop; native.cpu_isas()).
+and the float32 and int8 matrix-vector loops of minigpt/speed/decode_step.c (the C decode step's), one row
+per call, in each variant this CPU runs (avx512, avx2, the portable C loop; native.cpu_isas()).
 Medians of --reps, as milliseconds per step and GB/s of weights read.
 """
 from __future__ import annotations
@@ -39,17 +39,18 @@ def int8_kernel(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.
     return torch._weight_int8pack_mm(x, *w)
 
 
-def c_int8(x: torch.Tensor, w: tuple) -> None:
-    q, _, linear, y, lib = w
+def c_loop(x: torch.Tensor, w: tuple) -> None:
+    _, linear, y, lib = w
     for row in x:  # the C loop takes one activation row
-        lib.int8_linear(ctypes.byref(linear), row.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        lib.linear(ctypes.byref(linear), row.data_ptr(), y.data_ptr(), torch.get_num_threads())
 
 
-def c_weights(q: torch.Tensor, scales: torch.Tensor, isa: str | None = None) -> tuple:
-    """(int8 weight, float32 scales, the C struct pointing at them, an output buffer, the variant's library)."""
-    scales = scales.float()
-    return (q, scales, native.Int8LinearStruct(q.data_ptr(), scales.data_ptr(), None, *q.shape),
-            torch.empty(q.size(0)), native.library(isa))
+def c_weights(weight: torch.Tensor, scales: torch.Tensor | None, isa: str | None = None) -> tuple:
+    """(the tensors, the C struct pointing at them, an output buffer, the variant's library): an int8 weight
+    with its scales, or a float32 weight (scales None)."""
+    kept = (weight,) if scales is None else (weight, scales.float())
+    return (kept, native.LinearStruct(weight.data_ptr(), None if scales is None else kept[1].data_ptr(), None,
+                                      *weight.shape), torch.empty(weight.size(0)), native.library(isa))
 
 
 def kernels(shapes: list[tuple[int, int]]) -> dict[str, tuple[Callable, list, torch.dtype, int]]:
@@ -64,13 +65,15 @@ def kernels(shapes: list[tuple[int, int]]) -> dict[str, tuple[Callable, list, to
         "oneDNN float32, (in, out)": (onednn, in_out, torch.float32, 4),
         "F.linear bfloat16, (out, in)": (F.linear, [w.bfloat16() for w in rowmajor], torch.bfloat16, 2),
         "int8 kernel (quantize.py)": (int8_kernel, int8, torch.bfloat16, 1),
-    } | {f"C int8 (int8_decode.c {isa})": (c_int8, [c_weights(*w, isa) for w in int8], torch.float32, 1)
-         for isa in native.cpu_isas()}
+    } | {f"C float32 ({isa})": (c_loop, [c_weights(w, None, isa) for w in rowmajor], torch.float32, 4)
+         for isa in native.cpu_isas()} | {f"C int8 ({isa})": (c_loop, [c_weights(*w, isa) for w in int8], torch.float32, 1)
+                                          for isa in native.cpu_isas()}
 
 
 def time_step(kernel: Callable, weights: list, rows: int, dtype: torch.dtype, reps: int) -> float:
     inputs = {n: torch.randn(rows, n, dtype=dtype) for n in {768, 3072}}
-    in_features = [(w[0] if isinstance(w, tuple) else w).size(1) for w in weights]
+    in_features = [(w[0][0] if isinstance(w[0], tuple) else w[0] if isinstance(w, tuple) else w).size(1)
+                   for w in weights]
 
     def step():
         for w, n in zip(weights, in_features):

@@ -3,6 +3,7 @@ each behind a Decoder that picked its fastest decode step here, once."""
 from __future__ import annotations
 
 import ctypes
+import os
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -14,8 +15,8 @@ import torch
 from .adapters import AdapterError, adapter_deltas, merge_deltas, read_adapter, resolve_adapter
 from .model import GPT
 from .speed.decoder import Decoder, as_decoder
-from .speed.native import NativeUnavailable, native_step
-from .speed.onednn import onednn_is_faster, use_onednn
+from .speed.native import NativeUnavailable, native_available, native_step
+from .speed.onednn import KERNEL_ENV, onednn_is_faster, use_onednn
 from .speed.quantize import Int8Linear, int8_drafts, quantize_int8
 from .strength import AdapterStrength
 from .weights import load_pretrained
@@ -78,10 +79,14 @@ def with_adapter(base: GPT, deltas: dict[str, torch.Tensor], precision: str) -> 
 
 
 def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
-    """Apply the precision to models that share weights (together: shared weights are quantized once)."""
+    """Apply the precision to models that share weights (together: shared weights are quantized once)
+    and build their decoders. A float32 model that will not decode in C
+    multiplies through oneDNN where that measured faster (the C step reads (out, in) weights, the order
+    oneDNN changes)."""
     if precision == "int8":
         quantize_int8(*models)
-    elif precision == "float32" and onednn_is_faster(models[0]):
+    elif precision == "float32" and not (float32_in_c(models[0]) and native_available()) \
+            and onednn_is_faster(models[0]):
         for model in models:
             use_onednn(model)
     return decoders_for(*models)
@@ -108,15 +113,20 @@ def _finish(model: GPT, precision: str) -> Decoder:
 
 
 def decoders_for(*models: GPT) -> list[Decoder]:
-    """A Decoder per model: int8 CPU models decode single tokens in C where the step builds for this
-    machine; otherwise (and for every other model) PyTorch does, after one warning line."""
-    int8_cpu = [m for m in models if m.device.type == "cpu" and isinstance(m.lm_head, Int8Linear)]
+    """A Decoder per model: int8 and float32 CPU models decode single tokens in C where the step builds
+    for this machine (float32 unless $MINIGPT_FLOAT32_KERNEL asks for a PyTorch kernel); otherwise (and
+    for every other model) PyTorch does, after one warning line."""
+    in_c = [m for m in models if m.device.type == "cpu" and (isinstance(m.lm_head, Int8Linear) or float32_in_c(m))]
     try:
-        steps = {id(m): native_step(m) for m in int8_cpu}
+        steps = {id(m): native_step(m) for m in in_c}
     except NativeUnavailable as e:
-        warnings.warn(f"int8 decoding stays on PyTorch's kernel: {e}", stacklevel=2)
+        warnings.warn(f"decoding stays on PyTorch: {e}", stacklevel=2)
         steps = {}
     return [Decoder(m, steps[id(m)], "C decode step") if id(m) in steps else Decoder(m) for m in models]
+
+
+def float32_in_c(model: GPT) -> bool:
+    return model.lm_head.weight.dtype == torch.float32 and os.environ.get(KERNEL_ENV) not in ("onednn", "pytorch")
 
 
 def speculative_drafts(*models: GPT | Decoder) -> list[Decoder]:

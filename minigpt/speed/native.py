@@ -1,4 +1,5 @@
-"""Int8 decoding through int8_decode.c: one C call per token instead of ~500 PyTorch ops.
+"""Decoding through decode_step.c: one C call per token instead of ~500 PyTorch ops, for int8 and
+float32 CPU models.
 
 native_step(model) returns the step that decodes the model's single tokens in C (inference.py wraps
 it in a Decoder). Prompts, batches and the attention panel's steps keep the PyTorch path; both read
@@ -31,7 +32,7 @@ import torch
 from ..model import GPT, KVCache
 from .quantize import Int8Embedding, Int8Linear
 
-SOURCE = Path(__file__).with_name("int8_decode.c")
+SOURCE = Path(__file__).with_name("decode_step.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # Per variant: compiler flags. Explicit instruction sets rather than -march=native, so the avx2 and
 # generic libraries built on an AVX-512 machine are the ones an AVX2-only or older CPU builds.
@@ -53,23 +54,23 @@ class NativeUnavailable(RuntimeError):
     """The C decode step cannot serve this model or machine; the message says why."""
 
 
-# The structs of int8_decode.c, field for field.
-class Int8LinearStruct(ctypes.Structure):
+# The structs of decode_step.c, field for field.
+class LinearStruct(ctypes.Structure):
     _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("rows", ctypes.c_int64), ("cols", ctypes.c_int64)]
 
 
 class _Block(ctypes.Structure):
     _fields_ = [("ln_1_weight", ctypes.c_void_p), ("ln_1_bias", ctypes.c_void_p),
-                ("c_attn", Int8LinearStruct), ("attn_proj", Int8LinearStruct),
+                ("c_attn", LinearStruct), ("attn_proj", LinearStruct),
                 ("ln_2_weight", ctypes.c_void_p), ("ln_2_bias", ctypes.c_void_p),
-                ("c_fc", Int8LinearStruct), ("mlp_proj", Int8LinearStruct)]
+                ("c_fc", LinearStruct), ("mlp_proj", LinearStruct)]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [("n_layer", ctypes.c_int64), ("n_head", ctypes.c_int64), ("n_embd", ctypes.c_int64),
                 ("mlp_dim", ctypes.c_int64), ("eps", ctypes.c_float), ("wpe", ctypes.c_void_p),
-                ("ln_f_weight", ctypes.c_void_p), ("ln_f_bias", ctypes.c_void_p), ("lm_head", Int8LinearStruct),
+                ("ln_f_weight", ctypes.c_void_p), ("ln_f_bias", ctypes.c_void_p), ("lm_head", LinearStruct),
                 ("blocks", ctypes.POINTER(_Block))]
 
 
@@ -130,7 +131,7 @@ def build(isa: str, folder: Path | None = None) -> Path:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, *libs, platform.machine(),
                                      *sorted(cpu_features())]).encode()).hexdigest()[:16]
     folder = folder or cache_folder()
-    target = folder / f"int8_decode-{isa}-{key}.so"
+    target = folder / f"decode_step-{isa}-{key}.so"
     if target.exists():
         return target
     try:
@@ -158,8 +159,17 @@ def build(isa: str, folder: Path | None = None) -> Path:
 
 
 def library(isa: str | None = None) -> ctypes.CDLL:
-    """int8_decode.c built for this CPU (or for isa) and loaded, once per process and variant."""
+    """decode_step.c built for this CPU (or for isa) and loaded, once per process and variant."""
     return _load(choose_isa(isa))
+
+
+def native_available(isa: str | None = None) -> bool:
+    """Whether the C step builds and loads here (a failure is reported where the step is built)."""
+    try:
+        library(isa)
+    except NativeUnavailable:
+        return False
+    return True
 
 
 @functools.cache
@@ -174,16 +184,17 @@ def _load(isa: str) -> ctypes.CDLL:
         except OSError as e:
             raise NativeUnavailable(f"cannot load the C decode step {target}: {e}") from None
     lib.minigpt_isa.restype = ctypes.c_char_p
-    lib.gpt2_int8_step.restype = ctypes.c_int
-    lib.gpt2_int8_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    lib.gpt2_step.restype = ctypes.c_int
+    lib.gpt2_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    lib.int8_linear.restype = None  # one matrix-vector product alone, for bench/matmul.py
-    lib.int8_linear.argtypes = [ctypes.POINTER(Int8LinearStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.linear.restype = None  # one matrix-vector product alone, for bench/matmul.py
+    lib.linear.argtypes = [ctypes.POINTER(LinearStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
 class NativeDecoder:
-    """The C step bound to one int8 model's tensors; call it as model(idx, cache) would be for one token."""
+    """The C step bound to one int8 or float32 model's tensors; call it as model(idx, cache) would be for one
+    token."""
 
     def __init__(self, model: GPT, isa: str | None = None):
         self.lib = library(isa)
@@ -208,16 +219,24 @@ class NativeDecoder:
         self.keep.append(t)
         return t.data_ptr()
 
-    def _linear(self, layer: torch.nn.Module) -> Int8LinearStruct:
-        if not isinstance(layer, Int8Linear):
-            raise NativeUnavailable(f"the C decode step needs int8 Linears (quantize_int8), got {type(layer).__name__}")
+    def _linear(self, layer: torch.nn.Module) -> LinearStruct:
+        """An int8 Linear (its weights and row scales), or a plain float32 nn.Linear (scale NULL): a subclass
+        may compute more than its weight says (a LoRA layer's update), so it is refused."""
         if layer.in_features % 64:
             raise NativeUnavailable(f"the C decode step needs widths that are multiples of 64, got {layer.in_features}")
-        weight = layer.weight.contiguous()
-        self.keep.append(weight)
+        if isinstance(layer, Int8Linear):
+            q = layer.weight.contiguous()
+            self.keep.append(q)
+            weight, scale = q.data_ptr(), self._ptr(layer.scales.float())
+        elif type(layer) is torch.nn.Linear:
+            if not layer.weight.is_contiguous():  # a copy in (out, in) order would double the model's memory
+                raise NativeUnavailable("the C decode step reads float32 weights in (out, in) memory order")
+            weight, scale = self._ptr(layer.weight), 0
+        else:
+            raise NativeUnavailable(f"the C decode step needs int8 (quantize_int8) or plain float32 Linears, "
+                                    f"got {type(layer).__name__}")
         bias = 0 if layer.bias is None else self._ptr(layer.bias)
-        return Int8LinearStruct(weight.data_ptr(), self._ptr(layer.scales.float()), bias, layer.out_features,
-                                layer.in_features)
+        return LinearStruct(weight, scale, bias, layer.out_features, layer.in_features)
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (1, 1, vocab) of the one token idx (1, 1) after the cache, which it extends by that token."""
@@ -231,7 +250,7 @@ class NativeDecoder:
         if cache.length >= cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + 1} requested")
         logits = torch.empty(1, 1, self.vocab_size)
-        status = self.lib.gpt2_int8_step(self.model, token, cache.length, cache.k.data_ptr(), cache.v.data_ptr(),
+        status = self.lib.gpt2_step(self.model, token, cache.length, cache.k.data_ptr(), cache.v.data_ptr(),
                                          cache.max_len, logits.data_ptr(), torch.get_num_threads())
         if status:
             raise MemoryError("the C decode step could not allocate its working memory")
@@ -240,8 +259,10 @@ class NativeDecoder:
 
 
 def native_step(model: GPT, isa: str | None = None) -> NativeDecoder:
-    """The C decode step for this int8 CPU model (a speed.decoder.Step), in the variant for this CPU (or
-    isa); NativeUnavailable says why not."""
-    if not isinstance(model.transformer.wte, Int8Embedding) or model.transformer.wte.lm_head is not model.lm_head:
-        raise NativeUnavailable("the C decode step needs an int8 model (quantize_int8) with its tied embedding")
+    """The C decode step for this int8 or float32 CPU model (a speed.decoder.Step), in the variant for this
+    CPU (or isa); NativeUnavailable says why not."""
+    wte = model.transformer.wte
+    tied = wte.lm_head is model.lm_head if isinstance(wte, Int8Embedding) else wte.weight is model.lm_head.weight
+    if not tied:
+        raise NativeUnavailable("the C decode step needs GPT-2's tied token embedding and lm_head")
     return NativeDecoder(model, isa)

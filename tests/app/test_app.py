@@ -42,7 +42,7 @@ def test_bad_options_are_refused(argv, message, capsys):
 def test_without_an_adapter_only_base_mode_runs_and_the_hint_says_how_to_get_one(tiny_checkpoint, tmp_path):
     default = tmp_path / "checkpoints" / "alpaca-lora"  # not there
     engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", default_adapter=default)
-    assert list(engine.models) == [BASE] and engine.device == "cpu float32"
+    assert list(engine.models) == [BASE] and engine.device == "cpu float32 (C decode step)"
     assert "python -m lora.train" in engine.adapter_hint and "--adapter" in engine.adapter_hint
     with pytest.raises(ChatInputError, match=f"Alpaca LoRA mode is off: no adapter in {default}"):
         engine.model(TUNED)
@@ -129,7 +129,7 @@ def test_speculative_engine_drafts_each_mode_and_replies_as_without(tiny_checkpo
     folder = tiny_checkpoint[0]
     engine = load_engine(str(folder), str(make_adapter(folder, tmp_path / "adapter")), "cpu", "float32",
                          speculative=True)
-    assert list(engine.drafts) == [BASE, TUNED] and engine.device == "cpu float32 + int8 draft"
+    assert list(engine.drafts) == [BASE, TUNED] and engine.device == "cpu float32 (C decode step) + int8 draft"
     assert isinstance(engine.drafts[TUNED].model.transformer.h[0].attn.c_attn, Int8Linear)
     settings = read_settings(0, 0, 1.0, 24, None, context=128)[0]
     prompt = Prompt("", engine.tokenizer.encode_ordinary("User: Hello there\nAssistant:"), 0, stop=())

@@ -112,7 +112,7 @@ def test_retry_undo_and_clear(page):
     wait_for_reply(page, 0)
     page.locator("#clear").click()
     expect(bots).to_have_count(0)
-    expect(page.locator("#stats")).to_have_text("Ready · cpu float32")
+    expect(page.locator("#stats")).to_have_text("Ready · cpu float32 (C decode step)")
 
 
 def send_refused(page, prefix: str, message: str, seed_text: str, refusal: str) -> None:

@@ -1,9 +1,12 @@
-"""The C decode step (minigpt/native.py, int8_decode.c) against an independent oracle.
+"""The C decode step (minigpt/speed/native.py, decode_step.c) against an independent oracle.
 
 Every variant this CPU can run is checked (on x86-64: avx2 and the portable C loop always, avx512
 where the CPU has it); the aarch64 variants are checked under emulation (qemu-aarch64) at the end.
 
-Oracle: our float32 model with every Linear's weight replaced by the int8 model's dequantized weight
+float32 models: the oracle is the same model's PyTorch forward. The C step multiplies the same
+float32 numbers in another order, so logits agree to float32 rounding (FLOAT32_ATOL).
+
+int8 models: the oracle is our float32 model with every Linear's weight replaced by the int8 model's dequantized weight
 (q * scale, from the stored tensors) and every Linear's input rounded to int16 as the C step rounds
 it (round_like_c). The C step does the same arithmetic in another order, so it must agree to float32
 rounding (tolerance 1e-4, where int8 rounding itself moves logits by about 1e-2). Without the int16
@@ -22,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora import inject_lora
 from minigpt.config import GPTConfig
 from minigpt.generation import generate
 from minigpt.inference import load_for_inference, speculative_drafts
@@ -31,10 +35,12 @@ from minigpt.serve.engine import load_engine
 from minigpt.speed import native
 from minigpt.speed.decoder import Decoder
 from minigpt.speed.native import NativeUnavailable, native_step
+from minigpt.speed.onednn import KERNEL_ENV, use_input_major_weights
 from minigpt.speed.quantize import Int8Linear, quantize_int8
 from tests.helpers import REPO
 
 ATOL = 1e-4
+FLOAT32_ATOL = 1e-5  # the tiny model's logits are about 1 in size: a few float32 roundings apart
 INT16_REL = 3e-5  # int16 activations: |C - dequantized float32| <= ATOL + INT16_REL * max|logit|
 # The variants of this CPU's architecture; only one the CPU cannot run (avx512 on an AVX2-only x86) skips.
 ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in native.cpu_isas(), reason=f"this CPU cannot run {isa}"))
@@ -51,7 +57,7 @@ def fresh_build_cache(tmp_path_factory):
 
 
 def round_like_c(x: torch.Tensor) -> torch.Tensor:
-    """Each vector rounded to int16 with one scale, amax / 32767, as int8_decode.c's int8_linear does."""
+    """Each vector rounded to int16 with one scale, amax / 32767, as decode_step.c's linear does for int8."""
     amax = x.abs().amax(-1, keepdim=True)
     inverse = torch.where(amax > 0, 32767 / amax, 0)
     return torch.round(x * inverse) * (amax / 32767)
@@ -108,6 +114,15 @@ def default_models(tiny_model):
     return int8, dequantized_reference(model, int8), tokenizer
 
 
+@pytest.fixture(scope="module", params=ISAS)
+def float32_models(request, tiny_model):
+    """(float32 model decoding in C with one variant, the same model on PyTorch, tokenizer)."""
+    model, tokenizer, _ = tiny_model
+    in_c = Decoder(model, native_step(model, request.param), "C decode step")
+    assert in_c.step.isa == request.param
+    return in_c, model, tokenizer
+
+
 def one_at_a_time(model, ids, cache):
     """Logits (T, vocab) of feeding ids one token per call."""
     return torch.cat([model(torch.tensor([[i]]), cache)[0] for i in ids])
@@ -128,6 +143,31 @@ def test_every_step_matches_the_dequantized_float32_model(models):
     plain = int8.model  # without the C step, PyTorch's int8 kernel rounds activations to bfloat16: not this close
     with torch.inference_mode():
         assert (one_at_a_time(plain, ids, plain.new_cache(64)) - expected).abs().max() > 10 * ATOL
+
+
+def test_float32_steps_match_the_pytorch_forward(float32_models):
+    in_c, model, tokenizer = float32_models
+    ids = tokenizer.encode_ordinary("The quick brown fox jumps over the lazy dog, and then it ran away")
+    cache, ref_cache = in_c.new_cache(64), model.new_cache(64)
+    with torch.inference_mode():
+        ours = one_at_a_time(in_c, ids, cache)
+        expected = model(torch.tensor([ids]), ref_cache)[0]
+        step_by_step = one_at_a_time(model, ids, model.new_cache(64))
+    assert cache.length == ref_cache.length == len(ids)
+    torch.testing.assert_close(ours, expected, atol=FLOAT32_ATOL, rtol=0)
+    torch.testing.assert_close(cache.k, ref_cache.k, atol=FLOAT32_ATOL, rtol=0)
+    torch.testing.assert_close(cache.v, ref_cache.v, atol=FLOAT32_ATOL, rtol=0)
+    assert not torch.equal(ours, step_by_step)  # the C step ran (it sums in another order than PyTorch)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_k=50)],
+                         ids=["greedy", "sampled"])
+def test_float32_generate_streams_the_pytorch_tokens(float32_models, params):
+    in_c, model, tokenizer = float32_models
+    ours = list(generate(in_c, tokenizer, tokenizer.encode_ordinary("Hi"), 40, params, seed=3))
+    expected = list(generate(model, tokenizer, tokenizer.encode_ordinary("Hi"), 40, params, seed=3))
+    assert [e.token_id for e in ours] == [e.token_id for e in expected]
+    assert [e.logprob for e in ours] == pytest.approx([e.logprob for e in expected], abs=FLOAT32_ATOL)
 
 
 def test_it_reads_a_cache_that_pytorch_wrote(models):
@@ -192,11 +232,15 @@ def test_speculative_drafts_decode_in_c_and_keep_the_models_tokens(tiny_model):
     assert fast == plain
 
 
-def test_load_for_inference_decodes_int8_in_c(tiny_checkpoint):
+def test_load_for_inference_decodes_int8_and_float32_in_c_unless_asked_otherwise(tiny_checkpoint, monkeypatch):
     folder, _ = tiny_checkpoint
-    base, _, _ = load_for_inference(folder, device="cpu", precision="int8")
-    assert isinstance(base.step, native.NativeDecoder)
-    assert load_for_inference(folder, device="cpu", precision="float32")[0].step is None
+    for precision in ("int8", "float32"):
+        assert isinstance(load_for_inference(folder, device="cpu", precision=precision)[0].step, native.NativeDecoder)
+    assert load_for_inference(folder, device="cpu", precision="bfloat16")[0].step is None
+    for kernel in ("pytorch", "onednn"):  # a PyTorch kernel asked for float32: not the C step
+        monkeypatch.setenv(KERNEL_ENV, kernel)
+        assert load_for_inference(folder, device="cpu", precision="float32")[0].step is None
+        assert load_for_inference(folder, device="cpu", precision="int8")[0].step is not None
 
 
 def test_cli_and_app_decode_int8_in_c(default_models, tiny_checkpoint):
@@ -223,7 +267,7 @@ def test_without_a_compiler_int8_warns_once_and_decodes_with_pytorch(tiny_checkp
     folder, _ = tiny_checkpoint
     uncached(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    with pytest.warns(UserWarning, match=r"stays on PyTorch's kernel: no C compiler .*'/nonexistent/cc'") as caught:
+    with pytest.warns(UserWarning, match=r"decoding stays on PyTorch: no C compiler .*'/nonexistent/cc'") as caught:
         base, _, tokenizer = load_for_inference(folder, device="cpu", precision="int8")
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
     assert base.step is None and base.kernel == "PyTorch"
@@ -233,10 +277,10 @@ def test_without_a_compiler_int8_warns_once_and_decodes_with_pytorch(tiny_checkp
 def test_a_compiler_error_is_one_line_and_its_output_goes_to_a_log(monkeypatch, tmp_path):
     uncached(monkeypatch, tmp_path)
     script = tmp_path / "bad-cc"
-    script.write_text("#!/bin/sh\necho 'int8_decode.c:1: error: something' >&2\necho 'second line' >&2\nexit 1\n")
+    script.write_text("#!/bin/sh\necho 'decode_step.c:1: error: something' >&2\necho 'second line' >&2\nexit 1\n")
     script.chmod(0o755)
     monkeypatch.setenv("CC", str(script))
-    with pytest.raises(NativeUnavailable, match=r"bad-cc could not build int8_decode.c for generic \(exit status 1; "
+    with pytest.raises(NativeUnavailable, match=r"bad-cc could not build decode_step.c for generic \(exit status 1; "
                                                 r"compiler output in .*\.log\)") as caught:
         native.library("generic")
     message = str(caught.value)
@@ -252,15 +296,15 @@ def test_the_cli_fallback_warning_is_one_plain_line(tiny_checkpoint, tmp_path):
                           "int8", "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0"],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0
-    assert run.stderr.splitlines()[:-1] == ["warning: int8 decoding stays on PyTorch's kernel: no C compiler to "
-                                            "build int8_decode.c: '/nonexistent/cc': No such file or directory"]
+    assert run.stderr.splitlines()[:-1] == ["warning: decoding stays on PyTorch: no C compiler to "
+                                            "build decode_step.c: '/nonexistent/cc': No such file or directory"]
     assert run.stderr.splitlines()[-1].startswith("[3 tokens")  # then the speed line
 
 
 def test_it_is_built_once_into_the_cache_and_then_only_loaded(monkeypatch, tmp_path):
     uncached(monkeypatch, tmp_path)
     first = native.build("generic")
-    assert first.parent == tmp_path / "cache" / "minigpt" / "native" and first.name.startswith("int8_decode-generic-")
+    assert first.parent == tmp_path / "cache" / "minigpt" / "native" and first.name.startswith("decode_step-generic-")
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial file or log left behind
     monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
     assert native.build("generic") == first
@@ -270,7 +314,7 @@ def test_it_is_built_once_into_the_cache_and_then_only_loaded(monkeypatch, tmp_p
 def test_a_changed_source_is_a_new_build(monkeypatch, tmp_path):
     uncached(monkeypatch, tmp_path)
     first = native.build("generic")
-    source = tmp_path / "int8_decode.c"
+    source = tmp_path / "decode_step.c"
     source.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
     monkeypatch.setattr(native, "SOURCE", source)
     second = native.build("generic")
@@ -308,8 +352,21 @@ def test_cpus_get_the_variants_their_flags_allow(monkeypatch):
 
 def test_models_it_cannot_serve_are_refused_with_the_reason(tiny_model):
     model, _, _ = tiny_model
-    with pytest.raises(NativeUnavailable, match="needs an int8 model"):
-        native_step(model)
+    untied = copy.deepcopy(model)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.clone())
+    with pytest.raises(NativeUnavailable, match="needs GPT-2's tied token embedding and lm_head"):
+        native_step(untied)
+    with_lora = copy.deepcopy(model)
+    inject_lora(with_lora, ["c_attn"], r=4, alpha=8)
+    with pytest.raises(NativeUnavailable, match="int8 .* or plain float32 Linears, got LoRALinear"):
+        native_step(with_lora)  # its weight alone is not what it computes
+    transposed = copy.deepcopy(model)
+    use_input_major_weights(transposed)
+    with pytest.raises(NativeUnavailable, match=r"float32 weights in \(out, in\) memory order"):
+        native_step(transposed)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(NativeUnavailable, match="float32 CPU tensors, got torch.bfloat16"):
+        native_step(bf16)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     quantize_int8(bf16)
     with pytest.raises(NativeUnavailable, match="float32 CPU tensors, got torch.bfloat16"):
@@ -344,11 +401,11 @@ def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(default_models)
 
 # ---- aarch64, under emulation -----------------------------------------------------------------------
 
-# A main() around int8_decode.c: reads a model and tokens (layout below, native-endian), decodes the
+# A main() around decode_step.c: reads a model and tokens (layout below, native-endian), decodes the
 # tokens one step each from an empty cache, writes each step's logits.
 ARM64_DRIVER = r"""
 #include <stdio.h>
-#include "int8_decode.c"
+#include "decode_step.c"
 
 static FILE *in;
 static void *take(size_t bytes) {
@@ -357,31 +414,33 @@ static void *take(size_t bytes) {
     return p;
 }
 static const float *floats(int64_t n) { return take(n * sizeof(float)); }
-static Int8Linear linear(int64_t rows, int64_t cols, int has_bias) {
-    Int8Linear l = {take(rows * cols), floats(rows), NULL, rows, cols};
+static int int8; /* int8 weights and their scales, or float32 weights */
+static Linear read_linear(int64_t rows, int64_t cols, int has_bias) {
+    Linear l = {take(rows * cols * (int8 ? 1 : sizeof(float))), int8 ? floats(rows) : NULL, NULL, rows, cols};
     l.bias = has_bias ? floats(rows) : NULL;
     return l;
 }
 int main(int argc, char **argv) {
     if (argc != 3 || !(in = fopen(argv[1], "rb"))) return 2;
-    const int64_t *h = take(7 * sizeof(int64_t)); /* n_layer n_head n_embd mlp_dim vocab n_positions n_tokens */
+    const int64_t *h = take(8 * sizeof(int64_t)); /* n_layer n_head n_embd mlp_dim vocab n_positions n_tokens int8 */
     const int64_t L = h[0], C = h[2], F = h[3], V = h[4], T = h[6];
+    int8 = (int)h[7];
     Model m = {L, h[1], C, F, *floats(1), floats(h[5] * C), NULL, NULL};
     m.ln_f_weight = floats(C), m.ln_f_bias = floats(C);
-    m.lm_head = linear(V, C, 0);
+    m.lm_head = read_linear(V, C, 0);
     Block *blocks = malloc(L * sizeof(Block));
     for (int64_t l = 0; l < L; ++l) {
         blocks[l].ln_1_weight = floats(C), blocks[l].ln_1_bias = floats(C);
-        blocks[l].c_attn = linear(3 * C, C, 1), blocks[l].attn_proj = linear(C, C, 1);
+        blocks[l].c_attn = read_linear(3 * C, C, 1), blocks[l].attn_proj = read_linear(C, C, 1);
         blocks[l].ln_2_weight = floats(C), blocks[l].ln_2_bias = floats(C);
-        blocks[l].c_fc = linear(F, C, 1), blocks[l].mlp_proj = linear(C, F, 1);
+        blocks[l].c_fc = read_linear(F, C, 1), blocks[l].mlp_proj = read_linear(C, F, 1);
     }
     m.blocks = blocks;
     const int64_t *tokens = take(T * sizeof(int64_t));
     float *k = calloc(L * C * T, sizeof(float)), *v = calloc(L * C * T, sizeof(float)), *logits = malloc(V * 4);
     FILE *out = fopen(argv[2], "wb");
     for (int64_t t = 0; t < T; ++t) {
-        if (gpt2_int8_step(&m, tokens[t], t, k, v, T, logits, 2)) return 3;
+        if (gpt2_step(&m, tokens[t], t, k, v, T, logits, 2)) return 3;
         fwrite(logits, sizeof(float), V, out);
     }
     fclose(out);
@@ -392,20 +451,24 @@ int main(int argc, char **argv) {
 ARM64_TOOLS = ("aarch64-linux-gnu-gcc", "qemu-aarch64")
 
 
-def write_driver_input(int8, tokens, path):
-    """The driver's input file for an int8 model and a token sequence."""
-    int8 = unwrapped(int8)
-    c = int8.config
-    parts = [torch.tensor([c.n_layer, c.n_head, c.n_embd, c.mlp_dim, c.vocab_size, c.n_positions, len(tokens)]),
-             torch.tensor([c.layer_norm_epsilon], dtype=torch.float32), int8.transformer.wpe.weight,
-             int8.transformer.ln_f.weight, int8.transformer.ln_f.bias, int8.lm_head.weight, int8.lm_head.scales.float()]
-    for b in int8.transformer.h:
+def write_driver_input(model, tokens, path):
+    """The driver's input file for an int8 or float32 model and a token sequence."""
+    model = unwrapped(model)
+    c, int8 = model.config, isinstance(model.lm_head, Int8Linear)
+
+    def linear(layer):
+        return [layer.weight, layer.scales.float()] if int8 else [layer.weight]
+
+    parts = [torch.tensor([c.n_layer, c.n_head, c.n_embd, c.mlp_dim, c.vocab_size, c.n_positions, len(tokens), int8]),
+             torch.tensor([c.layer_norm_epsilon], dtype=torch.float32), model.transformer.wpe.weight,
+             model.transformer.ln_f.weight, model.transformer.ln_f.bias, *linear(model.lm_head)]
+    for b in model.transformer.h:
         parts += [b.ln_1.weight, b.ln_1.bias]
         for layer in (b.attn.c_attn, b.attn.c_proj):
-            parts += [layer.weight, layer.scales.float(), layer.bias]
+            parts += [*linear(layer), layer.bias]
         parts += [b.ln_2.weight, b.ln_2.bias]
         for layer in (b.mlp.c_fc, b.mlp.c_proj):
-            parts += [layer.weight, layer.scales.float(), layer.bias]
+            parts += [*linear(layer), layer.bias]
     parts.append(torch.tensor(tokens))
     path.write_bytes(b"".join(t.detach().contiguous().numpy().tobytes() for t in parts))
 
@@ -413,18 +476,22 @@ def write_driver_input(int8, tokens, path):
 @pytest.mark.skipif(not all(map(shutil.which, ARM64_TOOLS)),
                     reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu "
                            "qemu-user libc6-dev-arm64-cross)")
+@pytest.mark.parametrize("precision", ["int8", "float32"])
 @pytest.mark.parametrize("isa", ["neon", "generic"])
-def test_the_aarch64_variants_match_the_dequantized_float32_model_under_emulation(isa, tmp_path):
+def test_the_aarch64_variants_match_their_oracle_under_emulation(isa, precision, tmp_path):
+    """int8: the dequantized float32 model; float32: the model's PyTorch forward."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=320, n_positions=32, n_embd=128, n_layer=2, n_head=4))
     for p in model.parameters():  # GPT-2's initialisation (nn.Embedding's own is N(0, 1): logits of ~100)
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
-    int8 = copy.deepcopy(model)
-    quantize_int8(int8)
-    reference = dequantized_reference(model, int8)
+    served, reference, atol = model, model, FLOAT32_ATOL
+    if precision == "int8":
+        served = copy.deepcopy(model)
+        quantize_int8(served)
+        reference, atol = dequantized_reference(model, served), ATOL
     tokens = torch.randint(0, 320, (12,)).tolist()
-    write_driver_input(int8, tokens, tmp_path / "input.bin")
+    write_driver_input(served, tokens, tmp_path / "input.bin")
     (tmp_path / "driver.c").write_text(ARM64_DRIVER)
     subprocess.run(["aarch64-linux-gnu-gcc", "-O3", "-fopenmp", "-static", *native.ISA_FLAGS[isa],
                     f"-I{native.SOURCE.parent}", str(tmp_path / "driver.c"), "-o", str(tmp_path / "driver"), "-lm"],
@@ -436,5 +503,6 @@ def test_the_aarch64_variants_match_the_dequantized_float32_model_under_emulatio
     with torch.inference_mode():
         expected = reference(torch.tensor([tokens]))[0]
     assert expected.std() > 0.1  # logits that say something, not all near zero
-    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
-    assert_close_to_dequantized(ours, model, int8, tokens)
+    torch.testing.assert_close(ours, expected, atol=atol, rtol=0)
+    if precision == "int8":
+        assert_close_to_dequantized(ours, model, served, tokens)

@@ -1,20 +1,25 @@
-/* One GPT-2 decode step with int8 weights, in a single call (see native.py, which builds and calls it).
+/* One GPT-2 decode step with int8 or float32 weights, in a single call (see native.py, which builds
+and calls it).
 
-Decoding one token reads every weight once, so its speed is set by how fast the int8 weights stream
-from memory, plus the cost of everything else the step does. PyTorch's own int8 kernel reads them at
-about 30 GB/s here, and eager PyTorch spends about 2 ms a token dispatching the ~500 small ops
-around it. This file does the same step with one parallel matrix-vector loop per Linear and plain
-loops for the rest, so nearly all the time goes to reading weights.
+Decoding one token reads every weight once, so its speed is set by how fast the weights stream from
+memory, plus the cost of everything else the step does. Eager PyTorch spends about 2 ms a token
+dispatching the ~500 small ops around its matrix-vector products, and its kernels read the weights
+slower than memory allows (float32: 19 GB/s through F.linear where this loop reads 22-26 GB/s, on a
+2-core Xeon; docs/speed-cpu.md). This file does the same step with one parallel matrix-vector loop per
+Linear and plain loops for the rest, so nearly all the time goes to reading weights.
 
-Same weights as quantize.py's model: w[o][i] = q[o][i] * scale[o]. Each Linear's input vector is
+int8 Linears hold quantize.py's weights: w[o][i] = q[o][i] * scale[o]. Each one's input vector is
 rounded to int16 (one scale per vector; PyTorch's int8 kernel rounds it to bfloat16, 8 bits of
 mantissa, so this path is closer to float32 than PyTorch's) and multiplied with integer instructions.
+float32 Linears (scale NULL) multiply the float32 input with FMAs: the same arithmetic as PyTorch's,
+in another order, so logits agree to float32 rounding.
 Layout (row-major, batch 1): Linear weights (out, in); KV cache (n_layer, n_head, max_len, head_dim).
 
 One source, several instruction sets: native.py defines exactly one of MINIGPT_AVX512, MINIGPT_AVX2
 (x86) or MINIGPT_NEON (aarch64) with the matching compiler flags, or none for the portable C loop
-(any CPU; the compiler vectorizes it as far as its baseline allows). Only dot_rows differs between
-them. MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link (x86-64 glibc).
+(any CPU; the compiler vectorizes it as far as its baseline allows). Only the dot products (dot_rows,
+float_dot_rows) differ between them. MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link
+(x86-64 glibc).
 */
 #include <math.h>
 #include <stdint.h>
@@ -50,17 +55,17 @@ float tanhf(float);
 #endif
 
 typedef struct {
-    const int8_t *weight; /* (rows, cols) */
-    const float *scale;   /* (rows,) */
-    const float *bias;    /* (rows,), or NULL */
-    int64_t rows, cols;   /* cols: a multiple of 64 */
-} Int8Linear;
+    const void *weight; /* (rows, cols): int8 when scale is set, else float32 */
+    const float *scale; /* (rows,): w[o][i] = q[o][i] * scale[o]; NULL for float32 weights */
+    const float *bias;  /* (rows,), or NULL */
+    int64_t rows, cols; /* cols: a multiple of 64 */
+} Linear;
 
 typedef struct {
     const float *ln_1_weight, *ln_1_bias;
-    Int8Linear c_attn, attn_proj;
+    Linear c_attn, attn_proj;
     const float *ln_2_weight, *ln_2_bias;
-    Int8Linear c_fc, mlp_proj;
+    Linear c_fc, mlp_proj;
 } Block;
 
 typedef struct {
@@ -68,25 +73,27 @@ typedef struct {
     float eps;
     const float *wpe; /* (n_positions, n_embd) */
     const float *ln_f_weight, *ln_f_bias;
-    Int8Linear lm_head; /* tied: the token embeddings are its rows */
+    Linear lm_head; /* tied: the token embeddings are its rows */
     const Block *blocks;
 } Model;
 
 /* Which variant this library is (native.py checks it after loading). */
 const char *minigpt_isa(void) { return MINIGPT_ISA; }
 
-enum { ROWS = 4 };            /* rows per dot_rows call: four weight streams in flight */
+enum { ROWS = 4 };            /* rows per dot_rows call: four int8 weight streams in flight */
+enum { FLOAT_ROWS = 8 };      /* rows per float_dot_rows call: measured best of 2, 4, 8, 12, 16 (AVX-512, AVX2) */
 enum { PREFETCH = 1024 };     /* bytes ahead of each stream; measured best of 0, 256, 1024 (AVX-512) */
 enum { CHUNK = 256 };         /* columns summed in int32 before adding to float: |sum| < 256 * 127 * 32767 < 2^31 */
 
 /* out[r] = q[r] . xq for `rows` (<= ROWS) consecutive weight rows of length cols (a multiple of 64),
-   with the activations xq rounded to int16 (int8_linear). Integer multiply-adds (vpmaddwd, VNNI's
+   with the activations xq rounded to int16 (linear). Integer multiply-adds (vpmaddwd, VNNI's
    vpdpwssd, NEON's smlal) do in one instruction what widening each weight to float32 and an FMA do
    in three (docs/speed-cpu.md has the measurements). int32 sums are exact; each CHUNK of columns is
    added to a float32 sum. */
 #if defined(MINIGPT_AVX512) || defined(MINIGPT_AVX2)
 /* Both x86 variants share dot_rows below; what differs is the vector width and these few operations:
-   madd64 adds the products of 64 weights of one row (p) and 64 activations (x) into acc. */
+   madd64 adds the products of 64 weights of one row (p) and 64 activations (x) into acc; the F macros
+   are float32 vector load and FMA. */
 #  if defined(MINIGPT_AVX512)
 typedef __m512i ivec;
 typedef __m512 fvec;
@@ -94,6 +101,9 @@ typedef __m512 fvec;
 #    define FZERO() _mm512_setzero_ps()
 #    define ADD_TO_FLOAT(total, acc) _mm512_add_ps(total, _mm512_cvtepi32_ps(acc))
 #    define HSUM(total) _mm512_reduce_add_ps(total)
+#    define FWIDTH 16
+#    define FLOAD(p) _mm512_loadu_ps(p)
+#    define FMADD(a, b, c) _mm512_fmadd_ps(a, b, c)
 static inline ivec madd64(ivec acc, const int8_t *p, const int16_t *x) {
     const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
     const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 32)));
@@ -111,6 +121,9 @@ typedef __m256 fvec;
 #    define FZERO() _mm256_setzero_ps()
 #    define ADD_TO_FLOAT(total, acc) _mm256_add_ps(total, _mm256_cvtepi32_ps(acc))
 #    define HSUM(total) hsum256(total)
+#    define FWIDTH 8
+#    define FLOAD(p) _mm256_loadu_ps(p)
+#    define FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
 static float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -147,8 +160,20 @@ static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows,
     }
     for (int r = 0; r < rows; ++r) out[r] = HSUM(total[r]);
 }
+
+/* out[r] = w[r] . x for `rows` (<= FLOAT_ROWS) consecutive float32 rows: one FMA per loaded vector. */
+static void float_dot_rows(const float *w, const float *x, int64_t cols, int rows, float *out) {
+    fvec acc[FLOAT_ROWS];
+    for (int r = 0; r < FLOAT_ROWS; ++r) acc[r] = FZERO();
+    for (int64_t k = 0; k < cols; k += FWIDTH) {
+        const fvec xv = FLOAD(x + k);
+        for (int r = 0; r < rows; ++r) acc[r] = FMADD(FLOAD(w + r * cols + k), xv, acc[r]);
+    }
+    for (int r = 0; r < rows; ++r) out[r] = HSUM(acc[r]);
+}
 #else
-/* NEON and the portable loop: one row at a time; dot_chunk sums at most CHUNK products exactly in int32. */
+/* NEON and the portable loop: one row at a time; dot_chunk sums at most CHUNK int8 products exactly in
+   int32, float_dot a float32 row. */
 #  if defined(MINIGPT_NEON)
 static int32_t dot_chunk(const int8_t *w, const int16_t *x, int64_t n) {
     int32x4_t acc[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
@@ -163,11 +188,25 @@ static int32_t dot_chunk(const int8_t *w, const int16_t *x, int64_t n) {
     }
     return vaddvq_s32(vaddq_s32(acc[0], acc[1]));
 }
+
+static float float_dot(const float *w, const float *x, int64_t n) {
+    float32x4_t acc[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
+    for (int64_t k = 0; k < n; k += 16)
+        for (int j = 0; j < 4; ++j) acc[j] = vfmaq_f32(acc[j], vld1q_f32(w + k + 4 * j), vld1q_f32(x + k + 4 * j));
+    return vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+}
 #  else
 static int32_t dot_chunk(const int8_t *w, const int16_t *x, int64_t n) {
     int32_t s = 0;
     #pragma omp simd reduction(+ : s)
     for (int64_t k = 0; k < n; ++k) s += (int32_t)w[k] * x[k];
+    return s;
+}
+
+static float float_dot(const float *w, const float *x, int64_t n) {
+    float s = 0.0f;
+    #pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) s += w[k] * x[k];
     return s;
 }
 #  endif
@@ -181,26 +220,40 @@ static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows,
         out[r] = total;
     }
 }
+
+static void float_dot_rows(const float *w, const float *x, int64_t cols, int rows, float *out) {
+    for (int r = 0; r < rows; ++r) out[r] = float_dot(w + r * cols, x, cols);
+}
 #endif
 
-/* y = (q x) * scale + bias, its rows split across the threads (exported for bench/matmul.py).
-   x is first rounded to int16 with one scale for the vector, amax / 32767: an error of at most
-   1.5e-5 of the largest activation, far below the int8 weights' own rounding (docs/speed-cpu.md). */
-void int8_linear(const Int8Linear *l, const float *x, float *y, int threads) {
-    const int64_t cols = l->cols, blocks = (l->rows + ROWS - 1) / ROWS;
-    int16_t *xq = malloc(cols * sizeof(int16_t));
-    if (!xq) abort();
-    float amax = 0.0f;
-    for (int64_t i = 0; i < cols; ++i) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
-    const float step = amax / 32767.0f, inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
-    for (int64_t i = 0; i < cols; ++i) xq[i] = (int16_t)lrintf(x[i] * inverse);
+/* y = W x + bias, its rows split across the threads (exported for bench/matmul.py). For int8 weights,
+   W x = (q xq) * scale * step: x is first rounded to int16 with one scale for the vector, step =
+   amax / 32767, an error of at most 1.5e-5 of the largest activation, far below the int8 weights' own
+   rounding (docs/speed-cpu.md). */
+void linear(const Linear *l, const float *x, float *y, int threads) {
+    const int64_t cols = l->cols;
+    const int group = l->scale ? ROWS : FLOAT_ROWS;
+    int16_t *xq = NULL;
+    float step = 1.0f;
+    if (l->scale) {
+        if (!(xq = malloc(cols * sizeof(int16_t)))) abort();
+        float amax = 0.0f;
+        for (int64_t i = 0; i < cols; ++i) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+        const float inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        step = amax / 32767.0f;
+        for (int64_t i = 0; i < cols; ++i) xq[i] = (int16_t)lrintf(x[i] * inverse);
+    }
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t n = b * ROWS;
-        const int rows = l->rows - n < ROWS ? (int)(l->rows - n) : ROWS;
-        float dots[ROWS];
-        dot_rows(l->weight + n * cols, xq, cols, rows, dots);
-        for (int r = 0; r < rows; ++r) y[n + r] = dots[r] * step * l->scale[n + r] + (l->bias ? l->bias[n + r] : 0.0f);
+    for (int64_t b = 0; b < (l->rows + group - 1) / group; ++b) {
+        const int64_t n = b * group;
+        const int rows = l->rows - n < group ? (int)(l->rows - n) : group;
+        float dots[FLOAT_ROWS];
+        if (xq)
+            dot_rows((const int8_t *)l->weight + n * cols, xq, cols, rows, dots);
+        else
+            float_dot_rows((const float *)l->weight + n * cols, x, cols, rows, dots);
+        for (int r = 0; r < rows; ++r)
+            y[n + r] = dots[r] * (xq ? step * l->scale[n + r] : 1.0f) + (l->bias ? l->bias[n + r] : 0.0f);
     }
     free(xq);
 }
@@ -261,36 +314,38 @@ static void add(float *x, const float *y, int64_t n) {
 
 /* Token `token` at position `pos`: writes its keys and values to slot pos of the cache, attends to
    slots 0..pos, and writes the logits (lm_head.rows). Returns 0, or -1 if out of memory. */
-int gpt2_int8_step(const Model *m, int64_t token, int64_t pos, float *k_cache, float *v_cache, int64_t max_len,
+int gpt2_step(const Model *m, int64_t token, int64_t pos, float *k_cache, float *v_cache, int64_t max_len,
                    float *logits, int threads) {
     const int64_t C = m->n_embd, hs = C / m->n_head, layer_size = m->n_head * max_len * hs;
     float *x = malloc(sizeof(float) * (5 * C + m->mlp_dim + m->n_head * (pos + 1)));
     if (!x) return -1;
     float *h = x + C, *qkv = h + C, *ff = qkv + 3 * C, *scores = ff + m->mlp_dim;
 
-    const int8_t *row = m->lm_head.weight + token * C;
-    for (int64_t i = 0; i < C; ++i) x[i] = row[i] * m->lm_head.scale[token] + m->wpe[pos * C + i];
+    const Linear *wte = &m->lm_head;
+    for (int64_t i = 0; i < C; ++i)
+        x[i] = (wte->scale ? ((const int8_t *)wte->weight)[token * C + i] * wte->scale[token]
+                           : ((const float *)wte->weight)[token * C + i]) + m->wpe[pos * C + i];
 
     for (int64_t l = 0; l < m->n_layer; ++l) {
         const Block *b = &m->blocks[l];
         float *keys = k_cache + l * layer_size, *values = v_cache + l * layer_size;
         layer_norm(x, b->ln_1_weight, b->ln_1_bias, h, C, m->eps);
-        int8_linear(&b->c_attn, h, qkv, threads);
+        linear(&b->c_attn, h, qkv, threads);
         for (int64_t head = 0; head < m->n_head; ++head) {
             memcpy(keys + (head * max_len + pos) * hs, qkv + C + head * hs, hs * sizeof(float));
             memcpy(values + (head * max_len + pos) * hs, qkv + 2 * C + head * hs, hs * sizeof(float));
         }
         attention(m, qkv, keys, values, max_len, pos + 1, h, scores, threads);
-        int8_linear(&b->attn_proj, h, qkv, threads); /* qkv is free again: reuse it for the projection */
+        linear(&b->attn_proj, h, qkv, threads); /* qkv is free again: reuse it for the projection */
         add(x, qkv, C);
         layer_norm(x, b->ln_2_weight, b->ln_2_bias, h, C, m->eps);
-        int8_linear(&b->c_fc, h, ff, threads);
+        linear(&b->c_fc, h, ff, threads);
         gelu_tanh(ff, m->mlp_dim);
-        int8_linear(&b->mlp_proj, ff, h, threads);
+        linear(&b->mlp_proj, ff, h, threads);
         add(x, h, C);
     }
     layer_norm(x, m->ln_f_weight, m->ln_f_bias, h, C, m->eps);
-    int8_linear(&m->lm_head, h, logits, threads);
+    linear(&m->lm_head, h, logits, threads);
     free(x);
     return 0;
 }
