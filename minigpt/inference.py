@@ -15,6 +15,7 @@ import torch
 from .adapters import AdapterError, adapter_deltas, merge_deltas, read_adapter, resolve_adapter
 from .model import GPT
 from .speed.decoder import Decoder, as_decoder
+from .speed.hugepages import move_to_huge_pages
 from .speed.native import NativeUnavailable, native_available, native_step
 from .speed.onednn import KERNEL_ENV, onednn_is_faster, use_onednn
 from .speed.quantize import Int8Linear, int8_drafts, quantize_int8
@@ -79,8 +80,8 @@ def with_adapter(base: GPT, deltas: dict[str, torch.Tensor], precision: str) -> 
 
 
 def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
-    """Apply the precision to models that share weights (together: shared weights are quantized once)
-    and build their decoders. A float32 model that will not decode in C
+    """Apply the precision to models that share weights (together: shared weights are quantized once),
+    move their weights to huge pages, and build their decoders. A float32 model that will not decode in C
     multiplies through oneDNN where that measured faster (the C step reads (out, in) weights, the order
     oneDNN changes)."""
     if precision == "int8":
@@ -89,6 +90,7 @@ def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
             and onednn_is_faster(models[0]):
         for model in models:
             use_onednn(model)
+    move_to_huge_pages(*models)  # before the C step takes the weights' addresses
     return decoders_for(*models)
 
 
