@@ -24,6 +24,7 @@ enough (24 prompts x 128 tokens = 3072 positions by default) that 1% is 30 disag
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import os
 import platform
@@ -46,6 +47,7 @@ from minigpt.generation import DRAFT_TOKENS, generate
 from minigpt.inference import load_for_inference, speculative_drafts
 from minigpt.sampling import SamplingParams
 from minigpt.speed.decoder import Decoder
+from minigpt.speed.hugepages import move_to_huge_pages
 from minigpt.speed.onednn import OneDNNLinear
 from minigpt.weights import resolve_snapshot
 from tests.helpers import REPO as ROOT
@@ -163,8 +165,41 @@ def run_worker(spec: dict) -> dict:
             "prefill_runs": prefill, "peak_rss_mb": peak_rss_mb(), "rss_before_load_mb": rss_start,
             "rss_end_mb": psutil.Process().memory_info().rss / 2**20, "warmup_s": warmup_s, "tokens": tokens,
             "c_step_isa": step.isa if step is not None else None,
+            "bytes_per_token": bytes_read_per_token(model[0].model) if isinstance(model, tuple) else None,
             "float32_kernel": float32_kernel(model[0].model) if isinstance(model, tuple) and spec["precision"] == "float32"
             else None}
+
+
+def bytes_read_per_token(model) -> int:
+    """The bytes a decode step reads from memory, at least: every weight once (shared ones once), of the
+    position embeddings one row."""
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    wpe = model.transformer.wpe.weight
+    return sum(unique.values()) - wpe.numel() * wpe.element_size() + wpe[0].numel() * wpe.element_size()
+
+
+def read_bandwidth(threads: int, mib: int = 512) -> float:
+    """GB/s at which this machine reads memory: torch.sum over mib MiB in huge pages (as MiniGPT keeps
+    its weights; minigpt/speed/hugepages.py), the best of 5."""
+    torch.set_num_threads(threads)
+    holder = torch.nn.Module()
+    holder.register_buffer("data", torch.ones(mib * 2**20 // 4))
+    move_to_huge_pages(holder)
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        holder.data.sum()
+        best = min(best, time.perf_counter() - start)
+    return mib * 2**20 / best / 1e9
+
+
+def print_memory_limit(results: dict, gb_s: float, threads: int) -> None:
+    """Decoding reads every weight once a token, so bandwidth / bytes per token bounds its speed."""
+    rows = [(e, p, r) for (e, p), r in results.items() if r.get("bytes_per_token") and e in ("minigpt", "minigpt+pytorch")]
+    parts = [f"{e} {p} {r['decode_tok_s']:.1f} of {gb_s * 1e9 / r['bytes_per_token']:.1f} "
+             f"({100 * r['decode_tok_s'] * r['bytes_per_token'] / (gb_s * 1e9):.0f}%)" for e, p, r in rows]
+    print(f"memory reads {gb_s:.1f} GB/s (torch.sum over 512 MiB in huge pages, {threads} threads); decode tok/s "
+          f"against that limit (weight bytes per token): " + ", ".join(parts))
 
 
 def float32_kernel(model) -> str:
@@ -336,7 +371,9 @@ def main() -> None:
                         {**spec, "engine": engine, "precision": precision,
                          "draft_tokens": args.draft_tokens})
         load_after = os.getloadavg()
+        gb_s = read_bandwidth(args.threads)
         print_table(results)
+        print_memory_limit(results, gb_s, args.threads)
 
         same = {}  # engine + " " + precision -> MiniGPT's greedy tokens equal transformers' in that precision
         for (engine, precision), r in results.items():
@@ -364,6 +401,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "date": stamp.isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
         "machine": info, "load_average_before": load_before, "load_average_after": load_after,
+        "memory_read_gb_s": gb_s,
         "settings": {k: v for k, v in spec.items() if k != "folder"} | {
             "model": args.model or f"random {args.shape}", "MINIGPT_ISA": os.environ.get("MINIGPT_ISA")},
         "results": [{"engine": e, "precision": p, **{k: v for k, v in r.items() if k != "tokens"}}
