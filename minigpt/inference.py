@@ -128,7 +128,9 @@ def decoders_for(*models: GPT) -> list[Decoder]:
 
 
 def float32_in_c(model: GPT) -> bool:
-    return model.lm_head.weight.dtype == torch.float32 and os.environ.get(KERNEL_ENV) not in ("onednn", "pytorch")
+    """Whether a float32 model should decode in C: on CPU, unless $MINIGPT_FLOAT32_KERNEL asks for PyTorch's."""
+    return (model.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
+            and os.environ.get(KERNEL_ENV) not in ("onednn", "pytorch"))
 
 
 def speculative_drafts(*models: GPT | Decoder) -> list[Decoder]:
