@@ -57,6 +57,19 @@ def page(app, browser):
     page.context.close()
 
 
+def fill_box(page, elem_id: str, text: str) -> None:
+    """Type text into the text box #elem_id and wait until it keeps it. A box whose tab or accordion has
+    just opened may still be taking its initial value, which replaces what was typed: a race only a test
+    can lose, typing within milliseconds of the click (CI once sent a blank seed this way)."""
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    for _ in range(20):
+        box.fill(text)
+        page.wait_for_timeout(100)
+        if box.input_value() == text:
+            return
+    raise AssertionError(f"#{elem_id} did not keep {text!r}")
+
+
 def save_screenshot(page, name: str, full_page: bool = True) -> None:
     """With MINIGPT_SCREENSHOT=1, refresh assets/<name> (README and docs show them); otherwise nothing."""
     if os.environ.get("MINIGPT_SCREENSHOT"):

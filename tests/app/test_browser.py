@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests.app.conftest import FINISHED, needs_chromium, open_page, save_screenshot
+from tests.app.conftest import FINISHED, fill_box, needs_chromium, open_page, save_screenshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
 
@@ -120,7 +120,7 @@ def send_refused(page, prefix: str, message: str, seed_text: str, refusal: str) 
     #<prefix>send; the refusal shows in a toast (it stays until closed), the message stays in the box,
     and Send is usable again."""
     from playwright.sync_api import expect
-    page.locator(f"#{prefix}seed textarea, #{prefix}seed input").first.fill(seed_text)
+    fill_box(page, f"{prefix}seed", seed_text)
     page.locator(f"#{prefix}msg textarea").fill(message)
     page.locator(f"#{prefix}send").click()
     expect(page.locator("[data-testid=toast-body]", has_text=refusal)).to_be_visible()
@@ -147,7 +147,7 @@ def test_refused_input_is_a_message_and_the_conversation_stays(page):
         assert "Error" not in page.locator("#msg").inner_text()
     save_screenshot(page, "refused-input.png")
 
-    page.locator("#seed textarea, #seed input").first.fill("")  # and the next good message is served as usual
+    fill_box(page, "seed", "")  # and the next good message is served as usual
     page.locator("#msg textarea").fill("Thanks.")
     page.locator("#send").click()
     wait_for_reply(page, 1)

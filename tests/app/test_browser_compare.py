@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 from minigpt import perplexity
-from tests.app.conftest import FINISHED, needs_chromium, save_screenshot
+from tests.app.conftest import FINISHED, fill_box, needs_chromium, save_screenshot
 from tests.app.test_browser import wait_for_reply
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
@@ -40,7 +40,7 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
 
     set_number(page, "cmp_max_new_tokens", 200)
     page.locator("#cmp_msg textarea").fill("Write a short poem about the sea.")
-    page.locator("#cmp_seed textarea, #cmp_seed input").first.fill("5")
+    fill_box(page, "cmp_seed", "5")
     page.locator("#cmp_send").click()
     expect(page.locator("#cmp_note")).to_contain_text("seed 5,")  # this send's outputs were cleared
     lengths = {"base": [], "tuned": []}

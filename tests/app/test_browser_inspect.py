@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.app.conftest import FINISHED, needs_chromium, open_page, save_screenshot
+from tests.app.conftest import FINISHED, fill_box, needs_chromium, open_page, save_screenshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
 
@@ -32,7 +32,7 @@ def click_image_cell(page, selector: str, fx: float, fy: float) -> None:
 
 def test_panels_sit_beside_the_chat_and_follow_one_selected_token(page):
     from playwright.sync_api import expect
-    page.locator("#seed input, #seed textarea").first.fill("7")
+    fill_box(page, "seed", "7")
     page.locator("#max_new_tokens input[type=number]").fill("24")
     page.locator("#max_new_tokens input[type=number]").press("Enter")
     page.locator("#msg textarea").fill("What is the capital of France?")
