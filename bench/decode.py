@@ -24,8 +24,8 @@ enough (24 prompts x 128 tokens = 3072 positions by default) that 1% is 30 disag
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import os
 import platform
 import resource

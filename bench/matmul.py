@@ -40,17 +40,17 @@ def int8_kernel(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.
 
 
 def c_loop(x: torch.Tensor, w: tuple) -> None:
-    _, linear, y, lib = w
+    _, _, linear, y, lib = w
     for row in x:  # the C loop takes one activation row
         lib.linear(ctypes.byref(linear), row.data_ptr(), y.data_ptr(), torch.get_num_threads())
 
 
 def c_weights(weight: torch.Tensor, scales: torch.Tensor | None, isa: str | None = None) -> tuple:
-    """(the tensors, the C struct pointing at them, an output buffer, the variant's library): an int8 weight
-    with its scales, or a float32 weight (scales None)."""
-    kept = (weight,) if scales is None else (weight, scales.float())
-    return (kept, native.LinearStruct(weight.data_ptr(), None if scales is None else kept[1].data_ptr(), None,
-                                      *weight.shape), torch.empty(weight.size(0)), native.library(isa))
+    """(weight, float32 scales or None, the C struct pointing at them, an output buffer, the variant's
+    library): an int8 weight with its scales, or a float32 weight (scales None)."""
+    scales = None if scales is None else scales.float()
+    linear = native.LinearStruct(weight.data_ptr(), None if scales is None else scales.data_ptr(), None, *weight.shape)
+    return weight, scales, linear, torch.empty(weight.size(0)), native.library(isa)
 
 
 def kernels(shapes: list[tuple[int, int]]) -> dict[str, tuple[Callable, list, torch.dtype, int]]:
@@ -72,8 +72,7 @@ def kernels(shapes: list[tuple[int, int]]) -> dict[str, tuple[Callable, list, to
 
 def time_step(kernel: Callable, weights: list, rows: int, dtype: torch.dtype, reps: int) -> float:
     inputs = {n: torch.randn(rows, n, dtype=dtype) for n in {768, 3072}}
-    in_features = [(w[0][0] if isinstance(w[0], tuple) else w[0] if isinstance(w, tuple) else w).size(1)
-                   for w in weights]
+    in_features = [(w[0] if isinstance(w, tuple) else w).size(1) for w in weights]
 
     def step():
         for w, n in zip(weights, in_features):

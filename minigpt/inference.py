@@ -118,7 +118,7 @@ def decoders_for(*models: GPT) -> list[Decoder]:
     """A Decoder per model: int8 and float32 CPU models decode single tokens in C where the step builds
     for this machine (float32 unless $MINIGPT_FLOAT32_KERNEL asks for a PyTorch kernel); otherwise (and
     for every other model) PyTorch does, after one warning line."""
-    in_c = [m for m in models if m.device.type == "cpu" and (isinstance(m.lm_head, Int8Linear) or float32_in_c(m))]
+    in_c = [m for m in models if (m.device.type == "cpu" and isinstance(m.lm_head, Int8Linear)) or float32_in_c(m)]
     try:
         steps = {id(m): native_step(m) for m in in_c}
     except NativeUnavailable as e:
