@@ -57,17 +57,30 @@ def page(app, browser):
     page.context.close()
 
 
-def fill_box(page, elem_id: str, text: str) -> None:
-    """Type text into the text box #elem_id and wait until it keeps it. A box whose tab or accordion has
-    just opened may still be taking its initial value, which replaces what was typed: a race only a test
-    can lose, typing within milliseconds of the click (CI once sent a blank seed this way)."""
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+def fill_kept(page, selector: str, text: str, submit: bool = False) -> None:
+    """Type text into the first box matching selector (then Enter, with submit) and wait until it keeps it.
+    A box whose tab or accordion has just opened may still be taking its initial value, which replaces
+    what was typed: a race only a test can lose, typing within milliseconds of the click (CI once sent
+    a blank seed, and once the default token limit, this way)."""
+    box = page.locator(selector).first
     for _ in range(20):
         box.fill(text)
+        if submit:
+            box.press("Enter")
         page.wait_for_timeout(100)
         if box.input_value() == text:
             return
-    raise AssertionError(f"#{elem_id} did not keep {text!r}")
+    raise AssertionError(f"{selector} did not keep {text!r}")
+
+
+def fill_box(page, elem_id: str, text: str) -> None:
+    """A text box, #elem_id: fill_kept."""
+    fill_kept(page, f"#{elem_id} textarea, #{elem_id} input", text)
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """A slider's number box, #elem_id: fill_kept, then Enter, which the slider takes the value on."""
+    fill_kept(page, f"#{elem_id} input[type=number]", str(value), submit=True)
 
 
 def save_screenshot(page, name: str, full_page: bool = True) -> None:

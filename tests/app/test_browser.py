@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests.app.conftest import FINISHED, fill_box, needs_chromium, open_page, save_screenshot
+from tests.app.conftest import FINISHED, fill_box, needs_chromium, open_page, save_screenshot, set_number
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
 
@@ -76,8 +76,7 @@ def test_markup_is_shown_as_text_and_stop_ends_a_long_reply(page):
     assert page.evaluate("window.__xss") is None
     assert page.locator("#chat img[src=x], #chat script, #chat strong").count() == 0
 
-    page.locator("#max_new_tokens input[type=number]").fill("512")
-    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    set_number(page, "max_new_tokens", 512)
     page.locator("#msg textarea").fill("Tell me a long story.")
     page.locator("#send").click()
     expect(page.locator("#chat [data-testid=bot]").nth(1)).not_to_have_text("")

@@ -11,16 +11,10 @@ from peft import PeftModel
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 from minigpt import perplexity
-from tests.app.conftest import FINISHED, fill_box, needs_chromium, save_screenshot
+from tests.app.conftest import FINISHED, fill_box, needs_chromium, save_screenshot, set_number
 from tests.app.test_browser import wait_for_reply
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
-
-
-def set_number(page, elem_id, value):
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
 
 
 def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
@@ -32,26 +26,28 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     page.locator("#cmp_send").click()
     expect(page.locator("#cmp_note")).to_contain_text(re.compile(r"Both sides: seed \d+, LoRA strength 1"))
     expect(page.locator("#cmp_base textarea")).not_to_have_value("")  # streaming: now stop it
-    page.locator("#cmp_base_stop").click()
+    stop = page.locator("#cmp_base_stop")
+    expect(stop).to_be_visible()
+    stop.dispatch_event("click")  # at once: a click() waits for animation frames, scarce while both sides stream
     expect(page.locator("#cmp_base_stats")).to_contain_text("stopped by you")
     expect(page.locator("#cmp_tuned_stats")).to_contain_text(re.compile("ended|hit the token limit"))
     assert "stopped" not in page.locator("#cmp_tuned_stats").inner_text()
     expect(page.locator("#cmp_send")).to_be_enabled()
 
-    set_number(page, "cmp_max_new_tokens", 200)
+    set_number(page, "cmp_max_new_tokens", 500)  # long enough to be seen streaming on a busy machine
     page.locator("#cmp_msg textarea").fill("Write a short poem about the sea.")
     fill_box(page, "cmp_seed", "5")
+    # Both sides at once, as they stream, sampled by the page itself every 10 ms from before Send: a poll
+    # from the test process needs a round trip per sample, and on a busy 2-core machine one took longer
+    # than the whole reply. The first send's texts stand still until this send clears them.
+    page.evaluate("() => { window.lengths = {base: [], tuned: []}; window.sampler = setInterval(() => "
+                  "['base', 'tuned'].forEach(k => window.lengths[k].push("
+                  "document.querySelector(`#cmp_${k} textarea`).value.length)), 10); }")
     page.locator("#cmp_send").click()
     expect(page.locator("#cmp_note")).to_contain_text("seed 5,")  # this send's outputs were cleared
-    lengths = {"base": [], "tuned": []}
-    while True:  # both sides at once, as they stream
-        seen = page.evaluate("() => ['base', 'tuned'].map(k => [document.querySelector(`#cmp_${k} textarea`)"
-                             ".value.length, document.querySelector(`#cmp_${k}_stats`).innerText])")
-        for key, (length, _) in zip(lengths, seen):
-            lengths[key].append(length)
-        if all(FINISHED.search(stats) for _, stats in seen):
-            break
-        page.wait_for_timeout(20)
+    for key in ("base", "tuned"):
+        expect(page.locator(f"#cmp_{key}_stats")).to_contain_text(FINISHED)
+    lengths = page.evaluate("() => { clearInterval(window.sampler); return window.lengths; }")
     for key, seen in lengths.items():
         assert len([b for a, b in pairwise(seen) if b > a]) >= 2, f"{key} did not stream: {seen}"
     expect(page.locator("#cmp_base_stats")).to_contain_text("Base GPT-2 · cpu float32")

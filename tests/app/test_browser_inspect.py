@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.app.conftest import FINISHED, fill_box, needs_chromium, open_page, save_screenshot
+from tests.app.conftest import FINISHED, fill_box, needs_chromium, open_page, save_screenshot, set_number
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
 
@@ -33,8 +33,7 @@ def click_image_cell(page, selector: str, fx: float, fy: float) -> None:
 def test_panels_sit_beside_the_chat_and_follow_one_selected_token(page):
     from playwright.sync_api import expect
     fill_box(page, "seed", "7")
-    page.locator("#max_new_tokens input[type=number]").fill("24")
-    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    set_number(page, "max_new_tokens", 24)
     page.locator("#msg textarea").fill("What is the capital of France?")
     page.locator("#msg textarea").press("Enter")
     expect(page.locator("#stats")).to_contain_text(FINISHED)
