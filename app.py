@@ -81,7 +81,7 @@ from minigpt.serve.panels import BAND_COLOURS  # noqa: E402
 from minigpt.serve.payloads import check_chat_payloads  # noqa: E402
 from minigpt.serve.score import ScoreHandlers  # noqa: E402
 from minigpt.serve.session import Session  # noqa: E402
-from minigpt.strength import MAX_STRENGTH  # noqa: E402
+from minigpt.lora_scale import MAX_SCALE  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of France?",
@@ -104,8 +104,8 @@ def build_app(engine: Engine) -> gr.Blocks:
     return demo
 
 
-def strength_slider(engine: Engine, elem_id: str) -> gr.Slider:
-    return gr.Slider(0, MAX_STRENGTH, value=1, step=0.05, label="LoRA strength", elem_id=elem_id,
+def scale_slider(engine: Engine, elem_id: str) -> gr.Slider:
+    return gr.Slider(0, MAX_SCALE, value=1, step=0.05, label="LoRA scale", elem_id=elem_id,
                      interactive=TUNED in engine.models,
                      info="scales the adapter's update: 0 = base, 1 = as trained, 2 = doubled")
 
@@ -191,7 +191,7 @@ def chat_tab(engine: Engine) -> None:
                                            label="Max new tokens", elem_id="max_new_tokens")
                 seed = gr.Textbox("", label="Seed", info="a whole number repeats a reply; blank = random",
                                   placeholder="random", elem_id="seed")
-                strength = strength_slider(engine, "strength")
+                scale = scale_slider(engine, "scale")
             with gr.Accordion("Prompt sent to the model", open=False):
                 prompt_view = gr.Textbox(elem_id="prompt", show_label=False, lines=8, max_lines=20,
                                          interactive=False, buttons=["copy"])
@@ -208,9 +208,9 @@ def chat_tab(engine: Engine) -> None:
         """check refuses bad input (queued, so its message shows; no outputs, so nothing is covered by an error
         badge); step adds the message and locks the controls (no queue); then the reply streams; then unlock,
         and the views on screen are computed for the new reply."""
-        reply = trigger(check, [*check_inputs, *controls, strength], None, show_progress="hidden", **private).success(
+        reply = trigger(check, [*check_inputs, *controls, scale], None, show_progress="hidden", **private).success(
             step, [session, *step_inputs], [msg, chat, *lockable], queue=False, **private).success(
-            handlers.respond, [session, chat, *controls, layer, head, strength], [chat, stats, *panels],
+            handlers.respond, [session, chat, *controls, layer, head, scale], [chat, stats, *panels],
             api_name=api_name, api_visibility="public" if api_name else "private")
         reply.then(unlock, None, [msg, *lockable], queue=False, **private)
         reply.then(inspect.views, selection, views, **private)
@@ -259,7 +259,7 @@ def compare_tab(engine: Engine) -> None:
             max_new_tokens = gr.Slider(1, min(MAX_NEW_TOKENS, engine.n_positions // 2), value=96, step=1,
                                        label="Max new tokens", elem_id="cmp_max_new_tokens")
             seed = gr.Textbox("", label="Seed", info="blank = one random seed for both", elem_id="cmp_seed")
-            strength = strength_slider(engine, "cmp_strength")
+            scale = scale_slider(engine, "cmp_scale")
     note = gr.Markdown(elem_id="cmp_note")
     outputs = {}
     with gr.Row(equal_height=False):
@@ -282,7 +282,7 @@ def compare_tab(engine: Engine) -> None:
         with gr.Accordion("Every token", open=False):
             per_token = gr.Dataframe(elem_id="diff_table", interactive=False)
 
-    controls = [temperature, top_k, top_p, max_new_tokens, seed, strength]
+    controls = [temperature, top_k, top_p, max_new_tokens, seed, scale]
     for trigger in (send.click, message.submit):  # the two sides stream as two queued events, each Stop-able
         # check is queued, so a refusal shows its message; start (no queue) registers the Stop flags
         started = trigger(handlers.check, [message, *controls], None, show_progress="hidden",
@@ -303,7 +303,7 @@ def score_tab(engine: Engine) -> None:
     text = gr.Textbox(elem_id="score_text", label="Text to score", lines=6, max_lines=20,
                       placeholder="Paste any text: each model's perplexity, and how surprised it is by each token.")
     with gr.Row():
-        strength = strength_slider(engine, "score_strength")
+        scale = scale_slider(engine, "score_scale")
         score = gr.Button("Score", elem_id="score_btn", variant="primary")
     summary = gr.Markdown(elem_id="score_summary")
     label = "surprisal (−log p): white = expected, red = surprising"
@@ -311,7 +311,7 @@ def score_tab(engine: Engine) -> None:
                               show_inline_category=False)
     tuned = gr.HighlightedText(elem_id="score_tuned", label=f"{TUNED}, {label}", show_legend=False,
                                show_inline_category=False)
-    score.click(handlers.score, [text, strength], [summary, base, tuned], api_visibility="private")
+    score.click(handlers.score, [text, scale], [summary, base, tuned], api_visibility="private")
 
 
 class PortBusy(Exception):

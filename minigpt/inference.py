@@ -19,7 +19,7 @@ from .speed.hugepages import move_to_huge_pages
 from .speed.native import NativeUnavailable, native_available, native_step
 from .speed.onednn import KERNEL_ENV, onednn_is_faster, use_onednn
 from .speed.quantize import Int8Linear, int8_drafts, quantize_int8
-from .strength import AdapterStrength
+from .lora_scale import AdapterScale
 from .weights import load_pretrained
 
 # Precision name -> the dtype the model is loaded in; int8 loads float32, then quantizes the Linears.
@@ -32,15 +32,15 @@ OnAdapterError = Callable[[AdapterError], None]
 def load_for_inference(name_or_path: str | Path, adapter: str | Path | None = None, device: str | None = None,
                        precision: str = "float32", on_adapter_error: OnAdapterError | None = None,
                        ) -> tuple[Decoder, Decoder | None, tiktoken.Encoding]:
-    """(base decoder, tuned decoder or None without an adapter, tokenizer); see load_with_strength."""
-    base, strength, tokenizer = load_with_strength(name_or_path, adapter, device, precision, on_adapter_error)
-    return base, strength.tuned if strength is not None else None, tokenizer
+    """(base decoder, tuned decoder or None without an adapter, tokenizer); see load_with_scale."""
+    base, lora, tokenizer = load_with_scale(name_or_path, adapter, device, precision, on_adapter_error)
+    return base, lora.tuned if lora is not None else None, tokenizer
 
 
-def load_with_strength(name_or_path: str | Path, adapter: str | Path | None = None, device: str | None = None,
+def load_with_scale(name_or_path: str | Path, adapter: str | Path | None = None, device: str | None = None,
                        precision: str = "float32", on_adapter_error: OnAdapterError | None = None,
-                       ) -> tuple[Decoder, AdapterStrength | None, tiktoken.Encoding]:
-    """(base decoder, the adapter at any strength (None without an adapter), tokenizer).
+                       ) -> tuple[Decoder, AdapterScale | None, tiktoken.Encoding]:
+    """(base decoder, the adapter at any scale (None without an adapter), tokenizer).
 
     An adapter that cannot be used raises AdapterError, unless on_adapter_error is given: then it gets
     the error and the base is served alone (for an adapter that is only a convenience, such as a default).
@@ -69,14 +69,14 @@ def load_with_strength(name_or_path: str | Path, adapter: str | Path | None = No
     return loaded
 
 
-def with_adapter(base: GPT, deltas: dict[str, torch.Tensor], precision: str) -> tuple[Decoder, AdapterStrength]:
+def with_adapter(base: GPT, deltas: dict[str, torch.Tensor], precision: str) -> tuple[Decoder, AdapterScale]:
     """Merge the adapter's float32 updates into a weight-sharing copy of a float base, apply the precision
-    to both, and keep what other strengths need: (base decoder, the adapter at any strength)."""
+    to both, and keep what other scales need: (base decoder, the adapter at any scale)."""
     float_targets = {name: base.get_submodule(name) for name in deltas}  # int8 replaces them: kept here
     tuned = merge_deltas(base, deltas)
     base_decoder, tuned_decoder = with_precision([base, tuned], precision)
     finish = partial(_finish, precision=precision)
-    return base_decoder, AdapterStrength(base_decoder, tuned_decoder, deltas, float_targets, finish)
+    return base_decoder, AdapterScale(base_decoder, tuned_decoder, deltas, float_targets, finish)
 
 
 def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
@@ -107,7 +107,7 @@ def return_freed_memory() -> None:
 
 
 def _finish(model: GPT, precision: str) -> Decoder:
-    """The decoder of a copy merged at another strength. Its Linears are copies of the base's, so in float32
+    """The decoder of a copy merged at another scale. Its Linears are copies of the base's, so in float32
     they already multiply through the kernel loading chose for the base; int8 quantizes the merged ones."""
     if precision == "int8":
         quantize_int8(model)

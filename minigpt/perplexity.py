@@ -1,4 +1,4 @@
-"""Command line: the perplexity of a text file under GPT-2, or under GPT-2 with a LoRA adapter at a strength.
+"""Command line: the perplexity of a text file under GPT-2, or under GPT-2 with a LoRA adapter at a scale.
 
     python -m minigpt.perplexity --model gpt2 --file notes.txt [--adapter A] [--lora-scale 0.5] \
         [--stride 512] [--max-length 1024] [--precision int8] [--json]
@@ -14,7 +14,7 @@ import sys
 
 from .cli import add_precision_arguments, warn_if_compile
 from .errors import CheckpointError
-from .inference import load_with_strength
+from .inference import load_with_scale
 from .scoring import DEFAULT_STRIDE, score_text
 
 
@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Hub repo id, or a local folder")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter for this base: local folder or Hub repo id")
     p.add_argument("--lora-scale", type=float, default=1.0,
-                   help="adapter strength: 0 = the base model, 1 = the adapter as trained (default), up to 2")
+                   help="adapter scale: 0 = the base model, 1 = the adapter as trained (default), up to 2")
     p.add_argument("--file", required=True, help="the text to score, read as UTF-8")
     p.add_argument("--max-length", type=int, default=None, help="window length in tokens (default: the context)")
     p.add_argument("--stride", type=int, default=None, help="tokens a window moves by (default: 512, or max-length if less)")
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"cannot read {args.file} as UTF-8 text: {e}") from None
         if args.lora_scale != 1 and not args.adapter:
             raise ValueError("--lora-scale scales an adapter: pass --adapter too")
-        base, strength, tokenizer = load_with_strength(args.model, args.adapter, args.device, args.precision)
-        model = strength.decoder(args.lora_scale) if strength is not None else base
+        base, lora, tokenizer = load_with_scale(args.model, args.adapter, args.device, args.precision)
+        model = lora.decoder(args.lora_scale) if lora is not None else base
         max_length = args.max_length or model.config.n_positions
         stride = args.stride if args.stride is not None else min(DEFAULT_STRIDE, max_length)
         result = score_text(model, tokenizer, text, max_length, stride)

@@ -5,7 +5,7 @@
     compare_ids(base, tuned, ids, start)  both models' log-probs of ids[start:], the KL between their
                                        full next-token distributions, their top-5, where their top-1 differs
 
-A model is a GPT or a Decoder (an adapter at some strength: AdapterStrength.decoder(s)).
+A model is a GPT or a Decoder (an adapter at some scale: AdapterScale.decoder(s)).
 """
 from __future__ import annotations
 

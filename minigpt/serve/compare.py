@@ -29,7 +29,7 @@ TOKEN_HEADERS = ["position", "token", "log p base", "log p tuned", "tuned − ba
 class CompareSession:
     """One browser session's comparison: a Session per side (Stop flags, last reply) and the request."""
     sides: dict[str, Session] = field(default_factory=lambda: {mode: Session() for mode in MODES})
-    request: tuple = ()  # (history, temperature, top_k, top_p, max_new_tokens, seed, strength) of the last Send
+    request: tuple = ()  # (history, temperature, top_k, top_p, max_new_tokens, seed, scale) of the last Send
 
     def __deepcopy__(self, memo: dict) -> CompareSession:
         return CompareSession()
@@ -44,7 +44,7 @@ class CompareHandlers:
         self.engine = engine
         self.chat = ChatHandlers(engine)  # its prepare(): the same validation and framing as the chat
 
-    def check(self, message: str, temperature, top_k, top_p, max_new_tokens, seed, strength) -> None:
+    def check(self, message: str, temperature, top_k, top_p, max_new_tokens, seed, scale) -> None:
         """Refuse a message or settings either side cannot use: a gr.Error, raised in a queued step so the
         browser shows its message (and nothing on screen is covered by an error badge)."""
         if TUNED not in self.engine.models:
@@ -53,31 +53,31 @@ class CompareHandlers:
             raise gr.Error("Type a message first.", print_exception=False)
         history = [{"role": "user", "content": as_chat_text(message)}]
         for mode in MODES:
-            self.chat.prepare(history, mode, temperature, top_k, top_p, max_new_tokens, seed, strength)
+            self.chat.prepare(history, mode, temperature, top_k, top_p, max_new_tokens, seed, scale)
 
     def start(self, session: CompareSession, message: str, temperature, top_k, top_p, max_new_tokens, seed,
-              strength):
+              scale):
         """After check: fix the seed (a blank one is drawn once, for both sides), register both sides' Stop
         flags and clear the outputs (no queue, so a Stop clicked right after Send counts)."""
         if seed is None or not str(seed).strip():
             seed = str(random.randint(0, MAX_SEED))
         history = [{"role": "user", "content": as_chat_text(message)}]
-        session.request = (history, temperature, top_k, top_p, max_new_tokens, seed, strength)
+        session.request = (history, temperature, top_k, top_p, max_new_tokens, seed, scale)
         for side in session.sides.values():
             side.queue_reply()
-        note = f"Both sides: seed {seed}, LoRA strength {float(strength):g}."
+        note = f"Both sides: seed {seed}, LoRA scale {float(scale):g}."
         return gr.Button(interactive=False), note, "", "", "", ""
 
     def respond(self, session: CompareSession, mode: str):
         """Stream one side's reply: (text, stats line) after every token."""
-        history, temperature, top_k, top_p, max_new_tokens, seed, strength = session.request
-        strength = float(strength) if mode == TUNED else 1.0
+        history, temperature, top_k, top_p, max_new_tokens, seed, scale = session.request
+        scale = float(scale) if mode == TUNED else 1.0
         model, settings, _, prompt = self.chat.prepare(history, mode, temperature, top_k, top_p, max_new_tokens,
-                                                       seed, strength)
+                                                       seed, scale)
         side = session.sides[mode]
         flag = side.start_reply()
         try:
-            for reply in paced(self.engine.stream_reply(mode, prompt, settings, flag, strength=strength)):
+            for reply in paced(self.engine.stream_reply(mode, prompt, settings, flag, scale=scale)):
                 yield reply.text.strip(), stats_line(reply, self.engine.device)
             side.show(reply)
         finally:
@@ -113,10 +113,10 @@ class CompareHandlers:
                 self.ranked(comparison), self.per_token(comparison))
 
     @staticmethod
-    def summary(c: Comparison, which: str, strength: float) -> str:
+    def summary(c: Comparison, which: str, scale: float) -> str:
         changed = len(c.changed_minds())
-        return (f"**{which}'s reply, {len(c.tokens)} tokens, scored by both models** (Alpaca LoRA at strength "
-                f"{strength:g}). Mean log-prob: base {c.mean_logprob_base:.3f}, tuned {c.mean_logprob_tuned:.3f} "
+        return (f"**{which}'s reply, {len(c.tokens)} tokens, scored by both models** (Alpaca LoRA at scale "
+                f"{scale:g}). Mean log-prob: base {c.mean_logprob_base:.3f}, tuned {c.mean_logprob_tuned:.3f} "
                 f"(tuned − base {c.mean_logprob_tuned - c.mean_logprob_base:+.3f} nats). "
                 f"Mean KL(tuned ‖ base) {c.mean_kl:.3f} nats. The top-1 token differs at {changed} of "
                 f"{len(c.tokens)} positions.")

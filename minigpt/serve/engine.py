@@ -12,9 +12,9 @@ import tiktoken
 
 from ..adapters import AdapterError
 from ..generation import prompt_logprobs
-from ..inference import load_with_strength, speculative_drafts
+from ..inference import load_with_scale, speculative_drafts
 from ..speed.decoder import Decoder
-from ..strength import AdapterStrength
+from ..lora_scale import AdapterScale
 from .conversation import BASE, TUNED, ChatInputError, Prompt, Settings
 from .replies import TOP_N, Reply, stream_reply
 
@@ -30,7 +30,7 @@ class Engine:
     drafts: dict[str, Decoder] = field(default_factory=dict)  # mode -> its int8 draft, with --speculative
     # --concurrency: replies computed at once, chat and API together; the rest wait for a slot
     slots: threading.Semaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
-    strength: AdapterStrength | None = None  # the tuned model at any LoRA strength (None without an adapter)
+    scale: AdapterScale | None = None  # the tuned model at any LoRA scale (None without an adapter)
 
     @property
     def device(self) -> str:
@@ -45,14 +45,14 @@ class Engine:
     def n_positions(self) -> int:
         return self.models[BASE].config.n_positions
 
-    def model(self, mode: str, strength: float = 1.0) -> Decoder:
-        """The decoder of a mode; for tuned mode, with the adapter's update scaled by strength."""
+    def model(self, mode: str, scale: float = 1.0) -> Decoder:
+        """The decoder of a mode; for tuned mode, with the adapter's update scaled by scale."""
         if mode not in self.models:
             raise ChatInputError(f"{mode} mode is off: {self.adapter_hint}")
-        if mode != TUNED or self.strength is None:
+        if mode != TUNED or self.scale is None:
             return self.models[mode]
         try:
-            return self.strength.decoder(strength)
+            return self.scale.decoder(scale)
         except ValueError as e:
             raise ChatInputError(f"{e}.") from None
 
@@ -69,15 +69,15 @@ class Engine:
             self.slots.release()
 
     def stream_reply(self, mode: str, prompt: Prompt, settings: Settings, stop: threading.Event,
-                     top_n: int = TOP_N, strength: float = 1.0, forced: Sequence[int] = ()) -> Iterator[Reply]:
+                     top_n: int = TOP_N, scale: float = 1.0, forced: Sequence[int] = ()) -> Iterator[Reply]:
         """replies.stream_reply in `mode`'s model (and its draft), inside a compute slot: the one path by
         which the chat and the API generate. Stopped while waiting, it yields one empty "stopped" Reply."""
         with self.compute_slot(stop) as computing:
             if not computing:
                 yield Reply(mode, list(prompt.ids), finish_reason="stopped")
                 return
-            yield from stream_reply(self.model(mode, strength), self.tokenizer, mode, prompt, settings, stop,
-                                    self.drafts.get(mode), top_n, forced, strength)
+            yield from stream_reply(self.model(mode, scale), self.tokenizer, mode, prompt, settings, stop,
+                                    self.drafts.get(mode), top_n, forced, scale)
 
     def score(self, mode: str, ids: Sequence[int], top_n: int, stop: threading.Event
               ) -> list[tuple[float, list[tuple[int, float]]]] | None:
@@ -95,12 +95,12 @@ def load_engine(model: str, adapter: str | None, device: str | None, precision: 
     is served alone and adapter_hint says why."""
     problems: list[AdapterError] = []
     use_default = adapter is None and default_adapter is not None and default_adapter.is_dir()
-    base, strength, tokenizer = load_with_strength(model, default_adapter if use_default else adapter, device,
+    base, scale, tokenizer = load_with_scale(model, default_adapter if use_default else adapter, device,
                                                    precision, on_adapter_error=problems.append if use_default else None)
-    models = {BASE: base} if strength is None else {BASE: base, TUNED: strength.tuned}
+    models = {BASE: base} if scale is None else {BASE: base, TUNED: scale.tuned}
     drafts = dict(zip(models, speculative_drafts(*models.values()))) if speculative else {}
-    hint = "" if strength is not None else adapter_hint(default_adapter, problems)
-    return Engine(models, tokenizer, hint, drafts, threading.BoundedSemaphore(concurrency), strength)
+    hint = "" if scale is not None else adapter_hint(default_adapter, problems)
+    return Engine(models, tokenizer, hint, drafts, threading.BoundedSemaphore(concurrency), scale)
 
 
 def adapter_hint(default_adapter: Path | None, problems: list[AdapterError]) -> str:

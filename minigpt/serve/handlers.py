@@ -64,11 +64,11 @@ class ChatHandlers:
         self.engine = engine
         self.ready = f"Ready · {engine.device}"
 
-    def prepare(self, history, mode, temperature, top_k, top_p, max_new_tokens, seed, strength=1.0):
+    def prepare(self, history, mode, temperature, top_k, top_p, max_new_tokens, seed, scale=1.0):
         """Everything a reply needs, validated; bad input becomes a message for the user."""
         context = self.engine.n_positions
         try:
-            model = self.engine.model(mode, strength)
+            model = self.engine.model(mode, scale)
             settings, notices = read_settings(temperature, top_k, top_p, max_new_tokens, seed, context)
             prompt = build_prompt(mode, history, self.engine.tokenizer, context - settings.max_new_tokens)
         except ChatInputError as e:
@@ -108,17 +108,17 @@ class ChatHandlers:
         session.stop()
 
     def respond(self, session: Session, history, mode, temperature, top_k, top_p, max_new_tokens, seed, layer, head,
-                strength=1.0):
+                scale=1.0):
         model, settings, notices, prompt = self.prepare(history, mode, temperature, top_k, top_p, max_new_tokens,
-                                                        seed, strength)
+                                                        seed, scale)
         notes = [*notices, context_note(prompt, self.engine.n_positions)]
         for note in filter(None, notes):
             gr.Warning(note)
         flag = session.start_reply()
         history = [*history, {"role": "assistant", "content": ""}]
         try:
-            strength = strength if mode == TUNED else 1.0
-            for reply in paced(self.engine.stream_reply(mode, prompt, settings, flag, strength=strength)):
+            scale = scale if mode == TUNED else 1.0
+            for reply in paced(self.engine.stream_reply(mode, prompt, settings, flag, scale=scale)):
                 history[-1] = {"role": "assistant", "content": as_chat_text(reply.text.strip())}
                 status = "\n\n".join(filter(None, [stats_line(reply, self.engine.device), *notes]))
                 if reply.finish_reason is None:
@@ -161,7 +161,7 @@ class ChatHandlers:
         session.attention_open = True
         reply = session.reply
         if session.window is None and reply is not None and reply.token_ids:
-            session.window = attention_window(self.engine.model(reply.mode, reply.strength), self.engine.tokenizer,
+            session.window = attention_window(self.engine.model(reply.mode, reply.scale), self.engine.tokenizer,
                                               reply)
         return self.attention_panel(session, layer, head)
 

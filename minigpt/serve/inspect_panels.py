@@ -162,7 +162,7 @@ class InspectHandlers:
             raise gr.Error("That alternative is no longer on screen: click it again.", print_exception=False)
         original = session.original or reply
         try:
-            self.engine.model(reply.mode, reply.strength)  # refused here if the mode is off
+            self.engine.model(reply.mode, reply.scale)  # refused here if the mode is off
         except ChatInputError as e:
             raise gr.Error(str(e), print_exception=False) from None
         flag = session.start_reply()
@@ -173,7 +173,7 @@ class InspectHandlers:
             prompt = Prompt("", reply.prompt_ids, 0, reply.stop)
             forced = [*reply.token_ids[:position - 1], token]
             for new in paced(self.engine.stream_reply(reply.mode, prompt, reply.settings, flag,
-                                                      strength=reply.strength, forced=forced)):
+                                                      scale=reply.scale, forced=forced)):
                 history[-1] = {"role": "assistant", "content": as_chat_text(new.text.strip())}
                 if new.finish_reason is None:
                     yield [history, stats_line(new, self.engine.device), *[gr.skip()] * 5, *keep]

@@ -24,7 +24,7 @@ class Reply:
     """A reply as it grows, and afterwards the record behind the log-prob and attention panels."""
     mode: str
     prompt_ids: list[int]
-    strength: float = 1.0  # the LoRA strength of a tuned-mode reply
+    scale: float = 1.0  # the LoRA scale of a tuned-mode reply
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # raw model distribution (temperature 1, unfiltered)
@@ -47,7 +47,7 @@ class Reply:
 
 def stream_reply(model: GPT | Decoder, tokenizer: tiktoken.Encoding, mode: str, prompt: Prompt, settings: Settings,
                  stop: threading.Event, draft: GPT | Decoder | None = None, top_n: int = TOP_N,
-                 forced: Sequence[int] = (), strength: float = 1.0) -> Iterator[Reply]:
+                 forced: Sequence[int] = (), scale: float = 1.0) -> Iterator[Reply]:
     """Yield the same Reply after every token, finished last; checks `stop` before each token.
     Each token keeps its top_n alternatives.
 
@@ -57,7 +57,7 @@ def stream_reply(model: GPT | Decoder, tokenizer: tiktoken.Encoding, mode: str, 
     """
     if settings.seed is None:
         settings = replace(settings, seed=random.randint(0, MAX_SEED))
-    reply = Reply(mode, list(prompt.ids), strength, settings=settings, stop=prompt.stop)
+    reply = Reply(mode, list(prompt.ids), scale, settings=settings, stop=prompt.stop)
     start = time.perf_counter()
     events = generate(model, tokenizer, prompt.ids, settings.max_new_tokens, settings.params,
                       seed=settings.seed, stop=prompt.stop, top_n=top_n, draft=draft, forced=forced)
@@ -109,7 +109,7 @@ def stats_line(reply: Reply, device: str) -> str:
         parts.append(f"first token {reply.first_token_s:.2f} s")
     if (speed := reply.tokens_per_s) is not None:
         parts.append(f"{speed:.1f} tokens/s")
-    parts += [reply.mode if reply.strength == 1 else f"{reply.mode} at strength {reply.strength:g}", device]
+    parts += [reply.mode if reply.scale == 1 else f"{reply.mode} at scale {reply.scale:g}", device]
     if reply.finish_reason:
         parts.append(FINISH_WORDS[reply.finish_reason])
     return " · ".join(parts)

@@ -20,7 +20,7 @@ class ScoreHandlers:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def score(self, text: str, strength):
+    def score(self, text: str, scale):
         """(summary, base tokens, tuned tokens) for gr.Markdown and two gr.HighlightedText."""
         ids = self.engine.tokenizer.encode_ordinary(text or "")
         if len(ids) > MAX_SCORE_TOKENS:
@@ -29,7 +29,7 @@ class ScoreHandlers:
         max_length = self.engine.n_positions
         stride = min(DEFAULT_STRIDE, max_length)
         try:
-            results = {mode: score_ids(self.engine.model(mode, strength), ids, max_length, stride)
+            results = {mode: score_ids(self.engine.model(mode, scale), ids, max_length, stride)
                        for mode in (BASE, TUNED) if mode in self.engine.models}
         except (ScoringError, ChatInputError) as e:
             raise gr.Error(f"{str(e)[0].upper()}{str(e)[1:].rstrip('.')}.", print_exception=False) from None
@@ -38,7 +38,7 @@ class ScoreHandlers:
                  f"- {BASE}: perplexity **{base.perplexity:.2f}**, mean NLL {base.mean_nll:.4f} nats"]
         if TUNED in results:
             tuned = results[TUNED]
-            lines += [(f"- {TUNED} (strength {float(strength):g}): perplexity **{tuned.perplexity:.2f}**, "
+            lines += [(f"- {TUNED} (scale {float(scale):g}): perplexity **{tuned.perplexity:.2f}**, "
                        f"mean NLL {tuned.mean_nll:.4f} nats"),
                       (f"- tuned − base: perplexity {tuned.perplexity - base.perplexity:+.2f}, "
                        f"mean NLL {tuned.mean_nll - base.mean_nll:+.4f} nats")]

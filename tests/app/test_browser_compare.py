@@ -1,6 +1,6 @@
-"""The Compare and Score tabs and the LoRA strength slider in a real browser (headless Chromium, Playwright),
+"""The Compare and Score tabs and the LoRA scale slider in a real browser (headless Chromium, Playwright),
 against app.py serving a tiny checkpoint and adapter; transformers, peft and the perplexity CLI as oracles.
-Set MINIGPT_SCREENSHOT=1 to refresh assets/compare.png, assets/strength.png and assets/score.png."""
+Set MINIGPT_SCREENSHOT=1 to refresh assets/compare.png, assets/scale.png and assets/score.png."""
 import json
 import re
 from itertools import pairwise
@@ -24,7 +24,7 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     set_number(page, "cmp_max_new_tokens", 500)  # a long pair; stop only the base side
     page.locator("#cmp_msg textarea").fill("Tell me a long story.")
     page.locator("#cmp_send").click()
-    expect(page.locator("#cmp_note")).to_contain_text(re.compile(r"Both sides: seed \d+, LoRA strength 1"))
+    expect(page.locator("#cmp_note")).to_contain_text(re.compile(r"Both sides: seed \d+, LoRA scale 1"))
     expect(page.locator("#cmp_base textarea")).not_to_have_value("")  # streaming: now stop it
     stop = page.locator("#cmp_base_stop")
     expect(stop).to_be_visible()
@@ -52,7 +52,7 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
         assert len([b for a, b in pairwise(seen) if b > a]) >= 2, f"{key} did not stream: {seen}"
     expect(page.locator("#cmp_base_stats")).to_contain_text("Base GPT-2 · cpu float32")
     expect(page.locator("#cmp_tuned_stats")).to_contain_text("Alpaca LoRA · cpu float32")
-    expect(page.locator("#cmp_note")).to_have_text("Both sides: seed 5, LoRA strength 1.")
+    expect(page.locator("#cmp_note")).to_have_text("Both sides: seed 5, LoRA scale 1.")
     expect(page.locator("#cmp_send")).to_be_enabled()
 
     page.locator("#diff_btn").click()
@@ -67,16 +67,16 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     expect(page.locator("#diff_ranked")).to_contain_text("%")  # a random adapter changes the top-1 somewhere
     save_screenshot(page, "compare.png")
 
-def test_strength_0_in_the_chat_answers_exactly_as_the_base_model(page, app):
+def test_lora_scale_0_in_the_chat_answers_exactly_as_the_base_model(page, app):
     from playwright.sync_api import expect
     page.get_by_label("Alpaca LoRA").check()
     set_number(page, "temperature", 0)
     set_number(page, "max_new_tokens", 16)
-    set_number(page, "strength", 0)
+    set_number(page, "scale", 0)
     page.locator("#msg textarea").fill("Name a colour.")
     page.locator("#send").click()
     wait_for_reply(page, 0)
-    expect(page.locator("#stats")).to_contain_text("Alpaca LoRA at strength 0 · cpu float32")
+    expect(page.locator("#stats")).to_contain_text("Alpaca LoRA at scale 0 · cpu float32")
     page.get_by_role("button", name="Prompt sent to the model").click()
     prompt = page.locator("#prompt textarea").input_value()
     reply = page.locator("#chat [data-testid=bot]").last.inner_text()
@@ -88,8 +88,8 @@ def test_strength_0_in_the_chat_answers_exactly_as_the_base_model(page, app):
         expected, at_one = (tokenizer.decode(m.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=50256)
                                              [0, ids.size(1):], skip_special_tokens=True) for m in (base, tuned))
     assert expected.strip().startswith(reply.strip()) and reply.strip()
-    assert at_one.strip() != expected.strip()  # the adapter does change this reply at strength 1
-    save_screenshot(page, "strength.png")
+    assert at_one.strip() != expected.strip()  # the adapter does change this reply at scale 1
+    save_screenshot(page, "scale.png")
 
 
 def test_score_tab_shows_the_perplexity_the_cli_prints(page, app, tmp_path, capsys):
@@ -98,7 +98,7 @@ def test_score_tab_shows_the_perplexity_the_cli_prints(page, app, tmp_path, caps
     (tmp_path / "text.txt").write_text(text)
     page.get_by_role("tab", name="Score").click()
     page.locator("#score_text textarea").fill(text)
-    set_number(page, "score_strength", 0.5)
+    set_number(page, "score_scale", 0.5)
     page.locator("#score_btn").click()
     expect(page.locator("#score_summary")).to_contain_text("tokens scored")
     summary = page.locator("#score_summary").inner_text()

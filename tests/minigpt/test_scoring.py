@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import GPT2TokenizerFast
 
 from minigpt import perplexity
-from minigpt.inference import load_with_strength
+from minigpt.inference import load_with_scale
 from minigpt.scoring import ScoringError, compare_ids, score_ids, windows
 from tests.helpers.app_server import make_adapter
 
@@ -110,10 +110,10 @@ def test_bad_input_is_one_error_line_and_status_2(tiny_checkpoint, adapter, text
 
 def test_compare_equals_transformers_and_peft_logits(tiny_checkpoint, adapter):
     folder, hf_model = tiny_checkpoint
-    base, strength, tokenizer = load_with_strength(folder, adapter, "cpu", "float32")
+    base, scale, tokenizer = load_with_scale(folder, adapter, "cpu", "float32")
     ids = tokenizer.encode_ordinary(TEXT)[:60]
     start = 20
-    got = compare_ids(base, strength.tuned, ids, start)
+    got = compare_ids(base, scale.tuned, ids, start)
     with torch.no_grad():
         logp_base = hf_model(torch.tensor([ids])).logits[0].log_softmax(-1)[start - 1:-1]
         logp_tuned = peft_model(tiny_checkpoint, adapter)(torch.tensor([ids])).logits[0].log_softmax(-1)[start - 1:-1]

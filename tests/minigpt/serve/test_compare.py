@@ -1,5 +1,5 @@
 """The Compare and Score handlers in process: two sides from one message and seed, the diff of a reply,
-the Score tab's numbers against the perplexity CLI, and sessions at different strengths at once."""
+the Score tab's numbers against the perplexity CLI, and sessions at different scales at once."""
 import json
 import re
 import threading
@@ -34,7 +34,7 @@ def test_both_sides_answer_with_one_seed_and_the_diff_rescores_a_reply(setup):
     seed = re.search(r"seed (\d+)", out[1]).group(1)
     assert all(len(side.in_flight) == 1 for side in session.sides.values())  # both Stop flags registered
     texts = {mode: run_side(handlers, session, mode) for mode in (BASE, TUNED)}
-    assert "Alpaca LoRA at strength 0.5" in texts[TUNED][1] and not session.busy
+    assert "Alpaca LoRA at scale 0.5" in texts[TUNED][1] and not session.busy
     # the same seed in the chat gives the same tuned reply
     chat_reply = session.sides[TUNED].reply
     again = list(ChatHandlers(engine).respond(Session(), [{"role": "user", "content": "Name a colour."}], TUNED,
@@ -74,30 +74,30 @@ def test_score_tab_numbers_are_the_clis(setup, tiny_checkpoint, tmp_path, capsys
     assert base_tokens[0][1] is None and sum(v is not None for _, v in tuned_tokens) == cli["tokens"]
 
 
-def test_two_chat_sessions_at_different_strengths_at_once_each_get_their_own(setup):
+def test_two_chat_sessions_at_different_scales_at_once_each_get_their_own(setup):
     engine, _ = setup
     chat = ChatHandlers(engine)
     history = [{"role": "user", "content": "Name a colour."}]
     replies = {}
 
-    def reply(strength):
-        replies[strength] = list(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, strength))[-1]
+    def reply(scale):
+        replies[scale] = list(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, scale))[-1]
 
     threads = [threading.Thread(target=reply, args=(s,)) for s in (0.0, 2.0)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for strength, (history_out, stats, *_) in replies.items():
-        alone = list(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, strength))[-1][0]
-        assert history_out == alone and f"strength {strength:g}" in stats
+    for scale, (history_out, stats, *_) in replies.items():
+        alone = list(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, scale))[-1][0]
+        assert history_out == alone and f"scale {scale:g}" in stats
     assert replies[0.0][0] != replies[2.0][0]
 
 
-def test_bad_strength_or_empty_text_is_a_message(setup):
+def test_bad_scale_or_empty_text_is_a_message(setup):
     import gradio as gr
     engine, _ = setup
-    with pytest.raises(gr.Error, match="LoRA strength must be between 0 and 2"):
+    with pytest.raises(gr.Error, match="LoRA scale must be between 0 and 2"):
         CompareHandlers(engine).check("Hi", 1.0, 0, 1.0, 8, "", 2.5)
     with pytest.raises(gr.Error, match="Type a message first"):
         CompareHandlers(engine).check("  ", 1.0, 0, 1.0, 8, "", 1.0)

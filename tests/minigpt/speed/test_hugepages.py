@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt.inference import load_with_strength
+from minigpt.inference import load_with_scale
 from minigpt.speed import hugepages
 from minigpt.speed.hugepages import move_to_huge_pages
 from minigpt.speed.quantize import quantize_int8
@@ -60,8 +60,8 @@ def test_moving_keeps_the_logits_ties_and_parameters(tiny_model, precision):
 def test_a_base_and_its_tuned_model_still_share_every_weight_but_the_targets(tiny_checkpoint, tmp_path):
     adapter = make_adapter(tiny_checkpoint[0], tmp_path)
     for precision in ("float32", "int8"):
-        strength = load_with_strength(tiny_checkpoint[0], adapter, "cpu", precision)[1]
-        base, tuned = strength.base.model.state_dict(), strength.tuned.model.state_dict()
+        scale = load_with_scale(tiny_checkpoint[0], adapter, "cpu", precision)[1]
+        base, tuned = scale.base.model.state_dict(), scale.tuned.model.state_dict()
         for key, tensor in tuned.items():
             targeted = ".c_attn." in key and not key.endswith("bias")
             assert (tensor.data_ptr() == base[key].data_ptr()) != targeted, (precision, key)

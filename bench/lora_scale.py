@@ -1,12 +1,12 @@
-"""The cost of serving a LoRA strength other than 0 and 1: build time, extra memory, decode speed.
+"""The cost of serving a LoRA scale other than 0 and 1: build time, extra memory, decode speed.
 
-    python -m bench.strength [--precision float32 int8] [--reps 3]
+    python -m bench.lora_scale [--precision float32 int8] [--reps 3]
 
 GPT-2 124M shape with random weights and a random r=8 c_attn adapter (the shape lora.train makes), loaded
 as the app loads it (minigpt.inference.with_adapter). For each precision: the time the first request at a
-new strength waits for its model, the bytes that model adds (tensors it does not share with the base) and,
-for int8, the float32 targeted weights kept for all strengths; then time to first token and tokens/s of
-stream_reply at strength 1 and at 0.5 (medians).
+new scale waits for its model, the bytes that model adds (tensors it does not share with the base) and,
+for int8, the float32 targeted weights kept for all scales; then time to first token and tokens/s of
+stream_reply at scale 1 and at 0.5 (medians).
 """
 from __future__ import annotations
 
@@ -67,19 +67,19 @@ def main() -> None:
         base = GPT(GPTConfig()).eval()
         deltas = {name: lora_delta(torch.randn(8, 768) * 0.02, torch.randn(3 * 768, 8) * 0.02, 2.0)
                   for name in match_targets(base, ["c_attn"])}
-        base_decoder, strength = with_adapter(base, deltas, precision)
-        kept = tensor_bytes(l.weight for l in strength.float_targets.values()) if precision == "int8" else 0
+        base_decoder, lora = with_adapter(base, deltas, precision)
+        kept = tensor_bytes(l.weight for l in lora.float_targets.values()) if precision == "int8" else 0
         builds = []
         for s in (0.3, 0.5, 0.7):
             start = time.perf_counter()
-            half = strength.decoder(s)
+            half = lora.decoder(s)
             builds.append(time.perf_counter() - start)
         extra = tensor_bytes(own_tensors(half.model, base_decoder.model))
-        at_one, at_half = stream_speed(strength.tuned, tokenizer, args.reps), stream_speed(half, tokenizer, args.reps)
-        print(f"{precision}: first request at a new strength waits {statistics.median(builds) * 1000:.0f} ms "
-              f"(median of 3 strengths); each cached strength adds {extra / 2**20:.1f} MiB; kept float targets "
-              f"{kept / 2**20:.1f} MiB; strength 1: first token {at_one[0] * 1000:.1f} ms, {at_one[1]:.1f} tokens/s; "
-              f"strength 0.5: first token {at_half[0] * 1000:.1f} ms, {at_half[1]:.1f} tokens/s ({half.kernel})")
+        at_one, at_half = stream_speed(lora.tuned, tokenizer, args.reps), stream_speed(half, tokenizer, args.reps)
+        print(f"{precision}: first request at a new scale waits {statistics.median(builds) * 1000:.0f} ms "
+              f"(median of 3 scales); each cached scale adds {extra / 2**20:.1f} MiB; kept float targets "
+              f"{kept / 2**20:.1f} MiB; scale 1: first token {at_one[0] * 1000:.1f} ms, {at_one[1]:.1f} tokens/s; "
+              f"scale 0.5: first token {at_half[0] * 1000:.1f} ms, {at_half[1]:.1f} tokens/s ({half.kernel})")
 
 
 if __name__ == "__main__":
