@@ -223,13 +223,22 @@ def generate(model: Model, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[in
         rows = _speculative(model, draft, cache, prompt, max_new_tokens, draft_tokens, params, generator,
                             return_attention)
     for i, (token, logits, attention) in enumerate(rows):
-        logprobs = logits.log_softmax(dim=-1)
-        top = torch.topk(logprobs, top_n)
-        text, hit_stop = decoder.push(token) if token != eot_id else ("", False)
-        finish = "eos" if token == eot_id else "stop" if hit_stop else "length" if i == max_new_tokens - 1 else None
-        if finish in ("eos", "length"):
-            text += decoder.flush()
-        yield TokenEvent(token, text, float(logprobs[token]), list(zip(top.indices.tolist(), top.values.tolist())),
-                         attention, finish)
-        if finish:
+        event = token_event(token, logits, decoder, eot_id, top_n, last=i == max_new_tokens - 1)
+        event.attention = attention
+        yield event
+        if event.finish_reason:
             return
+
+
+def token_event(token: int, logits: torch.Tensor, decoder: StreamDecoder, eot_id: int, top_n: int,
+                last: bool) -> TokenEvent:
+    """The event of `token`, chosen over logits (vocab,): its text delta, raw log-prob and top_n
+    alternatives; finished at EOS, at a stop string, or when it is the `last` of the budget."""
+    logprobs = logits.log_softmax(dim=-1)
+    top = torch.topk(logprobs, top_n)
+    text, hit_stop = decoder.push(token) if token != eot_id else ("", False)
+    finish = "eos" if token == eot_id else "stop" if hit_stop else "length" if last else None
+    if finish in ("eos", "length"):
+        text += decoder.flush()
+    return TokenEvent(token, text, float(logprobs[token]), list(zip(top.indices.tolist(), top.values.tolist())),
+                      None, finish)

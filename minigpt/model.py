@@ -76,14 +76,23 @@ class CausalSelfAttention(nn.Module):
         B, _, T, _ = y.size()
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, cache: KVCache | list[KVCache] | None = None,
                 return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        T = x.size(1)
         q, k, v = self.heads(x)
+        if isinstance(cache, list):  # GPT.decode_rows: one new token per row, each row with its own cache
+            y = torch.cat([self.attend(q[i:i + 1], *c.update(self.layer_idx, k[i:i + 1], v[i:i + 1]))[0]
+                           for i, c in enumerate(cache)])
+            return self.output(y), None
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs)
-        S = k.size(2)
+        y, att = self.attend(q, k, v, return_attn)
+        return self.output(y), att
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax(q k^T / sqrt(hs)) v for the T queries (B, nh, T, hs) that are the last T of the S keys;
+        also the probabilities with return_attn."""
+        T, S = q.size(2), k.size(2)
         att = None
         if return_attn or T == 1:
             # Explicit path: the only place the attention probabilities exist. It also serves one new
@@ -91,7 +100,7 @@ class CausalSelfAttention(nn.Module):
             # and 2-7x slower in bfloat16 (torch 2.13, 2-core AVX-512 machine; see docs/speed.md).
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
             if T > 1:  # a single new token may see everything before it: no mask needed
-                scores = scores.masked_fill(~causal_mask(T, S, x.device), float("-inf"))
+                scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
             y = probs @ v  # (B, nh, T, hs)
             if return_attn:
@@ -99,9 +108,8 @@ class CausalSelfAttention(nn.Module):
         elif T == S:  # plain prefill
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # several new tokens after a cached prefix: is_causal would align the mask wrongly
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, x.device))
-        return self.output(y), att
-
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device))
+        return y, att
 
 
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -128,7 +136,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, cache: KVCache | list[KVCache] | None = None,
                 return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         a, att = self.attn(self.ln_1(x), cache, return_attn)
         x = x + a
@@ -162,6 +170,21 @@ class GPT(nn.Module):
         """
         logits, _ = self._run(idx, cache, last_only, return_attn=False)
         return logits
+
+    def decode_rows(self, idx: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Logits (B, 1, vocab) for one new token per row of idx (B, 1), row i continuing caches[i]: B
+        independent sequences, each at its own position (continuous batching). The Linears read their
+        weights once for all rows; attention reads each row's own cache."""
+        lengths = [c.length for c in caches]
+        if any(n >= c.max_len for n, c in zip(lengths, caches)):
+            raise ValueError("a row's KV cache is full")
+        pos = torch.tensor(lengths, device=idx.device)[:, None]  # (B, 1)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x, _ = block(x, caches)
+        for c in caches:
+            c.length += 1
+        return self.lm_head(self.transformer.ln_f(x))
 
     def forward_with_attention(self, idx: torch.Tensor, cache: KVCache | None = None,
                                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

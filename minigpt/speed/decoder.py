@@ -5,15 +5,19 @@ Generation, the panels and the serving layer call a Decoder as they would call t
 the attention path run through the model's PyTorch forward; a single new token after a cache goes
 through `step` when one was built for this model (the C int8 decode step, native.py). Nothing else ever
 reaches into the model to switch paths.
+
+step_rows decodes one token for each of several sequences at once (continuous batching): through one
+C call when every row's decoder has the C step, else through each model's PyTorch decode_rows.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..config import GPTConfig
 from ..model import GPT, KVCache
+from . import native
 
 Step = Callable[[torch.Tensor, KVCache], torch.Tensor]  # (idx (1, 1), cache) -> logits (1, 1, vocab)
 
@@ -51,3 +55,23 @@ class Decoder:
 def as_decoder(model: GPT | Decoder) -> Decoder:
     """A Decoder for a plain GPT (PyTorch for every step); a Decoder as it is."""
     return model if isinstance(model, Decoder) else Decoder(model)
+
+
+def step_rows(decoders: Sequence[Decoder], tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
+    """Float32 logits (n, vocab) of one new token for each of n sequences: row i is tokens[i] after caches[i],
+    decoded by decoders[i] (rows may mix models: base, tuned, any LoRA scale). With the C step everywhere,
+    one call reads each weight once for all the rows that share it, and computes every row exactly as it
+    would alone; otherwise each model's rows share one PyTorch forward (equal to a lone row's to float
+    rounding)."""
+    steps = [d.step for d in decoders]
+    if all(isinstance(s, native.NativeDecoder) for s in steps):
+        return native.step_rows(steps, tokens, caches)
+    logits = torch.empty(len(tokens), decoders[0].config.vocab_size, device=decoders[0].device)
+    by_model: dict[int, list[int]] = {}
+    for i, decoder in enumerate(decoders):
+        by_model.setdefault(id(decoder.model), []).append(i)
+    for rows in by_model.values():
+        model = decoders[rows[0]].model
+        idx = torch.tensor([[tokens[i]] for i in rows], device=model.device)
+        logits[rows] = model.decode_rows(idx, [caches[i] for i in rows])[:, 0].float()
+    return logits
