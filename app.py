@@ -36,8 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_precision_arguments(p)
     p.add_argument("--speculative", action="store_true",
                    help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
-    p.add_argument("--concurrency", type=int, default=2,
-                   help="replies computed at the same time, chat and API together (the rest queue)")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="replies decoded together in one batch, chat and API together; the rest wait in "
+                        "arrival order (minigpt/serve/engine.py: DEFAULT_ROWS)")
+    p.add_argument("--queue-size", type=int, default=256,
+                   help="replies that may wait for a free row; more are refused as busy (503 on the API)")
     p.add_argument("--sessions-kept", type=int, default=64,
                    help="keep the per-session state (last reply, panels) of this many most recent browser "
                         "sessions; older ones start over: memory levels off")
@@ -47,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--open-api", action="store_true",
                    help="serve /v1 without a key even when bound beyond loopback (--host 0.0.0.0, a Space)")
     args = p.parse_args(argv)
-    for name in ("concurrency", "sessions_kept"):
+    for name in ("concurrency", "sessions_kept", "queue_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.speculative and args.precision == "int8":
@@ -337,14 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_port(args.host, args.port)  # before the minutes of loading, not after
         engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative,
-                             default_adapter=None if args.no_adapter else DEFAULT_ADAPTER, concurrency=args.concurrency)
+                             default_adapter=None if args.no_adapter else DEFAULT_ADAPTER, concurrency=args.concurrency,
+                             queue_size=args.queue_size)
     except (CheckpointError, DeviceError, PortBusy) as e:  # CheckpointError includes AdapterError
         print(f"error: {e}", file=sys.stderr)
         return 2
     if TUNED not in engine.models:
         print(f"note: {TUNED} mode is off: {engine.adapter_hint}", file=sys.stderr)
+    print(engine.capacity(), flush=True)
     demo = build_app(engine)
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
+    # Every reply waits in the scheduler's queue, not Gradio's (it orders the chat and the API together, and
+    # shows each reply its place): Gradio lets every event through, up to the scheduler's own bounds.
+    demo.queue(default_concurrency_limit=args.concurrency + args.queue_size, max_size=args.queue_size)
     access = access_for(args.host, args.share, args.api_key, args.open_api)
     print(describe(access, f"http://{args.host}:{args.port}"), flush=True)
     try:

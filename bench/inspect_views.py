@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt.serve.conversation import BASE, Prompt, read_settings
+from minigpt.serve.conversation import BASE, Prompt, read_request
 from minigpt.serve.engine import load_engine
 from minigpt.serve.inspect_panels import InspectHandlers
 from minigpt.serve.replies import stream_reply
@@ -43,8 +43,8 @@ def main() -> None:
         engine = load_engine(str(folder), None, "cpu", "float32")
     inspect = InspectHandlers(engine)
     ids = engine.tokenizer.encode_ordinary(PROMPT)[:32]
-    settings = read_settings(0.7, 40, 0.95, 128, 1, context=1024)[0]
-    reply = list(stream_reply(engine.models[BASE], engine.tokenizer, BASE, Prompt(PROMPT, ids, 0, ()), settings,
+    request = read_request(BASE, 0.7, 40, 0.95, 128, 1, 1.0, context=1024)[0]
+    reply = list(stream_reply(engine.models[BASE], engine.tokenizer, Prompt(PROMPT, ids, 0, ()), request,
                               threading.Event()))[-1]
     print(f"reply: {len(reply.token_ids)} tokens after a {len(ids)}-token prompt, {reply.tokens_per_s:.1f} tokens/s; "
           f"{args.threads} threads", flush=True)

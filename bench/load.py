@@ -87,7 +87,9 @@ def stream(client: Client, request: Request) -> None:
     """Send one turn through gradio_client; cancel or stop it after its first streamed token if asked."""
     start = time.perf_counter()
     job = client.submit(*chat_args(request), api_name="/chat")
-    for _ in job:
+    for update in job:
+        if update[1].startswith("Waiting:"):  # still queued: its place, no token yet
+            continue
         if request.first_token_s is None:
             request.first_token_s = time.perf_counter() - start
             if request.action == "cancel":
@@ -119,8 +121,11 @@ def disconnect(url: str, request: Request) -> None:
     post = urllib.request.Request(url + "gradio_api/call/chat", body, {"Content-Type": "application/json"})
     event_id = json.loads(urllib.request.urlopen(post, timeout=60).read())["event_id"]
     with urllib.request.urlopen(f"{url}gradio_api/call/chat/{event_id}", timeout=60) as response:
+        generating = False
         for line in response:
             if line.startswith(b"event: generating"):
+                generating = True
+            elif generating and line.startswith(b"data:") and b'"Waiting:' not in line:  # a token, not its place
                 request.first_token_s = time.perf_counter() - start
                 break
     request.outcome = "disconnected"

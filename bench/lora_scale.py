@@ -22,7 +22,8 @@ import torch
 from minigpt import GPT, GPTConfig, SamplingParams
 from minigpt.adapters import lora_delta, match_targets
 from minigpt.inference import with_adapter
-from minigpt.serve.conversation import TUNED, Prompt, Settings
+from minigpt.request import ReplyRequest
+from minigpt.serve.conversation import TUNED, Prompt
 from minigpt.serve.replies import stream_reply
 from minigpt.tokenizer import load_tokenizer
 from tests.helpers.checkpoints import write_tokenizer
@@ -45,10 +46,10 @@ def own_tensors(model: GPT, base: GPT) -> list[torch.Tensor]:
 
 def stream_speed(decoder, tokenizer, reps: int) -> tuple[float, float]:
     prompt = Prompt("", list(range(1000, 1100)), 0, ())
-    settings = Settings(SamplingParams(0.0, 0, 1.0), 64, 0)
+    request = ReplyRequest(TUNED, SamplingParams(0.0, 0, 1.0), 64, 0)
     runs = []
     for rep in range(reps + 1):
-        *_, reply = stream_reply(decoder, tokenizer, TUNED, prompt, settings, threading.Event())
+        *_, reply = stream_reply(decoder, tokenizer, prompt, request, threading.Event())
         if rep:
             runs.append((reply.first_token_s, reply.tokens_per_s))
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)

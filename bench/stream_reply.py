@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from minigpt import GPT, GPTConfig, SamplingParams
-from minigpt.serve.conversation import BASE, Prompt, Settings
+from minigpt.request import ReplyRequest
+from minigpt.serve.conversation import BASE, Prompt
 from minigpt.serve.replies import stream_reply
 from minigpt.speed.decoder import Decoder
 from minigpt.speed.onednn import use_onednn
@@ -39,10 +40,10 @@ def main() -> None:
         tokenizer = load_tokenizer(folder)
     ids = list(range(1000, 1000 + args.prompt_tokens))
     prompt = Prompt("", ids, 0, ())
-    settings = Settings(SamplingParams(0.0, 0, 1.0), args.new_tokens, 0)
+    request = ReplyRequest(BASE, SamplingParams(0.0, 0, 1.0), args.new_tokens, 0)
     results = []
     for rep in range(args.reps + 1):
-        *_, reply = stream_reply(decoder, tokenizer, BASE, prompt, settings, threading.Event())
+        *_, reply = stream_reply(decoder, tokenizer, prompt, request, threading.Event())
         if rep:
             results.append((reply.first_token_s, reply.tokens_per_s))
     ttft = statistics.median(r[0] for r in results)

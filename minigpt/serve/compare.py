@@ -68,26 +68,27 @@ class CompareHandlers:
         note = f"Both sides: seed {seed}, LoRA scale {float(scale):g}."
         return gr.Button(interactive=False), note, "", "", "", ""
 
-    def respond(self, session: CompareSession, mode: str):
-        """Stream one side's reply: (text, stats line) after every token."""
+    async def respond(self, session: CompareSession, mode: str):
+        """Stream one side's reply: (text, stats line) while it waits and after every token."""
         history, temperature, top_k, top_p, max_new_tokens, seed, scale = session.request
-        scale = float(scale) if mode == TUNED else 1.0
-        model, settings, _, prompt = self.chat.prepare(history, mode, temperature, top_k, top_p, max_new_tokens,
-                                                       seed, scale)
+        request, prompt, _ = await self.chat.prepare_async(history, mode, temperature, top_k, top_p, max_new_tokens,
+                                                           seed, scale)
         side = session.sides[mode]
         flag = side.start_reply()
         try:
-            for reply in paced(self.engine.stream_reply(mode, prompt, settings, flag, scale=scale)):
+            async for reply in paced(self.chat.replies(request, prompt, flag)):
                 yield reply.text.strip(), stats_line(reply, self.engine.device)
             side.show(reply)
         finally:
             side.finish_reply(flag)
 
-    def respond_base(self, session: CompareSession):
-        yield from self.respond(session, BASE)
+    async def respond_base(self, session: CompareSession):
+        async for update in self.respond(session, BASE):
+            yield update
 
-    def respond_tuned(self, session: CompareSession):
-        yield from self.respond(session, TUNED)
+    async def respond_tuned(self, session: CompareSession):
+        async for update in self.respond(session, TUNED):
+            yield update
 
     @staticmethod
     def stop_base(session: CompareSession):
@@ -107,9 +108,11 @@ class CompareHandlers:
         reply = session.sides[which].reply if which in session.sides else None
         if reply is None or not reply.token_ids:
             return f"No {which} reply yet: send a message first.", [], None, None
-        base, tuned = self.engine.model(BASE), self.engine.model(TUNED, float(session.request[-1]))
-        comparison = compare_ids(base, tuned, reply.prompt_ids + reply.token_ids, len(reply.prompt_ids))
-        return (self.summary(comparison, which, float(session.request[-1])), self.highlights(comparison),
+        scale = session.sides[TUNED].reply.request.scale if session.sides[TUNED].reply else 1.0
+        base, tuned = self.engine.model(BASE), self.engine.model(TUNED, scale)
+        comparison = self.engine.compute(compare_ids, base, tuned, reply.prompt_ids + reply.token_ids,
+                                         len(reply.prompt_ids))
+        return (self.summary(comparison, which, scale), self.highlights(comparison),
                 self.ranked(comparison), self.per_token(comparison))
 
     @staticmethod

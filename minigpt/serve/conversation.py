@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import tiktoken
 
+from ..lora_scale import check_scale
 from ..prompts import STOP_STRINGS, Exchange, render_prompt, transcript
+from ..request import MAX_SEED, Mode, ReplyRequest
 from ..sampling import SamplingParams
 
-BASE, TUNED = "Base GPT-2", "Alpaca LoRA"
-MODES = (BASE, TUNED)
-FRAMING = {BASE: "dialogue", TUNED: "alpaca"}  # how each mode frames a conversation (minigpt.prompts)
+BASE, TUNED = Mode.BASE, Mode.TUNED
+MODES = tuple(Mode)
 
 MAX_NEW_TOKENS = 512
 MAX_TEMPERATURE = 2.0
-MAX_SEED = 2**32 - 1
 # A request's history is bounded before anything is tokenized: 500 exchanges, 1 MB of text, far more
 # than a 1024-token window keeps (only the newest exchanges that fit are ever encoded).
 MAX_HISTORY_MESSAGES = 1000
@@ -49,13 +49,6 @@ class Prompt:
     ids: list[int]
     dropped: int  # oldest exchanges left out so the prompt and the reply fit the context window
     stop: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Settings:
-    params: SamplingParams
-    max_new_tokens: int
-    seed: int | None  # None: a fresh random seed per reply
 
 
 def as_chat_text(text: str) -> str:
@@ -148,9 +141,7 @@ def build_prompt(mode: str, history: Sequence[dict], tokenizer: tiktoken.Encodin
     add up exactly; if it comes out longer, one more exchange goes), with encode_ordinary so a typed
     "<|endoftext|>" stays text.
     """
-    if mode not in FRAMING:
-        raise ChatInputError(f"Unknown mode {mode!r}: choose {' or '.join(MODES)}.")
-    framing = FRAMING[mode]
+    framing = read_mode(mode).framing
     exchanges, message = split_history(history)
     system = system_text(history)
     used = len(tokenizer.encode_ordinary(render_prompt(framing, [], message, system)))
@@ -180,14 +171,23 @@ def context_note(prompt: Prompt, context: int) -> str:
             f"{'was' if prompt.dropped == 1 else 'were'} left out of the prompt (the header is kept).")
 
 
-def read_settings(temperature: float, top_k: float | None, top_p: float, max_new_tokens: float,
-                  seed: float | str | None, context: int) -> tuple[Settings, list[str]]:
-    """Validate the sampling controls: (settings, notices about values that were clamped).
+def read_mode(mode: object) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise ChatInputError(f"Unknown mode {reprlib.repr(mode)}: choose {' or '.join(MODES)}.") from None
+
+
+def read_request(mode: object, temperature: float, top_k: float | None, top_p: float, max_new_tokens: float,
+                 seed: float | str | None, scale: float, context: int) -> tuple[ReplyRequest, list[str]]:
+    """The page's controls -> (the reply request, notices about values that were clamped).
 
     Values the sliders cannot produce but that make sense are clamped with a notice; values that make
-    no sense (negative temperature, top-p of 0, a fractional seed, ...) raise ChatInputError.
+    no sense (negative temperature, top-p of 0, a fractional seed, a scale beyond 2, ...) raise
+    ChatInputError, in the words of the page's controls.
     """
     notices = []
+    mode = read_mode(mode)
     temperature = _number("Temperature", temperature)
     if temperature > MAX_TEMPERATURE:
         notices.append(f"Temperature {temperature:g} is above {MAX_TEMPERATURE:g}; used {MAX_TEMPERATURE:g}.")
@@ -208,7 +208,11 @@ def read_settings(temperature: float, top_k: float | None, top_p: float, max_new
     except ValueError as e:  # "top_k must be ..." -> "Top-k must be ..."
         field, rest = str(e).split(" ", 1)
         raise ChatInputError(f"{FIELD_NAMES.get(field, field)} {rest}.") from None
-    return Settings(params, max_new, seed), notices
+    try:
+        scale = check_scale(_number("LoRA scale", scale)) if mode is TUNED else 1.0
+    except ValueError as e:
+        raise ChatInputError(f"{e}.") from None
+    return ReplyRequest(mode, params, max_new, seed, scale), notices
 
 
 def read_choice(name: str, value: object, choices: range) -> int:

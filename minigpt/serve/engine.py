@@ -1,41 +1,45 @@
-"""What every session shares: the models, loaded once per process, and the slots replies compute in.
-Nothing per request lives here."""
+"""What every session shares: the models, loaded once per process, and the scheduler every forward
+pass goes through (minigpt/serve/scheduler.py). Nothing per request lives here."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 import tiktoken
 
 from ..adapters import AdapterError
-from ..generation import prompt_logprobs
 from ..inference import load_with_scale, speculative_drafts
-from ..speed.decoder import Decoder
 from ..lora_scale import AdapterScale
-from .conversation import BASE, TUNED, ChatInputError, Prompt, Settings
-from .replies import TOP_N, Reply, stream_reply
+from ..request import Mode, ReplyRequest
+from ..speed.decoder import Decoder
+from .conversation import TUNED, ChatInputError, Prompt
+from .replies import TOP_N, Reply, areplies_of, replies_of, reply_source
+from .scheduler import Scheduler, Ticket
 
 GET_AN_ADAPTER = ("Train one with `python -m lora.train` or pass `--adapter` (a folder or a Hub repo id of a PEFT "
                   "GPT-2 LoRA adapter).")
+DEFAULT_ROWS = 8  # --concurrency: rows decoded together (bench.serving: docs/serving.md)
+DEFAULT_QUEUE = 256  # --queue-size: requests that may wait for a row; more are refused as busy
+T = TypeVar("T")
 
 
 @dataclass
 class Engine:
-    models: dict[str, Decoder]  # mode -> its decoder; the tuned model shares every tensor but the merged LoRA targets
+    models: dict[Mode, Decoder]  # mode -> its decoder; the tuned model shares every tensor but the merged LoRA targets
     tokenizer: tiktoken.Encoding
     adapter_hint: str  # why there is no tuned mode ('' when there is)
-    drafts: dict[str, Decoder] = field(default_factory=dict)  # mode -> its int8 draft, with --speculative
-    # --concurrency: replies computed at once, chat and API together; the rest wait for a slot
-    slots: threading.Semaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
-    scale: AdapterScale | None = None  # the tuned model at any LoRA scale (None without an adapter)
+    drafts: dict[Mode, Decoder] = field(default_factory=dict)  # mode -> its int8 draft, with --speculative
+    scheduler: Scheduler = field(default_factory=lambda: Scheduler(DEFAULT_ROWS, DEFAULT_QUEUE))
+    lora: AdapterScale | None = None  # the tuned model at any LoRA scale (None without an adapter)
 
     @property
     def device(self) -> str:
         """'cpu float32', 'cpu int8 (C decode step)', 'cpu float32 + int8 draft': for the stats line."""
-        base = self.models[BASE]
+        base = self.models[Mode.BASE]
         weight = base.model.lm_head.weight
         kernel = f" ({base.kernel})" if base.step is not None else ""
         draft = " + int8 draft" if self.drafts else ""
@@ -43,64 +47,77 @@ class Engine:
 
     @property
     def n_positions(self) -> int:
-        return self.models[BASE].config.n_positions
+        return self.models[Mode.BASE].config.n_positions
 
-    def model(self, mode: str, scale: float = 1.0) -> Decoder:
-        """The decoder of a mode; for tuned mode, with the adapter's update scaled by scale."""
+    def capacity(self) -> str:
+        """The start-up line: rows, the most their KV caches can take, and the queue."""
+        config, weight = self.models[Mode.BASE].config, self.models[Mode.BASE].model.transformer.ln_f.weight
+        row = 2 * config.n_layer * config.n_positions * config.n_embd * weight.element_size()  # keys and values
+        rows, waiting = self.scheduler.max_rows, self.scheduler.max_waiting
+        return (f"Serving {rows} replies at once in one batch (their KV caches take at most "
+                f"{rows * row / 2**20:,.0f} MiB); up to {waiting} more wait in arrival order, beyond that "
+                "requests are refused as busy.")
+
+    def model(self, mode: Mode, scale: float = 1.0) -> Decoder:
+        """The decoder of a mode; for tuned mode, with the adapter's update multiplied by scale."""
         if mode not in self.models:
-            raise ChatInputError(f"{mode} mode is off: {self.adapter_hint}")
-        if mode != TUNED or self.scale is None:
+            raise ChatInputError(f"{Mode(mode).value} mode is off: {self.adapter_hint}")
+        if mode != TUNED or self.lora is None:
             return self.models[mode]
         try:
-            return self.scale.decoder(scale)
+            return self.lora.decoder(scale)
         except ValueError as e:
             raise ChatInputError(f"{e}.") from None
 
-    @contextmanager
-    def compute_slot(self, stop: threading.Event) -> Iterator[bool]:
-        """Hold one of the compute slots: True once it is ours, False if `stop` was set while waiting."""
-        while not self.slots.acquire(timeout=0.05):
-            if stop.is_set():
-                yield False
-                return
-        try:
-            yield True
-        finally:
-            self.slots.release()
+    def model_for(self, request: ReplyRequest) -> Decoder:
+        return self.model(request.mode, request.scale)
 
-    def stream_reply(self, mode: str, prompt: Prompt, settings: Settings, stop: threading.Event,
-                     top_n: int = TOP_N, scale: float = 1.0, forced: Sequence[int] = ()) -> Iterator[Reply]:
-        """replies.stream_reply in `mode`'s model (and its draft), inside a compute slot: the one path by
-        which the chat and the API generate. Stopped while waiting, it yields one empty "stopped" Reply."""
-        with self.compute_slot(stop) as computing:
-            if not computing:
-                yield Reply(mode, list(prompt.ids), finish_reason="stopped")
-                return
-            yield from stream_reply(self.model(mode, scale), self.tokenizer, mode, prompt, settings, stop,
-                                    self.drafts.get(mode), top_n, forced, scale)
+    def submit(self, request: ReplyRequest, prompt: Prompt, stop: threading.Event, top_n: int = TOP_N,
+               forced: Sequence[int] = ()) -> Ticket:
+        """Queue a reply with the scheduler (the one path by which the chat, Compare and the API generate);
+        the request must have its seed (ReplyRequest.with_seed). ServerBusy when the queue is full."""
+        make = partial(reply_source, self.model_for(request), self.tokenizer, prompt, request, top_n, forced,
+                       self.drafts.get(request.mode))
+        return self.scheduler.reply(make, stop)
 
-    def score(self, mode: str, ids: Sequence[int], top_n: int, stop: threading.Event
-              ) -> list[tuple[float, list[tuple[int, float]]]] | None:
-        """generation.prompt_logprobs in `mode`'s model, inside a compute slot (None if stopped while waiting)."""
-        with self.compute_slot(stop) as computing:
-            return prompt_logprobs(self.model(mode), ids, top_n) if computing else None
+    def replies(self, request: ReplyRequest, prompt: Prompt, stop: threading.Event, top_n: int = TOP_N,
+                forced: Sequence[int] = ()) -> AsyncIterator[Reply]:
+        """Queue a reply now (ServerBusy when the queue is full) and return its growing Reply: while it waits
+        (Reply.ahead), after every token, and finished last. Awaited, so no thread waits; leaving early (or
+        `stop`) ends its computation."""
+        request = request.with_seed()
+        return areplies_of(self.submit(request, prompt, stop, top_n, forced), request, prompt)
+
+    def replies_blocking(self, request: ReplyRequest, prompt: Prompt, stop: threading.Event, top_n: int = TOP_N,
+                         forced: Sequence[int] = ()) -> Iterator[Reply]:
+        """replies(), iterated in a thread that blocks between tokens (scripts, tests)."""
+        request = request.with_seed()
+        return replies_of(self.submit(request, prompt, stop, top_n, forced), request, prompt)
+
+    def compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args), a forward pass of a panel or of scoring, run by the scheduler in its turn; blocks."""
+        return self.scheduler.run(partial(fn, *args))
+
+    async def compute_async(self, fn: Callable[..., T], *args: Any) -> T:
+        """compute(), awaited."""
+        return await self.scheduler.run_async(partial(fn, *args))
 
 
 def load_engine(model: str, adapter: str | None, device: str | None, precision: str,
                 speculative: bool = False, default_adapter: Path | None = None,
-                concurrency: int = 2) -> Engine:
+                concurrency: int = DEFAULT_ROWS, queue_size: int = DEFAULT_QUEUE) -> Engine:
     """The base model, and the tuned one from `adapter` (an adapter that cannot be used is an error), or
     else from the `default_adapter` folder when it exists. The default is a convenience: when it is
     incomplete (a training run stopped before its first checkpoint) or made for another model, the base
     is served alone and adapter_hint says why."""
     problems: list[AdapterError] = []
     use_default = adapter is None and default_adapter is not None and default_adapter.is_dir()
-    base, scale, tokenizer = load_with_scale(model, default_adapter if use_default else adapter, device,
-                                                   precision, on_adapter_error=problems.append if use_default else None)
-    models = {BASE: base} if scale is None else {BASE: base, TUNED: scale.tuned}
+    base, lora, tokenizer = load_with_scale(model, default_adapter if use_default else adapter, device, precision,
+                                            on_adapter_error=problems.append if use_default else None)
+    models = {Mode.BASE: base} if lora is None else {Mode.BASE: base, Mode.TUNED: lora.tuned}
     drafts = dict(zip(models, speculative_drafts(*models.values()))) if speculative else {}
-    hint = "" if scale is not None else adapter_hint(default_adapter, problems)
-    return Engine(models, tokenizer, hint, drafts, threading.BoundedSemaphore(concurrency), scale)
+    hint = "" if lora is not None else adapter_hint(default_adapter, problems)
+    return Engine(models, tokenizer, hint, drafts, Scheduler(concurrency, queue_size), lora)
 
 
 def adapter_hint(default_adapter: Path | None, problems: list[AdapterError]) -> str:

@@ -6,17 +6,17 @@ Session (a gr.State) and the Engine every session shares.
 """
 from __future__ import annotations
 
+import anyio
 import gradio as gr
 
 from .conversation import (
-    TUNED,
     ChatInputError,
     as_chat_text,
     build_prompt,
     context_note,
     message_text,
     read_choice,
-    read_settings,
+    read_request,
     whole_number,
     with_user_message,
     without_last_reply,
@@ -31,6 +31,7 @@ from .panels import (
     token_highlights,
 )
 from .replies import paced, stats_line
+from .scheduler import ServerBusy
 from .session import Session
 
 ATTENTION_HINT = "The attention of the last reply is computed when this panel is open."
@@ -65,15 +66,20 @@ class ChatHandlers:
         self.ready = f"Ready · {engine.device}"
 
     def prepare(self, history, mode, temperature, top_k, top_p, max_new_tokens, seed, scale=1.0):
-        """Everything a reply needs, validated; bad input becomes a message for the user."""
+        """(request, prompt, notices): everything a reply needs, validated; bad input becomes a message for
+        the user. It tokenizes: an async handler calls it in a worker thread (prepare_async)."""
         context = self.engine.n_positions
         try:
-            model = self.engine.model(mode, scale)
-            settings, notices = read_settings(temperature, top_k, top_p, max_new_tokens, seed, context)
-            prompt = build_prompt(mode, history, self.engine.tokenizer, context - settings.max_new_tokens)
+            request, notices = read_request(mode, temperature, top_k, top_p, max_new_tokens, seed, scale, context)
+            self.engine.model_for(request)  # refused here if the mode is off
+            prompt = build_prompt(request.mode, history, self.engine.tokenizer, context - request.max_new_tokens)
         except ChatInputError as e:
             raise refusal(str(e)) from None
-        return model, settings, notices, prompt
+        return request, prompt, notices
+
+    async def prepare_async(self, *args):
+        """prepare(), off the event loop: tokenizing a long history must not hold up every other user."""
+        return await anyio.to_thread.run_sync(self.prepare, *args)
 
     def check_message(self, message, history, *controls):  # controls as in prepare()
         """Refuse bad input before anything on the page changes, while the message is still in the box."""
@@ -107,28 +113,37 @@ class ChatHandlers:
     def stop(session: Session):
         session.stop()
 
-    def respond(self, session: Session, history, mode, temperature, top_k, top_p, max_new_tokens, seed, layer, head,
-                scale=1.0):
-        model, settings, notices, prompt = self.prepare(history, mode, temperature, top_k, top_p, max_new_tokens,
-                                                        seed, scale)
+    async def respond(self, session: Session, history, mode, temperature, top_k, top_p, max_new_tokens, seed, layer,
+                      head, scale=1.0):
+        request, prompt, notices = await self.prepare_async(history, mode, temperature, top_k, top_p,
+                                                            max_new_tokens, seed, scale)
         notes = [*notices, context_note(prompt, self.engine.n_positions)]
         for note in filter(None, notes):
             gr.Warning(note)
         flag = session.start_reply()
         history = [*history, {"role": "assistant", "content": ""}]
         try:
-            scale = scale if mode == TUNED else 1.0
-            for reply in paced(self.engine.stream_reply(mode, prompt, settings, flag, scale=scale)):
+            async for reply in paced(self.replies(request, prompt, flag)):
                 history[-1] = {"role": "assistant", "content": as_chat_text(reply.text.strip())}
                 status = "\n\n".join(filter(None, [stats_line(reply, self.engine.device), *notes]))
                 if reply.finish_reason is None:
                     yield history, status, *[gr.skip()] * 7
             wanted = session.attention_open and reply.token_ids
-            session.show(reply, attention_window(model, self.engine.tokenizer, reply) if wanted else None)
+            window = await self.engine.compute_async(attention_window, self.engine.model_for(request),
+                                                     self.engine.tokenizer, reply) if wanted else None
+            session.show(reply, window)
             yield (history, status, prompt.text, *self.log_prob_panel(session, len(reply.token_ids)),
                    *self.attention_panel(session, layer, head))
         finally:
             session.finish_reply(flag)
+
+    def replies(self, request, prompt, flag, forced=()):
+        """engine.replies, a full queue becoming the user's message."""
+        try:
+            return self.engine.replies(request, prompt, flag, forced=forced)
+        except ServerBusy as e:
+            raise gr.Error(f"{str(e)[0].upper()}{str(e)[1:]}. Try again in a moment.", print_exception=False) \
+                from None
 
     def log_prob_panel(self, session: Session, position):
         position = checked(whole_number, "Token position", position)
@@ -161,8 +176,8 @@ class ChatHandlers:
         session.attention_open = True
         reply = session.reply
         if session.window is None and reply is not None and reply.token_ids:
-            session.window = attention_window(self.engine.model(reply.mode, reply.scale), self.engine.tokenizer,
-                                              reply)
+            session.window = self.engine.compute(attention_window, self.engine.model_for(reply.request),
+                                                 self.engine.tokenizer, reply)
         return self.attention_panel(session, layer, head)
 
     @staticmethod

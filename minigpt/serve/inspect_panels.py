@@ -9,7 +9,7 @@ outputs of every view refresh are VIEW_OUTPUTS, in that order.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import gradio as gr
@@ -17,7 +17,7 @@ import gradio as gr
 from ..inspection import logit_lens
 from .conversation import BASE, ChatInputError, Prompt, as_chat_text
 from .engine import Engine
-from .handlers import locked, unlock
+from .handlers import ChatHandlers, locked, unlock
 from .panels import MAX_KEYS, MAX_QUERIES, alternatives, attention_window, heatmap, position_caption, token_highlights
 from .panels_heads import entropy_figure, similarity_figure
 from .panels_lens import lens_figure, lens_ids, lens_table, reply_column, visible_columns
@@ -38,6 +38,7 @@ EXPORT_DIR = Path(tempfile.gettempdir()) / "minigpt-exports"
 class InspectHandlers:
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.chat = ChatHandlers(engine)  # its replies(): a full queue becomes the user's message
         self.tokenizer = engine.tokenizer
 
     # -- the views, for the selected token -------------------------------------------------------------
@@ -63,25 +64,25 @@ class InspectHandlers:
 
     def sampling_view(self, session: Session) -> list:
         reply, position = session.reply, session.position
-        params = reply.settings.params
-        logits = position_logits(self.engine.model(reply.mode), reply, position)
+        params = reply.request.params
+        logits = self.engine.compute(position_logits, self.engine.model_for(reply.request), reply, position)
         pipeline = sampling_pipeline(logits, params, reply.token_ids[position - 1])
         return [pipeline_figure(pipeline, self.tokenizer), pipeline_summary(pipeline, self.tokenizer, params)]
 
     def lens_view(self, session: Session) -> list:
         reply = session.reply
         if session.lens is None:
-            session.lens = logit_lens(self.engine.model(reply.mode), lens_ids(reply))
+            session.lens = self.engine.compute(logit_lens, self.engine.model_for(reply.request), lens_ids(reply))
         column = reply_column(reply, session.position)
         pixels, session.clicks["lens"] = lens_figure(session.lens, self.tokenizer, column, len(reply.prompt_ids) - 1)
         return [pixels, lens_table(session.lens, self.tokenizer, column)]
 
     def attention_view(self, session: Session, layer: int, head: int) -> list:
-        reply, model = session.reply, self.engine.model(session.reply.mode)
+        reply, model = session.reply, self.engine.model_for(session.reply.request)
         if session.heads is None or session.heads.hides_sink != session.hide_sink:
             # one pass gives every row; the heatmap shows the most recent of them
-            session.heads = attention_window(model, self.tokenizer, reply, max_queries=len(reply.token_ids),
-                                             max_keys=model.config.n_positions, hide_sink=session.hide_sink)
+            session.heads = self.engine.compute(attention_window, model, self.tokenizer, reply, len(reply.token_ids),
+                                                model.config.n_positions, session.hide_sink)
             session.window = session.heads.last(MAX_QUERIES, MAX_KEYS)
         head = None if head < 0 else head
         entropy, session.clicks["entropy"] = entropy_figure(session.heads, (layer, head))
@@ -148,8 +149,8 @@ class InspectHandlers:
 
     # -- branching -------------------------------------------------------------------------------------
 
-    def branch(self, session: Session, history: list, layer: int, head: int,
-               event: gr.SelectData) -> Iterator[list]:
+    async def branch(self, session: Session, history: list, layer: int, head: int,
+                     event: gr.SelectData) -> AsyncIterator[list]:
         """An alternative was clicked: cut the reply before the selected token, force the alternative and
         continue with the same settings and seed, streaming into the chat. The message box and Send,
         Retry, Undo, Clear wait meanwhile, as for any reply. -> chat, stats, msg, 4 buttons, *VIEW_OUTPUTS."""
@@ -162,7 +163,7 @@ class InspectHandlers:
             raise gr.Error("That alternative is no longer on screen: click it again.", print_exception=False)
         original = session.original or reply
         try:
-            self.engine.model(reply.mode, reply.scale)  # refused here if the mode is off
+            self.engine.model_for(reply.request)  # refused here if the mode is off
         except ChatInputError as e:
             raise gr.Error(str(e), print_exception=False) from None
         flag = session.start_reply()
@@ -172,8 +173,7 @@ class InspectHandlers:
         try:
             prompt = Prompt("", reply.prompt_ids, 0, reply.stop)
             forced = [*reply.token_ids[:position - 1], token]
-            for new in paced(self.engine.stream_reply(reply.mode, prompt, reply.settings, flag,
-                                                      scale=reply.scale, forced=forced)):
+            async for new in paced(self.chat.replies(reply.request, prompt, flag, forced=forced)):
                 history[-1] = {"role": "assistant", "content": as_chat_text(new.text.strip())}
                 if new.finish_reason is None:
                     yield [history, stats_line(new, self.engine.device), *[gr.skip()] * 5, *keep]
@@ -214,7 +214,7 @@ class InspectHandlers:
             text = Path(file).read_bytes().decode("utf-8")
             vocab_size = self.engine.models[BASE].config.vocab_size
             history, reply = load_conversation(text, vocab_size, self.engine.n_positions)
-            self.engine.model(reply.mode)
+            self.engine.model_for(reply.request)
         except UnicodeDecodeError:
             return [gr.skip(), "Could not load: the file is not UTF-8 text.", *unchanged[1:]]
         except (TranscriptError, ChatInputError) as e:

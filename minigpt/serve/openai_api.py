@@ -1,11 +1,13 @@
 """An OpenAI-compatible API beside the chat: /v1/models, /v1/completions and /v1/chat/completions.
 
 A Starlette app that app.py mounts at /v1 in the Gradio server, so it shares the process, the port
-and the Engine: the same models, the same compute slots (--concurrency, chat and API together) and
-the same generation path (Engine.stream_reply). Chat messages are framed by the chat's own
-build_prompt, so each model reads exactly what the app would give it. Streaming is server-sent
-events in OpenAI's chunk format, ending with `data: [DONE]`. A client that disconnects stops its
-computation, as the Stop button does. Every error is OpenAI's error shape, never a traceback.
+and the Engine: the same models, the same scheduler (requests are served in arrival order, decoded in
+one batch with the chat's replies) and the same generation path (Engine.replies). Chat messages are
+framed by the chat's own build_prompt, so each model reads exactly what the app would give it.
+Streaming is server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A client that
+disconnects stops its computation, as the Stop button does. A waiting request holds no thread; reading
+and tokenizing a body runs in a worker thread, never on the event loop. Every error is OpenAI's error
+shape, never a traceback: a full queue is 503 with Retry-After, a body over MAX_BODY_BYTES 413.
 """
 from __future__ import annotations
 
@@ -26,29 +28,31 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..generation import prompt_logprobs
+from ..request import Mode, ReplyRequest
 from ..sampling import SamplingParams
 from .conversation import (
-    BASE,
     MAX_NEW_TOKENS,
     MAX_SEED,
     TUNED,
     ChatInputError,
     MessageTooLong,
     Prompt,
-    Settings,
     as_chat_text,
     build_prompt,
 )
 from .engine import Engine
 from .replies import Reply
+from .scheduler import ServerBusy
 
-MODEL_IDS = {BASE: "minigpt-base", TUNED: "minigpt-tuned"}  # stable ids: the README names them
 MAX_TEMPERATURE = 2.0  # OpenAI's range
 MAX_STOPS = 4
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions `logprobs`
 MAX_TOP_LOGPROBS = 20  # /v1/chat/completions `top_logprobs`
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's finish_reason
 DISCONNECT_POLL_S = 0.1
+MAX_BODY_BYTES = 4 * 2**20  # a 1,024-token window needs a few kB; lm-eval's longest requests stay far below
+RETRY_AFTER_S = 5  # what a refused (503) client is told to wait
 log = logging.getLogger(__name__)
 
 
@@ -56,13 +60,14 @@ class APIError(Exception):
     """A refused request: becomes OpenAI's error body with this status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
 # --- reading a request body: every refusal names the parameter and what it accepts ---------------------
@@ -112,22 +117,21 @@ class Body:
 @dataclass(frozen=True)
 class Job:
     """One validated request."""
-    model_id: str
-    mode: str
+    request: ReplyRequest
     prompt: Prompt
-    settings: Settings
     stream: bool
     include_usage: bool
     top_logprobs: int | None  # alternatives per token; None: no log-probs at all
     echo: bool = False  # completions: return the prompt, scored, before the completion
+    complete: bool = True  # False: echo alone (max_tokens 0), scoring and no completion
 
 
-def read_common(body: Body, engine: Engine) -> tuple[str, str, SamplingParams, int | None, bool, bool]:
-    """Fields both endpoints share: (model id, mode, sampling, seed, stream, include_usage)."""
+def read_common(body: Body, engine: Engine) -> tuple[Mode, SamplingParams, int | None, bool, bool]:
+    """Fields both endpoints share: (mode, sampling, seed, stream, include_usage)."""
     model_id = body.get("model")
-    modes = {MODEL_IDS[mode]: mode for mode in engine.models}
+    modes = {mode.api_id: mode for mode in engine.models}
     if model_id not in modes:
-        hint = f" ({engine.adapter_hint})" if model_id == MODEL_IDS[TUNED] else ""
+        hint = f" ({engine.adapter_hint})" if model_id == TUNED.api_id else ""
         raise APIError(404, f"The model {model_id!r} does not exist{hint}; this server has {', '.join(modes)}.",
                        "model", "model_not_found")
     if body.whole("n", 1, 1, 1) != 1:
@@ -139,11 +143,11 @@ def read_common(body: Body, engine: Engine) -> tuple[str, str, SamplingParams, i
     if not isinstance(options, dict):
         raise APIError(400, f"stream_options must be an object, got {options!r}.", "stream_options")
     include_usage = Body(options).flag("include_usage")
-    return model_id, modes[model_id], params, body.whole("seed", None, 0, MAX_SEED), body.flag("stream"), include_usage
+    return modes[model_id], params, body.whole("seed", None, 0, MAX_SEED), body.flag("stream"), include_usage
 
 
 def read_completion(body: Body, engine: Engine) -> Job:
-    model_id, mode, params, seed, stream, include_usage = read_common(body, engine)
+    mode, params, seed, stream, include_usage = read_common(body, engine)
     text = body.get("prompt")
     if not isinstance(text, str):
         raise APIError(400, f"prompt must be a string, got {type(text).__name__}.", "prompt")
@@ -156,12 +160,12 @@ def read_completion(body: Body, engine: Engine) -> Job:
                             f"max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens.",
                        "prompt", "context_length_exceeded")
     top = body.whole("logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
-    return Job(model_id, mode, Prompt(text, ids, 0, body.stops()), Settings(params, max_tokens, seed), stream,
-               include_usage, top, echo)
+    return Job(ReplyRequest(mode, params, max(max_tokens, 1), seed), Prompt(text, ids, 0, body.stops()), stream,
+               include_usage, top, echo, complete=max_tokens > 0)
 
 
 def read_chat(body: Body, engine: Engine) -> Job:
-    model_id, mode, params, seed, stream, include_usage = read_common(body, engine)
+    mode, params, seed, stream, include_usage = read_common(body, engine)
     context = engine.n_positions
     history = chat_history(body.get("messages"))
     default = min(MAX_NEW_TOKENS, context // 2)  # the chat's own limit: half the window stays for the conversation
@@ -177,7 +181,7 @@ def read_chat(body: Body, engine: Engine) -> Job:
         raise APIError(400, str(e), "messages") from None
     prompt = Prompt(prompt.text, prompt.ids, prompt.dropped, prompt.stop + body.stops())
     top = body.whole("top_logprobs", 0, 0, MAX_TOP_LOGPROBS) if body.flag("logprobs") else None
-    return Job(model_id, mode, prompt, Settings(params, max_tokens, seed), stream, include_usage, top)
+    return Job(ReplyRequest(mode, params, max_tokens, seed), prompt, stream, include_usage, top)
 
 
 def chat_history(messages: object) -> list[dict]:
@@ -205,29 +209,39 @@ def chat_history(messages: object) -> list[dict]:
 
 # --- running a job -------------------------------------------------------------------------------------
 
-async def replies(engine: Engine, job: Job, request: Request) -> AsyncIterator[Reply]:
-    """The growing Reply after every token, computed in a worker thread one token per step. A
-    disconnected client sets the stop flag (also while waiting for a compute slot); leaving early
-    (cancelled, or the consumer stops) closes the generation, which frees its slot and KV cache."""
-    if job.settings.max_new_tokens == 0:  # echo alone: scoring, no completion
-        yield Reply(job.mode, list(job.prompt.ids), finish_reason="length")
-        return
+def queue(engine: Engine, job: Job, request: Request) -> AsyncIterator[Reply]:
+    """Queue the job's reply now (ServerBusy when the queue is full: before any response has started)."""
+    if not job.complete:  # echo alone: scoring, no completion
+        return finished(Reply(job.request, list(job.prompt.ids), finish_reason="length"))
     stop = threading.Event()
+    return replies(job, engine.replies(job.request, job.prompt, stop, top_n=job.top_logprobs or 0), stop, request)
+
+
+async def finished(reply: Reply) -> AsyncIterator[Reply]:
+    yield reply
+
+
+async def replies(job: Job, updates: AsyncIterator[Reply], stop: threading.Event,
+                  request: Request) -> AsyncIterator[Reply]:
+    """The growing Reply after every token, from the scheduler; awaiting it holds no thread. A disconnected
+    client sets the stop flag (also while it waits in the queue); leaving early (cancelled, or the consumer
+    stops) ends the computation, which frees its row and KV cache."""
     watcher = asyncio.create_task(watch_disconnect(request, stop))
-    steps = engine.stream_reply(job.mode, job.prompt, job.settings, stop, top_n=job.top_logprobs or 0)
     reply = None
     try:
-        while (reply := await anyio.to_thread.run_sync(next, steps, None)) is not None:
+        async for reply in updates:
+            if reply.ahead is not None:  # still waiting: nothing to send yet
+                continue
             if reply.finish_reason == "stopped":
                 return
             yield reply
     finally:
         stop.set()
-        steps.close()  # no thread runs it now: run_sync waits for next() to return even when cancelled
         watcher.cancel()
+        await updates.aclose()
         if reply is not None and reply.finish_reason in (None, "stopped"):
-            print(f"API: {job.model_id} stopped after {len(reply.token_ids)} of {job.settings.max_new_tokens} tokens: "
-                  "the client left", flush=True)
+            print(f"API: {job.request.mode.api_id} stopped after {len(reply.token_ids)} of "
+                  f"{job.request.max_new_tokens} tokens: the client left", flush=True)
 
 
 async def watch_disconnect(request: Request, stop: threading.Event) -> None:
@@ -242,9 +256,9 @@ async def echo_scores(engine: Engine, job: Job) -> list[tuple[float | None, list
     """(log-prob, alternatives) for each prompt token; the first has no context, so None for both."""
     if not job.echo or job.top_logprobs is None or not job.prompt.ids:
         return []
-    stop = threading.Event()
-    scored = await anyio.to_thread.run_sync(engine.score, job.mode, job.prompt.ids, job.top_logprobs or 0, stop)
-    return [(None, None), *(scored or [])]
+    scored = await engine.compute_async(prompt_logprobs, engine.model_for(job.request), job.prompt.ids,
+                                        job.top_logprobs or 0)
+    return [(None, None), *scored]
 
 
 # --- OpenAI's shapes -------------------------------------------------------------------------------------
@@ -292,7 +306,7 @@ class Renderer:
         self.offset = 0 if job.echo else len(job.prompt.text)
 
     def envelope(self, kind: str, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.job.model_id,
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.job.request.mode.api_id,
                 "choices": choices}
 
     def logprobs(self, reply: Reply, start: int, end: int, echoed: Sequence = ()) -> dict | None:
@@ -330,7 +344,7 @@ class Renderer:
         if self.chat:
             return self.chunk({"role": "assistant", "content": ""}, None, None)
         if self.job.echo:
-            return self.chunk(self.job.prompt.text, self.logprobs(Reply(self.job.mode, []), 0, 0, self.echoed), None)
+            return self.chunk(self.job.prompt.text, self.logprobs(Reply(self.job.request, []), 0, 0, self.echoed), None)
         return None
 
     def next_chunk(self, reply: Reply) -> dict | None:
@@ -358,9 +372,10 @@ def sse(data: dict | str) -> str:
 
 async def respond(engine: Engine, job: Job, request: Request, chat: bool) -> Response:
     renderer = Renderer(engine, job, chat, await echo_scores(engine, job))
+    updates = queue(engine, job, request)
     if not job.stream:
         reply = None
-        async for reply in replies(engine, job, request):
+        async for reply in updates:
             pass
         if reply is None or reply.finish_reason is None:  # the client left: nobody reads an answer
             return Response(status_code=499)
@@ -370,7 +385,7 @@ async def respond(engine: Engine, job: Job, request: Request, chat: bool) -> Res
         if (first := renderer.first_chunk()) is not None:
             yield sse(first)
         reply = None
-        async for reply in replies(engine, job, request):
+        async for reply in updates:
             if (chunk := renderer.next_chunk(reply)) is not None:
                 yield sse(chunk)
         if reply is not None and reply.finish_reason is not None:
@@ -432,6 +447,9 @@ def endpoint(access: Access, handle: Handler) -> Handler:
             return await handle(request)
         except APIError as e:
             return e.response()
+        except ServerBusy as e:
+            return APIError(503, f"{str(e)[0].upper()}{str(e)[1:]}; retry after {RETRY_AFTER_S} s.", code="server_busy",
+                            kind="server_error", headers={"Retry-After": str(RETRY_AFTER_S)}).response()
         except Exception as e:  # noqa: BLE001  (the last line of defence: the client gets no traceback)
             log.error("API request %s failed: %s: %s", request.url.path, type(e).__name__, e)
             return APIError(500, "The server failed on this request.", kind="server_error").response()
@@ -439,8 +457,19 @@ def endpoint(access: Access, handle: Handler) -> Handler:
 
 
 async def read_body(request: Request) -> Body:
+    """The JSON body, at most MAX_BODY_BYTES (413 beyond, before more is read), parsed in a worker thread."""
+    too_large = APIError(413, f"The request body is larger than {MAX_BODY_BYTES // 2**20} MiB.",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_BODY_BYTES:
+            raise too_large
     try:
-        return Body(json.loads(await request.body()))
+        return Body(await anyio.to_thread.run_sync(json.loads, bytes(data)))
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "The request body is not valid JSON.") from None
 
@@ -453,19 +482,21 @@ def api_app(engine: Engine, access: Access) -> Starlette:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "minigpt"}
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [card(MODEL_IDS[mode]) for mode in engine.models]})
+        return JSONResponse({"object": "list", "data": [card(mode.api_id) for mode in engine.models]})
 
     async def model(request: Request) -> Response:
         model_id = request.path_params["model"]
-        if model_id not in (MODEL_IDS[mode] for mode in engine.models):
+        if model_id not in (mode.api_id for mode in engine.models):
             raise APIError(404, f"The model {model_id!r} does not exist.", "model", "model_not_found")
         return JSONResponse(card(model_id))
 
     async def completions(request: Request) -> Response:
-        return await respond(engine, read_completion(await read_body(request), engine), request, chat=False)
+        job = await anyio.to_thread.run_sync(read_completion, await read_body(request), engine)  # it tokenizes
+        return await respond(engine, job, request, chat=False)
 
     async def chat_completions(request: Request) -> Response:
-        return await respond(engine, read_chat(await read_body(request), engine), request, chat=True)
+        job = await anyio.to_thread.run_sync(read_chat, await read_body(request), engine)
+        return await respond(engine, job, request, chat=True)
 
     async def http_error(request: Request, e: Exception) -> Response:
         status = e.status_code if isinstance(e, HTTPException) else 500

@@ -29,7 +29,7 @@ class ScoreHandlers:
         max_length = self.engine.n_positions
         stride = min(DEFAULT_STRIDE, max_length)
         try:
-            results = {mode: score_ids(self.engine.model(mode, scale), ids, max_length, stride)
+            results = {mode: self.engine.compute(score_ids, self.engine.model(mode, scale), ids, max_length, stride)
                        for mode in (BASE, TUNED) if mode in self.engine.models}
         except (ScoringError, ChatInputError) as e:
             raise gr.Error(f"{str(e)[0].upper()}{str(e)[1:].rstrip('.')}.", print_exception=False) from None

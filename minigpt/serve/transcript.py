@@ -1,5 +1,6 @@
-"""A conversation as a JSON file: its messages, the last reply's settings, seed, mode and every token
-(id, text, log-prob, top-5), so the file can be loaded back to look at that reply's panels again."""
+"""A conversation as a JSON file: its messages, the last reply's request (mode, LoRA scale, sampling
+settings, seed) and every token (id, text, log-prob, top-5), so the file can be loaded back to look at
+that reply's panels again, or the reply repeated exactly."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,9 @@ from typing import Any
 
 import tiktoken
 
+from ..request import ReplyRequest
 from ..sampling import SamplingParams
-from .conversation import MODES, Settings, as_chat_text, message_text
+from .conversation import as_chat_text, message_text
 from .panels import token_text
 from .replies import Reply
 
@@ -23,13 +25,13 @@ class TranscriptError(ValueError):
 
 
 def export_conversation(history: Sequence[dict], reply: Reply, tokenizer: tiktoken.Encoding) -> str:
-    settings = reply.settings
-    params = settings.params
+    request = reply.request
+    params = request.params
     return json.dumps({
-        "format": FORMAT, "version": VERSION, "mode": reply.mode,
+        "format": FORMAT, "version": VERSION, "mode": request.mode.value, "scale": request.scale,
         "settings": {"temperature": params.temperature, "top_k": params.top_k or 0, "top_p": params.top_p,
-                     "max_new_tokens": settings.max_new_tokens},
-        "seed": settings.seed, "stop": list(reply.stop),
+                     "max_new_tokens": request.max_new_tokens},
+        "seed": request.seed, "stop": list(reply.stop),
         "conversation": [{"role": m["role"], "content": message_text(m)} for m in history],
         "prompt_ids": reply.prompt_ids,
         "reply": {"text": reply.text, "finish_reason": reply.finish_reason, "token_times": reply.token_times,
@@ -78,11 +80,10 @@ def _logprob(value: Any) -> float:
 
 
 def _reply(data: dict, vocab_size: int, n_positions: int) -> Reply:
-    if data["mode"] not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {data['mode']!r}")
-    s = data["settings"]
-    settings = Settings(SamplingParams(s["temperature"], s["top_k"], s["top_p"]), int(s["max_new_tokens"]),
-                        data["seed"] if type(data["seed"]) is int else None)
+    mode, s = data["mode"], data["settings"]
+    request = ReplyRequest(mode, SamplingParams(s["temperature"], s["top_k"], s["top_p"]),
+                           int(s["max_new_tokens"]), data["seed"] if type(data["seed"]) is int else None,
+                           data.get("scale", 1.0))
     reply_data = data["reply"]
     tokens = reply_data["tokens"]
     prompt_ids = _ids(data["prompt_ids"], vocab_size, "prompt_ids")
@@ -97,8 +98,8 @@ def _reply(data: dict, vocab_size: int, n_positions: int) -> Reply:
     finish = reply_data.get("finish_reason")
     if finish not in (*FINISH_REASONS, None):
         raise ValueError(f"finish_reason must be one of {', '.join(FINISH_REASONS)}")
-    return Reply(data["mode"], prompt_ids, text=str(reply_data["text"]), token_ids=token_ids,
+    return Reply(request, prompt_ids, text=str(reply_data["text"]), token_ids=token_ids,
                  logprobs=[_logprob(t["logprob"]) for t in tokens], top=top, finish_reason=finish,
                  first_token_s=times[0] if times else None, elapsed_s=times[-1] if times else 0.0,
-                 token_times=[float(x) for x in times], settings=settings,
+                 token_times=[float(x) for x in times],
                  stop=tuple(str(x) for x in data.get("stop", [])))

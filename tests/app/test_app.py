@@ -20,7 +20,7 @@ def test_defaults_bind_to_localhost_7860(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     args = app.parse_args([])
     assert (args.model, args.adapter, args.host, args.port, args.share, args.precision, args.concurrency,
-            args.sessions_kept) == ("gpt2", None, "127.0.0.1", 7860, False, "float32", 2, 64)
+            args.queue_size, args.sessions_kept) == ("gpt2", None, "127.0.0.1", 7860, False, "float32", 8, 256, 64)
 
 
 def test_on_a_space_it_binds_all_interfaces(monkeypatch):
@@ -123,7 +123,7 @@ def test_the_app_exposes_chat_stop_and_alternatives_and_cleans_gradios_cache(tin
 def test_speculative_engine_drafts_each_mode_and_replies_as_without(tiny_checkpoint, tmp_path):
     import threading
 
-    from minigpt.serve.conversation import Prompt, read_settings
+    from minigpt.serve.conversation import Prompt, read_request
     from minigpt.serve.replies import stream_reply
     from minigpt.speed.quantize import Int8Linear
     folder = tiny_checkpoint[0]
@@ -131,10 +131,10 @@ def test_speculative_engine_drafts_each_mode_and_replies_as_without(tiny_checkpo
                          speculative=True)
     assert list(engine.drafts) == [BASE, TUNED] and engine.device == "cpu float32 (C decode step) + int8 draft"
     assert isinstance(engine.drafts[TUNED].model.transformer.h[0].attn.c_attn, Int8Linear)
-    settings = read_settings(0, 0, 1.0, 24, None, context=128)[0]
     prompt = Prompt("", engine.tokenizer.encode_ordinary("User: Hello there\nAssistant:"), 0, stop=())
     for mode in (BASE, TUNED):
-        replies = [list(stream_reply(engine.models[mode], engine.tokenizer, mode, prompt, settings, threading.Event(),
+        request = read_request(mode, 0, 0, 1.0, 24, None, 1.0, context=128)[0]
+        replies = [list(stream_reply(engine.models[mode], engine.tokenizer, prompt, request, threading.Event(),
                                      draft))[-1] for draft in (None, engine.drafts[mode])]
         assert replies[0].token_ids == replies[1].token_ids and replies[0].text == replies[1].text
 

@@ -20,7 +20,7 @@ from minigpt.serve.conversation import (
     MODES,
     ChatInputError,
     build_prompt,
-    read_settings,
+    read_request,
 )
 from minigpt.tokenizer import EOT_ID
 from minigpt.weights import resolve_snapshot
@@ -48,7 +48,7 @@ def one_line(error: Exception) -> bool:
        context=st.sampled_from([16, 128, 1024]))
 def test_chat_settings_are_valid_or_refused_with_a_message(temperature, top_k, top_p, max_new, seed, context):
     try:
-        result, notices = read_settings(temperature, top_k, top_p, max_new, seed, context)
+        result, notices = read_request(BASE, temperature, top_k, top_p, max_new, seed, 1.0, context)
     except ChatInputError as e:
         assert one_line(e)
         return

@@ -3,6 +3,7 @@ the Score tab's numbers against the perplexity CLI, and sessions at different sc
 import json
 import re
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +13,10 @@ from minigpt.serve.compare import CompareHandlers, CompareSession
 from minigpt.serve.conversation import BASE, TUNED
 from minigpt.serve.engine import load_engine
 from minigpt.serve.handlers import ChatHandlers
+from minigpt.serve.inspect_panels import InspectHandlers
 from minigpt.serve.score import ScoreHandlers
 from minigpt.serve.session import Session
+from tests.helpers import updates
 from tests.helpers.app_server import make_adapter
 
 
@@ -24,7 +27,7 @@ def setup(tiny_checkpoint, tmp_path_factory):
 
 
 def run_side(handlers, session, mode):
-    return list(handlers.respond(session, mode))[-1]
+    return updates(handlers.respond(session, mode))[-1]
 
 
 def test_both_sides_answer_with_one_seed_and_the_diff_rescores_a_reply(setup):
@@ -37,7 +40,7 @@ def test_both_sides_answer_with_one_seed_and_the_diff_rescores_a_reply(setup):
     assert "Alpaca LoRA at scale 0.5" in texts[TUNED][1] and not session.busy
     # the same seed in the chat gives the same tuned reply
     chat_reply = session.sides[TUNED].reply
-    again = list(ChatHandlers(engine).respond(Session(), [{"role": "user", "content": "Name a colour."}], TUNED,
+    again = updates(ChatHandlers(engine).respond(Session(), [{"role": "user", "content": "Name a colour."}], TUNED,
                                               1.0, 0, 1.0, 12, seed, 0, -1, 0.5))[-1][0][-1]["content"]
     assert again == texts[TUNED][0]
     summary, tokens, ranked, table = handlers.diff(session, TUNED)
@@ -81,7 +84,7 @@ def test_two_chat_sessions_at_different_scales_at_once_each_get_their_own(setup)
     replies = {}
 
     def reply(scale):
-        replies[scale] = list(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, scale))[-1]
+        replies[scale] = updates(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, scale))[-1]
 
     threads = [threading.Thread(target=reply, args=(s,)) for s in (0.0, 2.0)]
     for t in threads:
@@ -89,7 +92,7 @@ def test_two_chat_sessions_at_different_scales_at_once_each_get_their_own(setup)
     for t in threads:
         t.join()
     for scale, (history_out, stats, *_) in replies.items():
-        alone = list(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, scale))[-1][0]
+        alone = updates(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, scale))[-1][0]
         assert history_out == alone and f"scale {scale:g}" in stats
     assert replies[0.0][0] != replies[2.0][0]
 
@@ -106,3 +109,21 @@ def test_bad_scale_or_empty_text_is_a_message(setup):
     CompareHandlers(engine).check("Hi", 1.0, 0, 1.0, 8, "", 1.0)  # a blank seed is fine: start draws one
     with pytest.raises(gr.Error, match="at least 2"):
         ScoreHandlers(engine).score("", 1.0)
+
+
+def test_a_reply_at_scale_0_is_inspected_exported_and_loaded_at_scale_0(setup):
+    engine, _ = setup
+    chat, inspect, session = ChatHandlers(engine), InspectHandlers(engine), Session()
+    updates(chat.respond(session, [{"role": "user", "content": "Name a colour."}], TUNED, 0.0, 0, 1.0, 12, "3", 0, -1,
+                         0.0))
+    reply = session.reply
+    assert (reply.request.mode, reply.request.scale) == (TUNED, 0.0)
+    for position in range(1, len(reply.token_ids) + 1):  # greedy: each drawn token is the argmax of the
+        session.position = position                        # logits the view shows, if they are the right ones
+        assert "(p = 1.000 in the final distribution)" in inspect.sampling_view(session)[1]
+    path, _ = inspect.export(session, [])
+    saved = json.loads(Path(path).read_text())
+    assert (saved["mode"], saved["scale"], saved["seed"]) == (TUNED, 0.0, 3)
+    loaded = Session()
+    inspect.load(loaded, path, 0, -1)
+    assert loaded.reply.request == reply.request

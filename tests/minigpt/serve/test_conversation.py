@@ -2,9 +2,9 @@
 import pytest
 
 from minigpt.prompts import DIALOGUE_HEADER, Exchange
+from minigpt.request import Mode
 from minigpt.serve.conversation import (
     BASE,
-    FRAMING,
     MAX_HISTORY_CHARS,
     MAX_HISTORY_MESSAGES,
     MAX_TEMPERATURE,
@@ -16,7 +16,7 @@ from minigpt.serve.conversation import (
     context_note,
     message_text,
     read_choice,
-    read_settings,
+    read_request,
     split_history,
     without_last_reply,
 )
@@ -24,7 +24,7 @@ from minigpt.serve.conversation import (
 
 def render_prompt(mode, exchanges, message):
     from minigpt.prompts import render_prompt as render
-    return render(FRAMING.get(mode, mode), exchanges, message)
+    return render(mode.framing if isinstance(mode, Mode) else mode, exchanges, message)
 
 ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -207,19 +207,19 @@ def test_context_note_says_what_was_dropped(tiny_model):
 
 
 def test_settings_accept_slider_values_and_a_blank_seed():
-    settings, notices = read_settings(0.7, 40, 0.9, 100, None, context=1024)
+    settings, notices = read_request(BASE, 0.7, 40, 0.9, 100, None, 1.0, context=1024)
     assert (settings.params.temperature, settings.params.top_k, settings.params.top_p) == (0.7, 40, 0.9)
     assert (settings.max_new_tokens, settings.seed, notices) == (100, None, [])
-    assert read_settings(0, 0, 1.0, 5, "  ", 1024)[0].params.greedy
-    assert read_settings(1, 0, 1, 5, "42", 1024)[0].seed == 42
-    assert read_settings(1, 50.0, 1, 5.0, 7.0, 1024)[0] == read_settings(1, 50, 1, 5, 7, 1024)[0]
+    assert read_request(BASE, 0, 0, 1.0, 5, "  ", 1.0, 1024)[0].params.greedy
+    assert read_request(BASE, 1, 0, 1, 5, "42", 1.0, 1024)[0].seed == 42
+    assert read_request(BASE, 1, 50.0, 1, 5.0, 7.0, 1.0, 1024)[0] == read_request(BASE, 1, 50, 1, 5, 7, 1.0, 1024)[0]
 
 
 def test_settings_clamp_what_makes_sense_and_say_so():
-    settings, notices = read_settings(5.0, 0, 1.0, 5000, None, context=1024)
+    settings, notices = read_request(BASE, 5.0, 0, 1.0, 5000, None, 1.0, context=1024)
     assert settings.params.temperature == MAX_TEMPERATURE and settings.max_new_tokens == 512
     assert notices == ["Temperature 5 is above 2; used 2.", "Max new tokens 5000 is above 512; used 512."]
-    assert read_settings(1, 0, 1, 100, None, context=128)[0].max_new_tokens == 64  # half a small window
+    assert read_request(BASE, 1, 0, 1, 100, None, 1.0, context=128)[0].max_new_tokens == 64  # half a small window
 
 
 @pytest.mark.parametrize("args, message", [
@@ -237,7 +237,7 @@ def test_settings_clamp_what_makes_sense_and_say_so():
 ])
 def test_settings_refuse_nonsense_with_a_message_for_the_user(args, message):
     with pytest.raises(ChatInputError, match=message):
-        read_settings(*args, context=1024)
+        read_request(BASE, *args, 1.0, context=1024)
 
 
 @pytest.mark.parametrize("mode, expected", [

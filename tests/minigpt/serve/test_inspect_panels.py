@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.serve.conversation import BASE, Prompt, read_settings
+from minigpt.serve.conversation import BASE, Prompt, read_request
 from minigpt.serve.engine import Engine
 from minigpt.serve.inspect_panels import SELECTED, VIEW_OUTPUTS, VIEWS, InspectHandlers
 from minigpt.serve.panels_lens import reply_column, visible_columns
@@ -18,6 +18,7 @@ from minigpt.serve.session import Session
 from minigpt.speed.decoder import Decoder
 
 HISTORY = [{"role": "user", "content": "Tell me about foxes."}, {"role": "assistant", "content": "..."}]
+from tests.helpers import updates
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,9 @@ def inspect(tiny_model):
 def a_reply(inspect, temperature=0.0, n=16):
     tokenizer = inspect.tokenizer
     ids = tokenizer.encode_ordinary("The quick brown fox jumps over the lazy dog. Foxes")
-    settings = read_settings(temperature, 0, 1.0, n, 5, context=128)[0]
-    return list(stream_reply(inspect.engine.models[BASE], tokenizer, BASE, Prompt("", ids, 0, ("\nUser:",)),
-                             settings, threading.Event()))[-1]
+    request = read_request(BASE, temperature, 0, 1.0, n, 5, 1.0, context=128)[0]
+    return list(stream_reply(inspect.engine.models[BASE], tokenizer, Prompt("", ids, 0, ("\nUser:",)), request,
+                             threading.Event()))[-1]
 
 
 def session_with(reply) -> Session:
@@ -112,7 +113,7 @@ def test_branching_forces_the_alternative_then_continues_as_transformers_greedy(
     session = session_with(reply)
     session.position = 5
     label, _ = list(outputs(inspect.views(session, 0, -1))["alternatives"].items())[2]
-    updates = list(inspect.branch(session, HISTORY, 0, -1, select(2, label)))
+    sent = updates(inspect.branch(session, HISTORY, 0, -1, select(2, label)))
     new = session.reply
     token = reply.top[4][2][0]
     assert new.token_ids[:5] == reply.token_ids[:4] + [token]
@@ -120,9 +121,9 @@ def test_branching_forces_the_alternative_then_continues_as_transformers_greedy(
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([forced]), max_new_tokens=11, do_sample=False, pad_token_id=50256)
     assert new.token_ids[5:] == out[0, len(forced):len(forced) + len(new.token_ids) - 5].tolist()
-    assert updates[0][3].interactive is False and updates[-1][3].interactive is True  # Send waits meanwhile
-    assert all(len(u) == 7 + len(VIEW_OUTPUTS) for u in updates)
-    chat, status = updates[-1][0], updates[-1][1]
+    assert sent[0][3].interactive is False and sent[-1][3].interactive is True  # Send waits meanwhile
+    assert all(len(u) == 7 + len(VIEW_OUTPUTS) for u in sent)
+    chat, status = sent[-1][0], sent[-1][1]
     assert chat[-1]["content"] != "..." and status.startswith("Branched at token 5")
     assert session.original is reply and session.position == 5
     chat, _, *views = inspect.undo_branch(session, chat, 0, -1)

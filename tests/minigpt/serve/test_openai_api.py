@@ -1,12 +1,7 @@
-"""The API's pieces without a server: who may use /v1, and the compute slots the chat and the API share.
+"""The API's pieces without a server: who may use /v1.
 The endpoints themselves are tested against a running app in tests/app/test_openai_api.py."""
-import threading
-
 import pytest
 
-from minigpt.sampling import SamplingParams
-from minigpt.serve.conversation import BASE, Prompt, Settings
-from minigpt.serve.engine import load_engine
 from minigpt.serve.openai_api import access_for, describe
 
 
@@ -34,21 +29,3 @@ def test_the_api_key_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MINIGPT_API_KEY", "from-env")
     assert app.parse_args([]).api_key == "from-env"
     assert app.parse_args(["--api-key", "given"]).api_key == "given"
-
-
-def test_replies_wait_for_a_compute_slot_and_a_stop_while_waiting_ends_them(tiny_checkpoint):
-    engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", concurrency=1)
-    prompt, settings = Prompt("", [464, 3290], 0, ()), Settings(SamplingParams(0.0), 3, None)
-    first = engine.stream_reply(BASE, prompt, settings, threading.Event())
-    next(first)  # holds the only slot
-    stop = threading.Event()
-    waiting = []
-    worker = threading.Thread(target=lambda: waiting.extend(engine.stream_reply(BASE, prompt, settings, stop)))
-    worker.start()
-    worker.join(0.3)
-    assert worker.is_alive() and not waiting  # no token while the slot is taken
-    stop.set()
-    worker.join(10)
-    assert [(r.finish_reason, r.token_ids) for r in waiting] == [("stopped", [])]
-    assert list(first)[-1].finish_reason == "length"  # and the slot is free again afterwards:
-    assert list(engine.stream_reply(BASE, prompt, settings, threading.Event()))[-1].finish_reason == "length"

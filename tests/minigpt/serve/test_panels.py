@@ -8,7 +8,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from minigpt import SamplingParams, generate
-from minigpt.serve.conversation import BASE, Prompt, read_settings
+from minigpt.serve.conversation import BASE, Prompt, read_request
 from minigpt.serve.panels import (
     BANDS,
     alternatives,
@@ -26,8 +26,8 @@ def reply(tiny_model):
     """A 20-token sampled reply of the tiny model after a 30-token prompt."""
     model, tokenizer, _ = tiny_model
     ids = tokenizer.encode_ordinary("The quick brown fox jumps over the lazy dog. " * 3)[:30]
-    settings = read_settings(1.0, 0, 1.0, 20, 3, context=128)[0]
-    return list(stream_reply(model, tokenizer, BASE, Prompt("", ids, 0, ()), settings, threading.Event()))[-1]
+    request = read_request(BASE, 1.0, 0, 1.0, 20, 3, 1.0, context=128)[0]
+    return list(stream_reply(model, tokenizer, Prompt("", ids, 0, ()), request, threading.Event()))[-1]
 
 
 @pytest.fixture(scope="module")

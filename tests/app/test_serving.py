@@ -1,0 +1,132 @@
+"""The app as a shared service: API requests served in arrival order, a waiting chat reply told its place,
+a full queue refused with 503 and Retry-After, oversized bodies with 413, and the page and /config
+answering while hundreds of requests wait (the scheduler holds no thread for them)."""
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from tests.app.test_api import chat_args, history
+from tests.helpers.app_server import running_app
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+MODEL = dict(n_embd=256, n_layer=4, n_head=4)  # slow enough per token that requests overlap
+QUEUE = 60
+
+
+@pytest.fixture(scope="module")
+def one_row(tmp_path_factory):
+    """One reply decodes at a time, QUEUE more may wait: a queue builds up at once."""
+    with running_app(tmp_path_factory.mktemp("one-row"), concurrency=1, app_args=["--queue-size", str(QUEUE)],
+                     **MODEL) as running:
+        yield running
+
+
+def completion(max_tokens: int, stream: bool = True) -> dict:
+    return {"model": "minigpt-base", "prompt": "The city of", "max_tokens": max_tokens, "temperature": 0,
+            "stream": stream}
+
+
+async def first_token_at(client: httpx.AsyncClient, url: str, max_tokens: int) -> float:
+    """Send a streaming completion; the time its first token arrives (then it hangs up)."""
+    async with client.stream("POST", url + "v1/completions", json=completion(max_tokens)) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                return time.monotonic()
+    raise AssertionError("no token arrived")
+
+
+def test_api_requests_get_their_first_token_in_arrival_order(one_row):
+    async def run():
+        async with httpx.AsyncClient(timeout=300) as client:
+            tasks = []
+            for _ in range(6):  # each reply takes longer than the gap: they queue behind one another
+                tasks.append(asyncio.create_task(first_token_at(client, one_row.url, 400)))
+                await asyncio.sleep(0.4)
+            return await asyncio.gather(*tasks)
+
+    firsts = asyncio.run(run())
+    assert firsts == sorted(firsts)
+
+
+async def whole_reply(client: httpx.AsyncClient, url: str, max_tokens: int) -> int:
+    """Send a streaming completion and read it to the end; the number of chunks."""
+    async with client.stream("POST", url + "v1/completions", json=completion(max_tokens)) as response:
+        return sum([line.startswith("data: {") async for line in response.aiter_lines()])
+
+
+def test_a_waiting_chat_reply_is_told_its_place(one_row):
+    async def behind_the_api():
+        async with httpx.AsyncClient(timeout=300) as client:
+            ahead = [asyncio.create_task(whole_reply(client, one_row.url, 600)) for _ in range(3)]
+            await asyncio.sleep(1)  # the API requests are queued first
+            job = Client(one_row.url, verbose=False).submit(*chat_args(history("Hello")), api_name="/chat")
+            statuses = await asyncio.to_thread(lambda: [out[1] for out in job])
+            await asyncio.gather(*ahead)
+            return statuses
+
+    statuses = asyncio.run(behind_the_api())
+    waiting = [s for s in statuses if s.startswith("Waiting:")]
+    assert waiting and all("ahead" in s or "next in line" in s for s in waiting), statuses
+    assert "tokens" in statuses[-1] and not statuses[-1].startswith("Waiting:")
+
+
+def test_a_full_queue_is_refused_with_503_and_retry_after(one_row):
+    async def flood():
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*[client.post(one_row.url + "v1/completions", json=completion(40, False))
+                                          for _ in range(QUEUE + 30)])
+
+    responses = asyncio.run(flood())
+    refused = [r for r in responses if r.status_code == 503]
+    served = [r for r in responses if r.status_code == 200]
+    assert len(refused) + len(served) == len(responses) and refused and len(served) >= QUEUE
+    for r in refused:
+        assert r.headers["retry-after"].isdigit()
+        assert r.json()["error"]["code"] == "server_busy" and "busy" in r.json()["error"]["message"]
+    assert all(r.json()["choices"][0]["finish_reason"] in ("length", "stop") for r in served)
+
+
+def test_an_oversized_body_is_refused_with_413_before_it_is_read(one_row):
+    host, port = one_row.url.removeprefix("http://").rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:  # it says 5 MiB and sends none of it
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {5 * 2**20}\r\nConnection: close\r\n\r\n".encode())
+        response = b""
+        while chunk := s.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+
+
+def test_the_page_and_config_answer_while_hundreds_wait(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("crowd"), concurrency=2, app_args=["--queue-size", "600"],
+                     **MODEL) as app:
+        async def crowd():
+            async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=600)) as client:
+                waiting = [asyncio.create_task(client.post(app.url + "v1/completions", json=completion(200, False)))
+                           for _ in range(500)]
+                await asyncio.sleep(3)  # all sent; most are waiting for a row
+                pending = sum(not t.done() for t in waiting)
+                answers = []
+                for path in ("config", ""):
+                    started = time.monotonic()
+                    response = await client.get(app.url + path, timeout=60)
+                    answers.append((response.status_code, time.monotonic() - started))
+                for t in waiting:
+                    t.cancel()
+                await asyncio.gather(*waiting, return_exceptions=True)
+                return pending, answers
+
+        pending, answers = asyncio.run(crowd())
+        assert pending > 400  # they were really waiting when the page was asked for
+        assert [status for status, _ in answers] == [200, 200]
+        print(f"with {pending} requests waiting: /config in {answers[0][1]:.2f} s, the page in {answers[1][1]:.2f} s")
+        assert "Traceback" not in app.log.read_text()
