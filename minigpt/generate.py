@@ -20,10 +20,11 @@ from .cli import (
 )
 from .errors import CheckpointError
 from .generation import generate
-from .inference import load_for_inference, speculative_drafts
+from .inference import load_with_scale, speculative_drafts
 from .prompts import alpaca_prompt
-from .speed.quantize import ALREADY_INT8
+from .request import Mode, ReplyRequest
 from .sampling import SamplingParams
+from .speed.quantize import ALREADY_INT8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speculative", action="store_true",
                    help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter for this base: local folder or Hub repo id")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="the adapter's update multiplied by this: 0 = the base model, 1 = as trained, up to 2")
     p.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca instruction template")
     return p.parse_args(argv)
 
@@ -51,11 +54,11 @@ def as_sent(prompt: str, args: argparse.Namespace) -> str:
     return alpaca_prompt(prompt) if args.alpaca else prompt
 
 
-def stream(model, tokenizer, prompt: str, args: argparse.Namespace, params: SamplingParams, draft=None) -> None:
+def stream(model, tokenizer, prompt: str, args: argparse.Namespace, request: ReplyRequest, draft=None) -> None:
     """Print the continuation as it comes, then one line of speed on stderr (also when Ctrl-C stops it)."""
     started, first, n = time.perf_counter(), None, 0
-    events = generate(model, tokenizer, tokenizer.encode_ordinary(as_sent(prompt, args)), args.max_new_tokens, params,
-                      seed=args.seed, stop=args.stop, draft=draft)
+    events = generate(model, tokenizer, tokenizer.encode_ordinary(as_sent(prompt, args)), request.max_new_tokens,
+                      request.params, seed=request.seed, stop=args.stop, draft=draft)
     try:
         for event in events:
             n += 1
@@ -93,23 +96,35 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
 
 
+def read_request(args: argparse.Namespace) -> ReplyRequest:
+    """The flags as a ReplyRequest, validated as the app's and the API's requests are; a refusal names the flag
+    ('--top-k must be ...')."""
+    try:
+        return ReplyRequest(Mode.TUNED if args.adapter else Mode.BASE,
+                            SamplingParams(args.temperature, args.top_k, args.top_p), args.max_new_tokens, args.seed,
+                            args.lora_scale)
+    except ValueError as e:
+        field, _, rest = str(e).partition(" ")
+        raise ValueError(f"--{field.replace('_', '-')} {rest}" if field.islower() else str(e)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         if args.speculative and args.precision == "int8":  # refused before loading: no load-time warning first
             raise ValueError(ALREADY_INT8)
-        params = SamplingParams(args.temperature, args.top_k, args.top_p)
-        if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.lora_scale != 1 and not args.adapter:
+            raise ValueError("--lora-scale scales an adapter: pass --adapter too")
+        request = read_request(args)
         with ctrl_c_exits_now():
-            base, tuned, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.precision)
-        model = tuned if tuned is not None else base
+            base, lora, tokenizer = load_with_scale(args.model, args.adapter, args.device, args.precision)
+        model = lora.decoder(request.scale) if lora is not None else base
         draft = speculative_drafts(model)[0] if args.speculative else None
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.interactive:
         sys.stdout.write(as_sent(args.prompt, args))
-        stream(model, tokenizer, args.prompt, args, params, draft)
+        stream(model, tokenizer, args.prompt, args, request, draft)
         return 0
     try:
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
@@ -125,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             print(file=sys.stderr)
             continue
         try:
-            stream(model, tokenizer, prompt, args, params, draft)
+            stream(model, tokenizer, prompt, args, request, draft)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
 

@@ -152,9 +152,11 @@ def test_cli_interactive_mode(tiny_checkpoint):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "nobody-here/no-such-gpt2"], "neither a local folder nor in the Hugging Face cache"),
-    (["--model", "{ckpt}", "--temperature", "-1"], "temperature"),
-    (["--model", "{ckpt}", "--top-p", "0"], "top_p"),
-    (["--model", "{ckpt}", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["--model", "{ckpt}", "--temperature", "-1"], "--temperature must be"),
+    (["--model", "{ckpt}", "--top-p", "0"], "--top-p must be"),
+    (["--model", "{ckpt}", "--max-new-tokens", "0"], "--max-new-tokens must be"),
+    (["--model", "{ckpt}", "--seed", "-1"], "--seed must be"),
+    (["--model", "{ckpt}", "--lora-scale", "0.5"], "--lora-scale scales an adapter"),
     (["--model", "{ckpt}", "--dtype", "int8", "--speculative"], "already int8"),
 ])
 def test_cli_errors_are_one_line_without_traceback(tmp_path, checkpoint, args, message):
