@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
 import socket
 import sys
+from collections.abc import Callable
+from inspect import isasyncgenfunction, isgeneratorfunction
 from pathlib import Path
 
 from minigpt.cli import add_precision_arguments, warn_if_compile
@@ -64,6 +67,7 @@ if __name__ == "__main__":
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
 
 import gradio as gr  # noqa: E402
+from gradio.components import Component  # noqa: E402
 from starlette.routing import Mount  # noqa: E402
 
 from minigpt import CheckpointError  # noqa: E402
@@ -75,10 +79,10 @@ from minigpt.serve.conversation import (  # noqa: E402
     MODES,
     TUNED,
 )
-from minigpt.serve.compare import DIFF_HINT, CompareHandlers, CompareSession  # noqa: E402
+from minigpt.serve.compare import DIFF_HINT, CompareHandlers, CompareSession, side_outputs  # noqa: E402
 from minigpt.serve.engine import Engine, load_engine  # noqa: E402
-from minigpt.serve.handlers import ATTENTION_HINT, ChatHandlers, unlock  # noqa: E402
-from minigpt.serve.inspect_panels import SELECTED, InspectHandlers  # noqa: E402
+from minigpt.serve.handlers import ATTENTION_HINT, BUTTONS, ChatHandlers, unlock  # noqa: E402
+from minigpt.serve.inspect_panels import SELECTED, VIEW_OUTPUTS, InspectHandlers  # noqa: E402
 from minigpt.serve.openai_api import access_for, api_app, describe  # noqa: E402
 from minigpt.serve.panels import BAND_COLOURS  # noqa: E402
 from minigpt.serve.payloads import check_chat_payloads  # noqa: E402
@@ -199,49 +203,64 @@ def chat_tab(engine: Engine) -> None:
                 prompt_view = gr.Textbox(elem_id="prompt", show_label=False, lines=8, max_lines=20,
                                          interactive=False, buttons=["copy"])
 
+    ui = {"msg": msg, "chat": chat, "stats": stats, "send": send, "retry": retry_btn, "undo": undo_btn,
+          "clear": clear_btn, "prompt": prompt_view, "tokens": tokens, "position": position, "caption": caption,
+          "alternatives": alts, "pipeline": pipeline, "pipeline_note": pipeline_note, "lens": lens,
+          "lens_table": lens_note, "heatmap": plot, "attention_note": attention_note, "entropy": entropy,
+          "similarity": similarity, "timeline": timeline, "timeline_note": timeline_note, "layer": layer,
+          "head": head, "export_file": export_file, "export_note": export_note}
+    named = functools.partial(by_name, ui=ui)
+
+    def out(*names: str) -> list:
+        return [ui[name] for name in names]
+
     controls = [mode, temperature, top_k, top_p, max_new_tokens, seed]
-    lockable = [send, retry_btn, undo_btn, clear_btn]
-    panels = [prompt_view, tokens, position, caption, alts, plot, attention_note]
-    views = [tokens, position, caption, alts, pipeline, pipeline_note, lens, lens_note, plot, attention_note,
-             entropy, similarity, timeline, timeline_note]  # inspect_panels.VIEW_OUTPUTS
+    views = out(*VIEW_OUTPUTS)
     selection = [session, layer, head]
     private = {"api_visibility": "private"}
+    # The /chat API's outputs, in this order: the chat, the stats line, the prompt, then the panels.
+    reply_outputs = out("chat", "stats", "prompt", "tokens", "position", "caption", "alternatives", "heatmap",
+                        "attention_note")
 
     def reply_chain(trigger, check, check_inputs, step, step_inputs, api_name=None):
         """check refuses bad input (queued, so its message shows; no outputs, so nothing is covered by an error
         badge); step adds the message and locks the controls (no queue); then the reply streams; then unlock,
         and the views on screen are computed for the new reply."""
         reply = trigger(check, [*check_inputs, *controls, scale], None, show_progress="hidden", **private).success(
-            step, [session, *step_inputs], [msg, chat, *lockable], queue=False, **private).success(
-            handlers.respond, [session, chat, *controls, layer, head, scale], [chat, stats, *panels],
+            named(step), [session, *step_inputs], out("msg", "chat", *BUTTONS), queue=False, **private).success(
+            named(handlers.respond), [session, chat, *controls, layer, head, scale], reply_outputs,
             api_name=api_name, api_visibility="public" if api_name else "private")
-        reply.then(unlock, None, [msg, *lockable], queue=False, **private)
-        reply.then(inspect.views, selection, views, **private)
+        reply.then(named(unlock), None, out("msg", *BUTTONS), queue=False, **private)
+        reply.then(named(inspect.views), selection, views, **private)
 
     reply_chain(msg.submit, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat], api_name="chat")
     reply_chain(send.click, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat])
     reply_chain(retry_btn.click, handlers.check_retry, [chat], handlers.retry, [chat])
-    undo_btn.click(handlers.undo, chat, [msg, chat], queue=False, **private)
-    clear_btn.click(handlers.clear, session, [chat, stats, *panels], queue=False, **private).then(
-        inspect.views, selection, views, **private)
+    undo_btn.click(named(handlers.undo), chat, out("msg", "chat"), queue=False, **private)
+    clear_btn.click(named(handlers.clear), session, reply_outputs, queue=False, **private).then(
+        named(inspect.views), selection, views, **private)
     stop_btn.click(handlers.stop, session, None, queue=False, api_name="stop")
-    position.release(handlers.alternatives_at, [session, position], [caption, alts], api_name="alternatives").then(
-        inspect.select, [session, position, layer, head], views, **private)
-    tokens.select(inspect.pick_token, selection, views, **private)
+    position.release(named(handlers.alternatives_at), [session, position], out("caption", "alternatives"),
+                     api_name="alternatives").then(named(inspect.select), [session, position, layer, head], views,
+                                                   **private)
+    tokens.select(named(inspect.pick_token), selection, views, **private)
     for tab, name in ((sampling_tab, "Sampling"), (lens_tab, "Logit lens"), (attention_tab, "Attention"),
                       (timeline_tab, "Timeline")):
-        tab.select(inspect.opener(name), selection, views, **private)
-    lens.select(inspect.click_lens, selection, views, **private)
-    timeline.select(inspect.click_timeline, selection, views, **private)
-    entropy.select(inspect.head_clicker("entropy"), selection, [layer, head], **private)
-    similarity.select(inspect.head_clicker("similarity"), selection, [layer, head], **private)
+        tab.select(named(inspect.opener(name)), selection, views, **private)
+    lens.select(named(inspect.click_lens), selection, views, **private)
+    timeline.select(named(inspect.click_timeline), selection, views, **private)
+    for grid in ("entropy", "similarity"):
+        ui[grid].select(named(inspect.head_clicker(grid)), selection, out("layer", "head"), **private)
     for selector in (layer, head):
-        selector.change(inspect.views, selection, views, **private)
-    hide_sink.change(inspect.toggle_sink, [session, hide_sink, layer, head], views, **private)
-    alts.select(inspect.branch, [session, chat, layer, head], [chat, stats, msg, *lockable, *views], **private)
-    undo_branch.click(inspect.undo_branch, [session, chat, layer, head], [chat, stats, *views], **private)
-    export_btn.click(inspect.export, [session, chat], [export_file, export_note], **private)
-    load_file.upload(inspect.load, [session, load_file, layer, head], [chat, export_note, *views], **private)
+        selector.change(named(inspect.views), selection, views, **private)
+    hide_sink.change(named(inspect.toggle_sink), [session, hide_sink, layer, head], views, **private)
+    alts.select(named(inspect.branch), [session, chat, layer, head], out("chat", "stats", "msg", *BUTTONS) + views,
+                **private)
+    undo_branch.click(named(inspect.undo_branch), [session, chat, layer, head], out("chat", "stats") + views,
+                      **private)
+    export_btn.click(named(inspect.export), [session, chat], out("export_file", "export_note"), **private)
+    load_file.upload(named(inspect.load), [session, load_file, layer, head], out("chat", "export_note") + views,
+                     **private)
 
 
 def compare_tab(engine: Engine) -> None:
@@ -264,40 +283,43 @@ def compare_tab(engine: Engine) -> None:
             seed = gr.Textbox("", label="Seed", info="blank = one random seed for both", elem_id="cmp_seed")
             scale = scale_slider(engine, "cmp_scale")
     note = gr.Markdown(elem_id="cmp_note")
-    outputs = {}
+    ui, stops = {"cmp_send": send, "cmp_note": note}, {}
     with gr.Row(equal_height=False):
-        for mode, key in ((BASE, "base"), (TUNED, "tuned")):
+        for mode in (BASE, TUNED):
+            text_name, stats_name = side_outputs(mode)
             with gr.Column():  # Stop above the text: it stays put while the reply grows below it
-                stop = gr.Button(f"Stop {mode}", elem_id=f"cmp_{key}_stop", variant="stop", size="sm")
-                text = gr.Textbox(label=mode, elem_id=f"cmp_{key}", lines=10, max_lines=24, interactive=False)
-                stats = gr.Markdown(elem_id=f"cmp_{key}_stats")
-            outputs[mode] = (text, stats, stop)
+                stops[mode] = gr.Button(f"Stop {mode}", elem_id=f"{text_name}_stop", variant="stop", size="sm")
+                ui[text_name] = gr.Textbox(label=mode, elem_id=text_name, lines=10, max_lines=24, interactive=False)
+                ui[stats_name] = gr.Markdown(elem_id=stats_name)
     with gr.Accordion("Token diff", open=True, elem_id="diff_panel"):
         with gr.Row():
             which = gr.Radio(list(MODES), value=TUNED, label="Reply to re-score", elem_id="diff_which", scale=3)
             diff_btn = gr.Button("Compare tokens", elem_id="diff_btn", scale=1)
-        summary = gr.Markdown(DIFF_HINT, elem_id="diff_summary")
-        tokens = gr.HighlightedText(elem_id="diff_tokens", show_legend=True, show_inline_category=False,
-                                    label="log p tuned − log p base: red = the adapter made the token likelier, "
-                                          "purple = less likely (±1 = ±4 nats)")
-        ranked = gr.Dataframe(elem_id="diff_ranked", label="Where the adapter changed its mind (top-1 differs), "
-                              "largest KL(tuned ‖ base) first", interactive=False, wrap=True)
+        ui["diff_summary"] = gr.Markdown(DIFF_HINT, elem_id="diff_summary")
+        ui["diff_tokens"] = gr.HighlightedText(
+            elem_id="diff_tokens", show_legend=True, show_inline_category=False,
+            label="log p tuned − log p base: red = the adapter made the token likelier, purple = less likely "
+                  "(±1 = ±4 nats)")
+        ui["diff_ranked"] = gr.Dataframe(elem_id="diff_ranked", label="Where the adapter changed its mind (top-1 "
+                                         "differs), largest KL(tuned ‖ base) first", interactive=False, wrap=True)
         with gr.Accordion("Every token", open=False):
-            per_token = gr.Dataframe(elem_id="diff_table", interactive=False)
+            ui["diff_table"] = gr.Dataframe(elem_id="diff_table", interactive=False)
+    named = functools.partial(by_name, ui=ui)
 
     controls = [temperature, top_k, top_p, max_new_tokens, seed, scale]
+    private = {"api_visibility": "private"}
     for trigger in (send.click, message.submit):  # the two sides stream as two queued events, each Stop-able
         # check is queued, so a refusal shows its message; start (no queue) registers the Stop flags
-        started = trigger(handlers.check, [message, *controls], None, show_progress="hidden",
-                          api_visibility="private").success(
-            handlers.start, [session, message, *controls], [send, note, *outputs[BASE][:2], *outputs[TUNED][:2]],
-            queue=False, api_visibility="private")
+        started = trigger(handlers.check, [message, *controls], None, show_progress="hidden", **private).success(
+            named(handlers.start), [session, message, *controls],
+            [send, note, *(ui[name] for mode in MODES for name in side_outputs(mode))], queue=False, **private)
         for mode, respond in ((BASE, handlers.respond_base), (TUNED, handlers.respond_tuned)):
-            started.success(respond, session, outputs[mode][:2], api_visibility="private").then(
-                handlers.unlock, session, send, queue=False, api_visibility="private")
+            started.success(named(respond), session, [ui[name] for name in side_outputs(mode)], **private).then(
+                named(handlers.unlock), session, send, queue=False, **private)
     for mode, stop in ((BASE, handlers.stop_base), (TUNED, handlers.stop_tuned)):
-        outputs[mode][2].click(stop, session, None, queue=False, api_visibility="private")
-    diff_btn.click(handlers.diff, [session, which], [summary, tokens, ranked, per_token], api_visibility="private")
+        stops[mode].click(stop, session, None, queue=False, **private)
+    diff_btn.click(named(handlers.diff), [session, which],
+                   [ui[name] for name in ("diff_summary", "diff_tokens", "diff_ranked", "diff_table")], **private)
 
 
 def score_tab(engine: Engine) -> None:
@@ -314,7 +336,29 @@ def score_tab(engine: Engine) -> None:
                               show_inline_category=False)
     tuned = gr.HighlightedText(elem_id="score_tuned", label=f"{TUNED}, {label}", show_legend=False,
                                show_inline_category=False)
-    score.click(handlers.score, [text, scale], [summary, base, tuned], api_visibility="private")
+    ui = {"score_summary": summary, "score_base": base, "score_tuned": tuned}
+    score.click(by_name(handlers.score, ui), [text, scale], list(ui.values()), api_visibility="private")
+
+
+def by_name(handler: Callable, ui: dict[str, Component]) -> Callable:
+    """Wire a handler that returns or yields its outputs by name ({"chat": history, ...}, only those it
+    changes): Gradio gets them by component. The wrapper keeps the handler's signature (Gradio reads it
+    for gr.SelectData) and its kind (function, generator, async generator)."""
+    def components(values: dict | None) -> dict:
+        return {ui[name]: value for name, value in (values or {}).items()}
+
+    if isasyncgenfunction(handler):
+        async def wired(*args):
+            async for values in handler(*args):
+                yield components(values)
+    elif isgeneratorfunction(handler):
+        def wired(*args):
+            for values in handler(*args):
+                yield components(values)
+    else:
+        def wired(*args):
+            return components(handler(*args))
+    return functools.wraps(handler)(wired)
 
 
 class PortBusy(Exception):

@@ -39,6 +39,12 @@ class CompareSession:
         return any(side.in_flight for side in self.sides.values())
 
 
+def side_outputs(mode: str) -> tuple[str, str]:
+    """The names of one side's outputs: its text and its stats line."""
+    key = "base" if mode == BASE else "tuned"
+    return f"cmp_{key}", f"cmp_{key}_stats"
+
+
 class CompareHandlers:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -66,18 +72,20 @@ class CompareHandlers:
         for side in session.sides.values():
             side.queue_reply()
         note = f"Both sides: seed {seed}, LoRA scale {float(scale):g}."
-        return gr.Button(interactive=False), note, "", "", "", ""
+        return {"cmp_send": gr.Button(interactive=False), "cmp_note": note,
+                **{name: "" for mode in MODES for name in side_outputs(mode)}}
 
     async def respond(self, session: CompareSession, mode: str):
-        """Stream one side's reply: (text, stats line) while it waits and after every token."""
+        """Stream one side's reply: its text and stats line while it waits and after every token."""
         history, temperature, top_k, top_p, max_new_tokens, seed, scale = session.request
         request, prompt, _ = await self.chat.prepare_async(history, mode, temperature, top_k, top_p, max_new_tokens,
                                                            seed, scale)
         side = session.sides[mode]
         flag = side.start_reply()
         try:
+            text, stats = side_outputs(mode)
             async for reply in paced(self.chat.replies(request, prompt, flag)):
-                yield reply.text.strip(), stats_line(reply, self.engine.device)
+                yield {text: reply.text.strip(), stats: stats_line(reply, self.engine.device)}
             side.show(reply)
         finally:
             side.finish_reply(flag)
@@ -101,19 +109,20 @@ class CompareHandlers:
     @staticmethod
     def unlock(session: CompareSession):
         """Send comes back when neither side is still streaming."""
-        return gr.skip() if session.busy else gr.Button(interactive=True)
+        return {} if session.busy else {"cmp_send": gr.Button(interactive=True)}
 
     def diff(self, session: CompareSession, which: str):
-        """The token diff of the last reply of side `which`: (summary, coloured tokens, ranked table, all tokens)."""
+        """The token diff of the last reply of side `which`: its summary, coloured tokens, ranked table, all tokens."""
         reply = session.sides[which].reply if which in session.sides else None
         if reply is None or not reply.token_ids:
-            return f"No {which} reply yet: send a message first.", [], None, None
+            return {"diff_summary": f"No {which} reply yet: send a message first.", "diff_tokens": [],
+                    "diff_ranked": None, "diff_table": None}
         scale = session.sides[TUNED].reply.request.scale if session.sides[TUNED].reply else 1.0
         base, tuned = self.engine.model(BASE), self.engine.model(TUNED, scale)
         comparison = self.engine.compute(compare_ids, base, tuned, reply.prompt_ids + reply.token_ids,
                                          len(reply.prompt_ids))
-        return (self.summary(comparison, which, scale), self.highlights(comparison),
-                self.ranked(comparison), self.per_token(comparison))
+        return {"diff_summary": self.summary(comparison, which, scale), "diff_tokens": self.highlights(comparison),
+                "diff_ranked": self.ranked(comparison), "diff_table": self.per_token(comparison)}
 
     @staticmethod
     def summary(c: Comparison, which: str, scale: float) -> str:

@@ -1,8 +1,9 @@
 """The chat app's event handlers: what happens on Send, Retry, Undo, Stop, Clear and in the panels.
 
-app.py lays the page out and wires these to its components; nothing here knows the layout beyond
-the order of each handler's inputs and outputs. Every handler receives the browser session's
-Session (a gr.State) and the Engine every session shares.
+app.py lays the page out and wires these to its components; nothing here knows the layout. A handler
+returns (or yields) its outputs by name, {"chat": history, "stats": line, ...}, only those it changes;
+app.py's `by_name` hands Gradio the components of those names. Every handler receives the browser
+session's Session (a gr.State) and the Engine every session shares.
 """
 from __future__ import annotations
 
@@ -51,13 +52,16 @@ def checked(read, *args):
         raise refusal(str(e)) from None
 
 
-def locked() -> list:
+def locked() -> dict:
     """Send, Retry, Undo and Clear wait while a reply streams; Stop does not."""
-    return [gr.Button(interactive=False)] * 4
+    return {name: gr.Button(interactive=False) for name in BUTTONS}
 
 
-def unlock() -> tuple:
-    return gr.Textbox(interactive=True), *[gr.Button(interactive=True)] * 4
+def unlock() -> dict:
+    return {"msg": gr.Textbox(interactive=True), **{name: gr.Button(interactive=True) for name in BUTTONS}}
+
+
+BUTTONS = ("send", "retry", "undo", "clear")
 
 
 class ChatHandlers:
@@ -91,23 +95,24 @@ class ChatHandlers:
         self.prepare(without_last_reply(history), *controls)
 
     @staticmethod
-    def add_message(session: Session, message, history):
+    def add_message(session: Session, message, history) -> dict:
         """The checked message joins the chat and the controls lock until the reply has finished."""
         session.queue_reply()
-        return gr.Textbox(value="", interactive=False), with_user_message(history, message), *locked()
+        return {"msg": gr.Textbox(value="", interactive=False), "chat": with_user_message(history, message),
+                **locked()}
 
     @staticmethod
-    def retry(session: Session, history):
+    def retry(session: Session, history) -> dict:
         session.queue_reply()
-        return gr.Textbox(interactive=False), without_last_reply(history), *locked()
+        return {"msg": gr.Textbox(interactive=False), "chat": without_last_reply(history), **locked()}
 
     @staticmethod
-    def undo(history):
+    def undo(history) -> dict:
         """Take back the last exchange; the message returns to the box for editing."""
         history = without_last_reply(history)
         if not history:
-            return gr.skip(), history
-        return message_text(history[-1]), history[:-1]
+            return {"chat": history}
+        return {"msg": message_text(history[-1]), "chat": history[:-1]}
 
     @staticmethod
     def stop(session: Session):
@@ -115,6 +120,7 @@ class ChatHandlers:
 
     async def respond(self, session: Session, history, mode, temperature, top_k, top_p, max_new_tokens, seed, layer,
                       head, scale=1.0):
+        """The reply, streamed: {"chat", "stats"} while it waits and grows; finished, the prompt and the panels."""
         request, prompt, notices = await self.prepare_async(history, mode, temperature, top_k, top_p,
                                                             max_new_tokens, seed, scale)
         notes = [*notices, context_note(prompt, self.engine.n_positions)]
@@ -127,13 +133,13 @@ class ChatHandlers:
                 history[-1] = {"role": "assistant", "content": as_chat_text(reply.text.strip())}
                 status = "\n\n".join(filter(None, [stats_line(reply, self.engine.device), *notes]))
                 if reply.finish_reason is None:
-                    yield history, status, *[gr.skip()] * 7
+                    yield {"chat": history, "stats": status}
             wanted = session.attention_open and reply.token_ids
             window = await self.engine.compute_async(attention_window, self.engine.model_for(request),
                                                      self.engine.tokenizer, reply) if wanted else None
             session.show(reply, window)
-            yield (history, status, prompt.text, *self.log_prob_panel(session, len(reply.token_ids)),
-                   *self.attention_panel(session, layer, head))
+            yield {"chat": history, "stats": status, "prompt": prompt.text,
+                   **self.log_prob_panel(session, len(reply.token_ids)), **self.attention_panel(session, layer, head)}
         finally:
             session.finish_reply(flag)
 
@@ -145,45 +151,37 @@ class ChatHandlers:
             raise gr.Error(f"{str(e)[0].upper()}{str(e)[1:]}. Try again in a moment.", print_exception=False) \
                 from None
 
-    def log_prob_panel(self, session: Session, position):
+    def log_prob_panel(self, session: Session, position) -> dict:
+        """{"tokens", "position", "caption", "alternatives"} of the last reply at a token position."""
         position = checked(whole_number, "Token position", position)
         reply = session.reply
         if reply is None or not reply.token_ids:
-            return [], gr.Slider(1, 2, value=1), "No reply yet.", None
+            return {"tokens": [], "position": gr.Slider(1, 2, value=1), "caption": "No reply yet.",
+                    "alternatives": None}
         position = min(max(position, 1), len(reply.token_ids))  # clamped: a slider cannot span a single value
         tokenizer = self.engine.tokenizer
-        return (token_highlights(reply, tokenizer), gr.Slider(1, max(len(reply.token_ids), 2), value=position),
-                position_caption(reply, tokenizer, position), alternatives(reply, tokenizer, position))
+        return {"tokens": token_highlights(reply, tokenizer),
+                "position": gr.Slider(1, max(len(reply.token_ids), 2), value=position),
+                "caption": position_caption(reply, tokenizer, position),
+                "alternatives": alternatives(reply, tokenizer, position)}
 
-    def alternatives_at(self, session: Session, position):
-        return self.log_prob_panel(session, position)[2:]
-
-    def pick_token(self, session: Session, event: gr.SelectData):
-        return self.log_prob_panel(session, checked(whole_number, "Token index", event.index) + 1)
+    def alternatives_at(self, session: Session, position) -> dict:
+        panel = self.log_prob_panel(session, position)
+        return {"caption": panel["caption"], "alternatives": panel["alternatives"]}
 
     @staticmethod
-    def attention_panel(session: Session, layer, head):
+    def attention_panel(session: Session, layer, head) -> dict:
+        """{"heatmap", "attention_note"}: the last reply's attention at a layer and head (-1: their average)."""
         window: AttentionWindow | None = session.window
         layer, head = checked(whole_number, "Layer", layer), checked(whole_number, "Head", head)
         if window is None:
-            return None, ATTENTION_HINT
+            return {"heatmap": None, "attention_note": ATTENTION_HINT}
         n_layer, n_head = window.probs.shape[:2]
         layer = checked(read_choice, "Layer", layer, range(n_layer))
         head = checked(read_choice, "Head", head, range(-1, n_head))  # -1: the average over heads
-        return heatmap(window, layer, None if head < 0 else head), window.note
+        return {"heatmap": heatmap(window, layer, None if head < 0 else head), "attention_note": window.note}
 
-    def open_attention(self, session: Session, layer, head):
-        session.attention_open = True
-        reply = session.reply
-        if session.window is None and reply is not None and reply.token_ids:
-            session.window = self.engine.compute(attention_window, self.engine.model_for(reply.request),
-                                                 self.engine.tokenizer, reply)
-        return self.attention_panel(session, layer, head)
-
-    @staticmethod
-    def close_attention(session: Session):
-        session.attention_open = False
-
-    def clear(self, session: Session):
+    def clear(self, session: Session) -> dict:
         session.show(None)
-        return [], self.ready, "", *self.log_prob_panel(session, 1), *self.attention_panel(session, 0, -1)
+        return {"chat": [], "stats": self.ready, "prompt": "", **self.log_prob_panel(session, 1),
+                **self.attention_panel(session, 0, -1)}

@@ -3,8 +3,9 @@ the sampling pipeline, the logit lens, attention (heatmap, entropy, head similar
 branching from an alternative, and export / load of a conversation.
 
 Nothing here runs while a reply streams: the views are computed after it, and only the view on
-screen (Session.view); the others when they are opened. app.py wires these to its components; the
-outputs of every view refresh are VIEW_OUTPUTS, in that order.
+screen (Session.view); the others when they are opened. Handlers return their outputs by name (the
+names of VIEW_OUTPUTS, "chat", "stats", ...), only those they change; app.py wires the names to its
+components. The forward passes of the views run as scheduler tasks (Engine.compute).
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from pathlib import Path
 import gradio as gr
 
 from ..inspection import logit_lens
-from .conversation import BASE, ChatInputError, Prompt, as_chat_text
+from .conversation import BASE, ChatInputError, Prompt, as_chat_text, whole_number
 from .engine import Engine
-from .handlers import ChatHandlers, locked, unlock
+from .handlers import ChatHandlers, checked, locked, unlock
 from .panels import MAX_KEYS, MAX_QUERIES, alternatives, attention_window, heatmap, position_caption, token_highlights
 from .panels_heads import entropy_figure, similarity_figure
 from .panels_lens import lens_figure, lens_ids, lens_table, reply_column, visible_columns
@@ -43,41 +44,41 @@ class InspectHandlers:
 
     # -- the views, for the selected token -------------------------------------------------------------
 
-    def views(self, session: Session, layer: int, head: int) -> list:
-        """Every output of VIEW_OUTPUTS: the token panel always, the other views when on screen."""
+    def views(self, session: Session, layer: int, head: int) -> dict:
+        """Outputs of VIEW_OUTPUTS by name: the token panel always, the view on screen; without a reply, all."""
         reply = session.reply
         if reply is None or not reply.token_ids:
-            return [[], gr.Slider(1, 2, value=1), NO_REPLY, None, None, NO_REPLY, None, NO_REPLY,
-                    None, NO_REPLY, None, None, None, NO_REPLY]
+            empty = {"position": gr.Slider(1, 2, value=1), "tokens": [], "caption": NO_REPLY}
+            return {name: empty.get(name, NO_REPLY if name.endswith(("note", "table")) else None)
+                    for name in VIEW_OUTPUTS}
         n = len(reply.token_ids)
         session.position = position = min(max(int(session.position), 1), n)
         highlights = token_highlights(reply, self.tokenizer)
         highlights[position - 1] = (highlights[position - 1][0], SELECTED)
-        out = [highlights, gr.Slider(1, max(n, 2), value=position),
-               position_caption(reply, self.tokenizer, position), alternatives(reply, self.tokenizer, position)]
-        skip = gr.skip()
-        out += self.sampling_view(session) if session.view == "Sampling" else [skip] * 2
-        out += self.lens_view(session) if session.view == "Logit lens" else [skip] * 2
-        out += self.attention_view(session, layer, head) if session.view == "Attention" else [skip] * 4
-        out += self.timeline_view(session) if session.view == "Timeline" else [skip] * 2
-        return out
+        out = {"tokens": highlights, "position": gr.Slider(1, max(n, 2), value=position),
+               "caption": position_caption(reply, self.tokenizer, position),
+               "alternatives": alternatives(reply, self.tokenizer, position)}
+        view = {"Sampling": self.sampling_view, "Logit lens": self.lens_view, "Timeline": self.timeline_view,
+                "Attention": lambda s: self.attention_view(s, layer, head)}.get(session.view)
+        return {**out, **view(session)} if view else out
 
-    def sampling_view(self, session: Session) -> list:
+    def sampling_view(self, session: Session) -> dict:
         reply, position = session.reply, session.position
         params = reply.request.params
         logits = self.engine.compute(position_logits, self.engine.model_for(reply.request), reply, position)
         pipeline = sampling_pipeline(logits, params, reply.token_ids[position - 1])
-        return [pipeline_figure(pipeline, self.tokenizer), pipeline_summary(pipeline, self.tokenizer, params)]
+        return {"pipeline": pipeline_figure(pipeline, self.tokenizer),
+                "pipeline_note": pipeline_summary(pipeline, self.tokenizer, params)}
 
-    def lens_view(self, session: Session) -> list:
+    def lens_view(self, session: Session) -> dict:
         reply = session.reply
         if session.lens is None:
             session.lens = self.engine.compute(logit_lens, self.engine.model_for(reply.request), lens_ids(reply))
         column = reply_column(reply, session.position)
         pixels, session.clicks["lens"] = lens_figure(session.lens, self.tokenizer, column, len(reply.prompt_ids) - 1)
-        return [pixels, lens_table(session.lens, self.tokenizer, column)]
+        return {"lens": pixels, "lens_table": lens_table(session.lens, self.tokenizer, column)}
 
-    def attention_view(self, session: Session, layer: int, head: int) -> list:
+    def attention_view(self, session: Session, layer: int, head: int) -> dict:
         reply, model = session.reply, self.engine.model_for(session.reply.request)
         if session.heads is None or session.heads.hides_sink != session.hide_sink:
             # one pass gives every row; the heatmap shows the most recent of them
@@ -88,13 +89,14 @@ class InspectHandlers:
         entropy, session.clicks["entropy"] = entropy_figure(session.heads, (layer, head))
         similarity, session.clicks["similarity"] = similarity_figure(session.heads, layer, head)
         row = session.position - 1 - (len(reply.token_ids) - len(session.window.query_labels))  # in the window
-        return [heatmap(session.window, layer, head, row), session.window.note, entropy, similarity]
+        return {"heatmap": heatmap(session.window, layer, head, row), "attention_note": session.window.note,
+                "entropy": entropy, "similarity": similarity}
 
-    def timeline_view(self, session: Session) -> list:
-        if not session.reply.token_times:
-            return [None, timeline_summary(session.reply)]
-        pixels, session.clicks["timeline"] = timeline_figure(session.reply, self.tokenizer, session.position)
-        return [pixels, timeline_summary(session.reply)]
+    def timeline_view(self, session: Session) -> dict:
+        pixels = None
+        if session.reply.token_times:
+            pixels, session.clicks["timeline"] = timeline_figure(session.reply, self.tokenizer, session.position)
+        return {"timeline": pixels, "timeline_note": timeline_summary(session.reply)}
 
     # -- events ----------------------------------------------------------------------------------------
 
@@ -112,7 +114,7 @@ class InspectHandlers:
         return self.views(session, layer, head)
 
     def pick_token(self, session: Session, layer: int, head: int, event: gr.SelectData):
-        session.position = event.index + 1
+        session.position = checked(whole_number, "Token index", event.index) + 1
         return self.views(session, layer, head)
 
     def click_lens(self, session: Session, layer: int, head: int, event: gr.SelectData):
@@ -139,8 +141,8 @@ class InspectHandlers:
         def click(session: Session, layer: int, head: int, event: gr.SelectData):
             cell = session.clicks[which].cell(*event.index) if which in session.clicks else None
             if cell is None:
-                return gr.skip(), gr.skip()
-            return (cell[0], cell[1]) if which == "entropy" else (layer, cell[0])
+                return {}
+            return {"layer": cell[0], "head": cell[1]} if which == "entropy" else {"head": cell[0]}
         return click
 
     def toggle_sink(self, session: Session, hide: bool, layer: int, head: int):
@@ -152,8 +154,8 @@ class InspectHandlers:
     async def branch(self, session: Session, history: list, layer: int, head: int,
                      event: gr.SelectData) -> AsyncIterator[list]:
         """An alternative was clicked: cut the reply before the selected token, force the alternative and
-        continue with the same settings and seed, streaming into the chat. The message box and Send,
-        Retry, Undo, Clear wait meanwhile, as for any reply. -> chat, stats, msg, 4 buttons, *VIEW_OUTPUTS."""
+        continue with the same request (model, LoRA scale, settings, seed), streaming into the chat. The
+        message box and Send, Retry, Undo, Clear wait meanwhile, as for any reply."""
         reply, position = session.reply, session.position
         if reply is None or not history or history[-1]["role"] != "assistant":
             raise gr.Error("Branching needs the last reply of this conversation on screen.", print_exception=False)
@@ -168,58 +170,57 @@ class InspectHandlers:
             raise gr.Error(str(e), print_exception=False) from None
         flag = session.start_reply()
         history = [*history]
-        keep = [gr.skip()] * len(VIEW_OUTPUTS)
-        yield [gr.skip(), gr.skip(), gr.Textbox(interactive=False), *locked(), *keep]
+        yield {"msg": gr.Textbox(interactive=False), **locked()}
         try:
             prompt = Prompt("", reply.prompt_ids, 0, reply.stop)
             forced = [*reply.token_ids[:position - 1], token]
             async for new in paced(self.chat.replies(reply.request, prompt, flag, forced=forced)):
                 history[-1] = {"role": "assistant", "content": as_chat_text(new.text.strip())}
                 if new.finish_reason is None:
-                    yield [history, stats_line(new, self.engine.device), *[gr.skip()] * 5, *keep]
+                    yield {"chat": history, "stats": stats_line(new, self.engine.device)}
             session.show(new)
             session.original, session.position = original, position
             status = f"Branched at token {position}: {stats_line(new, self.engine.device)} · Undo branch returns"
-            yield [history, status, *unlock(), *self.views(session, layer, head)]
+            yield {"chat": history, "stats": status, **unlock(), **self.views(session, layer, head)}
         finally:
             session.finish_reply(flag)
 
     def undo_branch(self, session: Session, history: list, layer: int, head: int):
-        """Back to the reply before branching. -> chat, stats, *VIEW_OUTPUTS."""
+        """Back to the reply before branching."""
         original = session.original
         if original is None or not history:
             raise gr.Error("There is no branch to undo.", print_exception=False)
         session.show(original)
         history = [*history[:-1], {"role": "assistant", "content": as_chat_text(original.text.strip())}]
-        return [history, stats_line(original, self.engine.device), *self.views(session, layer, head)]
+        return {"chat": history, "stats": stats_line(original, self.engine.device), **self.views(session, layer, head)}
 
     # -- export and load -------------------------------------------------------------------------------
 
     def export(self, session: Session, history: list):
-        """-> (file, note): the conversation and its last reply as JSON."""
+        """{"export_file", "export_note"}: the conversation and its last reply as JSON."""
         if session.reply is None or not session.reply.token_ids:
-            return None, NO_REPLY
+            return {"export_file": None, "export_note": NO_REPLY}
         EXPORT_DIR.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=EXPORT_DIR, prefix="conversation-", suffix=".json",
                                          delete=False, encoding="utf-8") as f:
             f.write(export_conversation(history, session.reply, self.tokenizer))
-        return f.name, f"Ready: {len(history)} messages, {len(session.reply.token_ids)} reply tokens with top-5 each."
+        return {"export_file": f.name, "export_note": f"Ready: {len(history)} messages, "
+                                                      f"{len(session.reply.token_ids)} reply tokens with top-5 each."}
 
     def load(self, session: Session, file, layer: int, head: int):
-        """A conversation file was uploaded. -> chat, export note, *VIEW_OUTPUTS; a bad file only gets a message."""
-        unchanged = [gr.skip()] * (1 + len(VIEW_OUTPUTS))
+        """A conversation file was uploaded: the chat, a note and every view; a bad file only gets a message."""
         if file is None:
-            return [gr.skip(), *unchanged]
+            return {}
         try:
             text = Path(file).read_bytes().decode("utf-8")
             vocab_size = self.engine.models[BASE].config.vocab_size
             history, reply = load_conversation(text, vocab_size, self.engine.n_positions)
             self.engine.model_for(reply.request)
         except UnicodeDecodeError:
-            return [gr.skip(), "Could not load: the file is not UTF-8 text.", *unchanged[1:]]
+            return {"export_note": "Could not load: the file is not UTF-8 text."}
         except (TranscriptError, ChatInputError) as e:
-            return [gr.skip(), f"Could not load: {e}", *unchanged[1:]]
+            return {"export_note": f"Could not load: {e}"}
         session.show(reply)
         note = f"Loaded {len(history)} messages; the panels show its last reply ({len(reply.token_ids)} tokens)."
-        return [history, note, *self.views(session, layer, head)]
+        return {"chat": history, "export_note": note, **self.views(session, layer, head)}
 

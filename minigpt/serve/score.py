@@ -21,7 +21,7 @@ class ScoreHandlers:
         self.engine = engine
 
     def score(self, text: str, scale):
-        """(summary, base tokens, tuned tokens) for gr.Markdown and two gr.HighlightedText."""
+        """{"score_summary", "score_base", "score_tuned"}: the perplexities, and each model's tokens coloured."""
         ids = self.engine.tokenizer.encode_ordinary(text or "")
         if len(ids) > MAX_SCORE_TOKENS:
             raise gr.Error(f"The text is {len(ids)} tokens long; the Score tab takes up to {MAX_SCORE_TOKENS} "
@@ -44,7 +44,8 @@ class ScoreHandlers:
                        f"mean NLL {tuned.mean_nll - base.mean_nll:+.4f} nats")]
         else:
             lines.append(f"- {TUNED}: off ({self.engine.adapter_hint})")
-        return "\n".join(lines), self.highlights(base), self.highlights(results.get(TUNED))
+        return {"score_summary": "\n".join(lines), "score_base": self.highlights(base),
+                "score_tuned": self.highlights(results.get(TUNED))}
 
     def highlights(self, result: Perplexity | None) -> list[tuple[str, float | None]]:
         """Each token coloured by its surprisal (−log p): white when expected, red when surprising."""

@@ -11,6 +11,7 @@ import pytest
 from gradio_client import Client
 
 from tests.app.test_api import chat_args, history
+from tests.helpers import run_async
 from tests.helpers.app_server import running_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -51,7 +52,7 @@ def test_api_requests_get_their_first_token_in_arrival_order(one_row):
                 await asyncio.sleep(0.4)
             return await asyncio.gather(*tasks)
 
-    firsts = asyncio.run(run())
+    firsts = run_async(run())
     assert firsts == sorted(firsts)
 
 
@@ -71,7 +72,7 @@ def test_a_waiting_chat_reply_is_told_its_place(one_row):
             await asyncio.gather(*ahead)
             return statuses
 
-    statuses = asyncio.run(behind_the_api())
+    statuses = run_async(behind_the_api())
     waiting = [s for s in statuses if s.startswith("Waiting:")]
     assert waiting and all("ahead" in s or "next in line" in s for s in waiting), statuses
     assert "tokens" in statuses[-1] and not statuses[-1].startswith("Waiting:")
@@ -83,7 +84,7 @@ def test_a_full_queue_is_refused_with_503_and_retry_after(one_row):
             return await asyncio.gather(*[client.post(one_row.url + "v1/completions", json=completion(40, False))
                                           for _ in range(QUEUE + 30)])
 
-    responses = asyncio.run(flood())
+    responses = run_async(flood())
     refused = [r for r in responses if r.status_code == 503]
     served = [r for r in responses if r.status_code == 200]
     assert len(refused) + len(served) == len(responses) and refused and len(served) >= QUEUE
@@ -125,7 +126,7 @@ def test_the_page_and_config_answer_while_hundreds_wait(tmp_path_factory):
                 await asyncio.gather(*waiting, return_exceptions=True)
                 return pending, answers
 
-        pending, answers = asyncio.run(crowd())
+        pending, answers = run_async(crowd())
         assert pending > 400  # they were really waiting when the page was asked for
         assert [status for status, _ in answers] == [200, 200]
         print(f"with {pending} requests waiting: /config in {answers[0][1]:.2f} s, the page in {answers[1][1]:.2f} s")

@@ -9,7 +9,7 @@ import pytest
 
 from minigpt import perplexity
 from minigpt.scoring import compare_ids
-from minigpt.serve.compare import CompareHandlers, CompareSession
+from minigpt.serve.compare import CompareHandlers, CompareSession, side_outputs
 from minigpt.serve.conversation import BASE, TUNED
 from minigpt.serve.engine import load_engine
 from minigpt.serve.handlers import ChatHandlers
@@ -27,23 +27,25 @@ def setup(tiny_checkpoint, tmp_path_factory):
 
 
 def run_side(handlers, session, mode):
-    return updates(handlers.respond(session, mode))[-1]
+    """The side's last (text, stats line)."""
+    last = updates(handlers.respond(session, mode))[-1]
+    return tuple(last[name] for name in side_outputs(mode))
 
 
 def test_both_sides_answer_with_one_seed_and_the_diff_rescores_a_reply(setup):
     engine, _ = setup
     handlers, session = CompareHandlers(engine), CompareSession()
     out = handlers.start(session, "Name a colour.", 1.0, 0, 1.0, 12, "", 0.5)
-    seed = re.search(r"seed (\d+)", out[1]).group(1)
+    seed = re.search(r"seed (\d+)", out["cmp_note"]).group(1)
     assert all(len(side.in_flight) == 1 for side in session.sides.values())  # both Stop flags registered
     texts = {mode: run_side(handlers, session, mode) for mode in (BASE, TUNED)}
     assert "Alpaca LoRA at scale 0.5" in texts[TUNED][1] and not session.busy
     # the same seed in the chat gives the same tuned reply
     chat_reply = session.sides[TUNED].reply
     again = updates(ChatHandlers(engine).respond(Session(), [{"role": "user", "content": "Name a colour."}], TUNED,
-                                              1.0, 0, 1.0, 12, seed, 0, -1, 0.5))[-1][0][-1]["content"]
+                                              1.0, 0, 1.0, 12, seed, 0, -1, 0.5))[-1]["chat"][-1]["content"]
     assert again == texts[TUNED][0]
-    summary, tokens, ranked, table = handlers.diff(session, TUNED)
+    summary, tokens, ranked, table = handlers.diff(session, TUNED).values()
     expected = compare_ids(engine.model(BASE), engine.model(TUNED, 0.5), chat_reply.prompt_ids + chat_reply.token_ids,
                            len(chat_reply.prompt_ids))
     assert f"base {expected.mean_logprob_base:.3f}, tuned {expected.mean_logprob_tuned:.3f}" in summary
@@ -65,7 +67,7 @@ def test_score_tab_numbers_are_the_clis(setup, tiny_checkpoint, tmp_path, capsys
     engine, adapter = setup
     text = "Scoring a text under both models, token by token. " * 30  # longer than one 128-token window
     (tmp_path / "t.txt").write_text(text)
-    summary, base_tokens, tuned_tokens = ScoreHandlers(engine).score(text, 1.5)
+    summary, base_tokens, tuned_tokens = ScoreHandlers(engine).score(text, 1.5).values()
     for extra, label in (([], BASE), (["--adapter", str(adapter), "--lora-scale", "1.5"], TUNED)):
         assert perplexity.main(["--model", str(tiny_checkpoint[0]), "--file", str(tmp_path / "t.txt"),
                                 "--device", "cpu", "--json", *extra]) == 0
@@ -91,10 +93,10 @@ def test_two_chat_sessions_at_different_scales_at_once_each_get_their_own(setup)
         t.start()
     for t in threads:
         t.join()
-    for scale, (history_out, stats, *_) in replies.items():
-        alone = updates(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, scale))[-1][0]
-        assert history_out == alone and f"scale {scale:g}" in stats
-    assert replies[0.0][0] != replies[2.0][0]
+    for scale, out in replies.items():
+        alone = updates(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, scale))[-1]["chat"]
+        assert out["chat"] == alone and f"scale {scale:g}" in out["stats"]
+    assert replies[0.0]["chat"] != replies[2.0]["chat"]
 
 
 def test_bad_scale_or_empty_text_is_a_message(setup):
@@ -120,8 +122,8 @@ def test_a_reply_at_scale_0_is_inspected_exported_and_loaded_at_scale_0(setup):
     assert (reply.request.mode, reply.request.scale) == (TUNED, 0.0)
     for position in range(1, len(reply.token_ids) + 1):  # greedy: each drawn token is the argmax of the
         session.position = position                        # logits the view shows, if they are the right ones
-        assert "(p = 1.000 in the final distribution)" in inspect.sampling_view(session)[1]
-    path, _ = inspect.export(session, [])
+        assert "(p = 1.000 in the final distribution)" in inspect.sampling_view(session)["pipeline_note"]
+    path = inspect.export(session, [])["export_file"]
     saved = json.loads(Path(path).read_text())
     assert (saved["mode"], saved["scale"], saved["seed"]) == (TUNED, 0.0, 3)
     loaded = Session()

@@ -6,6 +6,7 @@ import pytest
 
 from minigpt.serve.engine import load_engine
 from minigpt.serve.handlers import ChatHandlers
+from minigpt.serve.inspect_panels import InspectHandlers
 from minigpt.serve.panels import AttentionWindow
 from minigpt.serve.session import Session
 
@@ -26,11 +27,12 @@ def session_with_attention(n_layer=2, n_head=2) -> Session:
                                             ([0, 1], "Token index must be a number"), (0.5, "must be a whole number")])
 def test_a_picked_token_index_is_checked(handlers, index, message):
     event = gr.SelectData(None, {"index": index, "value": "x", "selected": True})
+    inspect = InspectHandlers(handlers.engine)
     if message is None:
-        assert handlers.pick_token(Session(), event)[2] == "No reply yet."
+        assert inspect.pick_token(Session(), 0, -1, event)["caption"].startswith("No reply yet")
     else:
         with pytest.raises(gr.Error, match=message):
-            handlers.pick_token(Session(), event)
+            inspect.pick_token(Session(), 0, -1, event)
 
 
 @pytest.mark.parametrize("layer, head, message", [
@@ -44,13 +46,13 @@ def test_attention_layer_and_head_are_checked(layer, head, message):
 
 
 def test_before_any_reply_only_numbers_are_accepted_as_layer_and_head():
-    assert ChatHandlers.attention_panel(Session(), 5, 9)[0] is None  # nothing to draw yet: any number will do
+    assert ChatHandlers.attention_panel(Session(), 5, 9)["heatmap"] is None  # nothing to draw yet: any number will do
     with pytest.raises(gr.Error, match="Layer must be a number, got None"):
         ChatHandlers.attention_panel(Session(), None, -1)
 
 
 def test_valid_layer_and_head_draw_the_heatmap():
-    figure, note = ChatHandlers.attention_panel(session_with_attention(), "1", 1)
+    figure, note = ChatHandlers.attention_panel(session_with_attention(), "1", 1).values()
     assert note == "Rows: all 2 reply tokens. Columns: all 3 context tokens."
     assert figure.axes[0].get_title() == "Layer 2, head 2"
 

@@ -11,6 +11,7 @@ import torch
 
 from minigpt.serve.conversation import BASE, Prompt, read_request
 from minigpt.serve.engine import Engine
+from minigpt.serve.handlers import BUTTONS
 from minigpt.serve.inspect_panels import SELECTED, VIEW_OUTPUTS, VIEWS, InspectHandlers
 from minigpt.serve.panels_lens import reply_column, visible_columns
 from minigpt.serve.replies import stream_reply
@@ -41,9 +42,10 @@ def session_with(reply) -> Session:
     return session
 
 
-def outputs(values) -> dict:
-    assert len(values) == len(VIEW_OUTPUTS)
-    return dict(zip(VIEW_OUTPUTS, values))
+def outputs(values: dict) -> dict:
+    """Every view output by name: None where the handler left it unchanged."""
+    assert set(values) <= set(VIEW_OUTPUTS)
+    return {name: values.get(name) for name in VIEW_OUTPUTS}
 
 
 def select(index, value=None) -> gr.SelectData:
@@ -63,7 +65,7 @@ def test_every_view_is_drawn_for_the_selected_token_and_only_on_screen(inspect, 
              "Timeline": ("timeline", "timeline_note")}
     for name in ("pipeline", "lens", "heatmap", "timeline"):
         on_screen = name in shown[view]
-        assert (out[name] is not None and not isinstance(out[name], dict)) == on_screen, name
+        assert (out[name] is not None) == on_screen, name
     out = outputs(inspect.select(session, 3, 1, -1))  # the slider moves every view
     assert session.position == 3 and out["tokens"][2][1] == SELECTED
     assert "Token 3 of" in out["caption"]
@@ -97,9 +99,9 @@ def test_entropy_click_picks_a_layer_and_head_and_hiding_the_sink_renormalises(i
     session = session_with(reply)
     inspect.opener("Attention")(session, 0, -1)
     x, y = session.clicks["entropy"].centre(1, 2)
-    assert inspect.head_clicker("entropy")(session, 0, -1, select([x, y])) == (1, 2)
+    assert inspect.head_clicker("entropy")(session, 0, -1, select([x, y])) == {"layer": 1, "head": 2}
     x, y = session.clicks["similarity"].centre(3, 0)
-    assert inspect.head_clicker("similarity")(session, 1, 2, select([x, y])) == (1, 3)
+    assert inspect.head_clicker("similarity")(session, 1, 2, select([x, y])) == {"head": 3}
     out = outputs(inspect.toggle_sink(session, True, 1, 2))
     assert "first token is hidden" in out["attention_note"]
     rows = session.heads.probs
@@ -121,20 +123,21 @@ def test_branching_forces_the_alternative_then_continues_as_transformers_greedy(
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([forced]), max_new_tokens=11, do_sample=False, pad_token_id=50256)
     assert new.token_ids[5:] == out[0, len(forced):len(forced) + len(new.token_ids) - 5].tolist()
-    assert sent[0][3].interactive is False and sent[-1][3].interactive is True  # Send waits meanwhile
-    assert all(len(u) == 7 + len(VIEW_OUTPUTS) for u in sent)
-    chat, status = sent[-1][0], sent[-1][1]
+    assert sent[0]["send"].interactive is False and sent[-1]["send"].interactive is True  # Send waits meanwhile
+    assert all(set(u) <= {"chat", "stats", "msg", *BUTTONS, *VIEW_OUTPUTS} for u in sent)
+    chat, status = sent[-1]["chat"], sent[-1]["stats"]
     assert chat[-1]["content"] != "..." and status.startswith("Branched at token 5")
     assert session.original is reply and session.position == 5
-    chat, _, *views = inspect.undo_branch(session, chat, 0, -1)
+    back = inspect.undo_branch(session, chat, 0, -1)
     assert session.reply is reply and session.original is None
-    assert outputs(views)["tokens"][-1][0] == inspect.tokenizer.decode([reply.token_ids[-1]])
+    assert back["tokens"][-1][0] == inspect.tokenizer.decode([reply.token_ids[-1]])
 
 
 def test_an_exported_conversation_loads_back_to_the_same_panels(inspect, tmp_path):
     reply = a_reply(inspect, temperature=0.9)
     session = session_with(reply)
-    path, note = inspect.export(session, HISTORY)
+    exported = inspect.export(session, HISTORY)
+    path, note = exported["export_file"], exported["export_note"]
     assert note.startswith("Ready: 2 messages")
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     assert data["seed"] == 5 and data["mode"] == BASE and data["settings"]["temperature"] == 0.9
@@ -143,7 +146,8 @@ def test_an_exported_conversation_loads_back_to_the_same_panels(inspect, tmp_pat
     for view in VIEWS[:4]:
         before = outputs(inspect.opener(view)(session, 1, 0))
         loaded = Session()
-        chat, message, *after = inspect.load(loaded, path, 1, 0)
+        shown = inspect.load(loaded, path, 1, 0)
+        chat, message = shown["chat"], shown["export_note"]
         loaded.position = session.position
         after = outputs(inspect.opener(view)(loaded, 1, 0))
         assert chat == [{"role": "user", "content": "Tell me about foxes."}, {"role": "assistant", "content": "..."}]
@@ -165,16 +169,16 @@ def test_a_malformed_or_foreign_file_gives_a_message_and_changes_nothing(inspect
     path = tmp_path / "bad.json"
     path.write_bytes(content)
     session = Session()
-    chat, note, *views = inspect.load(session, str(path), 0, -1)
-    assert message in note and session.reply is None
-    assert all(isinstance(v, dict) for v in [chat, *views])  # gr.skip(): nothing on screen changes
+    shown = inspect.load(session, str(path), 0, -1)
+    assert message in shown["export_note"] and session.reply is None
+    assert set(shown) == {"export_note"}  # nothing else on screen changes
 
 
 def test_out_of_vocabulary_ids_are_refused(inspect, tmp_path):
     session = session_with(a_reply(inspect))
-    path, _ = inspect.export(session, HISTORY)
+    path = inspect.export(session, HISTORY)["export_file"]
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     data["prompt_ids"][0] = 10**6
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    assert "token ids between 0 and 50256" in inspect.load(Session(), str(bad), 0, -1)[1]
+    assert "token ids between 0 and 50256" in inspect.load(Session(), str(bad), 0, -1)["export_note"]

@@ -10,6 +10,7 @@ from minigpt.request import ReplyRequest
 from minigpt.sampling import SamplingParams
 from minigpt.serve.conversation import BASE, TUNED, Prompt, read_request
 from minigpt.serve.replies import Reply, paced, stats_line, stream_reply
+from tests.helpers import run_async
 
 
 def greedy(max_new_tokens):
@@ -106,7 +107,7 @@ def test_paced_sends_at_most_one_reply_per_frame_and_always_the_last(tiny_model)
         return [(time.perf_counter(), len(reply.token_ids), reply.finish_reason)
                 async for reply in paced(stream(), every_s=0.05)]
 
-    sent = asyncio.run(receive())
+    sent = run_async(receive())
     assert len(arrivals) == 60 and sent[-1][1:] == (60, "length")  # the finished reply always arrives
     assert sent[0][1] == 1  # the first token shows at once
     assert 2 <= len(sent) < 60
@@ -130,5 +131,5 @@ def test_closing_paced_closes_the_model_stream():
         await anext(replies), await anext(replies)
         await replies.aclose()  # the browser went away: Gradio closes the handler's generator
 
-    asyncio.run(two_then_leave())
+    run_async(two_then_leave())
     assert closed == [True]  # closed, and with it the reply's ticket (whose Stop flag it sets)

@@ -13,6 +13,7 @@ from minigpt.serve.conversation import BASE, Prompt, read_request
 from minigpt.serve.engine import Engine
 from minigpt.serve.scheduler import Done, Queued, Scheduler, ServerBusy, Started, StreamJob, Task, Ticket
 from minigpt.speed.decoder import as_decoder
+from tests.helpers import run_async
 
 GREEDY = SamplingParams(0.0)
 
@@ -143,6 +144,7 @@ def test_async_consumers_wait_without_threads(tiny):
     opened = gate(scheduler)
 
     async def many():
+        before = threading.active_count()
         tickets = [scheduler.submit(StreamJob(lambda: Stream(model, tokenizer, [464], 2, GREEDY, 0), Ticket()))
                    for _ in range(200)]
 
@@ -153,10 +155,9 @@ def test_async_consumers_wait_without_threads(tiny):
         threads = threading.active_count()
         opened.set()
         results = await asyncio.gather(*tasks)
-        return threads, results
+        return before, threads, results
 
-    before = threading.active_count()
-    threads, results = asyncio.run(many())
+    before, threads, results = run_async(many())
     assert threads == before  # 200 requests waiting, not one thread more
     assert all(isinstance(r[-1], Done) and sum(isinstance(i, TokenEvent) for i in r) == 2 for r in results)
     assert all(any(isinstance(i, Started) for i in r) for r in results)
