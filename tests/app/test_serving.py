@@ -3,13 +3,16 @@ a full queue refused with 503 and Retry-After, oversized bodies with 413, and th
 answering while hundreds of requests wait (the scheduler holds no thread for them)."""
 import asyncio
 import json
+import re
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from gradio_client import Client
 
+from tests.app.conftest import FINISHED, needs_chromium, open_page, save_screenshot
 from tests.app.test_api import chat_args, history
 from tests.helpers import run_async
 from tests.helpers.app_server import running_app
@@ -131,3 +134,24 @@ def test_the_page_and_config_answer_while_hundreds_wait(tmp_path_factory):
         assert [status for status, _ in answers] == [200, 200]
         print(f"with {pending} requests waiting: /config in {answers[0][1]:.2f} s, the page in {answers[1][1]:.2f} s")
         assert "Traceback" not in app.log.read_text()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_the_page_shows_a_waiting_reply_its_place_then_the_reply(one_row, browser):
+    from playwright.sync_api import expect
+    page = open_page(browser, one_row.url, 1280, 800)
+    try:
+        with httpx.Client(timeout=300) as client:
+            ahead = ThreadPoolExecutor(3)
+            holders = [ahead.submit(lambda: client.post(one_row.url + "v1/completions", json=completion(700, False)))
+                       for _ in range(3)]
+            time.sleep(1)  # the API's requests are first in line
+            page.locator("#msg textarea").fill("What is the capital of France?")
+            page.locator("#send").click()
+            expect(page.locator("#stats")).to_contain_text(re.compile(r"Waiting: (\d requests? ahead|next in line)"))
+            save_screenshot(page, "waiting.png", full_page=False)
+            expect(page.locator("#stats")).to_contain_text(FINISHED, timeout=300_000)
+            assert all(h.result().status_code == 200 for h in holders)
+    finally:
+        page.context.close()
