@@ -1,5 +1,5 @@
-/* One GPT-2 decode step with int8 or float32 weights, in a single call (see native.py, which builds
-and calls it).
+/* GPT-2 decode steps with int8 or float32 weights: one token for each of n sequences ("rows"), in a single
+call (see native.py, which builds and calls it).
 
 Decoding one token reads every weight once, so its speed is set by how fast the weights stream from
 memory, plus the cost of everything else the step does. Eager PyTorch spends about 2 ms a token
@@ -8,12 +8,21 @@ dispatching the ~500 small ops around its matrix-vector products; through this f
 matrix-vector loop per Linear and plain loops for the rest, so nearly all the time goes to reading
 weights (docs/speed-cpu.md).
 
+A serving loop decodes many sequences at once (continuous batching): gpt2_step_rows takes a row per
+sequence, each with its own model, token, position and KV cache. Each block of weight rows is loaded
+once and multiplied with the input vectors of every row whose model shares that matrix (a base model and
+its LoRA-merged copy share all but the merged Linears), so a step of many rows reads the weights about
+once. Each row is computed exactly as alone (the same dot products in the same order, its own int16
+rounding): its logits and cache writes are bit for bit those of a step of that row alone. gpt2_step is
+the one-row case.
+
 int8 Linears hold quantize.py's weights: w[o][i] = q[o][i] * scale[o]. Each one's input vector is
 rounded to int16 (one scale per vector; PyTorch's int8 kernel rounds it to bfloat16, 8 bits of
 mantissa, so this path is closer to float32 than PyTorch's) and multiplied with integer instructions.
 float32 Linears (scale NULL) multiply the float32 input with FMAs: the same arithmetic as PyTorch's,
 in another order, so logits agree to float32 rounding.
-Layout (row-major, batch 1): Linear weights (out, in); KV cache (n_layer, n_head, max_len, head_dim).
+Layout (row-major): Linear weights (out, in); each row's KV cache (n_layer, n_head, max_len, head_dim),
+the KVCache of one sequence.
 
 One source, several instruction sets: native.py defines exactly one of MINIGPT_AVX512, MINIGPT_AVX2
 (x86) or MINIGPT_NEON (aarch64) with the matching compiler flags, or none for the portable C loop
@@ -22,6 +31,7 @@ float_dot_rows) differ between them. MINIGPT_LIBMVEC: glibc's vectorized tanhf i
 (x86-64 glibc).
 */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -226,37 +236,127 @@ static void float_dot_rows(const float *w, const float *x, int64_t cols, int row
 }
 #endif
 
-/* y = W x + bias, its rows split across the threads (exported for bench/matmul.py). For int8 weights,
-   W x = (q xq) * scale * step: x is first rounded to int16 with one scale for the vector, step =
-   amax / 32767, an error of at most 1.5e-5 of the largest activation, far below the int8 weights' own
-   rounding (docs/speed-cpu.md). */
-void linear(const Linear *l, const float *x, float *y, int threads) {
-    const int64_t cols = l->cols;
-    const int group = l->scale ? ROWS : FLOAT_ROWS;
-    int16_t *xq = NULL;
-    float step = 1.0f;
-    if (l->scale) {
-        if (!(xq = malloc(cols * sizeof(int16_t)))) abort();
-        float amax = 0.0f;
-        for (int64_t i = 0; i < cols; ++i) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
-        const float inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
-        step = amax / 32767.0f;
-        for (int64_t i = 0; i < cols; ++i) xq[i] = (int16_t)lrintf(x[i] * inverse);
-    }
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < (l->rows + group - 1) / group; ++b) {
-        const int64_t n = b * group;
-        const int rows = l->rows - n < group ? (int)(l->rows - n) : group;
-        float dots[FLOAT_ROWS];
-        if (xq)
-            dot_rows((const int8_t *)l->weight + n * cols, xq, cols, rows, dots);
-        else
-            float_dot_rows((const float *)l->weight + n * cols, x, cols, rows, dots);
-        for (int r = 0; r < rows; ++r)
-            y[n + r] = dots[r] * (xq ? step * l->scale[n + r] : 1.0f) + (l->bias ? l->bias[n + r] : 0.0f);
-    }
-    free(xq);
+/* ---- Linears for a batch of rows -------------------------------------------------------------------- */
+
+/* Working memory of linear_rows for n rows, in one allocation (batch_new). */
+typedef struct {
+    void *memory;
+    const Linear **ls;  /* (n,) each row's Linear of the kind being multiplied; the caller fills it */
+    int64_t *group;     /* (n,) each row's group: rows whose Linears share weights (and scales) */
+    int64_t *members;   /* (n,) the rows ordered by group; group g is members[starts[g] .. starts[g + 1]) */
+    int64_t *starts;    /* (n + 1,) */
+    float *steps;       /* (n,) each row's int16 step, amax / 32767 (int8 Linears) */
+    int16_t *xq;        /* (n, width) each row's input vector rounded to int16 (int8 Linears) */
+    int64_t width;      /* the widest input vector, cols */
+} Batch;
+
+/* A 64-byte multiple of bytes: each piece of a shared allocation starts on a cache line. */
+static size_t piece(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
+/* Batch for n rows whose input vectors have at most width columns, plus extra bytes for the caller at
+   b->memory; 0, or -1 if out of memory. */
+static int batch_new(Batch *b, int64_t n, int64_t width, size_t extra) {
+    const size_t sizes[] = {piece(extra), piece(n * sizeof(Linear *)), piece(n * sizeof(int64_t)),
+                            piece(n * sizeof(int64_t)), piece((n + 1) * sizeof(int64_t)), piece(n * sizeof(float)),
+                            piece(n * width * sizeof(int16_t))};
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; ++i) total += sizes[i];
+    char *p = aligned_alloc(64, total);
+    if (!p) return -1;
+    b->memory = p;
+    b->ls = (const Linear **)(p += sizes[0]);
+    b->group = (int64_t *)(p += sizes[1]);
+    b->members = (int64_t *)(p += sizes[2]);
+    b->starts = (int64_t *)(p += sizes[3]);
+    b->steps = (float *)(p += sizes[4]);
+    b->xq = (int16_t *)(p += sizes[5]);
+    b->width = width;
+    return 0;
 }
+
+static int same_weights(const Linear *a, const Linear *b) { return a->weight == b->weight && a->scale == b->scale; }
+
+/* Row j's output y + j * y_stride = W_j (x + j * x_stride) + bias_j for the n rows, W_j = b->ls[j].
+   Rows whose Linears share the weights are one group: each block of ROWS (int8) or FLOAT_ROWS (float32)
+   weight rows is loaded and multiplied with every input vector of its group before the next, while it is
+   in the cache, so each distinct weight matrix streams from memory once per call however many rows read
+   it. Each vector's dot products are exactly those of a call with it alone (the same dot_rows or
+   float_dot_rows on the same weight rows, its own int16 rounding): batching changes no bit of any row.
+   Each row adds its own Linear's bias (a group shares weights and scales).
+
+   For int8 weights, W x = (q xq) * scale * step: x is first rounded to int16 with one scale for the
+   vector, step = amax / 32767, an error of at most 1.5e-5 of the largest activation, far below the int8
+   weights' own rounding (docs/speed-cpu.md). */
+static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, float *y, int64_t y_stride,
+                        int threads) {
+    const Linear *const *ls = b->ls;
+    /* Group the rows: each row against the groups found so far (a few: base and tuned models), then the
+       rows of each group listed together, in row order. */
+    int64_t groups = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        int64_t g = 0;
+        while (g < groups && !same_weights(ls[b->members[g]], ls[j])) ++g;
+        if (g == groups) b->members[groups++] = j; /* members[g]: group g's first row, for now */
+        b->group[j] = g;
+    }
+    int64_t k = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+        b->starts[g] = k;
+        for (int64_t j = 0; j < n; ++j)
+            if (b->group[j] == g) b->members[k++] = j;
+    }
+    b->starts[groups] = k;
+
+    /* Round each int8 row's input to int16. */
+    for (int64_t j = 0; j < n; ++j) {
+        if (!ls[j]->scale) continue;
+        const float *xj = x + j * x_stride;
+        int16_t *xq = b->xq + j * b->width;
+        const int64_t cols = ls[j]->cols;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < cols; ++i) amax = fabsf(xj[i]) > amax ? fabsf(xj[i]) : amax;
+        const float inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        b->steps[j] = amax / 32767.0f;
+        for (int64_t i = 0; i < cols; ++i) xq[i] = (int16_t)lrintf(xj[i] * inverse);
+    }
+
+    /* One parallel loop per group (one fork of the threads more for a tuned model's own c_attn), its
+       invariants hoisted: the weight blocks split across the threads as in a loop over one vector, which
+       measured 1-4% faster at one row than a loop over every group's rows of a block of weight rows. */
+    for (int64_t g = 0; g < groups; ++g) {
+        const Linear *l = ls[b->members[b->starts[g]]];
+        const int64_t cols = l->cols, *members = b->members + b->starts[g], m = b->starts[g + 1] - b->starts[g];
+        const int block = l->scale ? ROWS : FLOAT_ROWS;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t index = 0; index < (l->rows + block - 1) / block; ++index) {
+            const int64_t first = index * block; /* this block's first weight row */
+            const int count = l->rows - first < block ? (int)(l->rows - first) : block;
+            for (int64_t i = 0; i < m; ++i) {
+                const int64_t j = members[i];
+                const float *bias = ls[j]->bias;
+                float dots[FLOAT_ROWS], *out = y + j * y_stride + first;
+                if (l->scale)
+                    dot_rows((const int8_t *)l->weight + first * cols, b->xq + j * b->width, cols, count, dots);
+                else
+                    float_dot_rows((const float *)l->weight + first * cols, x + j * x_stride, cols, count, dots);
+                for (int r = 0; r < count; ++r)
+                    out[r] = dots[r] * (l->scale ? b->steps[j] * l->scale[first + r] : 1.0f)
+                             + (bias ? bias[first + r] : 0.0f);
+            }
+        }
+    }
+}
+
+/* y = W x + bias for one vector, the weight rows split across the threads (exported for bench/matmul.py). */
+void linear(const Linear *l, const float *x, float *y, int threads) {
+    Batch b;
+    if (batch_new(&b, 1, l->cols, 0)) abort();
+    b.ls[0] = l;
+    linear_rows(&b, 1, x, 0, y, 0, threads);
+    free(b.memory);
+}
+
+/* ---- the rest of a step, row by row ----------------------------------------------------------------- */
 
 static void layer_norm(const float *x, const float *weight, const float *bias, float *out, int64_t n, float eps) {
     float mean = 0.0f, var = 0.0f;
@@ -283,27 +383,21 @@ static float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* softmax(q k^T / sqrt(hs)) v for one query per head over the n_keys cached keys/values of one layer. */
-static void attention(const Model *m, const float *q, const float *keys, const float *values, int64_t max_len,
-                      int64_t n_keys, float *out, float *scores, int threads) {
-    const int64_t hs = m->n_embd / m->n_head;
+/* softmax(q k^T / sqrt(hs)) v for one head's query over its n_keys cached keys and values (hs apart),
+   with s (n_keys,) for the scores. */
+static void attend(const float *q, const float *k, const float *v, int64_t n_keys, int64_t hs, float *s, float *o) {
     const float scale = 1.0f / sqrtf((float)hs);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t h = 0; h < m->n_head; ++h) {
-        const float *k = keys + h * max_len * hs, *v = values + h * max_len * hs;
-        float *s = scores + h * n_keys, *o = out + h * hs;
-        float max = -INFINITY, sum = 0.0f;
-        for (int64_t t = 0; t < n_keys; ++t) {
-            s[t] = dot(q + h * hs, k + t * hs, hs) * scale;
-            max = s[t] > max ? s[t] : max;
-        }
-        for (int64_t t = 0; t < n_keys; ++t) sum += s[t] = expf(s[t] - max);
-        memset(o, 0, hs * sizeof(float));
-        for (int64_t t = 0; t < n_keys; ++t) {
-            const float p = s[t] / sum;
-            #pragma omp simd
-            for (int64_t d = 0; d < hs; ++d) o[d] += p * v[t * hs + d];
-        }
+    float max = -INFINITY, sum = 0.0f;
+    for (int64_t t = 0; t < n_keys; ++t) {
+        s[t] = dot(q, k + t * hs, hs) * scale;
+        max = s[t] > max ? s[t] : max;
+    }
+    for (int64_t t = 0; t < n_keys; ++t) sum += s[t] = expf(s[t] - max);
+    memset(o, 0, hs * sizeof(float));
+    for (int64_t t = 0; t < n_keys; ++t) {
+        const float p = s[t] / sum;
+        #pragma omp simd
+        for (int64_t d = 0; d < hs; ++d) o[d] += p * v[t * hs + d];
     }
 }
 
@@ -312,40 +406,102 @@ static void add(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-/* Token `token` at position `pos`: writes its keys and values to slot pos of the cache, attends to
-   slots 0..pos, and writes the logits (lm_head.rows). Returns 0, or -1 if out of memory. */
-int gpt2_step(const Model *m, int64_t token, int64_t pos, float *k_cache, float *v_cache, int64_t max_len,
-                   float *logits, int threads) {
-    const int64_t C = m->n_embd, hs = C / m->n_head, layer_size = m->n_head * max_len * hs;
-    float *x = malloc(sizeof(float) * (5 * C + m->mlp_dim + m->n_head * (pos + 1)));
-    if (!x) return -1;
-    float *h = x + C, *qkv = h + C, *ff = qkv + 3 * C, *scores = ff + m->mlp_dim;
+/* b->ls: each row's Linear at byte offset `field` (offsetof(Block, c_attn), ...) of its model's block l. */
+static void block_linears(Batch *b, const Model *const *models, int64_t n, int64_t l, size_t field) {
+    for (int64_t r = 0; r < n; ++r) b->ls[r] = (const Linear *)((const char *)&models[r]->blocks[l] + field);
+}
 
-    const Linear *wte = &m->lm_head;
-    for (int64_t i = 0; i < C; ++i)
-        x[i] = (wte->scale ? ((const int8_t *)wte->weight)[token * C + i] * wte->scale[token]
-                           : ((const float *)wte->weight)[token * C + i]) + m->wpe[pos * C + i];
+/* One decode step of n independent rows (sequences): row r feeds token tokens[r] at position positions[r]
+   to models[r], writes its keys and values to slot positions[r] of its own caches k_caches[r] and
+   v_caches[r] (n_layer, n_head, max_lens[r], head_dim), attends to slots 0..positions[r], and writes its
+   logits (lm_head.rows) at logits + r * lm_head.rows. The models must have one shape; they may share
+   weights (a base model and a LoRA-merged one share all but the merged Linears), and rows whose Linears
+   share weights read them once per step together (linear_rows). Each row's logits and cache slots are
+   bit for bit those of a step of that row alone. Returns 0, -1 if out of memory, -2 if the models'
+   shapes differ. */
+int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens, const int64_t *positions,
+                   float *const *k_caches, float *const *v_caches, const int64_t *max_lens, float *logits,
+                   int threads) {
+    if (n < 1) return 0;
+    const Model *m = models[0];
+    const int64_t C = m->n_embd, F = m->mlp_dim, V = m->lm_head.rows, H = m->n_head, hs = C / H;
+    int64_t keys = 0; /* key slots attended to, all rows together: each row's scores are H * (pos + 1) */
+    for (int64_t r = 0; r < n; ++r) {
+        const Model *o = models[r];
+        if (o->n_layer != m->n_layer || o->n_head != H || o->n_embd != C || o->mlp_dim != F || o->lm_head.rows != V)
+            return -2;
+        keys += positions[r] + 1;
+    }
+    /* Where each row's scores start; then the activations of all rows, each (n, width) row-major: x the
+       residual stream, h the normed input of the next Linear, qkv, ff the MLP's hidden layer; then the
+       scores. */
+    const size_t offsets = piece(n * sizeof(int64_t)), floats = n * (5 * C + F) + H * keys;
+    Batch b;
+    if (batch_new(&b, n, F > C ? F : C, offsets + floats * sizeof(float))) return -1;
+    int64_t *score_at = b.memory;
+    float *x = (float *)((char *)b.memory + offsets), *h = x + n * C, *qkv = h + n * C, *ff = qkv + n * 3 * C;
+    float *scores = ff + n * F;
+    for (int64_t r = 0, at = 0; r < n; at += H * (positions[r] + 1), ++r) score_at[r] = at;
+
+    for (int64_t r = 0; r < n; ++r) {
+        const Linear *wte = &models[r]->lm_head;
+        const int64_t token = tokens[r], pos = positions[r];
+        for (int64_t i = 0; i < C; ++i)
+            x[r * C + i] = (wte->scale ? ((const int8_t *)wte->weight)[token * C + i] * wte->scale[token]
+                                       : ((const float *)wte->weight)[token * C + i]) + models[r]->wpe[pos * C + i];
+    }
 
     for (int64_t l = 0; l < m->n_layer; ++l) {
-        const Block *b = &m->blocks[l];
-        float *keys = k_cache + l * layer_size, *values = v_cache + l * layer_size;
-        layer_norm(x, b->ln_1_weight, b->ln_1_bias, h, C, m->eps);
-        linear(&b->c_attn, h, qkv, threads);
-        for (int64_t head = 0; head < m->n_head; ++head) {
-            memcpy(keys + (head * max_len + pos) * hs, qkv + C + head * hs, hs * sizeof(float));
-            memcpy(values + (head * max_len + pos) * hs, qkv + 2 * C + head * hs, hs * sizeof(float));
+        for (int64_t r = 0; r < n; ++r) {
+            const Block *blk = &models[r]->blocks[l];
+            layer_norm(x + r * C, blk->ln_1_weight, blk->ln_1_bias, h + r * C, C, models[r]->eps);
         }
-        attention(m, qkv, keys, values, max_len, pos + 1, h, scores, threads);
-        linear(&b->attn_proj, h, qkv, threads); /* qkv is free again: reuse it for the projection */
-        add(x, qkv, C);
-        layer_norm(x, b->ln_2_weight, b->ln_2_bias, h, C, m->eps);
-        linear(&b->c_fc, h, ff, threads);
-        gelu_tanh(ff, m->mlp_dim);
-        linear(&b->mlp_proj, ff, h, threads);
-        add(x, h, C);
+        block_linears(&b, models, n, l, offsetof(Block, c_attn));
+        linear_rows(&b, n, h, C, qkv, 3 * C, threads);
+        for (int64_t r = 0; r < n; ++r) {
+            const int64_t layer_size = H * max_lens[r] * hs;
+            float *keys_r = k_caches[r] + l * layer_size, *values_r = v_caches[r] + l * layer_size;
+            for (int64_t head = 0; head < H; ++head) {
+                const int64_t slot = (head * max_lens[r] + positions[r]) * hs;
+                memcpy(keys_r + slot, qkv + r * 3 * C + C + head * hs, hs * sizeof(float));
+                memcpy(values_r + slot, qkv + r * 3 * C + 2 * C + head * hs, hs * sizeof(float));
+            }
+        }
+        /* Attention, every (row, head) pair one iteration. */
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < n * H; ++i) {
+            const int64_t r = i / H, head = i % H, n_keys = positions[r] + 1;
+            const int64_t at = (l * H + head) * max_lens[r] * hs; /* this layer's and head's first slot */
+            attend(qkv + r * 3 * C + head * hs, k_caches[r] + at, v_caches[r] + at, n_keys, hs,
+                   scores + score_at[r] + head * n_keys, h + r * C + head * hs);
+        }
+        block_linears(&b, models, n, l, offsetof(Block, attn_proj));
+        linear_rows(&b, n, h, C, qkv, C, threads); /* qkv is free again: reuse it for the projection */
+        for (int64_t r = 0; r < n; ++r) {
+            const Block *blk = &models[r]->blocks[l];
+            add(x + r * C, qkv + r * C, C);
+            layer_norm(x + r * C, blk->ln_2_weight, blk->ln_2_bias, h + r * C, C, models[r]->eps);
+        }
+        block_linears(&b, models, n, l, offsetof(Block, c_fc));
+        linear_rows(&b, n, h, C, ff, F, threads);
+        /* tanhf: the one costly elementwise op (mlp_dim per row), so several rows share the threads */
+        #pragma omp parallel for num_threads(threads) schedule(static) if (n > 1)
+        for (int64_t r = 0; r < n; ++r) gelu_tanh(ff + r * F, F);
+        block_linears(&b, models, n, l, offsetof(Block, mlp_proj));
+        linear_rows(&b, n, ff, F, h, C, threads);
+        for (int64_t r = 0; r < n; ++r) add(x + r * C, h + r * C, C);
     }
-    layer_norm(x, m->ln_f_weight, m->ln_f_bias, h, C, m->eps);
-    linear(&m->lm_head, h, logits, threads);
-    free(x);
+    for (int64_t r = 0; r < n; ++r) {
+        layer_norm(x + r * C, models[r]->ln_f_weight, models[r]->ln_f_bias, h + r * C, C, models[r]->eps);
+        b.ls[r] = &models[r]->lm_head;
+    }
+    linear_rows(&b, n, h, C, logits, V, threads);
+    free(b.memory);
     return 0;
+}
+
+/* One row: token `token` at position `pos` of one sequence's cache (gpt2_step_rows with n = 1). */
+int gpt2_step(const Model *m, int64_t token, int64_t pos, float *k_cache, float *v_cache, int64_t max_len,
+              float *logits, int threads) {
+    return gpt2_step_rows(&m, 1, &token, &pos, &k_cache, &v_cache, &max_len, logits, threads);
 }

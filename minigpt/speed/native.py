@@ -4,7 +4,9 @@ float32 CPU models.
 native_step(model) returns the step that decodes the model's single tokens in C (inference.py wraps
 it in a Decoder). Prompts, batches and the attention panel's steps keep the PyTorch path; both read
 and write the same KVCache. Build it on the final model: it holds pointers to the model's tensors as
-they are now.
+they are now. step_rows decodes one token for each of many sequences in one call (continuous
+batching): each weight matrix is read once for all the rows that use it, and each row's logits are
+bit for bit those of its own step alone.
 
 The variant is picked from what the CPU reports (cpu_isas): avx512 or avx2 on x86-64, neon on
 aarch64, the portable C loop (generic) on any other x86-64. MINIGPT_ISA=avx512|avx2|neon|generic
@@ -25,6 +27,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -186,7 +189,10 @@ def _load(isa: str) -> ctypes.CDLL:
     lib.minigpt_isa.restype = ctypes.c_char_p
     lib.gpt2_step.restype = ctypes.c_int
     lib.gpt2_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    # gpt2_step_rows(models, n, tokens, positions, k_caches, v_caches, max_lens, logits, threads): arrays of n
+    lib.gpt2_step_rows.restype = ctypes.c_int
+    lib.gpt2_step_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 6, ctypes.c_int]
     lib.linear.restype = None  # one matrix-vector product alone, for bench/matmul.py
     lib.linear.argtypes = [ctypes.POINTER(LinearStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
@@ -211,6 +217,8 @@ class NativeDecoder:
                             self._linear(model.lm_head), self.blocks)
         self.vocab_size = config.vocab_size
         self.cache_shape = (config.n_layer, 1, config.n_head, config.head_dim)  # KVCache's shape less max_len
+        self.shape = (config.n_layer, config.n_head, config.n_embd, config.mlp_dim, config.vocab_size)
+        self.n_positions = config.n_positions  # rows of wpe: a cache may not be longer
 
     def _ptr(self, t: torch.Tensor) -> int:
         if t.device.type != "cpu" or t.dtype != torch.float32:
@@ -240,22 +248,60 @@ class NativeDecoder:
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (1, 1, vocab) of the one token idx (1, 1) after the cache, which it extends by that token."""
-        token = int(idx)
-        if not 0 <= token < self.vocab_size:  # C would read outside the embedding
-            raise IndexError(f"token id {token} is outside the vocabulary of {self.vocab_size}")
+        return step_rows([self], [int(idx)], [cache]).view(1, 1, self.vocab_size)
+
+
+def step_rows(steps: Sequence[NativeDecoder], tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
+    """One decode step of several sequences in one C call: row r feeds tokens[r] to steps[r]'s model after
+    caches[r] (that model's float32 cache for one sequence), which it extends by that token. Returns the float32
+    logits (rows, vocab), row r bit for bit what steps[r] alone gives for that token and cache.
+
+    The rows' models may differ if they have one shape (a base model and its LoRA-tuned copy): a weight
+    matrix they share is read once for all their rows. Everything is checked before C runs, so a bad row
+    leaves every cache as it was."""
+    n = len(steps)
+    if not n or len(tokens) != n or len(caches) != n:
+        raise ValueError(f"step_rows takes one token and one cache per step, at least one row; got {n} steps, "
+                         f"{len(tokens)} tokens, {len(caches)} caches")
+    first = steps[0]
+    if any(step.lib is not first.lib for step in steps):
+        raise ValueError(f"one C call decodes with one library: the rows' steps are "
+                         f"{', '.join(sorted({step.isa for step in steps}))} builds")
+    if any(step.shape != first.shape for step in steps):
+        raise ValueError("the rows' models differ in shape (n_layer, n_head, n_embd, mlp_dim, vocab): "
+                         f"{', '.join(str(shape) for shape in sorted({step.shape for step in steps}))}")
+    if len({id(cache) for cache in caches}) != n:
+        raise ValueError("each row needs its own cache: a cache appears in more than one row")
+    tokens = [int(token) for token in tokens]
+
+    def where(r: int) -> str:
+        return f" (row {r})" if n > 1 else ""
+
+    for r, (step, token, cache) in enumerate(zip(steps, tokens, caches)):
+        if not 0 <= token < step.vocab_size:  # C would read outside the embedding
+            raise IndexError(f"token id {token} is outside the vocabulary of {step.vocab_size}{where(r)}")
         shape = cache.k.shape[:3] + cache.k.shape[4:]
-        if shape != self.cache_shape or cache.k.dtype != torch.float32 or not cache.k.is_contiguous():
+        if shape != step.cache_shape or cache.v.shape != cache.k.shape or cache.max_len > step.n_positions or any(
+                t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+                for t in (cache.k, cache.v)):
             raise ValueError(f"the C decode step takes this model's float32 cache for one sequence, got "
-                             f"{tuple(cache.k.shape)} {cache.k.dtype}")
+                             f"{tuple(cache.k.shape)} {cache.k.dtype}{where(r)}")
         if cache.length >= cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + 1} requested")
-        logits = torch.empty(1, 1, self.vocab_size)
-        status = self.lib.gpt2_step(self.model, token, cache.length, cache.k.data_ptr(), cache.v.data_ptr(),
-                                         cache.max_len, logits.data_ptr(), torch.get_num_threads())
-        if status:
-            raise MemoryError("the C decode step could not allocate its working memory")
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + 1} requested{where(r)}")
+    logits = torch.empty(n, first.vocab_size)
+    pointers, int64s = ctypes.c_void_p * n, ctypes.c_int64 * n
+    status = first.lib.gpt2_step_rows(
+        pointers(*(ctypes.addressof(step.model) for step in steps)), n, int64s(*tokens),
+        int64s(*(cache.length for cache in caches)), pointers(*(cache.k.data_ptr() for cache in caches)),
+        pointers(*(cache.v.data_ptr() for cache in caches)), int64s(*(cache.max_len for cache in caches)),
+        logits.data_ptr(), torch.get_num_threads())
+    if status == -2:  # checked above; C refuses too rather than read past a smaller model's tensors
+        raise ValueError("the rows' models differ in shape")
+    if status:
+        raise MemoryError("the C decode step could not allocate its working memory")
+    for cache in caches:
         cache.length += 1
-        return logits
+    return logits
 
 
 def native_step(model: GPT, isa: str | None = None) -> NativeDecoder:

@@ -3,6 +3,10 @@
 Every variant this CPU can run is checked (on x86-64: avx2 and the portable C loop always, avx512
 where the CPU has it); the aarch64 variants are checked under emulation (qemu-aarch64) at the end.
 
+A batched step (step_rows: several sequences, of a base model and its LoRA-merged copy, in one call)
+is checked against each row's own single step: the logits and the cache writes must be bit for bit
+the same.
+
 float32 models: the oracle is the same model's PyTorch forward. The C step multiplies the same
 float32 numbers in another order, so logits agree to float32 rounding (FLOAT32_ATOL).
 
@@ -14,6 +18,7 @@ rounding, the dequantized model still agrees to INT16_REL of the largest logit. 
 checked against transformers elsewhere.
 """
 import copy
+import dataclasses
 import os
 import platform
 import shutil
@@ -26,15 +31,16 @@ import pytest
 import torch
 
 from lora import inject_lora
+from minigpt.adapters import merge_deltas
 from minigpt.config import GPTConfig
 from minigpt.generation import generate
 from minigpt.inference import load_for_inference, speculative_drafts
-from minigpt.model import GPT
+from minigpt.model import GPT, KVCache
 from minigpt.sampling import SamplingParams
 from minigpt.serve.engine import load_engine
 from minigpt.speed import native
 from minigpt.speed.decoder import Decoder
-from minigpt.speed.native import NativeUnavailable, native_step
+from minigpt.speed.native import NativeUnavailable, native_step, step_rows
 from minigpt.speed.onednn import KERNEL_ENV, use_input_major_weights
 from minigpt.speed.quantize import Int8Linear, quantize_int8
 from tests.helpers import REPO
@@ -399,10 +405,140 @@ def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(default_models)
     assert wider.length == 0
 
 
+# ---- several sequences in one step (step_rows) -------------------------------------------------------
+
+@pytest.fixture(scope="module", params=[pytest.param((isa.values[0], precision), marks=isa.marks,
+                                                     id=f"{isa.values[0]}-{precision}")
+                                        for isa in ISAS for precision in ("float32", "int8")])
+def twins(request, tiny_model):
+    """(base, tuned) decoding in C in one variant and precision: the tuned model is the base with a random update
+    merged into every c_attn (adapters.merge_deltas), sharing every other tensor with it, as a LoRA adapter's."""
+    isa, precision = request.param
+    model = tiny_model[0]
+    base = model.copy_sharing_weights()
+    torch.manual_seed(1)
+    tuned = merge_deltas(base, {f"transformer.h.{i}.attn.c_attn": 0.02 * torch.randn_like(b.attn.c_attn.weight)
+                                for i, b in enumerate(model.transformer.h)})
+    if precision == "int8":
+        quantize_int8(base, tuned)  # together: the weights they share are quantized once, and stay shared
+    pair = [Decoder(m, native_step(m, isa), "C decode step") for m in (base, tuned)]
+    shared, merged = (lambda d: d.step.blocks[0].c_fc.weight), (lambda d: d.step.blocks[0].c_attn.weight)
+    assert shared(pair[0]) == shared(pair[1]) and merged(pair[0]) != merged(pair[1])  # read together, apart
+    return pair
+
+
+def prefilled(decoder, prompt, max_len):
+    """A cache of max_len holding prompt, written by the model's PyTorch forward (as a server's prefill)."""
+    cache = decoder.new_cache(max_len)
+    with torch.inference_mode():
+        decoder.model(torch.tensor([prompt]), cache)
+    return cache
+
+
+def alone(decoder, token, cache):
+    """Logits (vocab,) of token after cache through the one-sequence C entry point, gpt2_step (extends cache)."""
+    step, logits = decoder.step, torch.empty(decoder.config.vocab_size)
+    assert step.lib.gpt2_step(step.model, token, cache.length, cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len,
+                              logits.data_ptr(), torch.get_num_threads()) == 0
+    cache.length += 1
+    return logits
+
+
+def rows(decoders):
+    return [d.step for d in decoders]
+
+
+def test_a_batch_of_rows_decodes_each_row_as_it_would_alone(twins):
+    base, tuned = twins
+    torch.manual_seed(2)
+    decoders = [base, tuned, base, base, tuned]  # the two models interleaved
+    prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (3, 7, 1, 12, 5)]
+    caches = [prefilled(d, p, max_len) for d, p, max_len in zip(decoders, prompts, (16, 24, 8, 13, 16))]
+    copies = copy.deepcopy(caches)
+    tokens = [5, 50256, 17, 999, 5]
+    ours = step_rows(rows(decoders), tokens, caches)
+    assert ours.shape == (5, 50257) and ours.dtype == torch.float32
+    for r, (decoder, token, cache, copy_) in enumerate(zip(decoders, tokens, caches, copies)):
+        assert torch.equal(ours[r], alone(decoder, token, copy_)), f"row {r}"
+        assert cache.length == copy_.length == len(prompts[r]) + 1
+        assert torch.equal(cache.k, copy_.k) and torch.equal(cache.v, copy_.v)  # the new slot, and nothing else
+    assert not torch.equal(ours[0], ours[4])  # the same token after other caches and weights: other logits
+
+
+def test_rows_join_and_leave_between_steps(twins):
+    base, tuned = twins
+    torch.manual_seed(3)
+    decoders = {"a": base, "b": tuned, "c": base, "d": tuned}
+    prompts = {name: torch.randint(0, 1000, (length,)).tolist() for name, length in zip("abcd", (4, 2, 9, 6))}
+    caches = {name: prefilled(decoders[name], prompts[name], 16) for name in "abcd"}
+    copies = copy.deepcopy(caches)
+    schedule = ["abc", "ca", "dbac"]  # b leaves and comes back, d joins late, the order changes
+    for names in schedule:
+        tokens = [int(torch.randint(0, 50257, ())) for _ in names]
+        ours = step_rows([decoders[name].step for name in names], tokens, [caches[name] for name in names])
+        for r, (name, token) in enumerate(zip(names, tokens)):
+            assert torch.equal(ours[r], alone(decoders[name], token, copies[name])), (names, name)
+    for name in "abcd":
+        steps = sum(name in names for names in schedule)
+        assert caches[name].length == copies[name].length == len(prompts[name]) + steps
+        assert torch.equal(caches[name].k, copies[name].k) and torch.equal(caches[name].v, copies[name].v)
+
+
+def test_a_bad_row_is_refused_before_any_cache_changes(twins):
+    base, tuned = twins
+    decoders = [base, tuned, base]
+    caches = [prefilled(d, [1, 2, 3], 8) for d in decoders]
+    full = prefilled(base, list(range(4)), 4)
+    before = copy.deepcopy(caches)
+
+    def unchanged():
+        return all(c.length == b.length and torch.equal(c.k, b.k) and torch.equal(c.v, b.v)
+                   for c, b in zip(caches, before))
+
+    with pytest.raises(IndexError, match=r"token id 50257 is outside the vocabulary of 50257 \(row 2\)"):
+        step_rows(rows(decoders), [1, 2, 50257], caches)
+    assert unchanged()
+    with pytest.raises(ValueError, match=r"KV cache holds 4 tokens; 5 requested \(row 3\)"):
+        step_rows(rows([*decoders, base]), [1, 2, 3, 4], [*caches, full])
+    assert unchanged() and full.length == 4
+    with pytest.raises(ValueError, match="a cache appears in more than one row"):
+        step_rows(rows(decoders), [1, 2, 3], [caches[0], caches[1], caches[0]])
+    assert unchanged()
+    wider = GPT(GPTConfig(vocab_size=100, n_positions=16, n_embd=64, n_layer=3, n_head=4)).new_cache(4)
+    with pytest.raises(ValueError, match=r"float32 cache for one sequence, got \(3, 1, 4, 4, 16\) torch.float32 "
+                                         r"\(row 1\)"):
+        step_rows(rows(decoders[:2]), [1, 2], [caches[0], wider])
+    context = base.config.n_positions
+    longer = KVCache(dataclasses.replace(base.config, n_positions=context + 1), context + 1)
+    with pytest.raises(ValueError, match=r"float32 cache for one sequence, got .* \(row 1\)"):
+        step_rows(rows(decoders[:2]), [1, 2], [caches[0], longer])  # C would read past the position embeddings
+    assert unchanged()
+    with pytest.raises(ValueError, match="one token and one cache per step"):
+        step_rows(rows(decoders), [1, 2], caches)
+    with pytest.raises(ValueError, match="at least one row"):
+        step_rows([], [], [])
+    assert unchanged()
+
+
+def test_rows_of_different_libraries_or_shapes_are_refused(tiny_model):
+    model = tiny_model[0]
+    best, portable = Decoder(model, native_step(model)), Decoder(model, native_step(model, "generic"))
+    caches = [prefilled(d, [1, 2], 8) for d in (best, portable)]
+    with pytest.raises(ValueError, match=f"one C call decodes with one library: the rows' steps are "
+                                         f"{', '.join(sorted({best.step.isa, 'generic'}))} builds"):
+        step_rows(rows([best, portable]), [1, 2], caches)
+    small = GPT(GPTConfig(vocab_size=50257, n_positions=16, n_embd=64, n_layer=1, n_head=4))
+    smaller = Decoder(small, native_step(small))
+    with pytest.raises(ValueError, match=r"the rows' models differ in shape"):
+        step_rows(rows([best, smaller]), [1, 2], [caches[0], prefilled(smaller, [1], 8)])
+    assert [c.length for c in caches] == [2, 2]
+
+
 # ---- aarch64, under emulation -----------------------------------------------------------------------
 
 # A main() around decode_step.c: reads a model and tokens (layout below, native-endian), decodes the
-# tokens one step each from an empty cache, writes each step's logits.
+# tokens one step each from an empty cache, writes each step's logits; then the logits of one batched
+# step (gpt2_step_rows) of three rows that redo the last three steps.
 ARM64_DRIVER = r"""
 #include <stdio.h>
 #include "decode_step.c"
@@ -443,6 +579,27 @@ int main(int argc, char **argv) {
         if (gpt2_step(&m, tokens[t], t, k, v, T, logits, 2)) return 3;
         fwrite(logits, sizeof(float), V, out);
     }
+    /* Then one batched step of three rows, each with its own copy of the cache, redoing the steps of the
+       last three tokens; the middle row's model has its own copy of every c_attn weight (a group of its
+       own, as a LoRA-merged model's). Each row's logits are its step's above, bit for bit. */
+    Model m2 = m;
+    Block *blocks2 = malloc(L * sizeof(Block));
+    for (int64_t l = 0; l < L; ++l) {
+        const size_t bytes = 3 * C * C * (int8 ? 1 : sizeof(float));
+        blocks2[l] = blocks[l];
+        blocks2[l].c_attn.weight = memcpy(malloc(bytes), blocks[l].c_attn.weight, bytes);
+    }
+    m2.blocks = blocks2;
+    const Model *models[3] = {&m, &m2, &m};
+    int64_t row_tokens[3], positions[3], max_lens[3] = {T, T, T};
+    float *ks[3], *vs[3], *batch = malloc(3 * V * sizeof(float));
+    for (int r = 0; r < 3; ++r) {
+        positions[r] = T - 1 - r, row_tokens[r] = tokens[positions[r]];
+        ks[r] = memcpy(malloc(L * C * T * sizeof(float)), k, L * C * T * sizeof(float));
+        vs[r] = memcpy(malloc(L * C * T * sizeof(float)), v, L * C * T * sizeof(float));
+    }
+    if (gpt2_step_rows(models, 3, row_tokens, positions, ks, vs, max_lens, batch, 2)) return 3;
+    fwrite(batch, sizeof(float), 3 * V, out);
     fclose(out);
     fprintf(stderr, "%s\n", minigpt_isa());
     return 0;
@@ -479,7 +636,8 @@ def write_driver_input(model, tokens, path):
 @pytest.mark.parametrize("precision", ["int8", "float32"])
 @pytest.mark.parametrize("isa", ["neon", "generic"])
 def test_the_aarch64_variants_match_their_oracle_under_emulation(isa, precision, tmp_path):
-    """int8: the dequantized float32 model; float32: the model's PyTorch forward."""
+    """int8: the dequantized float32 model; float32: the model's PyTorch forward. A batched step's rows: their
+    single steps' logits exactly."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=320, n_positions=32, n_embd=128, n_layer=2, n_head=4))
     for p in model.parameters():  # GPT-2's initialisation (nn.Embedding's own is N(0, 1): logits of ~100)
@@ -499,7 +657,10 @@ def test_the_aarch64_variants_match_their_oracle_under_emulation(isa, precision,
     run = subprocess.run(["qemu-aarch64", str(tmp_path / "driver"), str(tmp_path / "input.bin"),
                           str(tmp_path / "logits.bin")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stderr == f"{isa}\n", run.stderr
-    ours = torch.frombuffer(bytearray((tmp_path / "logits.bin").read_bytes()), dtype=torch.float32).view(len(tokens), -1)
+    logits = bytearray((tmp_path / "logits.bin").read_bytes())
+    ours = torch.frombuffer(logits, dtype=torch.float32).view(len(tokens) + 3, -1)
+    ours, batch = ours[:len(tokens)], ours[len(tokens):]
+    assert torch.equal(batch, ours.flip(0)[:3])  # rows at positions T-1, T-2, T-3: those steps' logits exactly
     with torch.inference_mode():
         expected = reference(torch.tensor([tokens]))[0]
     assert expected.std() > 0.1  # logits that say something, not all near zero
