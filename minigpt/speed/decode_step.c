@@ -4,7 +4,7 @@ call (see native.py, which builds and calls it).
 Decoding one token reads every weight once, so its speed is set by how fast the weights stream from
 memory, plus the cost of everything else the step does. Eager PyTorch spends about 2 ms a token
 dispatching the ~500 small ops around its matrix-vector products; through this file a whole GPT-2
-124M token takes about 18 ms in float32 and 6 ms in int8 on a 2-core Xeon. This file does the same step with one parallel
+124M token takes about 18 ms in float32 and 4 ms in int8 on a 2-core Xeon. This file does the same step with one parallel
 matrix-vector loop per Linear and plain loops for the rest, so nearly all the time goes to reading
 weights (docs/speed-cpu.md).
 
@@ -91,22 +91,28 @@ typedef struct {
 const char *minigpt_isa(void) { return MINIGPT_ISA; }
 
 enum { ROWS = 4 };            /* rows per dot_rows call: four int8 weight streams in flight */
+enum { VECS = 4 };            /* input vectors per dot_rows call: measured best of 2, 3, 4 (see dot_rows_fixed) */
 enum { FLOAT_ROWS = 8 };      /* rows per float_dot_rows call: measured best of 2, 4, 8, 12, 16 (AVX-512, AVX2) */
-enum { PREFETCH = 1024 };     /* bytes ahead of each stream; measured best of 0, 256, 1024 (AVX-512) */
+enum { PREFETCH_BLOCKS = 2 }; /* dot_rows prefetches the weights this many blocks of ROWS rows ahead (ditto) */
 enum { CHUNK = 256 };         /* columns summed in int32 before adding to float: |sum| < 256 * 127 * 32767 < 2^31 */
 
-/* out[r] = q[r] . xq for `rows` (<= ROWS) consecutive weight rows of length cols (a multiple of 64),
-   with the activations xq rounded to int16 (linear). Integer multiply-adds (vpmaddwd, VNNI's
-   vpdpwssd, NEON's smlal) do in one instruction what widening each weight to float32 and an FMA do
-   in three (docs/speed-cpu.md has the measurements). int32 sums are exact; each CHUNK of columns is
-   added to a float32 sum. */
+/* out[v][r] = q[r] . xs[v] for `rows` (<= ROWS) consecutive weight rows of length cols (a multiple of
+   64) and `vecs` (<= VECS) input vectors xs[v], the activations rounded to int16 (linear); out's rows
+   are FLOAT_ROWS long, as linear_rows' one buffer for both kinds of weights.
+   Integer multiply-adds (vpmaddwd, VNNI's vpdpwssd, NEON's smlal) do in one instruction what widening
+   each weight to float32 and an FMA do in three (docs/speed-cpu.md has the measurements). int32 sums
+   are exact; each CHUNK of columns is added to a float32 sum. A vector's result depends only on its
+   own int32 sums of each CHUNK (exact, so in whatever order the products are added) and on the order
+   of the float32 additions, which is the chunks' order, lane by lane: it is the same bit for bit
+   whichever vectors share the call. */
 #if defined(MINIGPT_AVX512) || defined(MINIGPT_AVX2)
 /* Both x86 variants share dot_rows below; what differs is the vector width and these few operations:
-   madd64 adds the products of 64 weights of one row (p) and 64 activations (x) into acc; the F macros
-   are float32 vector load and FMA. */
+   widen64 sign-extends 64 int8 weights of one row (p) to int16 in WIDE vectors, madd64 adds their
+   products with 64 activations (x) into acc; the F macros are float32 vector load and FMA. */
 #  if defined(MINIGPT_AVX512)
 typedef __m512i ivec;
 typedef __m512 fvec;
+#    define WIDE 2
 #    define IZERO() _mm512_setzero_si512()
 #    define FZERO() _mm512_setzero_ps()
 #    define ADD_TO_FLOAT(total, acc) _mm512_add_ps(total, _mm512_cvtepi32_ps(acc))
@@ -114,19 +120,23 @@ typedef __m512 fvec;
 #    define FWIDTH 16
 #    define FLOAD(p) _mm512_loadu_ps(p)
 #    define FMADD(a, b, c) _mm512_fmadd_ps(a, b, c)
-static inline ivec madd64(ivec acc, const int8_t *p, const int16_t *x) {
-    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 32)));
+static inline void widen64(ivec w[WIDE], const int8_t *p) {
+    w[0] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    w[1] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 32)));
+}
+
+static inline ivec madd64(ivec acc, const ivec w[WIDE], const int16_t *x) {
     const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 32);
 #    ifdef __AVX512VNNI__
-    return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc, w0, x0), w1, x1);
+    return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc, w[0], x0), w[1], x1);
 #    else
-    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1)));
+    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(w[0], x0), _mm512_madd_epi16(w[1], x1)));
 #    endif
 }
 #  else
 typedef __m256i ivec;
 typedef __m256 fvec;
+#    define WIDE 4
 #    define IZERO() _mm256_setzero_si256()
 #    define FZERO() _mm256_setzero_ps()
 #    define ADD_TO_FLOAT(total, acc) _mm256_add_ps(total, _mm256_cvtepi32_ps(acc))
@@ -140,35 +150,72 @@ static float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-static inline ivec madd64(ivec acc, const int8_t *p, const int16_t *x) {
-    for (int j = 0; j < 64; j += 32) {
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + j)));
-        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + j + 16)));
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + j));
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + j + 16));
-        acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
+static inline void widen64(ivec w[WIDE], const int8_t *p) {
+    for (int j = 0; j < WIDE; ++j) w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * j)));
+}
+
+static inline ivec madd64(ivec acc, const ivec w[WIDE], const int16_t *x) {
+    for (int j = 0; j < WIDE; j += 2) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + 16 * j));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 16 * j + 16));
+        acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(w[j], x0), _mm256_madd_epi16(w[j + 1], x1)));
     }
     return acc;
 }
 #  endif
 
-static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
-    fvec total[ROWS];
-    for (int r = 0; r < ROWS; ++r) total[r] = FZERO();
+/* dot_rows for a constant number of vectors (always inlined into dot_rows, one copy per count, so that
+   the accumulators are registers). Each 64 weights of a row are widened to int16 once and multiplied
+   with every vector: with the same prefetching, the Linears of an 8-row step took 16.9 ms widening
+   them again for each vector, 13.6 ms sharing them (AVX-512). VECS = 4 measured best (the Linears of
+   an 8-row step, AVX-512: 2, 3, 4 vectors 10.0, 9.3, 8.8 ms; AVX2: 4 and 2 even, 13.7 and 14.0 ms,
+   though its 16 accumulators outnumber AVX2's 16 registers). A block of fewer than ROWS rows (a
+   Linear's last) repeats its last row rather than test `rows` in the loops: the repeated row's sums
+   are the same, and only `rows` results are written.
+
+   Each stream prefetches the same columns PREFETCH_BLOCKS blocks ahead, into L2 (prefetching past the
+   weights' end is harmless: prefetches do not fault). schedule(static) gives each thread consecutive
+   blocks, so these are the ones it multiplies next, and the lead grows with the work per block, the
+   number of vectors. Full GPT-2 124M steps (AVX-512, ms at 1 / 8 rows): 1024 bytes ahead into L1 (the
+   former setting, a third of a 768-column block) 5.3 / 14.1; 1 block ahead 4.0 / 10.7; 2 blocks 3.6 /
+   10.7; 4 blocks 3.5 / 10.8; 2 blocks into L1 3.5 / 11.6. */
+static inline __attribute__((always_inline)) void dot_rows_fixed(const int8_t *q, const int16_t *const *xs,
+                                                                 const int vecs, int64_t cols, int rows,
+                                                                 float (*out)[FLOAT_ROWS]) {
+    const int8_t *row[ROWS];
+    for (int r = 0; r < ROWS; ++r) row[r] = q + (r < rows ? r : rows - 1) * cols;
+    fvec total[VECS][ROWS];
+    for (int v = 0; v < vecs; ++v)
+        for (int r = 0; r < ROWS; ++r) total[v][r] = FZERO();
     for (int64_t c = 0; c < cols; c += CHUNK) {
         const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
-        ivec acc[ROWS];
-        for (int r = 0; r < ROWS; ++r) acc[r] = IZERO();
+        ivec acc[VECS][ROWS];
+        for (int v = 0; v < vecs; ++v)
+            for (int r = 0; r < ROWS; ++r) acc[v][r] = IZERO();
         for (int64_t k = c; k < end; k += 64) {
-            for (int r = 0; r < rows; ++r) {
-                const int8_t *p = q + r * cols + k;
-                _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);
-                acc[r] = madd64(acc[r], p, xq + k);
+            for (int r = 0; r < ROWS; ++r) {
+                ivec w[WIDE];
+                _mm_prefetch((const char *)row[r] + k + PREFETCH_BLOCKS * ROWS * cols, _MM_HINT_T1);
+                widen64(w, row[r] + k);
+                for (int v = 0; v < vecs; ++v) acc[v][r] = madd64(acc[v][r], w, xs[v] + k);
             }
         }
-        for (int r = 0; r < rows; ++r) total[r] = ADD_TO_FLOAT(total[r], acc[r]);
+        for (int v = 0; v < vecs; ++v)
+            for (int r = 0; r < ROWS; ++r) total[v][r] = ADD_TO_FLOAT(total[v][r], acc[v][r]);
     }
-    for (int r = 0; r < rows; ++r) out[r] = HSUM(total[r]);
+    for (int v = 0; v < vecs; ++v)
+        for (int r = 0; r < rows; ++r) out[v][r] = HSUM(total[v][r]);
+}
+
+_Static_assert(VECS == 4, "dot_rows has a case for each number of vectors up to VECS");
+static void dot_rows(const int8_t *q, const int16_t *const *xs, int vecs, int64_t cols, int rows,
+                     float (*out)[FLOAT_ROWS]) {
+    switch (vecs) {
+    case 1: dot_rows_fixed(q, xs, 1, cols, rows, out); break;
+    case 2: dot_rows_fixed(q, xs, 2, cols, rows, out); break;
+    case 3: dot_rows_fixed(q, xs, 3, cols, rows, out); break;
+    case 4: dot_rows_fixed(q, xs, 4, cols, rows, out); break;
+    }
 }
 
 /* out[r] = w[r] . x for `rows` (<= FLOAT_ROWS) consecutive float32 rows: one FMA per loaded vector. */
@@ -182,8 +229,10 @@ static void float_dot_rows(const float *w, const float *x, int64_t cols, int row
     for (int r = 0; r < rows; ++r) out[r] = HSUM(acc[r]);
 }
 #else
-/* NEON and the portable loop: one row at a time; dot_chunk sums at most CHUNK int8 products exactly in
-   int32, float_dot a float32 row. */
+/* NEON and the portable loop: one row and one vector at a time; dot_chunk sums at most CHUNK int8
+   products exactly in int32, float_dot a float32 row. They keep widening the weights for each vector:
+   sharing the widening as the x86 dot_rows does is unmeasured on aarch64 hardware (the NEON variant is
+   only run under emulation here), and the portable loop leaves its vectorization to the compiler. */
 #  if defined(MINIGPT_NEON)
 static int32_t dot_chunk(const int8_t *w, const int16_t *x, int64_t n) {
     int32x4_t acc[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
@@ -221,14 +270,16 @@ static float float_dot(const float *w, const float *x, int64_t n) {
 }
 #  endif
 
-static void dot_rows(const int8_t *q, const int16_t *xq, int64_t cols, int rows, float *out) {
-    for (int r = 0; r < rows; ++r) {
-        const int8_t *row = q + r * cols;
-        float total = 0.0f;
-        for (int64_t c = 0; c < cols; c += CHUNK)
-            total += (float)dot_chunk(row + c, xq + c, (c + CHUNK < cols ? c + CHUNK : cols) - c);
-        out[r] = total;
-    }
+static void dot_rows(const int8_t *q, const int16_t *const *xs, int vecs, int64_t cols, int rows,
+                     float (*out)[FLOAT_ROWS]) {
+    for (int v = 0; v < vecs; ++v)
+        for (int r = 0; r < rows; ++r) {
+            const int8_t *row = q + r * cols;
+            float total = 0.0f;
+            for (int64_t c = 0; c < cols; c += CHUNK)
+                total += (float)dot_chunk(row + c, xs[v] + c, (c + CHUNK < cols ? c + CHUNK : cols) - c);
+            out[v][r] = total;
+        }
 }
 
 static void float_dot_rows(const float *w, const float *x, int64_t cols, int rows, float *out) {
@@ -278,10 +329,11 @@ static int same_weights(const Linear *a, const Linear *b) { return a->weight == 
 
 /* Row j's output y + j * y_stride = W_j (x + j * x_stride) + bias_j for the n rows, W_j = b->ls[j].
    Rows whose Linears share the weights are one group: each block of ROWS (int8) or FLOAT_ROWS (float32)
-   weight rows is loaded and multiplied with every input vector of its group before the next, while it is
-   in the cache, so each distinct weight matrix streams from memory once per call however many rows read
-   it. Each vector's dot products are exactly those of a call with it alone (the same dot_rows or
-   float_dot_rows on the same weight rows, its own int16 rounding): batching changes no bit of any row.
+   weight rows is loaded and multiplied with every input vector of its group before the next (int8: VECS
+   vectors a dot_rows call), while it is in the cache, so each distinct weight matrix streams from memory
+   once per call however many rows read it. Each vector's dot products are exactly those of a call with
+   it alone (dot_rows' sums do not depend on the other vectors of its call; float_dot_rows on the same
+   weight rows; its own int16 rounding): batching changes no bit of any row.
    Each row adds its own Linear's bias (a group shares weights and scales).
 
    For int8 weights, W x = (q xq) * scale * step: x is first rounded to int16 with one scale for the
@@ -307,17 +359,21 @@ static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, f
     }
     b->starts[groups] = k;
 
-    /* Round each int8 row's input to int16. */
+    /* Round each int8 row's input to int16, to nearest (even). Vector loops: the maximum is the same in
+       any order, and rintf rounds as lrintf does but inlines to a vector instruction where lrintf is a
+       call per element (rounding took 1.1 ms of an 8-row step with lrintf, 0.16 ms now; AVX-512). */
     for (int64_t j = 0; j < n; ++j) {
         if (!ls[j]->scale) continue;
         const float *xj = x + j * x_stride;
         int16_t *xq = b->xq + j * b->width;
         const int64_t cols = ls[j]->cols;
         float amax = 0.0f;
+        #pragma omp simd reduction(max : amax)
         for (int64_t i = 0; i < cols; ++i) amax = fabsf(xj[i]) > amax ? fabsf(xj[i]) : amax;
         const float inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
         b->steps[j] = amax / 32767.0f;
-        for (int64_t i = 0; i < cols; ++i) xq[i] = (int16_t)lrintf(xj[i] * inverse);
+        #pragma omp simd
+        for (int64_t i = 0; i < cols; ++i) xq[i] = (int16_t)rintf(xj[i] * inverse);
     }
 
     /* One parallel loop per group (one fork of the threads more for a tuned model's own c_attn), its
@@ -331,17 +387,26 @@ static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, f
         for (int64_t index = 0; index < (l->rows + block - 1) / block; ++index) {
             const int64_t first = index * block; /* this block's first weight row */
             const int count = l->rows - first < block ? (int)(l->rows - first) : block;
-            for (int64_t i = 0; i < m; ++i) {
-                const int64_t j = members[i];
-                const float *bias = ls[j]->bias;
-                float dots[FLOAT_ROWS], *out = y + j * y_stride + first;
-                if (l->scale)
-                    dot_rows((const int8_t *)l->weight + first * cols, b->xq + j * b->width, cols, count, dots);
-                else
-                    float_dot_rows((const float *)l->weight + first * cols, x + j * x_stride, cols, count, dots);
-                for (int r = 0; r < count; ++r)
-                    out[r] = dots[r] * (l->scale ? b->steps[j] * l->scale[first + r] : 1.0f)
-                             + (bias ? bias[first + r] : 0.0f);
+            for (int64_t i = 0; i < m; i += VECS) { /* the group's vectors, VECS at a time (float32: one by one) */
+                const int vecs = m - i < VECS ? (int)(m - i) : VECS;
+                float dots[VECS][FLOAT_ROWS];
+                if (l->scale) {
+                    const int16_t *xs[VECS];
+                    for (int v = 0; v < vecs; ++v) xs[v] = b->xq + members[i + v] * b->width;
+                    dot_rows((const int8_t *)l->weight + first * cols, xs, vecs, cols, count, dots);
+                } else {
+                    for (int v = 0; v < vecs; ++v)
+                        float_dot_rows((const float *)l->weight + first * cols, x + members[i + v] * x_stride, cols,
+                                       count, dots[v]);
+                }
+                for (int v = 0; v < vecs; ++v) {
+                    const int64_t j = members[i + v];
+                    const float *bias = ls[j]->bias;
+                    float *out = y + j * y_stride + first;
+                    for (int r = 0; r < count; ++r)
+                        out[r] = dots[v][r] * (l->scale ? b->steps[j] * l->scale[first + r] : 1.0f)
+                                 + (bias ? bias[first + r] : 0.0f);
+                }
             }
         }
     }

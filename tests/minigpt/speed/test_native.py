@@ -407,14 +407,14 @@ def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(default_models)
 
 # ---- several sequences in one step (step_rows) -------------------------------------------------------
 
-@pytest.fixture(scope="module", params=[pytest.param((isa.values[0], precision), marks=isa.marks,
-                                                     id=f"{isa.values[0]}-{precision}")
-                                        for isa in ISAS for precision in ("float32", "int8")])
-def twins(request, tiny_model):
-    """(base, tuned) decoding in C in one variant and precision: the tuned model is the base with a random update
-    merged into every c_attn (adapters.merge_deltas), sharing every other tensor with it, as a LoRA adapter's."""
-    isa, precision = request.param
-    model = tiny_model[0]
+ISA_PRECISIONS = [pytest.param((isa.values[0], precision), marks=isa.marks, id=f"{isa.values[0]}-{precision}")
+                  for isa in ISAS for precision in ("float32", "int8")]
+
+
+def make_twins(model, isa, precision):
+    """(base, tuned) of model, decoding in C in one variant and precision: the tuned model is the base with a
+    random update merged into every c_attn (adapters.merge_deltas), sharing every other tensor with it, as a LoRA
+    adapter's."""
     base = model.copy_sharing_weights()
     torch.manual_seed(1)
     tuned = merge_deltas(base, {f"transformer.h.{i}.attn.c_attn": 0.02 * torch.randn_like(b.attn.c_attn.weight)
@@ -425,6 +425,25 @@ def twins(request, tiny_model):
     shared, merged = (lambda d: d.step.blocks[0].c_fc.weight), (lambda d: d.step.blocks[0].c_attn.weight)
     assert shared(pair[0]) == shared(pair[1]) and merged(pair[0]) != merged(pair[1])  # read together, apart
     return pair
+
+
+@pytest.fixture(scope="module", params=ISA_PRECISIONS)
+def twins(request, tiny_model):
+    """make_twins of the tiny model."""
+    return make_twins(tiny_model[0], *request.param)
+
+
+@pytest.fixture(scope="module", params=ISA_PRECISIONS)
+def wide_twins(request):
+    """make_twins of a random model whose Linears span 1 to 5 of decode_step.c's CHUNKs of 256 columns, with a
+    part chunk (n_embd 320, mlp 1280; the tiny model's are 64 and 256), and a last block of one weight row
+    (vocab 321)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=321, n_positions=32, n_embd=320, n_layer=2, n_head=4))
+    for p in model.parameters():  # GPT-2's initialisation (nn.Embedding's own is N(0, 1): logits of ~100)
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    return make_twins(model, *request.param)
 
 
 def prefilled(decoder, prompt, max_len):
@@ -463,6 +482,25 @@ def test_a_batch_of_rows_decodes_each_row_as_it_would_alone(twins):
         assert cache.length == copy_.length == len(prompts[r]) + 1
         assert torch.equal(cache.k, copy_.k) and torch.equal(cache.v, copy_.v)  # the new slot, and nothing else
     assert not torch.equal(ours[0], ours[4])  # the same token after other caches and weights: other logits
+
+
+@pytest.mark.parametrize("models", ["btbbtbtb", "bbbbbbbbt", "tbb"])
+def test_every_group_size_decodes_each_row_as_alone(wide_twins, models):
+    """decode_step.c multiplies each block of weight rows with the input vectors of the rows sharing it several
+    at a time (VECS, 4). Base (b) and tuned (t) rows make groups of 5 and 3, 8 and 1, 1 and 2 rows (their own
+    c_attn), and of all 8, 9 and 3 rows for a Linear whose weights and scales the models share: whole passes
+    and every remainder. Each row's logits are those of its step alone, bit for bit."""
+    torch.manual_seed(4)
+    decoders = [wide_twins[name == "t"] for name in models]
+    caches = [prefilled(d, torch.randint(0, 321, (length,)).tolist(), 24)
+              for d, length in zip(decoders, torch.randint(1, 20, (len(models),)).tolist())]
+    copies = copy.deepcopy(caches)
+    tokens = torch.randint(0, 321, (len(models),)).tolist()
+    ours = step_rows(rows(decoders), tokens, caches)
+    for r, (decoder, token, copy_) in enumerate(zip(decoders, tokens, copies)):
+        assert torch.equal(ours[r], alone(decoder, token, copy_)), f"row {r}"
+        assert torch.equal(caches[r].k, copy_.k) and torch.equal(caches[r].v, copy_.v)
+    assert len({tuple(row.tolist()) for row in ours}) == len(models)  # each row its own logits
 
 
 def test_rows_join_and_leave_between_steps(twins):
