@@ -27,6 +27,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -198,6 +199,22 @@ def _load(isa: str) -> ctypes.CDLL:
     return lib
 
 
+_FLOAT_SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(scales) -> (the scales, their float32 copy)
+
+
+def float_scales(scales: torch.Tensor) -> torch.Tensor:
+    """The float32 copy of an int8 Linear's row scales, one per scales tensor while it lives: the base and a
+    LoRA-merged copy share their untouched Linears, and the C step reads a shared weight once for both
+    models' rows only when they point at the same scales too."""
+    entry = _FLOAT_SCALES.get(id(scales))
+    if entry is None or entry[0]() is not scales:
+        def forget(ref: weakref.ref, key: int = id(scales)) -> None:
+            if _FLOAT_SCALES.get(key, (None,))[0] is ref:
+                del _FLOAT_SCALES[key]
+        entry = _FLOAT_SCALES[id(scales)] = (weakref.ref(scales, forget), scales.float().contiguous())
+    return entry[1]
+
+
 class NativeDecoder:
     """The C step bound to one int8 or float32 model's tensors; call it as model(idx, cache) would be for one
     token."""
@@ -235,7 +252,7 @@ class NativeDecoder:
         if isinstance(layer, Int8Linear):
             q = layer.weight.contiguous()
             self.keep.append(q)
-            weight, scale = q.data_ptr(), self._ptr(layer.scales.float())
+            weight, scale = q.data_ptr(), self._ptr(float_scales(layer.scales))
         elif type(layer) is torch.nn.Linear:
             if not layer.weight.is_contiguous():  # a copy in (out, in) order would double the model's memory
                 raise NativeUnavailable("the C decode step reads float32 weights in (out, in) memory order")
