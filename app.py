@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         check_port(args.host, args.port)  # before the minutes of loading, not after
         engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative,
                              default_adapter=None if args.no_adapter else DEFAULT_ADAPTER, concurrency=args.concurrency,
-                             queue_size=args.queue_size)
+                             queue_size=args.queue_size, background=False)
     except (CheckpointError, DeviceError, PortBusy) as e:  # CheckpointError includes AdapterError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -405,10 +405,15 @@ def main(argv: list[str] | None = None) -> int:
                     max_file_size=MAX_UPLOAD,  # only a conversation export is ever loaded: larger uploads get 413
                     state_session_capacity=args.sessions_kept,
                     # The API's routes go first in the FastAPI app Gradio builds: /v1 is ours, the rest Gradio's.
-                    app_kwargs={"routes": [Mount("/v1", api_app(engine, access))]})
+                    app_kwargs={"routes": [Mount("/v1", api_app(engine, access))]},
+                    prevent_thread_lock=True)  # the server runs in its own threads; this one computes
     except OSError as e:  # the port was taken while the models loaded
         print(f"error: {PortBusy(args.host, args.port, e)}", file=sys.stderr)
         return 2
+    try:
+        engine.scheduler.serve()  # every forward pass, in the thread that loaded the models (Scheduler says why)
+    except KeyboardInterrupt:
+        demo.close()
     return 0
 
 

@@ -105,11 +105,11 @@ class Engine:
 
 def load_engine(model: str, adapter: str | None, device: str | None, precision: str,
                 speculative: bool = False, default_adapter: Path | None = None,
-                concurrency: int = DEFAULT_ROWS, queue_size: int = DEFAULT_QUEUE) -> Engine:
+                concurrency: int = DEFAULT_ROWS, queue_size: int = DEFAULT_QUEUE, background: bool = True) -> Engine:
     """The base model, and the tuned one from `adapter` (an adapter that cannot be used is an error), or
     else from the `default_adapter` folder when it exists. The default is a convenience: when it is
     incomplete (a training run stopped before its first checkpoint) or made for another model, the base
-    is served alone and adapter_hint says why."""
+    is served alone and adapter_hint says why. background=False: the caller runs engine.scheduler.serve()."""
     problems: list[AdapterError] = []
     use_default = adapter is None and default_adapter is not None and default_adapter.is_dir()
     base, lora, tokenizer = load_with_scale(model, default_adapter if use_default else adapter, device, precision,
@@ -117,7 +117,7 @@ def load_engine(model: str, adapter: str | None, device: str | None, precision: 
     models = {Mode.BASE: base} if lora is None else {Mode.BASE: base, Mode.TUNED: lora.tuned}
     drafts = dict(zip(models, speculative_drafts(*models.values()))) if speculative else {}
     hint = "" if lora is not None else adapter_hint(default_adapter, problems)
-    return Engine(models, tokenizer, hint, drafts, Scheduler(concurrency, queue_size), lora)
+    return Engine(models, tokenizer, hint, drafts, Scheduler(concurrency, queue_size, background=background), lora)
 
 
 def adapter_hint(default_adapter: Path | None, problems: list[AdapterError]) -> str:

@@ -127,14 +127,22 @@ class Task:
 
 
 class Scheduler:
-    def __init__(self, max_rows: int, max_waiting: int, prefill_chunk: int = PREFILL_CHUNK):
+    """The queue and the worker. The worker is a thread of its own (background=True), or the caller of
+    serve(): app.py serves from the main thread, the one that loaded the models. OpenMP keeps a pool of
+    threads per thread that runs parallel work; a second pool on 2 cores makes libgomp stop spinning
+    between the C step's ~60 parallel loops, and a step from a new thread took 10 ms instead of 6
+    (int8, GPT-2 124M; docs/serving.md)."""
+
+    def __init__(self, max_rows: int, max_waiting: int, prefill_chunk: int = PREFILL_CHUNK,
+                 background: bool = True):
         if max_rows < 1 or max_waiting < 0 or prefill_chunk < 1:
             raise ValueError("max_rows and prefill_chunk must be >= 1, max_waiting >= 0")
         self.max_rows, self.max_waiting, self.prefill_chunk = max_rows, max_waiting, prefill_chunk
         self.waiting: deque[StreamJob | Task] = deque()
         self.running: list[StreamJob] = []
         self.lock = threading.Condition()
-        threading.Thread(target=self._work, name="minigpt-scheduler", daemon=True).start()
+        if background:
+            threading.Thread(target=self.serve, name="minigpt-scheduler", daemon=True).start()
 
     # -- what the serving layer calls ---------------------------------------------------------------------
 
@@ -174,8 +182,9 @@ class Scheduler:
         """A row is free and nothing waits for it: the job starts at the next step, it does not queue."""
         return not self.waiting and len(self.running) < self.max_rows
 
-    @torch.inference_mode()  # grad mode is per thread: this one never builds a graph
-    def _work(self) -> None:
+    @torch.inference_mode()  # grad mode is per thread: the worker never builds a graph
+    def serve(self) -> None:
+        """The worker loop, in the calling thread, for good (a KeyboardInterrupt ends it)."""
         while True:
             with self.lock:
                 self._leave_queue_if_stopped()
