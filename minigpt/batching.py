@@ -3,7 +3,8 @@
 A Stream is one sequence being generated: its KV cache, sampler settings, random generator, token
 budget and stop strings. The serving layer's scheduler (minigpt/serve/scheduler.py) keeps a set of
 streams and, every step, reads the next chunk of a waiting prompt (`Stream.prefill`) and then decodes one
-token for every stream past its prompt in one call (`decode`). Streams join and leave between steps.
+token for every stream past its prompt in one call (`decode`); prompts that arrive together are read
+in one pass (`prefill_together`). Streams join and leave between steps.
 
 Each stream keeps its own cache and its own generator, so what it produces does not depend on its
 neighbours: with the C decode step a row is computed exactly as it would be alone, and the tokens and
@@ -82,3 +83,15 @@ def decode(streams: Sequence[Stream]) -> list[TokenEvent]:
     """One token for every stream (each prefilled, none finished), in one batched step."""
     logits = step_rows([s.model for s in streams], [s.last for s in streams], [s.cache for s in streams])
     return [s.emit(int(sample(row, s.params, s.generator)), row) for s, row in zip(streams, logits)]
+
+
+@torch.inference_mode()
+def prefill_together(streams: Sequence[Stream]) -> list[list[TokenEvent]]:
+    """Read the whole prompts of several new streams of one model in one pass (GPT.prefill_rows), and draw
+    each one's first token: [[its first event]] per stream. Not for branches (forced tokens)."""
+    logits = streams[0].model.model.prefill_rows([s.unread for s in streams], [s.cache for s in streams]).float()
+    events = []
+    for stream, row in zip(streams, logits):
+        stream.unread = []
+        events.append([stream.emit(int(sample(row, stream.params, stream.generator)), row)])
+    return events

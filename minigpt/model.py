@@ -186,6 +186,24 @@ class GPT(nn.Module):
             c.length += 1
         return self.lm_head(self.transformer.ln_f(x))
 
+    def prefill_rows(self, prompts: list[list[int]], caches: list[KVCache]) -> torch.Tensor:
+        """Read several prompts, each into its own empty cache, in one pass (continuous batching: requests
+        that arrive together); logits (B, vocab) after each prompt. The prompts are right-padded to the
+        longest: causal attention keeps the padding out of every real position, and each cache takes only
+        its prompt's keys and values."""
+        if any(c.length for c in caches):
+            raise ValueError("prefill_rows reads prompts into empty caches")
+        T, device = max(map(len, prompts)), self.device
+        idx = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)
+        together = KVCache(self.config, T, len(prompts), device, caches[0].k.dtype)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        logits, _ = self._run(idx, together, last_only=False, return_attn=False, last=last)
+        for i, (prompt, cache) in enumerate(zip(prompts, caches)):
+            n = len(prompt)
+            cache.k[:, 0, :, :n], cache.v[:, 0, :, :n] = together.k[:, i, :, :n], together.v[:, i, :, :n]
+            cache.length = n
+        return logits[:, 0]
+
     def forward_with_attention(self, idx: torch.Tensor, cache: KVCache | None = None,
                                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Like forward, through the explicit attention path; also returns the attention
@@ -193,8 +211,9 @@ class GPT(nn.Module):
         logits, atts = self._run(idx, cache, last_only, return_attn=True)
         return logits, torch.stack(atts)
 
-    def _run(self, idx: torch.Tensor, cache: KVCache | None, last_only: bool,
-             return_attn: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _run(self, idx: torch.Tensor, cache: KVCache | None, last_only: bool, return_attn: bool,
+             last: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The forward pass; logits for every position, the last (last_only), or row i's position last[i]."""
         B, T = idx.size()
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
@@ -214,7 +233,9 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
-        if last_only:
+        if last is not None:
+            x = x[torch.arange(B, device=x.device), last][:, None]  # (B, 1, C): each row's own last token
+        elif last_only:
             x = x[:, [-1], :]  # a list index keeps the time dimension
         return self.lm_head(x), atts
 

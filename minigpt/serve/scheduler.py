@@ -9,7 +9,8 @@ One worker thread runs every step:
   2. waiting requests are admitted in arrival order while rows are free; a Task (a panel's or a
      scoring pass) at the head of the queue runs then, alone, and the streams go on after it;
   3. streams still reading their prompt read up to prefill_chunk tokens between them, oldest first, so a
-     long prompt never freezes the streams already decoding for more than one chunk;
+     long prompt never freezes the streams already decoding for more than one chunk; new prompts that fit
+     whole are read together, one pass per model (requests that arrive at once start at once);
   4. every stream past its prompt decodes one token, all rows in one batched call (batching.decode).
 A stream's KV cache exists only while it runs: memory is bounded by the row limit.
 """
@@ -25,10 +26,10 @@ from typing import Any
 
 import torch
 
-from ..batching import Stream, decode
+from ..batching import Stream, decode, prefill_together
 from ..generation import TokenEvent
 
-PREFILL_CHUNK = 128  # prompt tokens read per step: a 1,000-token prompt delays running streams by 8 short steps
+PREFILL_CHUNK = 256  # prompt tokens read per step: a 1,000-token prompt delays running streams by 4 short steps
 log = logging.getLogger(__name__)
 
 
@@ -259,12 +260,20 @@ class Scheduler:
         for job in running:
             if job.ticket.stop.is_set():
                 self._end(job, Done(stopped=True))
-        budget = self.prefill_chunk
+        budget, together = self.prefill_chunk, {}
         for job in self._alive(running):
-            if job.stream is not None and not job.stream.prefilled and budget > 0:
-                chunk = min(budget, len(job.stream.unread))
+            stream = job.stream
+            if stream is None or stream.prefilled or budget <= 0:
+                continue
+            if stream.cache.length == 0 and not stream.forced and len(stream.unread) <= budget:
+                together.setdefault(id(stream.model.model), []).append(job)  # a whole new prompt
+                budget -= len(stream.unread)
+            else:
+                chunk = min(budget, len(stream.unread))
                 budget -= chunk
                 self._guarded([job], lambda: [job.stream.prefill(chunk)])
+        for jobs in together.values():
+            self._guarded(jobs, lambda: prefill_together([job.stream for job in jobs]))
         for job in self._alive(running):
             if job.events is not None:
                 self._guarded([job], lambda: [[next(job.events)]])

@@ -4,7 +4,7 @@ batch, through the C step and through PyTorch; and the greedy tokens are transfo
 import pytest
 import torch
 
-from minigpt.batching import Stream, decode
+from minigpt.batching import Stream, decode, prefill_together
 from minigpt.generation import generate
 from minigpt.inference import load_with_scale
 from minigpt.sampling import SamplingParams
@@ -123,3 +123,17 @@ def test_a_branch_reads_its_forced_tokens_with_the_prompt_as_generate_does(serve
         got += [(e.token_id, e.logprob) for e in decode([stream])]
     assert [t for t, _ in got[:3]] == forced
     assert_same(got, expected, exact=False)  # one pass over prompt + forced, as generate's
+
+
+def test_prompts_that_arrive_together_are_read_in_one_pass_as_each_alone(served):
+    base, lora, tokenizer = served
+    jobs = jobs_for(tokenizer)  # prompts of 2 to 10 tokens, right-padded to the longest in the pass
+    models = [base, base, base, base]
+    streams = [Stream(m, tokenizer, prompt, n, params, seed) for m, (prompt, n, params, seed) in zip(models, jobs)]
+    got = [[(e.token_id, e.logprob) for e in events] for events in prefill_together(streams)]
+    while any(not s.finished for s in streams):
+        live = [(i, s) for i, s in enumerate(streams) if not s.finished]
+        for (i, _), e in zip(live, decode([s for _, s in live])):
+            got[i].append((e.token_id, e.logprob))
+    for model, job, tokens in zip(models, jobs, got):
+        assert_same(tokens, alone(model, tokenizer, job), exact=False, int8=is_int8(base))
