@@ -113,12 +113,16 @@ def test_an_oversized_body_is_refused_with_413_before_it_is_read(one_row):
 def test_the_page_and_config_answer_while_hundreds_wait(tmp_path_factory):
     with running_app(tmp_path_factory.mktemp("crowd"), concurrency=2, app_args=["--queue-size", "600"],
                      **MODEL) as app:
+        chats = Client(app.url, verbose=False)
+
         async def crowd():
             async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=600)) as client:
                 waiting = [asyncio.create_task(client.post(app.url + "v1/completions", json=completion(200, False)))
-                           for _ in range(500)]
+                           for _ in range(480)]
+                jobs = [chats.submit(*chat_args(history("Hello"), max_new_tokens=200), api_name="/chat")
+                        for _ in range(20)]  # browser sessions' replies wait in the same queue
                 await asyncio.sleep(3)  # all sent; most are waiting for a row
-                pending = sum(not t.done() for t in waiting)
+                pending = sum(not t.done() for t in waiting) + sum(not job.done() for job in jobs)
                 answers = []
                 for path in ("config", ""):
                     started = time.monotonic()
@@ -126,10 +130,13 @@ def test_the_page_and_config_answer_while_hundreds_wait(tmp_path_factory):
                     answers.append((response.status_code, time.monotonic() - started))
                 for t in waiting:
                     t.cancel()
+                for job in jobs:
+                    job.cancel()
                 await asyncio.gather(*waiting, return_exceptions=True)
                 return pending, answers
 
         pending, answers = run_async(crowd())
+        chats.close()
         assert pending > 400  # they were really waiting when the page was asked for
         assert [status for status, _ in answers] == [200, 200]
         print(f"with {pending} requests waiting: /config in {answers[0][1]:.2f} s, the page in {answers[1][1]:.2f} s")
