@@ -171,12 +171,6 @@ class Scheduler:
             pass
         return _result(done)
 
-    @property
-    def load(self) -> tuple[int, int]:
-        """(rows running, requests waiting)."""
-        with self.lock:
-            return len(self.running), len(self.waiting)
-
     # -- the worker ---------------------------------------------------------------------------------------
 
     def _has_room(self) -> bool:
