@@ -18,8 +18,8 @@ import tiktoken
 import torch
 
 from .generation import StreamDecoder, TokenEvent, fit_to_context, token_event
-from .sampling import SamplingParams, sample
 from .model import GPT
+from .sampling import SamplingParams, sample
 from .speed.decoder import Decoder, as_decoder, step_rows
 from .tokenizer import EOT
 
@@ -60,13 +60,17 @@ class Stream:
             self.model(torch.tensor([chunk], device=device), self.cache, last_only=True)
             return []
         if not self.forced:
-            logits = self.model(torch.tensor([chunk], device=device), self.cache, last_only=True)[0, -1].float()
-            return [self.emit(int(sample(logits, self.params, self.generator)), logits)]
+            return [self.draw(self.model(torch.tensor([chunk], device=device), self.cache, last_only=True)[0, -1])]
         # A branch: the forced tokens are read with the prompt's end in one pass, which also gives the
         # logits each one was chosen over.
         logits = self.model(torch.tensor([chunk + self.forced[:-1]], device=device), self.cache)[0].float()
         return [self.emit(token, row) for token, row in zip(self.forced, logits[len(chunk) - 1:])
                 if not self.finished]
+
+    def draw(self, logits: torch.Tensor) -> TokenEvent:
+        """The next token, sampled from logits (vocab,) with this stream's settings and generator."""
+        logits = logits.float()
+        return self.emit(int(sample(logits, self.params, self.generator)), logits)
 
     def emit(self, token: int, logits: torch.Tensor) -> TokenEvent:
         """The event of a token chosen over logits (vocab,); the stream finishes on EOS, a stop string or
@@ -82,16 +86,14 @@ class Stream:
 def decode(streams: Sequence[Stream]) -> list[TokenEvent]:
     """One token for every stream (each prefilled, none finished), in one batched step."""
     logits = step_rows([s.model for s in streams], [s.last for s in streams], [s.cache for s in streams])
-    return [s.emit(int(sample(row, s.params, s.generator)), row) for s, row in zip(streams, logits)]
+    return [s.draw(row) for s, row in zip(streams, logits)]
 
 
 @torch.inference_mode()
 def prefill_together(streams: Sequence[Stream]) -> list[list[TokenEvent]]:
     """Read the whole prompts of several new streams of one model in one pass (GPT.prefill_rows), and draw
     each one's first token: [[its first event]] per stream. Not for branches (forced tokens)."""
-    logits = streams[0].model.model.prefill_rows([s.unread for s in streams], [s.cache for s in streams]).float()
-    events = []
-    for stream, row in zip(streams, logits):
+    logits = streams[0].model.model.prefill_rows([s.unread for s in streams], [s.cache for s in streams])
+    for stream in streams:
         stream.unread = []
-        events.append([stream.emit(int(sample(row, stream.params, stream.generator)), row)])
-    return events
+    return [[stream.draw(row)] for stream, row in zip(streams, logits)]

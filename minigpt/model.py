@@ -175,16 +175,7 @@ class GPT(nn.Module):
         """Logits (B, 1, vocab) for one new token per row of idx (B, 1), row i continuing caches[i]: B
         independent sequences, each at its own position (continuous batching). The Linears read their
         weights once for all rows; attention reads each row's own cache."""
-        lengths = [c.length for c in caches]
-        if any(n >= c.max_len for n, c in zip(lengths, caches)):
-            raise ValueError("a row's KV cache is full")
-        pos = torch.tensor(lengths, device=idx.device)[:, None]  # (B, 1)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
-            x, _ = block(x, caches)
-        for c in caches:
-            c.length += 1
-        return self.lm_head(self.transformer.ln_f(x))
+        return self._run(idx, caches, last_only=False, return_attn=False)[0]
 
     def prefill_rows(self, prompts: list[list[int]], caches: list[KVCache]) -> torch.Tensor:
         """Read several prompts, each into its own empty cache, in one pass (continuous batching: requests
@@ -211,16 +202,22 @@ class GPT(nn.Module):
         logits, atts = self._run(idx, cache, last_only, return_attn=True)
         return logits, torch.stack(atts)
 
-    def _run(self, idx: torch.Tensor, cache: KVCache | None, last_only: bool, return_attn: bool,
+    def _run(self, idx: torch.Tensor, cache: KVCache | list[KVCache] | None, last_only: bool, return_attn: bool,
              last: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The forward pass; logits for every position, the last (last_only), or row i's position last[i]."""
+        """The forward pass, after one cache for all rows or a list of one cache per row (decode_rows); logits
+        for every position, the last (last_only), or row i's position last[i]."""
         B, T = idx.size()
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.n_positions:
-            raise ValueError(f"cannot attend to {start + T} tokens: the context window is {self.config.n_positions}")
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; {start + T} requested")
-        pos = torch.arange(start, start + T, device=idx.device)
+        caches = cache if isinstance(cache, list) else [] if cache is None else [cache]
+        for c in caches:
+            if c.length + T > self.config.n_positions:
+                raise ValueError(f"cannot attend to {c.length + T} tokens: the context window is "
+                                 f"{self.config.n_positions}")
+            if c.length + T > c.max_len:
+                raise ValueError(f"KV cache holds {c.max_len} tokens; {c.length + T} requested")
+        if T > self.config.n_positions:
+            raise ValueError(f"cannot attend to {T} tokens: the context window is {self.config.n_positions}")
+        starts = torch.tensor([c.length for c in caches] or [0], device=idx.device)[:, None]  # (1 or B, 1)
+        pos = starts + torch.arange(T, device=idx.device)  # (1 or B, T): each row at its own position
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         atts = []
         recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
@@ -230,8 +227,8 @@ class GPT(nn.Module):
             else:
                 x, att = block(x, cache, return_attn)
             atts.append(att)
-        if cache is not None:
-            cache.length += T
+        for c in caches:
+            c.length += T
         x = self.transformer.ln_f(x)
         if last is not None:
             x = x[torch.arange(B, device=x.device), last][:, None]  # (B, 1, C): each row's own last token

@@ -12,7 +12,7 @@ import tiktoken
 
 from ..batching import Stream, decode
 from ..generation import TokenEvent, generate
-from ..request import ReplyRequest
+from ..request import Mode, ReplyRequest
 from ..speed.decoder import Decoder
 from .conversation import Prompt
 from .scheduler import Done, Item, Queued, Started, Ticket
@@ -38,7 +38,7 @@ class Reply:
     ahead: int | None = None  # while it waits in the queue: the requests before it; None once computing
 
     @property
-    def mode(self):
+    def mode(self) -> Mode:
         return self.request.mode
 
     @property
