@@ -1,4 +1,5 @@
 """app.py without a server: command line, loading the models once, the mode switch without an adapter."""
+import runpy
 import socket
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import app
+from minigpt.serve import app, launch
 from minigpt import AdapterError
 from minigpt.serve.conversation import BASE, TUNED, ChatInputError
 from minigpt.serve.engine import load_engine
@@ -18,15 +19,15 @@ from tests.helpers.checkpoints import make_checkpoint
 
 def test_defaults_bind_to_localhost_7860(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
-    args = app.parse_args([])
+    args = launch.parse_args([])
     assert (args.model, args.adapter, args.host, args.port, args.share, args.precision, args.concurrency,
             args.queue_size, args.sessions_kept) == ("gpt2", None, "127.0.0.1", 7860, False, "float32", 8, 256, 64)
 
 
 def test_on_a_space_it_binds_all_interfaces(monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/minigpt")
-    assert app.parse_args([]).host == "0.0.0.0"
-    assert app.parse_args(["--host", "127.0.0.1"]).host == "127.0.0.1"
+    assert launch.parse_args([]).host == "0.0.0.0"
+    assert launch.parse_args(["--host", "127.0.0.1"]).host == "127.0.0.1"
 
 
 @pytest.mark.parametrize("argv, message", [(["--concurrency", "0"], "--concurrency must be >= 1"),
@@ -35,7 +36,7 @@ def test_on_a_space_it_binds_all_interfaces(monkeypatch):
                                            (["--dtype", "int8", "--speculative"], "use it with a float --precision")])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
-        app.parse_args(argv)
+        launch.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -67,11 +68,19 @@ def test_a_default_adapter_that_cannot_be_used_leaves_base_mode_and_says_why(tin
         load_engine(str(tiny_checkpoint[0]), str(default), "cpu", "float32", default_adapter=default)
 
 
-def test_the_default_adapter_is_the_projects_whatever_the_cwd_and_can_be_turned_off(capsys):
-    assert app.DEFAULT_ADAPTER == Path(app.__file__).resolve().parent / "checkpoints" / "alpaca-lora"
-    assert app.parse_args(["--no-adapter"]).no_adapter and not app.parse_args([]).no_adapter
+def test_the_default_adapter_is_beside_app_py_whatever_the_cwd_and_can_be_turned_off(monkeypatch, tmp_path, capsys):
+    served = []
+    monkeypatch.setattr(app, "serve", lambda args, default_adapter: served.append(default_adapter) or 0)
+    monkeypatch.chdir(tmp_path)
+    for argv in ([], ["--no-adapter"]):
+        monkeypatch.setattr(sys, "argv", ["app.py", *argv])
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_path(str(REPO / "app.py"), run_name="__main__")
+        assert exit.value.code == 0
+    assert launch.main([]) == 0  # the installed command: the cwd's checkpoints/alpaca-lora
+    assert served == [REPO / "checkpoints" / "alpaca-lora", None, tmp_path / "checkpoints" / "alpaca-lora"]
     with pytest.raises(SystemExit):
-        app.parse_args(["--adapter", "x", "--no-adapter"])
+        launch.parse_args(["--adapter", "x", "--no-adapter"])
     assert "not allowed with argument --adapter" in capsys.readouterr().err
 
 
@@ -80,7 +89,7 @@ def test_a_busy_port_is_one_line_naming_our_option(tiny_checkpoint, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert app.main(["--model", str(tiny_checkpoint[0]), "--port", str(port), "--device", "cpu"]) == 2
+        assert launch.main(["--model", str(tiny_checkpoint[0]), "--port", str(port), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: port {port} on 127.0.0.1 is already in use: pick another with --port\n"
 
@@ -91,7 +100,7 @@ def test_help_answers_before_gradio_or_a_model_is_imported():
                          text=True, timeout=120)
     assert run.returncode == 0 and "--no-adapter" in run.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
-    assert "argparse" in imported and "gradio" not in imported and "minigpt.serve" not in imported
+    assert "argparse" in imported and "gradio" not in imported and "minigpt.serve.app" not in imported
 
 
 def test_the_tuned_model_shares_the_base_weights_but_its_lora_targets(tiny_checkpoint, tmp_path):
@@ -108,7 +117,7 @@ def test_the_tuned_model_shares_the_base_weights_but_its_lora_targets(tiny_check
 def test_unloadable_weights_end_with_a_one_line_error_naming_them(tiny_checkpoint, tmp_path, broken, capsys):
     missing = str(tmp_path / f"no-such-{broken}")
     model, adapter = (missing, []) if broken == "model" else (str(tiny_checkpoint[0]), ["--adapter", missing])
-    assert app.main(["--model", model, *adapter, "--device", "cpu"]) == 2
+    assert launch.main(["--model", model, *adapter, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and missing in err and err.count("\n") == 1
 
@@ -140,9 +149,9 @@ def test_speculative_engine_drafts_each_mode_and_replies_as_without(tiny_checkpo
 
 
 def test_precision_is_one_flag_with_dtype_as_its_alias_and_compile_is_ignored(tiny_checkpoint, capsys):
-    assert app.parse_args(["--precision", "int8"]).precision == app.parse_args(["--dtype", "int8"]).precision == "int8"
+    assert launch.parse_args(["--precision", "int8"]).precision == launch.parse_args(["--dtype", "int8"]).precision == "int8"
     from minigpt.cli import warn_if_compile
-    warn_if_compile(app.parse_args(["--compile"]))
+    warn_if_compile(launch.parse_args(["--compile"]))
     assert capsys.readouterr().err == ("note: --compile is no longer needed and is ignored: the fastest decode step "
                                        "is chosen at load time\n")
 
@@ -151,6 +160,6 @@ def test_precision_is_one_flag_with_dtype_as_its_alias_and_compile_is_ignored(ti
 def test_a_device_this_machine_lacks_ends_with_one_line(tiny_checkpoint, device, capsys):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has that device")
-    assert app.main(["--model", str(tiny_checkpoint[0]), "--device", device, "--no-adapter"]) == 2
+    assert launch.main(["--model", str(tiny_checkpoint[0]), "--device", device, "--no-adapter"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and repr(device) in err and err.count("\n") == 1

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import app
+from minigpt.serve import app, launch
 from lora.train import main as train_main
 from minigpt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from minigpt.train_state import STATE_FILE, load_state
@@ -65,7 +65,7 @@ def start_app(argv: list[str], monkeypatch, capsys) -> str:
     def no_ui(*_):
         raise AssertionError("the app went on to build its UI")
     monkeypatch.setattr(app, "build_app", no_ui)
-    assert app.main([*argv, "--device", "cpu"]) == 2
+    assert launch.main([*argv, "--device", "cpu"]) == 2
     return capsys.readouterr().err
 
 

@@ -1,0 +1,66 @@
+"""The chat app's command line (`python app.py`, `minigpt-chat`): its options, answered before the slow
+imports (Gradio, the models), then the page in minigpt/serve/app.py.
+
+    minigpt-chat --model gpt2 --adapter checkpoints/alpaca-lora --host 127.0.0.1 --port 7860
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from minigpt.cli import add_precision_arguments
+
+
+def default_adapter(home: Path) -> Path:
+    """The adapter served when none is named: checkpoints/alpaca-lora in the app's folder."""
+    return home / "checkpoints" / "alpaca-lora"
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> argparse.Namespace:
+    on_space = "SPACE_ID" in os.environ  # a Hugging Face Space serves from inside its container
+    p = argparse.ArgumentParser(prog=prog, description="MiniGPT chat: GPT-2 from scratch and its Alpaca LoRA, "
+                                                     "with panels that look inside")
+    p.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Hub repo id, or a local folder")
+    adapter = p.add_mutually_exclusive_group()
+    adapter.add_argument("--adapter", default=None,
+                         help="PEFT GPT-2 LoRA adapter: a folder or a Hub repo id (default: checkpoints/alpaca-lora "
+                              "in the app's folder, if it is there and fits the model)")
+    adapter.add_argument("--no-adapter", action="store_true", help="serve the base model alone, even if "
+                                                                   "checkpoints/alpaca-lora is there")
+    p.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a temporary public *.gradio.live link")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    add_precision_arguments(p)
+    p.add_argument("--speculative", action="store_true",
+                   help="an int8 copy proposes tokens, the model checks several per pass: same model, faster on CPU")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="replies decoded together in one batch, chat and API together; the rest wait in "
+                        "arrival order (minigpt/serve/engine.py: DEFAULT_ROWS)")
+    p.add_argument("--queue-size", type=int, default=256,
+                   help="replies that may wait for a free row; more are refused as busy (503 on the API)")
+    p.add_argument("--sessions-kept", type=int, default=64,
+                   help="keep the per-session state (last reply, panels) of this many most recent browser "
+                        "sessions; older ones start over: memory levels off")
+    p.add_argument("--api-key", default=os.environ.get("MINIGPT_API_KEY"),
+                   help="every /v1 (OpenAI-compatible API) request must send it as a bearer token "
+                        "(default: $MINIGPT_API_KEY; none: /v1 is open on loopback, off beyond it)")
+    p.add_argument("--open-api", action="store_true",
+                   help="serve /v1 without a key even when bound beyond loopback (--host 0.0.0.0, a Space)")
+    args = p.parse_args(argv)
+    for name in ("concurrency", "sessions_kept", "queue_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.speculative and args.precision == "int8":
+        p.error("--speculative checks an int8 draft with the float model: use it with a float --precision")
+    return args
+
+
+def main(argv: list[str] | None = None, home: Path | None = None, prog: str = "minigpt-chat") -> int:
+    """Parse the options, then load and serve. home: the folder whose checkpoints/alpaca-lora is the default
+    adapter (app.py passes its own folder, whatever the cwd; the installed command uses the cwd)."""
+    args = parse_args(argv, prog)
+    from minigpt.serve.app import serve  # Gradio and torch: seconds of imports, after --help has answered
+
+    return serve(args, None if args.no_adapter else default_adapter(home or Path.cwd()))
