@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import tiktoken
 import torch
 
-from .generation import StreamDecoder, TokenEvent, fit_to_context, token_event
+from .generation import StreamDecoder, TokenEvent, fit_to_context, new_history, token_event
 from .model import GPT
 from .sampling import SamplingParams, sample
 from .speed.decoder import Decoder, as_decoder, step_rows
@@ -37,6 +37,7 @@ class Stream:
                                              self.model.config.n_positions)
         if len(forced) > self.budget:
             raise ValueError(f"{len(forced)} forced tokens exceed the budget of {self.budget} new tokens")
+        self.history = new_history(params, tokenizer, prompt)  # for the stages that read the sequence so far
         self.generator = torch.Generator(device=self.model.device).manual_seed(seed)
         self.cache = self.model.new_cache(len(prompt) + self.budget)
         self.unread = prompt  # prompt tokens not yet in the cache
@@ -70,13 +71,15 @@ class Stream:
     def draw(self, logits: torch.Tensor) -> TokenEvent:
         """The next token, sampled from logits (vocab,) with this stream's settings and generator."""
         logits = logits.float()
-        return self.emit(int(sample(logits, self.params, self.generator)), logits)
+        return self.emit(int(sample(logits, self.params, self.generator, self.history)), logits)
 
     def emit(self, token: int, logits: torch.Tensor) -> TokenEvent:
         """The event of a token chosen over logits (vocab,); the stream finishes on EOS, a stop string or
         its budget."""
         self.produced += 1
         self.last = token
+        if self.history is not None:
+            self.history.add(token)
         event = token_event(token, logits, self.decoder, self.eot_id, self.top_n, self.produced == self.budget)
         self.finished = event.finish_reason is not None
         return event

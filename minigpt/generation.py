@@ -16,7 +16,8 @@ import tiktoken
 import torch
 
 from .model import GPT
-from .sampling import SamplingParams, filter_logits, sample
+from .json_output import JsonGrammar
+from .sampling import History, SamplingParams, filter_logits, sample
 from .speed.decoder import Decoder
 from .tokenizer import EOT
 
@@ -75,6 +76,14 @@ class StreamDecoder:
         return text
 
 
+def new_history(params: SamplingParams, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int]) -> History | None:
+    """What the sampler's stages that read the sequence need (its tokens, its grammar), or None when none does."""
+    if not params.reads_history:
+        return None
+    grammar = None if params.json_schema is None else JsonGrammar(params.json_schema, tokenizer)
+    return History(prompt_ids, grammar)
+
+
 Row = tuple[int, torch.Tensor, torch.Tensor | None]  # (token id, the logits that chose it, their attention row)
 
 
@@ -107,22 +116,27 @@ def _prefill(model: Model, cache, prompt: list[int], with_attention: bool) -> tu
 
 
 def _one_at_a_time(model: Model, cache, prompt: list[int], params: SamplingParams, generator: torch.Generator,
-                   with_attention: bool, forced: list[int]) -> Iterator[Row]:
+                   with_attention: bool, forced: list[int], history: History | None) -> Iterator[Row]:
+    def chosen(token: int) -> int:
+        if history is not None:
+            history.add(token)
+        return token
+
     if forced:
         # The forced tokens are read with the prompt in one pass, which also gives the logits each one
         # was chosen over (they carry no attention row).
         logits = _forward(model, torch.tensor([prompt + forced[:-1]], device=model.device), cache,
                           with_attention=False, last_only=False)[0]
-        yield from ((token, row, None) for token, row in zip(forced, logits[len(prompt) - 1:]))
+        yield from ((chosen(token), row, None) for token, row in zip(forced, logits[len(prompt) - 1:]))
         token = forced[-1]
     else:
         logits, attention = _prefill(model, cache, prompt, with_attention)
-        token = int(sample(logits, params, generator))
+        token = chosen(int(sample(logits, params, generator, history)))
         yield token, logits, attention
     ids = torch.empty(1, 1, dtype=torch.long, device=model.device)  # every step: one token, written in place
     while True:
         rows, attentions = _forward(model, ids.fill_(token), cache, with_attention)
-        token = int(sample(rows[-1], params, generator))
+        token = chosen(int(sample(rows[-1], params, generator, history)))
         yield token, rows[-1], attentions[-1]
 
 
@@ -203,7 +217,8 @@ def generate(model: Model, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[in
     With a draft model (quantize.int8_drafts), decoding is speculative (see _speculative): greedy
     tokens stay the model's own, sampled ones keep the model's distribution but are other draws.
     `forced` tokens are the reply's first tokens instead of drawn ones (branching from an alternative);
-    the rest is decoded one token at a time, without the draft.
+    the rest is decoded one token at a time, without the draft, as are replies whose sampler reads the
+    sequence (penalties, a JSON schema: SamplingParams.reads_history).
     """
     device = model.device
     eot_id = tokenizer.encode_single_token(EOT)
@@ -217,8 +232,9 @@ def generate(model: Model, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[in
         raise ValueError(f"{len(forced)} forced tokens exceed the budget of {max_new_tokens} new tokens")
     cache = model.new_cache(len(prompt) + max_new_tokens)
     decoder = StreamDecoder(tokenizer, stop)
-    if draft is None or forced:
-        rows = _one_at_a_time(model, cache, prompt, params, generator, return_attention, list(forced))
+    if draft is None or forced or params.reads_history:
+        rows = _one_at_a_time(model, cache, prompt, params, generator, return_attention, list(forced),
+                              new_history(params, tokenizer, prompt))
     else:
         rows = _speculative(model, draft, cache, prompt, max_new_tokens, draft_tokens, params, generator,
                             return_attention)

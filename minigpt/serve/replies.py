@@ -87,8 +87,9 @@ class ReplyRecorder:
 def reply_source(model: Decoder, tokenizer: tiktoken.Encoding, prompt: Prompt, request: ReplyRequest, top_n: int,
                  forced: Sequence[int] = (), draft: Decoder | None = None) -> Stream | Iterator[TokenEvent]:
     """What computes a reply: a Stream to batch with others, or, with a speculative draft (and no forced
-    tokens), generate()'s own loop, which checks the draft's proposals one sequence at a time."""
-    if draft is not None and not forced:
+    tokens, and a sampler that reads no history), generate()'s own loop, which checks the draft's proposals
+    one sequence at a time."""
+    if draft is not None and not forced and not request.params.reads_history:
         return generate(model, tokenizer, prompt.ids, request.max_new_tokens, request.params, seed=request.seed,
                         stop=prompt.stop, top_n=top_n, draft=draft)
     return Stream(model, tokenizer, prompt.ids, request.max_new_tokens, request.params, request.seed, prompt.stop,

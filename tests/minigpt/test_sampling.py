@@ -1,10 +1,11 @@
-"""Temperature, top-k and top-p on hand-made distributions, and the sampler's frequencies."""
+"""Temperature, top-k, top-p and min-p, logit bias and the penalties on hand-made distributions (transformers'
+logits processors as the oracles where it has them), and the sampler's frequencies."""
 import math
 
 import pytest
 import torch
 
-from minigpt.sampling import SamplingParams, filter_logits, filter_stages, sample
+from minigpt.sampling import History, SamplingParams, filter_logits, filter_stages, sample
 
 PROBS = torch.tensor([0.05, 0.40, 0.10, 0.25, 0.20])  # sorted: idx 1 (.40), 3 (.25), 4 (.20), 2 (.10), 0 (.05)
 LOGITS = PROBS.log()
@@ -125,3 +126,78 @@ def test_pipeline_stages_end_in_the_distribution_the_sampler_draws_from():
         assert abs(freq[i].item() - final[i].item()) <= 5 * se + 1e-9, (i, freq, final)
     assert [name for name, _ in filter_stages(LOGITS, SamplingParams(temperature=0))] == ["raw"]
     assert [name for name, _ in filter_stages(LOGITS, SamplingParams(top_k=0, top_p=1.0))] == ["raw", "temperature"]
+
+
+# --- the stages that read the request or the sequence: transformers' logits processors are the oracles ------
+
+VOCAB_LOGITS = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 3
+
+
+def last(params, history=None, logits=VOCAB_LOGITS):
+    return filter_stages(logits, params, history)[-1][1]
+
+
+def test_repetition_penalty_is_transformers_over_the_prompt_and_the_generated_tokens():
+    from transformers import RepetitionPenaltyLogitsProcessor
+    seen = [3, 7, 7, 12, 40]  # prompt 3, 7; generated 7, 12, 40
+    history = History(seen[:2])
+    for token in seen[2:]:
+        history.add(token)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seen]), VOCAB_LOGITS[None].clone())[0]
+    torch.testing.assert_close(last(SamplingParams(temperature=0, repetition_penalty=1.3), history), expected)
+
+
+def test_frequency_and_presence_penalties_follow_openais_formula():
+    history = History([5, 6])  # prompt tokens are not penalised by these two
+    for token in [9, 9, 9, 11]:
+        history.add(token)
+    params = SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=1.5)
+    stages = filter_stages(VOCAB_LOGITS, params, history)
+    assert [name for name, _ in stages] == ["raw", "frequency penalty", "presence penalty"]
+    expected = VOCAB_LOGITS.clone()
+    expected[9] -= 3 * 0.5 + 1.5  # logit - count * frequency_penalty - (count > 0) * presence_penalty
+    expected[11] -= 1 * 0.5 + 1.5
+    torch.testing.assert_close(stages[-1][1], expected)
+
+
+def test_logit_bias_adds_to_the_logits_and_can_ban_or_force_a_token():
+    bias = SamplingParams(temperature=0, logit_bias=((2, 100.0), (int(VOCAB_LOGITS.argmax()), -100.0)))
+    expected = VOCAB_LOGITS.clone()
+    expected[2] += 100
+    expected[int(VOCAB_LOGITS.argmax())] -= 100
+    torch.testing.assert_close(last(bias), expected)
+    assert sample(VOCAB_LOGITS, bias).item() == 2  # no history needed: logit_bias reads the request only
+
+
+@pytest.mark.parametrize("min_p", [0.05, 0.3, 0.9])
+def test_min_p_keeps_what_transformers_min_p_keeps(min_p):
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper
+    params = SamplingParams(temperature=0.8, min_p=min_p)
+    scores = TemperatureLogitsWarper(0.8)(None, VOCAB_LOGITS[None].clone())
+    expected = MinPLogitsWarper(min_p)(None, scores)[0]
+    assert torch.equal(torch.isfinite(last(params)), torch.isfinite(expected))
+    torch.testing.assert_close(last(params).softmax(-1), expected.softmax(-1))
+
+
+def test_penalised_stages_come_before_the_warpers_and_greedy_takes_their_argmax():
+    history = History([int(VOCAB_LOGITS.argmax())])
+    params = SamplingParams(temperature=0.7, top_k=10, top_p=0.9, min_p=0.1, repetition_penalty=2.0,
+                            logit_bias=((1, 1.0),))
+    assert [name for name, _ in filter_stages(VOCAB_LOGITS, params, history)] == [
+        "raw", "logit bias", "repetition penalty", "temperature", "top-k", "top-p", "min-p"]
+    greedy = SamplingParams(temperature=0, repetition_penalty=2.0)
+    assert sample(VOCAB_LOGITS, greedy, history=history).item() == int(last(greedy, history).argmax())
+    assert sample(VOCAB_LOGITS, greedy, history=history).item() != int(VOCAB_LOGITS.argmax())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_p=1.5), "min_p"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(logit_bias=((1, 101.0),)), "logit_bias"),
+    (dict(logit_bias=((-1, 1.0),)), "logit_bias"),
+])
+def test_bad_history_parameters_raise_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
