@@ -11,7 +11,8 @@ from enum import Enum
 from .lora_scale import check_scale
 from .sampling import SamplingParams
 
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**64 - 1  # seeds are 64-bit, as OpenAI's and vLLM's (torch's generator takes them)
+DRAWN_SEEDS = 2**32  # a seed drawn at random is below this: short enough to read back and retype
 
 
 class Mode(str, Enum):
@@ -60,7 +61,7 @@ class ReplyRequest:
 
     def with_seed(self) -> ReplyRequest:
         """This request with its seed fixed: a random one if it has none."""
-        return self if self.seed is not None else replace(self, seed=random.randint(0, MAX_SEED))
+        return self if self.seed is not None else replace(self, seed=random.randrange(DRAWN_SEEDS))
 
     def describe(self) -> str:
         """'Alpaca LoRA at scale 0.5', or the mode's label at scale 1 and in base mode."""

@@ -18,7 +18,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 
 import gradio as gr  # noqa: E402
 from gradio.components import Component  # noqa: E402
-from starlette.routing import Mount  # noqa: E402
 
 from minigpt import CheckpointError  # noqa: E402
 from minigpt.cli import warn_if_compile  # noqa: E402
@@ -34,7 +33,7 @@ from minigpt.serve.compare import DIFF_HINT, CompareHandlers, CompareSession, si
 from minigpt.serve.engine import Engine, load_engine  # noqa: E402
 from minigpt.serve.handlers import ATTENTION_HINT, BUTTONS, ChatHandlers, unlock  # noqa: E402
 from minigpt.serve.inspect_panels import SELECTED, VIEW_OUTPUTS, InspectHandlers  # noqa: E402
-from minigpt.serve.openai_api import access_for, api_app, describe  # noqa: E402
+from minigpt.serve.openai_api import access_for, api_routes, describe  # noqa: E402
 from minigpt.serve.panels import BAND_COLOURS  # noqa: E402
 from minigpt.serve.payloads import check_chat_payloads  # noqa: E402
 from minigpt.serve.score import ScoreHandlers  # noqa: E402
@@ -352,18 +351,27 @@ def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
     # shows each reply its place): Gradio lets every event through, up to the scheduler's own bounds.
     demo.queue(default_concurrency_limit=args.concurrency + args.queue_size, max_size=args.queue_size)
     access = access_for(args.host, args.share, args.api_key, args.open_api)
-    print(describe(access, f"http://{args.host}:{args.port}"), flush=True)
+    print(describe(access, f"http://{args.host}:{args.port}", args.host, args.share), flush=True)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                     theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
                     css_paths=[CSS], footer_links=["api"],
                     max_file_size=MAX_UPLOAD,  # only a conversation export is ever loaded: larger uploads get 413
                     state_session_capacity=args.sessions_kept,
-                    # The API's routes go first in the FastAPI app Gradio builds: /v1 is ours, the rest Gradio's.
-                    app_kwargs={"routes": [Mount("/v1", api_app(engine, access))]},
+                    auth=access.login(), auth_message="Log in with any user name and the server's API key.",
+                    # The API's routes go first in the FastAPI app Gradio builds: /v1 and the root routes
+                    # (/tokenize, /health, /metrics...) are ours, the rest Gradio's.
+                    app_kwargs={"routes": api_routes(engine, access)},
                     prevent_thread_lock=True)  # the server runs in its own threads; this one computes
     except OSError as e:  # the port was taken while the models loaded
         print(f"error: {PortBusy(args.host, args.port, e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # Gradio's check that its own page answers on localhost failed
+        if "localhost is not accessible" not in str(e):
+            raise
+        print(f"error: the page at http://{args.host}:{args.port} did not answer Gradio's start-up check in "
+              "time (a busy machine, or an http_proxy without no_proxy=localhost): start it again", file=sys.stderr)
+        demo.close()
         return 2
     try:
         engine.scheduler.serve()  # every forward pass, in the thread that loaded the models (Scheduler says why)

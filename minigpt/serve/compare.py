@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from ..request import DRAWN_SEEDS
 from ..scoring import Comparison, TokenDiff, compare_ids
-from .conversation import BASE, MAX_SEED, MODES, TUNED, as_chat_text
+from .conversation import BASE, MODES, TUNED, as_chat_text
 from .engine import Engine
 from .handlers import ChatHandlers
 from .panels import token_text
@@ -66,7 +67,7 @@ class CompareHandlers:
         """After check: fix the seed (a blank one is drawn once, for both sides), register both sides' Stop
         flags and clear the outputs (no queue, so a Stop clicked right after Send counts)."""
         if seed is None or not str(seed).strip():
-            seed = str(random.randint(0, MAX_SEED))
+            seed = str(random.randrange(DRAWN_SEEDS))
         history = [{"role": "user", "content": as_chat_text(message)}]
         session.request = (history, temperature, top_k, top_p, max_new_tokens, seed, scale)
         for side in session.sides.values():

@@ -72,7 +72,7 @@ def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180, app_arg
             if process.poll() is not None:
                 raise RuntimeError(f"app.py exited with {process.returncode}:\n{(tmp / 'app.log').read_text()}")
             try:
-                urllib.request.urlopen(url + "config", timeout=2)
+                urllib.request.urlopen(url + "health", timeout=2)  # open even where the page needs a login
                 break
             except OSError:
                 if time.monotonic() > deadline:
