@@ -260,11 +260,21 @@ def test_an_api_key_is_required_when_set(tmp_path):
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
         api = openai.OpenAI(base_url=app.url + "v1", api_key="s3cret", max_retries=0)
         assert api.completions.create(model="minigpt-base", prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
-        assert "(a bearer API key is required)" in (tmp_path / "app.log").read_text()
+        assert httpx.post(app.url + "tokenize", json={"prompt": "Hi"}, timeout=30).status_code == 401
+        assert httpx.get(app.url + "health", timeout=30).status_code == 200
+        # The page and every Gradio route want the key too: Gradio's login, any user name, the key as password.
+        assert httpx.get(app.url + "gradio_api/info", timeout=30).status_code == 401
+        with pytest.raises(Exception, match="(?i)login|auth|401"):
+            Client(app.url, verbose=False)
+        logged_in = Client(app.url, auth=("anyone", "s3cret"), verbose=False)
+        assert "/chat" in logged_in.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        log = (tmp_path / "app.log").read_text()
+        assert "(a bearer API key is required)" in log and "(log in with any user name and the API key as password)" in log
 
 
 def test_beyond_loopback_without_a_key_the_api_is_off_and_says_so(app_without_adapter):
     refused = httpx.get(app_without_adapter.url + "v1/models", timeout=30)
     assert refused.status_code == 403 and "--api-key" in refused.json()["error"]["message"]
     assert httpx.get(app_without_adapter.url, timeout=30).status_code == 200  # the chat itself is served
-    assert "OpenAI-compatible API: off, because" in app_without_adapter.log.read_text()
+    log = app_without_adapter.log.read_text()
+    assert "OpenAI-compatible API: off, because" in log and "open to anyone who can reach 0.0.0.0 (no --api-key)" in log
