@@ -69,6 +69,22 @@ class SamplingParams:
                     or self.json_schema is not None)
 
 
+def read_logit_bias(mapping: object, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} -> ((id, bias), ...) for SamplingParams; ValueError says what is wrong."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"logit_bias must be an object mapping token ids to biases, got {mapping!r}")
+    pairs = []
+    for key, bias in mapping.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() and len(key) < 10 else -1
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"logit_bias keys must be token ids from 0 to {vocab_size - 1}, got {key!r}")
+        if not _finite(bias) or not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise ValueError(f"logit_bias values must be numbers from -{MAX_BIAS:g} to {MAX_BIAS:g}, got {bias!r} "
+                             f"for {key}")
+        pairs.append((token, float(bias)))
+    return tuple(pairs)
+
+
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

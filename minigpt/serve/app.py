@@ -39,11 +39,14 @@ from minigpt.serve.payloads import check_chat_payloads  # noqa: E402
 from minigpt.serve.score import ScoreHandlers  # noqa: E402
 from minigpt.serve.session import Session  # noqa: E402
 from minigpt.lora_scale import MAX_SCALE  # noqa: E402
+from minigpt.sampling import MAX_PENALTY, MAX_REPETITION_PENALTY  # noqa: E402
 
 
 CSS = Path(__file__).with_name("app.css")
 UPLOAD_CLEANUP_S = 3600  # uploads (conversation exports) leave Gradio's cache after an hour
 MAX_UPLOAD = "2mb"  # a conversation export is tens of kB
+EXAMPLE_SCHEMA = ('{"type": "object", "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}},'
+                  ' "required": ["answer", "confidence"]}')
 EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of France?",
             "Write a short poem about the sea.", "Explain what a neural network is in one sentence."]
 
@@ -68,6 +71,24 @@ def scale_slider(engine: Engine, elem_id: str) -> gr.Slider:
     return gr.Slider(0, MAX_SCALE, value=1, step=0.05, label="LoRA scale", elem_id=elem_id,
                      interactive=TUNED in engine.models,
                      info="scales the adapter's update: 0 = base, 1 = as trained, 2 = doubled")
+
+
+def more_sampling_controls() -> list[Component]:
+    """The sampler's other stages (minigpt.sampling), off by default, in MoreSampling's order; the API's
+    fields of the same names."""
+    return [gr.Slider(0, 1, value=0, step=0.01, label="Min-p", info="keep tokens at least this fraction as likely "
+                      "as the top one; 0 = off", elem_id="min_p"),
+            gr.Slider(0.1, MAX_REPETITION_PENALTY, value=1, step=0.05, label="Repetition penalty",
+                      info="divides the logits of tokens already seen, prompt too; 1 = off",
+                      elem_id="repetition_penalty"),
+            gr.Slider(-MAX_PENALTY, MAX_PENALTY, value=0, step=0.1, label="Presence penalty",
+                      info="subtracted once from tokens already generated; 0 = off", elem_id="presence_penalty"),
+            gr.Slider(-MAX_PENALTY, MAX_PENALTY, value=0, step=0.1, label="Frequency penalty",
+                      info="subtracted per time a token was generated; 0 = off", elem_id="frequency_penalty"),
+            gr.Textbox("", label="Logit bias", info='added to token logits, e.g. {"50256": -100} bans the end of '
+                       "text", placeholder="{}", elem_id="logit_bias"),
+            gr.Checkbox(False, label="Answer as JSON matching this schema", elem_id="as_json"),
+            gr.Code(EXAMPLE_SCHEMA, language="json", label="JSON schema", elem_id="schema", lines=4)]
 
 
 def chat_tab(engine: Engine) -> None:
@@ -152,6 +173,8 @@ def chat_tab(engine: Engine) -> None:
                 seed = gr.Textbox("", label="Seed", info="a whole number repeats a reply; blank = random",
                                   placeholder="random", elem_id="seed")
                 scale = scale_slider(engine, "scale")
+            with gr.Accordion("More sampling", open=False, elem_id="more_sampling"):
+                more = more_sampling_controls()
             with gr.Accordion("Prompt sent to the model", open=False):
                 prompt_view = gr.Textbox(elem_id="prompt", show_label=False, lines=8, max_lines=20,
                                          interactive=False, buttons=["copy"])
@@ -179,9 +202,10 @@ def chat_tab(engine: Engine) -> None:
         """check refuses bad input (queued, so its message shows; no outputs, so nothing is covered by an error
         badge); step adds the message and locks the controls (no queue); then the reply streams; then unlock,
         and the views on screen are computed for the new reply."""
-        reply = trigger(check, [*check_inputs, *controls, scale], None, show_progress="hidden", **private).success(
+        reply = trigger(check, [*check_inputs, *controls, scale, *more], None, show_progress="hidden",
+                        **private).success(
             named(step), [session, *step_inputs], out("msg", "chat", *BUTTONS), queue=False, **private).success(
-            named(handlers.respond), [session, chat, *controls, layer, head, scale], reply_outputs,
+            named(handlers.respond), [session, chat, *controls, layer, head, scale, *more], reply_outputs,
             api_name=api_name, api_visibility="public" if api_name else "private")
         reply.then(named(unlock), None, out("msg", *BUTTONS), queue=False, **private)
         reply.then(named(inspect.views), selection, views, **private)

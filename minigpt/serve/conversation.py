@@ -5,6 +5,7 @@ what is wrong. The app and the API share it.
 from __future__ import annotations
 
 import html
+import json
 import math
 import reprlib
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ import tiktoken
 from ..lora_scale import check_scale
 from ..prompts import STOP_STRINGS, Exchange, render_prompt, transcript
 from ..request import MAX_SEED, Mode, ReplyRequest
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, read_logit_bias
 
 BASE, TUNED = Mode.BASE, Mode.TUNED
 MODES = tuple(Mode)
@@ -27,7 +28,9 @@ MAX_TEMPERATURE = 2.0
 MAX_HISTORY_MESSAGES = 1000
 MAX_HISTORY_CHARS = 1_000_000
 ROLES = ("system", "user", "assistant")  # the chat sends no system message; the API may
-FIELD_NAMES = {"temperature": "Temperature", "top_k": "Top-k", "top_p": "Top-p"}  # as the sliders say
+FIELD_NAMES = {"temperature": "Temperature", "top_k": "Top-k", "top_p": "Top-p", "min_p": "Min-p",
+               "repetition_penalty": "Repetition penalty", "presence_penalty": "Presence penalty",
+               "frequency_penalty": "Frequency penalty", "logit_bias": "Logit bias"}  # as the controls say
 
 
 class ChatInputError(ValueError):
@@ -178,8 +181,38 @@ def read_mode(mode: object) -> Mode:
         raise ChatInputError(f"Unknown mode {reprlib.repr(mode)}: choose {' or '.join(MODES)}.") from None
 
 
+@dataclass(frozen=True)
+class MoreSampling:
+    """The chat's "More sampling" controls, as the page sends them (their defaults are off)."""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: str = ""  # OpenAI's JSON object {"token id": bias}; blank = none
+    as_json: bool = False  # answer as JSON matching `schema`
+    schema: str = ""
+
+    def params(self, vocab_size: int) -> dict:
+        """SamplingParams' keyword arguments; ChatInputError in the controls' words."""
+        more = {name: _number(FIELD_NAMES[name], getattr(self, name))
+                for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")}
+        bias = (self.logit_bias or "").strip()
+        try:
+            more["logit_bias"] = read_logit_bias(json.loads(bias) if bias else {}, vocab_size)
+        except json.JSONDecodeError:
+            raise ChatInputError('Logit bias must be a JSON object such as {"50256": -100}.') from None
+        except ValueError as e:
+            raise ChatInputError(f"Logit bias: {str(e).removeprefix('logit_bias ')}.") from None
+        if self.as_json:
+            if not (self.schema or "").strip():
+                raise ChatInputError("Answer as JSON needs a schema: write one in the box, or {} for any JSON.")
+            more["json_schema"] = self.schema
+        return more
+
+
 def read_request(mode: object, temperature: float, top_k: float | None, top_p: float, max_new_tokens: float,
-                 seed: float | str | None, scale: float, context: int) -> tuple[ReplyRequest, list[str]]:
+                 seed: float | str | None, scale: float, context: int, more: MoreSampling = MoreSampling(),
+                 vocab_size: int = 50257) -> tuple[ReplyRequest, list[str]]:
     """The page's controls -> (the reply request, notices about values that were clamped).
 
     Values the sliders cannot produce but that make sense are clamped with a notice; values that make
@@ -204,7 +237,7 @@ def read_request(mode: object, temperature: float, top_k: float | None, top_p: f
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ChatInputError(f"Seed must be between 0 and {MAX_SEED} (or blank for random), got {seed}.")
     try:
-        params = SamplingParams(temperature, top_k, _number("Top-p", top_p))
+        params = SamplingParams(temperature, top_k, _number("Top-p", top_p), **more.params(vocab_size))
     except ValueError as e:  # "top_k must be ..." -> "Top-k must be ..."
         field, rest = str(e).split(" ", 1)
         raise ChatInputError(f"{FIELD_NAMES.get(field, field)} {rest}.") from None
@@ -234,6 +267,10 @@ def _number(name: str, value: object) -> float:
 
 
 def whole_number(name: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().removeprefix("-").isdigit():
+        return int(value)  # exactly: a 64-bit seed is beyond a float's 53 bits
     number = _number(name, value)
     if not number.is_integer():
         raise ChatInputError(f"{name} must be a whole number, got {reprlib.repr(value)}.")

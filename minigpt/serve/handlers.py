@@ -10,8 +10,10 @@ from __future__ import annotations
 import anyio
 import gradio as gr
 
+from ..json_output import SchemaError, compile_schema
 from .conversation import (
     ChatInputError,
+    MoreSampling,
     as_chat_text,
     build_prompt,
     context_note,
@@ -69,12 +71,19 @@ class ChatHandlers:
         self.engine = engine
         self.ready = f"Ready · {engine.device}"
 
-    def prepare(self, history, mode, temperature, top_k, top_p, max_new_tokens, seed, scale=1.0):
+    def prepare(self, history, mode, temperature, top_k, top_p, max_new_tokens, seed, scale=1.0, *more):
         """(request, prompt, notices): everything a reply needs, validated; bad input becomes a message for
-        the user. It tokenizes: an async handler calls it in a worker thread (prepare_async)."""
+        the user. It tokenizes: an async handler calls it in a worker thread (prepare_async). `more`: the
+        "More sampling" controls (MoreSampling's fields, in order)."""
         context = self.engine.n_positions
         try:
-            request, notices = read_request(mode, temperature, top_k, top_p, max_new_tokens, seed, scale, context)
+            request, notices = read_request(mode, temperature, top_k, top_p, max_new_tokens, seed, scale, context,
+                                            MoreSampling(*more), self.engine.tokenizer.n_vocab)
+            if request.params.json_schema is not None:
+                try:
+                    compile_schema(request.params.json_schema, self.engine.tokenizer)
+                except SchemaError as e:
+                    raise ChatInputError(f"The JSON schema cannot be used: {e}.") from None
             self.engine.model_for(request)  # refused here if the mode is off
             prompt = build_prompt(request.mode, history, self.engine.tokenizer, context - request.max_new_tokens)
         except ChatInputError as e:
@@ -119,10 +128,10 @@ class ChatHandlers:
         session.stop()
 
     async def respond(self, session: Session, history, mode, temperature, top_k, top_p, max_new_tokens, seed, layer,
-                      head, scale=1.0):
+                      head, scale=1.0, *more):
         """The reply, streamed: {"chat", "stats"} while it waits and grows; finished, the prompt and the panels."""
         request, prompt, notices = await self.prepare_async(history, mode, temperature, top_k, top_p,
-                                                            max_new_tokens, seed, scale)
+                                                            max_new_tokens, seed, scale, *more)
         notes = [*notices, context_note(prompt, self.engine.n_positions)]
         for note in filter(None, notes):
             gr.Warning(note)

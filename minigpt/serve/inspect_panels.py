@@ -22,7 +22,13 @@ from .handlers import ChatHandlers, checked, locked, unlock
 from .panels import MAX_KEYS, MAX_QUERIES, alternatives, attention_window, heatmap, position_caption, token_highlights
 from .panels_heads import entropy_figure, similarity_figure
 from .panels_lens import lens_figure, lens_ids, lens_table, reply_column, visible_columns
-from .panels_sampling import pipeline_figure, pipeline_summary, position_logits, sampling_pipeline
+from .panels_sampling import (
+    pipeline_figure,
+    pipeline_summary,
+    position_history,
+    position_logits,
+    sampling_pipeline,
+)
 from .panels_timeline import timeline_figure, timeline_summary
 from .replies import paced, stats_line
 from .session import Session
@@ -66,7 +72,8 @@ class InspectHandlers:
         reply, position = session.reply, session.position
         params = reply.request.params
         logits = self.engine.compute(position_logits, self.engine.model_for(reply.request), reply, position)
-        pipeline = sampling_pipeline(logits, params, reply.token_ids[position - 1])
+        pipeline = sampling_pipeline(logits, params, reply.token_ids[position - 1],
+                                     position_history(reply, position, self.tokenizer))
         return {"pipeline": pipeline_figure(pipeline, self.tokenizer),
                 "pipeline_note": pipeline_summary(pipeline, self.tokenizer, params)}
 

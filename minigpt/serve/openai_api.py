@@ -36,7 +36,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from ..generation import prompt_logprobs
 from ..json_output import ANY_OBJECT, SchemaError, compile_schema
 from ..request import MAX_SEED, Mode, ReplyRequest
-from ..sampling import MAX_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, SamplingParams
+from ..sampling import MAX_PENALTY, MAX_REPETITION_PENALTY, SamplingParams, read_logit_bias
 from ..tokenizer import EOT
 from .conversation import (
     MAX_NEW_TOKENS,
@@ -201,20 +201,10 @@ def read_common(body: Body, engine: Engine, endpoint: str) -> tuple[Mode, Sampli
 
 def logit_bias(body: Body, n_vocab: int) -> tuple[tuple[int, float], ...]:
     """OpenAI's {"token id": bias} -> ((id, bias), ...)."""
-    value = body.get("logit_bias", {})
-    if not isinstance(value, dict):
-        raise APIError(400, f"logit_bias must be an object mapping token ids to biases, got {value!r}.", "logit_bias")
-    pairs = []
-    for key, bias in value.items():
-        token = int(key) if isinstance(key, str) and key.isdigit() and len(key) < 10 else -1
-        if not 0 <= token < n_vocab:
-            raise APIError(400, f"logit_bias keys must be token ids from 0 to {n_vocab - 1}, got {key!r}.",
-                           "logit_bias")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -MAX_BIAS <= bias <= MAX_BIAS:
-            raise APIError(400, f"logit_bias values must be numbers from -{MAX_BIAS:g} to {MAX_BIAS:g}, got "
-                                f"{bias!r} for {key}.", "logit_bias")
-        pairs.append((token, float(bias)))
-    return tuple(pairs)
+    try:
+        return read_logit_bias(body.get("logit_bias", {}), n_vocab)
+    except ValueError as e:
+        raise APIError(400, f"{e}.", "logit_bias") from None
 
 
 def response_schema(body: Body, engine: Engine) -> str | None:

@@ -1,5 +1,6 @@
 """The sampling panel: how the sampler's own stages (sampling.filter_stages) turn the model's distribution
-at one position into the one the token was drawn from."""
+at one position into the one the token was drawn from: the JSON grammar, logit bias and penalties, then the
+warpers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ import torch
 from matplotlib.figure import Figure
 
 from ..model import GPT
-from ..sampling import SamplingParams, filter_stages
+from ..generation import new_history
+from ..sampling import History, SamplingParams, filter_stages
 from ..speed.decoder import Decoder
 from .panels import axis_label
 from .replies import Reply
@@ -35,18 +37,28 @@ def position_logits(model: GPT | Decoder, reply: Reply, position: int) -> torch.
     return model(torch.tensor([ids], device=model.device), None, last_only=True)[0, -1].float().cpu()
 
 
-def sampling_pipeline(logits: torch.Tensor, params: SamplingParams, drawn: int) -> Pipeline:
-    stages = filter_stages(logits, params)
-    scaled = stages[-1 if params.greedy else 1][1].softmax(-1)  # the cuts act on the temperature's distribution
-    names, probs = [], []
-    for name, stage in stages:
-        names.append(name)
-        probs.append((stage.softmax(-1) if name in ("raw", "temperature") else
-                      scaled.masked_fill(~torch.isfinite(stage), 0.0)).numpy())
+def position_history(reply: Reply, position: int, tokenizer: tiktoken.Encoding) -> History | None:
+    """What the stages that read the sequence saw when reply token `position` (1-based) was drawn."""
+    history = new_history(reply.request.params, tokenizer, reply.prompt_ids)
+    for token in reply.token_ids[:position - 1] if history is not None else ():
+        history.add(token)
+    return history
+
+
+def sampling_pipeline(logits: torch.Tensor, params: SamplingParams, drawn: int,
+                      history: History | None = None) -> Pipeline:
+    stages = filter_stages(logits, params, history)
+    names = [name for name, _ in stages]
+    # The stages up to temperature reshape the distribution (shown as it is after each); the cuts after it
+    # act on the temperature's distribution (a cut token's probability is 0, the others keep theirs).
+    warped = names.index("temperature") if "temperature" in names else len(stages) - 1
+    scaled = stages[warped][1].softmax(-1)
+    probs = [(stage.softmax(-1) if i <= warped else scaled.masked_fill(~torch.isfinite(stage), 0.0)).numpy()
+             for i, (_, stage) in enumerate(stages)]
     survivors = [int(torch.isfinite(stage).sum()) for _, stage in stages]
     if params.greedy:
         names.append("greedy: the argmax")
-        probs.append(np.eye(1, logits.numel(), int(logits.argmax()))[0])
+        probs.append(np.eye(1, logits.numel(), int(stages[-1][1].argmax()))[0])
         survivors.append(1)
     else:
         names.append("renormalised")
@@ -57,7 +69,10 @@ def sampling_pipeline(logits: torch.Tensor, params: SamplingParams, drawn: int) 
 
 def pipeline_summary(pipeline: Pipeline, tokenizer: tiktoken.Encoding, params: SamplingParams) -> str:
     settings = {"temperature": f"temperature {params.temperature:g}", "top-k": f"top-k {params.top_k}",
-                "top-p": f"top-p {params.top_p:g}"}
+                "top-p": f"top-p {params.top_p:g}", "min-p": f"min-p {params.min_p:g}",
+                "repetition penalty": f"repetition penalty {params.repetition_penalty:g}",
+                "presence penalty": f"presence penalty {params.presence_penalty:g}",
+                "frequency penalty": f"frequency penalty {params.frequency_penalty:g}"}
     steps = " → ".join(f"{settings.get(name, name)}: **{n:,}**" for name, n in zip(pipeline.names, pipeline.survivors))
     p = pipeline.probs[-1][pipeline.drawn]
     return (f"Tokens left at each stage: {steps}. Drawn: `{axis_label(tokenizer, pipeline.drawn)}` "

@@ -11,7 +11,7 @@ from typing import Any
 import tiktoken
 
 from ..request import ReplyRequest
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, read_logit_bias
 from .conversation import as_chat_text, message_text
 from .panels import token_text
 from .replies import Reply
@@ -30,7 +30,10 @@ def export_conversation(history: Sequence[dict], reply: Reply, tokenizer: tiktok
     return json.dumps({
         "format": FORMAT, "version": VERSION, "mode": request.mode.value, "scale": request.scale,
         "settings": {"temperature": params.temperature, "top_k": params.top_k or 0, "top_p": params.top_p,
-                     "max_new_tokens": request.max_new_tokens},
+                     "max_new_tokens": request.max_new_tokens, "min_p": params.min_p,
+                     "repetition_penalty": params.repetition_penalty, "presence_penalty": params.presence_penalty,
+                     "frequency_penalty": params.frequency_penalty,
+                     "logit_bias": {str(i): b for i, b in params.logit_bias}, "json_schema": params.json_schema},
         "seed": request.seed, "stop": list(reply.stop),
         "conversation": [{"role": m["role"], "content": message_text(m)} for m in history],
         "prompt_ids": reply.prompt_ids,
@@ -81,7 +84,10 @@ def _logprob(value: Any) -> float:
 
 def _reply(data: dict, vocab_size: int, n_positions: int) -> Reply:
     mode, s = data["mode"], data["settings"]
-    request = ReplyRequest(mode, SamplingParams(s["temperature"], s["top_k"], s["top_p"]),
+    more = {name: s[name] for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                                       "json_schema") if name in s}  # files from before these stages have none
+    more["logit_bias"] = read_logit_bias(s.get("logit_bias", {}), vocab_size)
+    request = ReplyRequest(mode, SamplingParams(s["temperature"], s["top_k"], s["top_p"], **more),
                            int(s["max_new_tokens"]), data["seed"] if type(data["seed"]) is int else None,
                            data.get("scale", 1.0))
     reply_data = data["reply"]

@@ -3,8 +3,10 @@ import pytest
 
 from minigpt.prompts import DIALOGUE_HEADER, Exchange
 from minigpt.request import Mode
+from minigpt.sampling import SamplingParams
 from minigpt.serve.conversation import (
     BASE,
+    MoreSampling,
     MAX_HISTORY_CHARS,
     MAX_HISTORY_MESSAGES,
     MAX_TEMPERATURE,
@@ -232,7 +234,8 @@ def test_settings_clamp_what_makes_sense_and_say_so():
     ((1, 0, 1.5, 10, None), r"Top-p must be in \(0, 1\]"),
     ((1, 0, 1, 0, None), "Max new tokens must be at least 1, got 0"),
     ((1, 0, 1, 10, 1.5), "Seed must be a whole number, got 1.5"),
-    ((1, 0, 1, 10, -1), "Seed must be between 0 and 4294967295"),
+    ((1, 0, 1, 10, -1), "Seed must be between 0 and 18446744073709551615"),
+    ((1, 0, 1, 10, str(2**64)), "Seed must be between 0 and 18446744073709551615"),
     ((1, 0, 1, 10, "abc"), "Seed must be a number, got 'abc'"),
 ])
 def test_settings_refuse_nonsense_with_a_message_for_the_user(args, message):
@@ -249,3 +252,31 @@ def test_system_messages_replace_the_dialogue_header_and_lead_the_alpaca_input(t
     history = [{"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "Hi"},
                {"role": "assistant", "content": "Arr."}, {"role": "user", "content": "Bye"}]
     assert build_prompt(mode, history, tokenizer, 1000).text == expected
+
+
+def test_a_64_bit_seed_is_read_exactly():
+    assert read_request(BASE, 1, 0, 1, 10, str(2**64 - 1), 1.0, context=1024)[0].seed == 2**64 - 1
+
+
+@pytest.mark.parametrize("more, message", [
+    (MoreSampling(presence_penalty=3), "Presence penalty must be from -2 to 2"),
+    (MoreSampling(repetition_penalty=0), "Repetition penalty must be above 0"),
+    (MoreSampling(min_p="x"), "Min-p must be a number"),
+    (MoreSampling(logit_bias="{50256: -100}"), "Logit bias must be a JSON object"),
+    (MoreSampling(logit_bias='{"50257": 1}'), "Logit bias: keys must be token ids from 0 to 50256"),
+    (MoreSampling(logit_bias='{"1": 200}'), "Logit bias: values must be numbers from -100 to 100"),
+    (MoreSampling(as_json=True, schema=" "), "Answer as JSON needs a schema"),
+])
+def test_more_sampling_refuses_nonsense_in_the_controls_words(more, message):
+    with pytest.raises(ChatInputError, match=message):
+        read_request(BASE, 1, 0, 1, 10, None, 1.0, context=1024, more=more)
+
+
+def test_more_sampling_becomes_the_samplers_params():
+    more = MoreSampling(0.05, 1.2, 0.5, -0.5, '{"50256": -100}', True, '{"type": "object"}')
+    params = read_request(BASE, 1, 0, 1, 10, None, 1.0, context=1024, more=more)[0].params
+    assert (params.min_p, params.repetition_penalty, params.presence_penalty, params.frequency_penalty) == (
+        0.05, 1.2, 0.5, -0.5)
+    assert params.logit_bias == ((50256, -100.0),) and params.json_schema == '{"type": "object"}'
+    assert read_request(BASE, 1, 0, 1, 10, None, 1.0, context=1024, more=MoreSampling(
+        schema="ignored"))[0].params == SamplingParams(1, 0, 1)

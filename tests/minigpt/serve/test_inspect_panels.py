@@ -182,3 +182,38 @@ def test_out_of_vocabulary_ids_are_refused(inspect, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     assert "token ids between 0 and 50256" in inspect.load(Session(), str(bad), 0, -1)["export_note"]
+
+
+def test_the_sampling_view_replays_the_stages_that_read_the_sequence(inspect):
+    """A reply drawn under a JSON schema with penalties: at every position the view rebuilds what the sampler
+    saw (the grammar's state, the tokens so far), so the drawn token survives every stage it shows."""
+    from minigpt.serve.conversation import MoreSampling
+    from minigpt.serve.panels_sampling import position_history, position_logits, sampling_pipeline
+    tokenizer = inspect.tokenizer
+    more = MoreSampling(0.02, 1.3, 0.4, 0.2, '{"90": 2}', True, '{"type": "object", "properties": {"a": '
+                        '{"type": "integer"}}, "required": ["a"], "additionalProperties": false}')
+    request = read_request(BASE, 0.9, 0, 1.0, 12, 3, 1.0, context=128, more=more)[0]
+    ids = tokenizer.encode_ordinary("JSON:")
+    reply = list(stream_reply(inspect.engine.models[BASE], tokenizer, Prompt("", ids, 0, ()), request,
+                              threading.Event()))[-1]
+    if reply.finish_reason == "eos":
+        assert isinstance(json.loads(reply.text)["a"], int)
+    for position in range(1, len(reply.token_ids) + 1):
+        logits = position_logits(inspect.engine.models[BASE], reply, position)
+        history = position_history(reply, position, tokenizer)
+        pipeline = sampling_pipeline(logits, request.params, reply.token_ids[position - 1], history)
+        penalties = ["frequency penalty", "presence penalty"] if position > 1 else []  # nothing generated yet
+        assert pipeline.names == ["raw", "JSON grammar", "logit bias", "repetition penalty", *penalties,
+                                  "temperature", "min-p", "renormalised"]
+        assert all(probs[reply.token_ids[position - 1]] > 0 for probs in pipeline.probs)
+
+
+def test_an_export_keeps_every_sampler_stage_setting(inspect):
+    from minigpt.serve.conversation import MoreSampling
+    from minigpt.serve.replies import Reply
+    from minigpt.serve.transcript import export_conversation, load_conversation
+    more = MoreSampling(0.1, 1.2, -0.5, 0.5, '{"13": -100, "50256": 3}', True, '{"type": "object"}')
+    request = read_request(BASE, 0.9, 0, 1.0, 4, 7, 1.0, context=128, more=more)[0]
+    reply = Reply(request, [1, 2], "x", [3], [-1.0], [[(3, -1.0)]], "length")
+    _, loaded = load_conversation(export_conversation(HISTORY, reply, inspect.tokenizer), 50257, 128)
+    assert loaded.request == request
