@@ -44,8 +44,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> ar
                    help="keep the per-session state (last reply, panels) of this many most recent browser "
                         "sessions; older ones start over: memory levels off")
     p.add_argument("--api-key", default=os.environ.get("MINIGPT_API_KEY"),
-                   help="every /v1 (OpenAI-compatible API) request must send it as a bearer token "
-                        "(default: $MINIGPT_API_KEY; none: /v1 is open on loopback, off beyond it)")
+                   help="every /v1 (OpenAI-compatible API) request must send it as a bearer token, and the chat "
+                        "page asks for it as a login password (default: $MINIGPT_API_KEY; none: /v1 is open on "
+                        "loopback, off beyond it, and the page is open to whoever can reach it)")
     p.add_argument("--open-api", action="store_true",
                    help="serve /v1 without a key even when bound beyond loopback (--host 0.0.0.0, a Space)")
     args = p.parse_args(argv)
