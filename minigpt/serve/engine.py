@@ -18,10 +18,9 @@ from ..request import Mode, ReplyRequest
 from ..speed.decoder import Decoder
 from .conversation import TUNED, ChatInputError, Prompt
 from .replies import TOP_N, Reply, areplies_of, replies_of, reply_source
+from .launch import how_to_set, on_space
 from .scheduler import Scheduler, Ticket
 
-GET_AN_ADAPTER = ("Train one with `python -m lora.train` or pass `--adapter` (a folder or a Hub repo id of a PEFT "
-                  "GPT-2 LoRA adapter).")
 DEFAULT_ROWS = 8  # --concurrency: rows decoded together (bench.serving: docs/serving.md)
 DEFAULT_QUEUE = 256  # --queue-size: requests that may wait for a row; more are refused as busy
 T = TypeVar("T")
@@ -120,10 +119,18 @@ def load_engine(model: str, adapter: str | None, device: str | None, precision: 
     return Engine(models, tokenizer, hint, drafts, Scheduler(concurrency, queue_size, background=background), lora)
 
 
+def get_an_adapter() -> str:
+    if on_space():
+        return (f"Set {how_to_set('adapter', 'USER/ADAPTER')}, a Hub repo id of a PEFT GPT-2 LoRA adapter, or build "
+                "the Space with one: `python -m minigpt.space --adapter FOLDER`.")
+    return ("Train one with `python -m lora.train` or pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 "
+            "LoRA adapter).")
+
+
 def adapter_hint(default_adapter: Path | None, problems: list[AdapterError]) -> str:
     """Why the tuned mode is off, and how to turn it on."""
     if default_adapter is None:
-        return f"no adapter given. {GET_AN_ADAPTER}"
+        return f"no adapter given. {get_an_adapter()}"
     if problems:
-        return f"the adapter in {default_adapter} cannot be used ({problems[0]}). {GET_AN_ADAPTER}"
-    return f"no adapter in {default_adapter}. {GET_AN_ADAPTER}"
+        return f"the adapter in {default_adapter} cannot be used ({problems[0]}). {get_an_adapter()}"
+    return f"no adapter in {default_adapter}. {get_an_adapter()}"
