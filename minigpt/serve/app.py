@@ -345,7 +345,7 @@ def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if TUNED not in engine.models:
-        print(f"note: {TUNED} mode is off: {engine.adapter_hint}", file=sys.stderr)
+        print(f"note: {TUNED} mode is off: {engine.adapter_note}", file=sys.stderr)
     print(engine.capacity(), flush=True)
     demo = build_app(engine)
     # Every reply waits in the scheduler's queue, not Gradio's (it orders the chat and the API together, and

@@ -1,4 +1,5 @@
 """app.py without a server: command line, loading the models once, the mode switch without an adapter."""
+import json
 import runpy
 import socket
 import subprocess
@@ -45,8 +46,9 @@ def test_without_an_adapter_only_base_mode_runs_and_the_hint_says_how_to_get_one
     engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", default_adapter=default)
     assert list(engine.models) == [BASE] and engine.device == "cpu float32 (C decode step)"
     assert "python -m lora.train" in engine.adapter_hint and "--adapter" in engine.adapter_hint
-    with pytest.raises(ChatInputError, match=f"Alpaca LoRA mode is off: no adapter in {default}"):
+    with pytest.raises(ChatInputError, match="Alpaca LoRA mode is off: no adapter in checkpoints/alpaca-lora. Train"):
         engine.model(TUNED)
+    assert engine.adapter_note.startswith(f"no adapter in {default}. Train")  # the server's log has the path
 
 
 @pytest.mark.parametrize("leftover, why", [
@@ -63,7 +65,14 @@ def test_a_default_adapter_that_cannot_be_used_leaves_base_mode_and_says_why(tin
         make_adapter(make_checkpoint(tmp_path / "deeper", n_layer=3)[0], default)
     engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", default_adapter=default)
     assert list(engine.models) == [BASE]
-    assert engine.adapter_hint.startswith(f"the adapter in {default} cannot be used (") and why in engine.adapter_hint
+    assert engine.adapter_note.startswith(f"the adapter in {default} cannot be used (") and why in engine.adapter_note
+    # what the page (Model switch, Compare, Score) and /v1 show: no path of the server's disk, no file names
+    assert engine.adapter_hint.startswith("the adapter in checkpoints/alpaca-lora cannot be used (it is incomplete")
+    config = json.dumps(app.build_app(engine).get_config_file(), default=str)
+    assert "checkpoints/alpaca-lora cannot be used" in config and str(tmp_path) not in config and why not in config
+    with pytest.raises(ChatInputError) as off:
+        engine.model(TUNED)
+    assert str(tmp_path) not in str(off.value) and "checkpoints/alpaca-lora" in str(off.value)
     with pytest.raises(AdapterError, match=why):  # the same folder named with --adapter stays an error
         load_engine(str(tiny_checkpoint[0]), str(default), "cpu", "float32", default_adapter=default)
 
