@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .atomic import atomic_write
+from .atomic import atomic_write, save_tensors
 from .config import GPTConfig
 from .errors import CheckpointError, DamagedFileError, DeviceError
 from .hub import fetch, in_hub_cache, redownload
@@ -102,8 +102,7 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer_folder: str | Path
     copied from tokenizer_folder), loadable by load_pretrained and by transformers."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(folder / "model.safetensors") as tmp:
-        save_file(minigpt_to_hub(model), tmp, metadata={"format": "pt"})
+    save_tensors(minigpt_to_hub(model), folder / "model.safetensors", {"format": "pt"})
     with atomic_write(folder / "config.json") as tmp:
         tmp.write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
     for name in TOKENIZER_FILES:
