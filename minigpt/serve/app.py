@@ -21,7 +21,7 @@ from gradio.components import Component  # noqa: E402
 from starlette.routing import Mount  # noqa: E402
 
 from minigpt import CheckpointError  # noqa: E402
-from minigpt.cli import warn_if_compile  # noqa: E402
+from minigpt.cli import INTERRUPTED, ctrl_c_exits_now, warn_if_compile  # noqa: E402
 from minigpt.errors import DeviceError  # noqa: E402
 from minigpt.serve.conversation import (  # noqa: E402
     BASE,
@@ -333,14 +333,15 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
-    """Load the models, open the page and serve until Ctrl-C; 2 with one `error:` line if that cannot start.
+    """Load the models, open the page and serve until Ctrl-C (130); 2 with one `error:` line if that cannot start.
     default_adapter: served when --adapter names none (if it is there and fits the model)."""
     warn_if_compile(args)
     try:
         check_port(args.host, args.port)  # before the minutes of loading, not after
-        engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative,
-                             default_adapter=default_adapter, concurrency=args.concurrency,
-                             queue_size=args.queue_size, background=False)
+        with ctrl_c_exits_now():  # leaves at once, even from a stalled download
+            engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative,
+                                 default_adapter=default_adapter, concurrency=args.concurrency,
+                                 queue_size=args.queue_size, background=False)
     except (CheckpointError, DeviceError, PortBusy) as e:  # CheckpointError includes AdapterError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -369,5 +370,5 @@ def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
         engine.scheduler.serve()  # every forward pass, in the thread that loaded the models (Scheduler says why)
     except KeyboardInterrupt:
         demo.close()
-    return 0
+    return INTERRUPTED
 
