@@ -129,6 +129,8 @@ def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> None:
         if state[key].shape != shape:
             raise CheckpointError(f"tensor {key} has shape {tuple(state[key].shape)}, "
                                   f"expected {tuple(shape)} for this config")
+        if not torch.isfinite(state[key]).all():  # it would make every reply NaN, or the sampler fail
+            raise CheckpointError(f"tensor {key} holds NaN or infinite values: the checkpoint is damaged")
     with torch.no_grad():
         for key, param in model.state_dict().items():
             if key != "lm_head.weight":

@@ -36,7 +36,7 @@ from minigpt.serve.handlers import ATTENTION_HINT, BUTTONS, ChatHandlers, unlock
 from minigpt.serve.inspect_panels import SELECTED, VIEW_OUTPUTS, InspectHandlers  # noqa: E402
 from minigpt.serve.openai_api import access_for, api_app, describe  # noqa: E402
 from minigpt.serve.panels import BAND_COLOURS  # noqa: E402
-from minigpt.serve.payloads import check_chat_payloads  # noqa: E402
+from minigpt.serve.payloads import check_payloads  # noqa: E402
 from minigpt.serve.score import ScoreHandlers  # noqa: E402
 from minigpt.serve.session import Session  # noqa: E402
 from minigpt.lora_scale import MAX_SCALE  # noqa: E402
@@ -61,7 +61,7 @@ def build_app(engine: Engine) -> gr.Blocks:
             compare_tab(engine)
         with gr.Tab("Score", id="score-tab"):
             score_tab(engine)
-    check_chat_payloads(demo)
+    check_payloads(demo)
     return demo
 
 
