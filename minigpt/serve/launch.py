@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-from minigpt.cli import add_precision_arguments
+from minigpt.cli import INTERRUPTED, add_precision_arguments, exit_cli
 
 # Every option that matters on a Hugging Face Space, where no flag can be passed, also reads a variable
 # (set in the Space's settings; a key as a secret). A flag wins over its variable, the variable over the
@@ -109,6 +110,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> ar
     args = p.parse_args(argv)
     if args.no_adapter:
         args.adapter = None  # --no-adapter wins over MINIGPT_ADAPTER
+    if not 1 <= args.port <= 65535:
+        p.error(f"--port must be between 1 and 65535, got {args.port}")
     for name in ("concurrency", "sessions_kept", "queue_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -121,6 +124,10 @@ def main(argv: list[str] | None = None, home: Path | None = None, prog: str = "m
     """Parse the options, then load and serve. home: the folder whose checkpoints/alpaca-lora is the default
     adapter (app.py passes its own folder, whatever the cwd; the installed command uses the cwd)."""
     args = parse_args(argv, prog)
-    from minigpt.serve.app import serve  # Gradio and torch: seconds of imports, after --help has answered
+    try:
+        from minigpt.serve.app import serve  # Gradio and torch: seconds of imports, after --help has answered
 
-    return serve(args, None if args.no_adapter else default_adapter(home or Path.cwd()))
+        return serve(args, None if args.no_adapter else default_adapter(home or Path.cwd()))
+    except KeyboardInterrupt:  # Ctrl-C while importing, building the page or starting Gradio's server
+        print("\ninterrupted", file=sys.stderr)
+        exit_cli(INTERRUPTED)  # at once: Gradio's server threads would hold a normal exit

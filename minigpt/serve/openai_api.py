@@ -131,6 +131,8 @@ def read_common(body: Body, engine: Engine) -> tuple[Mode, SamplingParams, int |
     """Fields both endpoints share: (mode, sampling, seed, stream, include_usage)."""
     model_id = body.get("model")
     modes = {mode.api_id: mode for mode in engine.models}
+    if not isinstance(model_id, str):
+        raise APIError(400, f"model must be a model id (a string): {', '.join(modes)}.", "model")
     if model_id not in modes:
         hint = f" ({engine.adapter_hint})" if model_id == TUNED.api_id else ""
         raise APIError(404, f"The model {model_id!r} does not exist{hint}; this server has {', '.join(modes)}.",
@@ -473,6 +475,8 @@ async def read_body(request: Request) -> Body:
         return Body(await anyio.to_thread.run_sync(json.loads, bytes(data)))
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "The request body is not valid JSON.") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise APIError(400, "The request body is nested too deeply.") from None
 
 
 def api_app(engine: Engine, access: Access) -> Starlette:
