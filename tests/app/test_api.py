@@ -132,7 +132,7 @@ def test_stop_ends_the_generation_early(app):
 
 
 @pytest.mark.parametrize("args, message", [
-    (chat_args(history("hi"), seed="-5"), "Seed must be between 0 and 4294967295"),
+    (chat_args(history("hi"), seed="-5"), "Seed must be between 0 and 18446744073709551615"),
     (chat_args(history("hi"), seed="1.5"), "Seed must be a whole number, got '1.5'"),
     (chat_args(history("hi"), temperature=-1), "less than minimum value 0"),  # Gradio checks slider bounds
     (chat_args(history("hi"), top_p=1.5), "greater than maximum value 1"),
