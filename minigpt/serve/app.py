@@ -45,8 +45,9 @@ from minigpt.sampling import MAX_PENALTY, MAX_REPETITION_PENALTY  # noqa: E402
 CSS = Path(__file__).with_name("app.css")
 UPLOAD_CLEANUP_S = 3600  # uploads (conversation exports) leave Gradio's cache after an hour
 MAX_UPLOAD = "2mb"  # a conversation export is tens of kB
-EXAMPLE_SCHEMA = ('{"type": "object", "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}},'
-                  ' "required": ["answer", "confidence"]}')
+EXAMPLE_SCHEMA = ('{"type": "object", "properties": {"answer": {"type": "string", "maxLength": 60},\n'
+                  ' "confidence": {"type": "integer", "minimum": 1, "maximum": 10}},\n'
+                  ' "required": ["answer", "confidence"], "additionalProperties": false}')
 EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of France?",
             "Write a short poem about the sea.", "Explain what a neural network is in one sentence."]
 

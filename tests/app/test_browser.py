@@ -164,3 +164,27 @@ def test_without_an_adapter_the_mode_hint_says_why_and_base_mode_works(app_witho
     wait_for_reply(page, 0)
     save_screenshot(page, "no-adapter.png")
     page.context.close()
+
+
+def test_more_sampling_answers_as_json_and_the_sampling_view_shows_its_stages(page):
+    """The chat's "Answer as JSON matching this schema" with a repetition penalty: the reply parses and
+    validates against the schema in the box, and the Sampling view lists the grammar and the penalty."""
+    import json
+
+    import jsonschema
+    from playwright.sync_api import expect
+
+    from minigpt.serve.app import EXAMPLE_SCHEMA
+    page.get_by_role("button", name="More sampling").click()
+    set_number(page, "repetition_penalty", 1.3)
+    page.locator("#as_json input").check()
+    fill_box(page, "msg", "Is the sea blue?")
+    page.locator("#send").click()
+    wait_for_reply(page, 0)
+    expect(page.locator("#stats")).to_contain_text("ended by the model")  # the document was complete
+    reply = page.locator("#chat [data-testid=bot]").last.inner_text()
+    jsonschema.validate(json.loads(reply), json.loads(EXAMPLE_SCHEMA))
+    page.get_by_role("tab", name="Sampling").click()
+    expect(page.locator("#pipeline_note")).to_contain_text("JSON grammar")
+    expect(page.locator("#pipeline_note")).to_contain_text("repetition penalty 1.3")
+    save_screenshot(page, "json-answer.png")
