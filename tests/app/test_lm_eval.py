@@ -30,10 +30,11 @@ DOCS = [{"question": "The sky is", "choices": [" blue", " green", " loud"], "ans
 
 
 def requests_answered(app) -> dict[str, float]:
-    """Requests by route, from the server's own /metrics."""
+    """Requests answered with 200, by route, from the server's own /metrics (a client that left an earlier
+    test may be counted late, as a 499)."""
     text = httpx.get(app.url + "metrics", timeout=30).text
     return {s.labels["route"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == "minigpt_api_requests_total"}
+            if s.name == "minigpt_api_requests_total" and s.labels["status"] == "200"}
 
 
 def loglikelihoods(results) -> list[float]:
