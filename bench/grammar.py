@@ -1,7 +1,8 @@
 """Per-token cost of constraining GPT-2's 50,257-token vocabulary to a JSON schema, for each grammar library
 installed (xgrammar, llguidance, outlines-core): the one-off set-up for the vocabulary, the time to compile
-a schema into a matcher (once per request), and per token the time to compute the allowed-token mask, apply it to the logits and advance the matcher by the
-token, walking a valid document token by token (no whitespace between JSON tokens, as the server asks).
+a schema into a matcher (once per request), and per token the time to compute the allowed-token mask, apply
+it to the logits and advance the matcher by the token, walking a valid document token by token (no
+whitespace between JSON tokens, as the server asks).
 
     python -m bench.grammar [--reps 20]
 

@@ -134,7 +134,8 @@ def history_stages(logits: torch.Tensor, params: SamplingParams,
     if history.generated and (params.frequency_penalty or params.presence_penalty):
         ids, counts = _indexed(logits, list(history.generated), list(history.generated.values()))
         if params.frequency_penalty:
-            stages.append(("frequency penalty", logits := logits.index_add(-1, ids, -params.frequency_penalty * counts)))
+            logits = logits.index_add(-1, ids, -params.frequency_penalty * counts)
+            stages.append(("frequency penalty", logits))
         if params.presence_penalty:
             stages.append(("presence penalty", logits := logits.index_add(-1, ids, torch.full_like(
                 counts, -params.presence_penalty))))

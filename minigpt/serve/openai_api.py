@@ -233,16 +233,18 @@ def response_schema(body: Body, engine: Engine) -> str | None:
     return schema
 
 
-def read_choices(body: Body, prompts: int, stream: bool, best_of: bool) -> tuple[int, int]:
-    """(n, best_of): n choices per prompt, the best of best_of samples (by log-probability)."""
+def read_choices(body: Body, prompts: int, stream: bool, with_best_of: bool) -> tuple[int, int]:
+    """(n, best_of): n choices per prompt, the best of best_of samples (by log-probability); chat has no
+    best_of (with_best_of False: it is n)."""
     n = body.whole("n", 1, 1, MAX_CHOICES)
-    samples = body.whole("best_of", n, n, MAX_CHOICES) if best_of else n
-    if samples > n and stream:
+    best_of = body.whole("best_of", n, n, MAX_CHOICES) if with_best_of else n
+    if best_of > n and stream:
         raise APIError(400, "best_of cannot be streamed: the best samples are known only at the end.", "best_of")
-    if prompts * samples > MAX_CHOICES:
-        raise APIError(400, f"A request may ask for at most {MAX_CHOICES} samples, prompts x {'best_of' if best_of else 'n'}:"
-                            f" {prompts} x {samples} is {prompts * samples}.", "best_of" if best_of else "n")
-    return n, samples
+    if prompts * best_of > MAX_CHOICES:
+        name = "best_of" if with_best_of else "n"
+        raise APIError(400, f"A request may ask for at most {MAX_CHOICES} samples, prompts x {name}: {prompts} x "
+                            f"{best_of} is {prompts * best_of}.", name)
+    return n, best_of
 
 
 def read_prompts(body: Body, engine: Engine) -> list[tuple[str, list[int]]]:
@@ -275,7 +277,7 @@ def read_prompts(body: Body, engine: Engine) -> list[tuple[str, list[int]]]:
 def read_completion(body: Body, engine: Engine) -> Job:
     mode, params, seed, stream, include_usage = read_common(body, engine, "completions")
     texts = read_prompts(body, engine)
-    n, best_of = read_choices(body, len(texts), stream, best_of=True)
+    n, best_of = read_choices(body, len(texts), stream, with_best_of=True)
     context = engine.n_positions
     echo = body.flag("echo")
     max_tokens = body.whole("max_tokens", 16, 0 if echo else 1, context - 1)
@@ -310,7 +312,7 @@ def read_chat(body: Body, engine: Engine) -> Job:
     if not body.flag("logprobs") and body.get("top_logprobs") is not None:
         raise APIError(400, "top_logprobs needs logprobs: true.", "top_logprobs")
     top = body.whole("top_logprobs", 0, 0, MAX_TOP_LOGPROBS) if body.flag("logprobs") else None
-    n, _ = read_choices(body, 1, stream, best_of=False)
+    n, _ = read_choices(body, 1, stream, with_best_of=False)
     return Job(ReplyRequest(mode, params, max_tokens, seed), [prompt], stream, include_usage, top, n, n)
 
 
@@ -526,8 +528,9 @@ class Renderer:
         choices = []
         for p, prompt in enumerate(self.job.prompts):
             samples = replies[p * self.job.best_of:(p + 1) * self.job.best_of]
-            best = sorted(samples, key=lambda r: -sum(r.logprobs))[:self.job.n] if len(samples) > self.job.n else samples
-            for index, reply in enumerate(best, start=p * self.job.n):
+            if len(samples) > self.job.n:  # best_of: the n likeliest; otherwise sample i stays choice i (seed + i)
+                samples = sorted(samples, key=lambda r: -sum(r.logprobs))[:self.job.n]
+            for index, reply in enumerate(samples, start=p * self.job.n):
                 text = self.content(index, reply.text)
                 logprobs = self.logprobs(index, reply, 0, len(reply.token_ids), self.echoed[p])
                 choice: dict = {"index": index, "logprobs": logprobs, "finish_reason": FINISH[reply.finish_reason]}

@@ -73,7 +73,8 @@ def pipeline_summary(pipeline: Pipeline, tokenizer: tiktoken.Encoding, params: S
                 "repetition penalty": f"repetition penalty {params.repetition_penalty:g}",
                 "presence penalty": f"presence penalty {params.presence_penalty:g}",
                 "frequency penalty": f"frequency penalty {params.frequency_penalty:g}"}
-    steps = " → ".join(f"{settings.get(name, name)}: **{n:,}**" for name, n in zip(pipeline.names, pipeline.survivors))
+    steps = " → ".join(f"{settings.get(name, name)}: **{n:,}**"
+                       for name, n in zip(pipeline.names, pipeline.survivors))
     p = pipeline.probs[-1][pipeline.drawn]
     return (f"Tokens left at each stage: {steps}. Drawn: `{axis_label(tokenizer, pipeline.drawn)}` "
             f"(p = {p:.3f} in the final distribution).")
