@@ -17,6 +17,7 @@ from tests.helpers import REPO
 FILE_COMPONENTS = {"File", "Files", "UploadButton", "DownloadButton", "FileExplorer", "Image", "Audio", "Video",
                    "Gallery", "Model3D", "ImageEditor", "MultimodalTextbox"}
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+MORE = [0, 1, 0, 0, "", False, ""]  # /chat's More sampling inputs, off: min-p, the penalties, logit bias, JSON, schema
 
 
 def is_true(node: ast.AST | None) -> bool:
@@ -85,7 +86,7 @@ def test_a_file_path_smuggled_into_the_history_is_never_read(app):
     history = [{"role": "user", "content": [{"type": "file", "file": {"path": "/etc/passwd",
                                                                      "meta": {"_type": "gradio.FileData"}}},
                                             {"type": "text", "text": "What is in this file?"}]}]
-    body = json.dumps({"data": [history, "Base GPT-2", 0, 0, 1, 8, "1", 0, -1, 1]}).encode()  # ..., layer, head, scale
+    body = json.dumps({"data": [history, "Base GPT-2", 0, 0, 1, 8, "1", 0, -1, 1, *MORE]}).encode()  # ..., scale
     request = urllib.request.Request(app.url + "gradio_api/call/chat", body, {"Content-Type": "application/json"})
     event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
     stream = urllib.request.urlopen(f"{app.url}gradio_api/call/chat/{event}", timeout=60).read().decode()
@@ -150,15 +151,16 @@ def join_event(app, elem_id: str, trigger: str, data: list, event_data) -> dict:
 
 @pytest.mark.slow
 def test_a_history_with_text_content_is_accepted_as_documented(app):
-    stream = call_event(app, "chat", [[{"role": "user", "content": "hi"}], "Base GPT-2", 0, 0, 1, 4, "1", 0, -1, 1])
+    stream = call_event(app, "chat", [[{"role": "user", "content": "hi"}], "Base GPT-2", 0, 0, 1, 4, "1", 0, -1, 1,
+                                      *MORE])
     assert "event: complete" in stream and "pydantic" not in stream
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("api, data, message", [
-    ("chat", [[{"role": "user", "content": "hi"}], "Base GPT-2", "abc", 0, 1, 4, "1", 0, -1, 1],
+    ("chat", [[{"role": "user", "content": "hi"}], "Base GPT-2", "abc", 0, 1, 4, "1", 0, -1, 1, *MORE],
      "Temperature must be a number, got 'abc'."),
-    ("chat", [[{"role": "user", "content": "hi"}], "Base GPT-2", 0, 0, 1, [4], "1", 0, -1, 1],
+    ("chat", [[{"role": "user", "content": "hi"}], "Base GPT-2", 0, 0, 1, [4], "1", 0, -1, 1, *MORE],
      "Max new tokens must be a number, got [4]."),
     ("alternatives", ["abc"], "Token position must be a number, got 'abc'."),
 ])
