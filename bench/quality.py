@@ -51,7 +51,7 @@ def gguf(llama_cpp: Path, folder: Path, outtype: str, tmp: Path) -> Path:
 def llama_kl(llama_cpp: Path, model: Path, base: Path, text: Path, threads: int, write_base: bool) -> dict:
     """llama-perplexity's KL statistics of model against the base logits file (written first by the f32 run)."""
     cmd = [str(llama_cpp / "build" / "bin" / "llama-perplexity"), "-m", str(model), "-c", "1024", "-b", "1024",
-           "-t", str(threads), "--kl-divergence-base", str(base)]
+           "-t", str(threads), "--no-repack", "--kl-divergence-base", str(base)]  # its AMX repack crashes on some CPUs
     cmd += ["-f", str(text)] if write_base else ["--kl-divergence"]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode:
@@ -100,12 +100,12 @@ def main() -> None:
         text = tmp / "text.txt"
         text.write_text(encoding.decode(ids), encoding="utf-8")
         print(f"{args.shape}: {len(ids)} tokens of {args.file}", flush=True)
-        for precision in args.precisions.split(","):
+        for precision in filter(None, args.precisions.split(",")):
             rows[f"MiniGPT {precision}"] = minigpt_kl(folder, precision, text, args.threads)
             print(f"  MiniGPT {precision}: {rows[f'MiniGPT {precision}']}", flush=True)
         base = tmp / "f32.kld"
         llama_kl(llama_cpp, gguf(llama_cpp, folder, "f32", tmp), base, text, args.threads, write_base=True)
-        for outtype in args.types.split(","):
+        for outtype in filter(None, args.types.split(",")):
             rows[f"llama.cpp {outtype}"] = llama_kl(llama_cpp, gguf(llama_cpp, folder, outtype, tmp), base, text,
                                                     args.threads, write_base=False)
             print(f"  llama.cpp {outtype}: {rows[f'llama.cpp {outtype}']}", flush=True)

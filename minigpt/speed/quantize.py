@@ -23,7 +23,7 @@ SCALE_DTYPE = torch.bfloat16  # the CPU kernel wants its scales (and input) in t
 # bfloat16 and using the regular matmul does (GPT-2 124M layer shapes, 1 thread: even at 16 rows,
 # dequantizing 1.4x faster at 32, 1.7x at 128).
 INT8_KERNEL_MAX_ROWS = 16
-ALREADY_INT8 = "the model is already int8: a draft speeds up float32, bfloat16 or float16 models"
+ALREADY_INT8 = "the model is already int8 or int4: a draft speeds up float32, bfloat16 or float16 models"
 
 
 class Int8Linear(nn.Module):

@@ -32,7 +32,8 @@ def test_on_a_space_it_binds_all_interfaces(monkeypatch):
 @pytest.mark.parametrize("argv, message", [(["--concurrency", "0"], "--concurrency must be >= 1"),
                                            (["--sessions-kept", "0"], "--sessions-kept must be >= 1"),
                                            (["--dtype", "float64"], "invalid choice: 'float64'"),
-                                           (["--dtype", "int8", "--speculative"], "use it with a float --precision")])
+                                           (["--dtype", "int8", "--speculative"], "use it with a float --precision"),
+                                           (["--precision", "int4", "--speculative"], "use it with a float --precision")])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         app.parse_args(argv)

@@ -158,6 +158,7 @@ def test_cli_interactive_mode(tiny_checkpoint):
     (["--model", "{ckpt}", "--seed", "-1"], "--seed must be"),
     (["--model", "{ckpt}", "--lora-scale", "0.5"], "--lora-scale scales an adapter"),
     (["--model", "{ckpt}", "--dtype", "int8", "--speculative"], "already int8"),
+    (["--model", "{ckpt}", "--precision", "int4", "--speculative"], "already int8 or int4"),
 ])
 def test_cli_errors_are_one_line_without_traceback(tmp_path, checkpoint, args, message):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}

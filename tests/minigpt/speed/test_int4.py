@@ -13,6 +13,7 @@ from minigpt.adapters import merge_deltas
 from minigpt.generation import generate
 from minigpt.inference import load_for_inference
 from minigpt.sampling import SamplingParams
+from minigpt.serve.engine import load_engine
 from minigpt.speed.int4 import GROUP, Int4Linear, pack, quantize_groups, quantize_int4, unpack
 from minigpt.speed.quantize import Int8Embedding, Int8Linear
 from tests.helpers import REPO
@@ -115,3 +116,4 @@ def test_the_cli_generates_in_int4_as_the_loaded_model_does(tiny_checkpoint):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "Hi" + tokenizer.decode(expected) + "\n"
+    assert load_engine(folder, None, "cpu", "int4").device == "cpu int4 (C decode step)"  # the app's status line
