@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from .cli import add_precision_arguments, warn_if_compile
+from .cli import add_precision_arguments, exit_cli, warn_if_compile
 from .errors import CheckpointError
 from .inference import PRECISIONS, load_with_scale
 from .scoring import DEFAULT_STRIDE, divergence_ids, score_ids
@@ -84,5 +84,10 @@ def load(args: argparse.Namespace, precision: str):
     return (lora.decoder(args.lora_scale) if lora is not None else base), tokenizer
 
 
+def cli() -> None:
+    """The installed command (pyproject.toml: [project.scripts])."""
+    exit_cli(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
