@@ -28,21 +28,23 @@ from .hub import fetch
 from .model import GPT
 from .tokenizer import load_tokenizer
 from .training import (
+    LOOP_POSITIVE,
     MicroBatch,
     Ranks,
     Task,
     add_training_arguments,
     check_positive,
     check_resume,
+    micro_rows,
     run_training,
     train_cli,
 )
 from .weights import HUB_ALIASES, TOKENIZER_FILES, save_pretrained
 
 # Options that shape the run's trajectory: --resume refuses to continue with different values.
-RUN_OPTIONS = ("text", "n_layer", "n_head", "n_embd", "block_size", "epochs", "max_steps", "lr", "warmup_steps",
-               "weight_decay", "batch_size", "grad_accum", "val_fraction", "seed")
-EVAL_WINDOWS = 100  # held-out loss over at most this many windows, so an evaluation stays cheap on a big text
+# The length (--epochs, --max-steps, --time-budget) may grow: that extends the run.
+RUN_OPTIONS = ("text", "n_layer", "n_head", "n_embd", "block_size", "lr", "warmup_steps", "weight_decay", "betas",
+               "max_grad_norm", "batch_size", "grad_accum", "val_fraction", "seed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,8 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=256, help="context window, and tokens per training window")
     add_training_arguments(p, batch_size=16, lr=1e-3, eval_every=100)
     args = p.parse_args(argv)
-    check_positive(p, args, ["n_layer", "n_head", "n_embd", "block_size", "epochs", "max_steps", "batch_size",
-                             "grad_accum", "eval_every", "save_every"])
+    check_positive(p, args, ["n_layer", "n_head", "n_embd", "block_size", *LOOP_POSITIVE])
     return args
 
 
@@ -88,19 +89,27 @@ def split_tokens(tokens: torch.Tensor, val_fraction: float, block: int) -> tuple
     return train, val
 
 
-def windows(tokens: torch.Tensor, starts: torch.Tensor, block: int) -> MicroBatch:
+def windows(tokens: torch.Tensor, starts: torch.Tensor, block: int, positions: list[int]) -> MicroBatch:
     """Rows tokens[s : s + block] as inputs, each shifted by one as targets."""
-    rows = tokens[starts[:, None] + torch.arange(block + 1)]
-    return MicroBatch(rows[:, :-1], rows[:, 1:], n_tokens=rows.size(0) * block)
+    rows = tokens[starts[:, None] + torch.arange(block + 1)].long()
+    return MicroBatch(rows[:, :-1], rows[:, 1:], n_tokens=rows.size(0) * block, positions=positions)
 
 
-def held_out_batches(val: torch.Tensor, block: int, batch_size: int, ranks: Ranks) -> list[MicroBatch]:
-    """This rank's share of up to EVAL_WINDOWS consecutive, non-overlapping held-out windows."""
+def held_out_windows(val: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    """(start offsets, length) of the consecutive, non-overlapping held-out windows (shorter than --block-size
+    where the held-out text is)."""
     if len(val) < 2:
-        return []
+        return torch.zeros(0, dtype=torch.long), block
     block = min(block, len(val) - 1)
-    starts = torch.arange(0, len(val) - block, block)[:EVAL_WINDOWS]
-    batches = [windows(val, starts[i:i + batch_size], block) for i in range(0, len(starts), batch_size)]
+    return torch.arange(0, len(val) - block, block), block
+
+
+def held_out_batches(val: torch.Tensor, block: int, batch_size: int, ranks: Ranks, n: int) -> list[MicroBatch]:
+    """This rank's share of the first n held-out windows."""
+    starts, block = held_out_windows(val, block)
+    starts = starts[:n]
+    batches = [windows(val, starts[i:i + batch_size], block, list(range(len(starts[i:i + batch_size]))))
+               for i in range(0, len(starts), batch_size)]
     return batches[ranks.rank::ranks.world]
 
 
@@ -139,25 +148,24 @@ def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
     say(f"parameters: {sum(p.numel() for p in params.values()):,} ({config.n_layer} layers, {config.n_head} heads, "
         f"width {config.n_embd}, context {block})")
 
-    global_batch = args.batch_size * ranks.world
-    share = slice(ranks.rank * args.batch_size, (ranks.rank + 1) * args.batch_size)
+    step_batch = args.batch_size * ranks.world * args.grad_accum  # windows per optimizer step, all ranks
 
     def steps(start: int) -> Iterator[list[MicroBatch]]:
-        """Random windows, a pure function of (seed, step, micro-batch), so a resumed run reads the same."""
+        """Random windows, a pure function of (seed, step), so a resumed run reads the same, and however the
+        step is split over processes and micro-batches."""
         for step in itertools.count(start):
-            micro = []
-            for m in range(args.grad_accum):
-                generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * args.grad_accum + m)
-                starts = torch.randint(0, len(train_tokens) - block, (global_batch,), generator=generator)
-                micro.append(windows(train_tokens, starts[share], block))
-            yield micro
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            starts = torch.randint(0, len(train_tokens) - block, (step_batch,), generator=generator)
+            yield [windows(train_tokens, starts[rows.start:rows.stop], block, list(rows))
+                   for rows in micro_rows(step_batch, ranks, args.batch_size, args.grad_accum)]
 
-    tokens_per_step = block * global_batch * args.grad_accum
+    tokens_per_step = block * step_batch
     task = Task(model=model, params=params, steps=steps,
-                val_batches=held_out_batches(val_tokens, block, args.batch_size, ranks),
+                val_batches=lambda n: held_out_batches(val_tokens, block, args.batch_size, ranks, n),
+                val_size=len(held_out_windows(val_tokens, block)[0]), val_tokens=held_out_windows(val_tokens, block)[1],
                 steps_per_epoch=max(1, math.ceil(len(train_tokens) / tokens_per_step)),
                 tokens_per_step=tokens_per_step,
-                save_result=lambda: save_pretrained(model, args.out, tokenizer_folder), title="pre-training")
+                save_result=lambda folder: save_pretrained(model, folder, tokenizer_folder), title="pre-training")
     log = run_training(task, args, run, resumed, ranks, started)
     say(f"model written to {args.out}: try python -m minigpt.generate --model {args.out} --prompt \"...\"")
     return log
