@@ -151,8 +151,8 @@ def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
                 tokens_per_step=sum(len(e.ids) - 1 for e in train_set) / steps_per_epoch,
                 save_result=save_result, title="full fine-tuning" if args.full else "LoRA fine-tuning")
     log = run_training(task, args, run, resumed, ranks, started)
-    say(f"{'model' if args.full else 'adapter'} written to {args.out} (best held-out: {args.out / 'best'}; "
-        "log: log.jsonl, curve: loss.png)")
+    best = f"the best held-out: {args.out / 'best'}; " if val_set else ""
+    say(f"{'model' if args.full else 'adapter'} written to {args.out} ({best}log: log.jsonl, curve: loss.png)")
     return log
 
 
