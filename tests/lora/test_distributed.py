@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow  # torchrun-style subprocesses
 
 # 6 records: 5 for training, 1 held out. A global batch of 4 leaves a last batch of 1 in each epoch,
 # so rank 1 gets no example there, and no held-out batch at all: both must still join every step.
-OPTIONS = ["--max-steps", "6", "--lr", "1e-2", "--grad-accum", "2", "--dropout", "0", "--val-fraction", "0.2",
+# LoRA dropout is on (the default 0.05): masks are keyed by the example's place in the step, not the rank.
+OPTIONS = ["--max-steps", "6", "--lr", "1e-2", "--grad-accum", "2", "--val-fraction", "0.2",
            "--eval-every", "2", "--save-every", "3", "--targets", "c_attn,c_fc", "--device", "cpu", "--max-len", "128"]
 
 
@@ -62,12 +63,13 @@ def two_processes(setup, tmp_path_factory):
 
 
 def test_two_processes_train_the_adapter_one_process_trains(setup, two_processes, tmp_path):
+    # 2 processes x batch 2 x accumulation 2 against 1 process x batch 8 x no accumulation
     one = tmp_path / "one"
-    assert main(args(setup, one, "--batch-size", "4")) == 0
+    assert main(args(setup, one, "--batch-size", "8", "--grad-accum", "1")) == 0
     a, b = load_file(one / WEIGHTS_FILE), load_file(two_processes / WEIGHTS_FILE)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=key)  # float rounding
     assert not torch.equal(a[next(k for k in a if "lora_B" in k)], torch.zeros(1))  # it did train
     single, double = scores(log(one)), scores(log(two_processes))
     assert [r["step"] for r in double] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
