@@ -1,9 +1,11 @@
-"""Train a GPT-2-architecture model from random initialisation on your own UTF-8 text.
+"""Train a GPT-2-architecture model on your own UTF-8 text, from random initialisation or from existing weights.
 
     python -m minigpt.pretrain --text book.txt --out checkpoints/my-gpt --time-budget 30m
+    python -m minigpt.pretrain --text book.txt --init-from gpt2 --out checkpoints/gpt2-book   # continued
     torchrun --nproc_per_node 4 -m minigpt.pretrain --text corpus.txt --out checkpoints/my-gpt --max-steps 5000
 
-The text is tokenized with GPT-2's BPE (the full 50,257-token vocabulary); its last --val-fraction
+The text is tokenized with GPT-2's BPE (the full 50,257-token vocabulary) once, into a memory-mapped
+token cache that later runs and every rank share (minigpt.token_cache); its last --val-fraction
 is held out. Training reads random windows of --block-size tokens. --out ends up in the Hub layout
 (config.json, model.safetensors, vocab.json, merges.txt), so it loads wherever a model name does:
 `minigpt.generate --model DIR`, `app.py --model DIR`, `lora.train --model DIR`, transformers'
@@ -39,12 +41,14 @@ from .training import (
     run_training,
     train_cli,
 )
-from .weights import HUB_ALIASES, TOKENIZER_FILES, save_pretrained
+from .token_cache import cached_tokens
+from .weights import HUB_ALIASES, TOKENIZER_FILES, load_pretrained, resolve_snapshot, save_pretrained
 
 # Options that shape the run's trajectory: --resume refuses to continue with different values.
+SHAPE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}  # a new model's default shape
 # The length (--epochs, --max-steps, --time-budget) may grow: that extends the run.
-RUN_OPTIONS = ("text", "n_layer", "n_head", "n_embd", "block_size", "lr", "warmup_steps", "weight_decay", "betas",
-               "max_grad_norm", "batch_size", "grad_accum", "val_fraction", "seed")
+RUN_OPTIONS = ("text", "init_from", "n_layer", "n_head", "n_embd", "block_size", "lr", "warmup_steps", "weight_decay",
+               "betas", "max_grad_norm", "batch_size", "grad_accum", "val_fraction", "seed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,29 +56,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=HelpWithDefaults)
     p.add_argument("--text", required=True, help="a UTF-8 text file")
     p.add_argument("--out", type=Path, required=True, help="the model folder to write (Hub layout)")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="folder or Hub repo with GPT-2's vocab.json and merges.txt (default: %(default)s)")
-    p.add_argument("--n-layer", type=int, default=6, help="transformer blocks")
-    p.add_argument("--n-head", type=int, default=6, help="attention heads per block")
-    p.add_argument("--n-embd", type=int, default=384, help="width of the residual stream (a multiple of --n-head)")
-    p.add_argument("--block-size", type=int, default=256, help="context window, and tokens per training window")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="continue pre-training these weights (gpt2[-medium|-large|-xl], a Hub repo id or a folder) "
+                        "instead of starting from random ones; the shape and tokenizer are the model's")
+    p.add_argument("--tokenizer", default=None,
+                   help="folder or Hub repo with GPT-2's vocab.json and merges.txt (default: gpt2's)")
+    p.add_argument("--n-layer", type=int, default=None, help=f"transformer blocks (default: {SHAPE['n_layer']})")
+    p.add_argument("--n-head", type=int, default=None, help=f"attention heads per block (default: {SHAPE['n_head']})")
+    p.add_argument("--n-embd", type=int, default=None,
+                   help=f"width of the residual stream, a multiple of --n-head (default: {SHAPE['n_embd']})")
+    p.add_argument("--block-size", type=int, default=None,
+                   help=f"tokens per training window, and the context of a new model (default: {SHAPE['block_size']}, "
+                        "or the --init-from model's context if shorter)")
     add_training_arguments(p, batch_size=16, lr=1e-3, eval_every=100)
     args = p.parse_args(argv)
     check_positive(p, args, ["n_layer", "n_head", "n_embd", "block_size", *LOOP_POSITIVE])
+    if args.init_from:
+        given = [f"--{name.replace('_', '-')}" for name in ("tokenizer", "n_layer", "n_head", "n_embd")
+                 if getattr(args, name) is not None]
+        if given:
+            p.error(f"{', '.join(given)}: the shape and tokenizer come from --init-from {args.init_from}")
+    else:
+        for name, default in SHAPE.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     return train_cli(train, parse_args(argv), started)
-
-
-def read_tokens(path: Path, tokenizer) -> torch.Tensor:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read --text {path}: {e}") from None
-    return torch.tensor(tokenizer.encode_ordinary(text), dtype=torch.long)
 
 
 def split_tokens(tokens: torch.Tensor, val_fraction: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,28 +136,44 @@ def init_weights(model: GPT) -> None:
             nn.init.zeros_(module.bias)
 
 
+def starting_model(args: argparse.Namespace) -> tuple[GPT, object, Path]:
+    """(the model to train, its tokenizer, the folder of the tokenizer's files): --init-from's weights, or a new
+    model of the asked shape with GPT-2's initialisation."""
+    if args.init_from:
+        folder = resolve_snapshot(args.init_from)
+        model, tokenizer = load_pretrained(folder, device="cpu", dtype=torch.float32)
+        if args.block_size is None:
+            args.block_size = min(SHAPE["block_size"], model.config.n_positions)
+        return model, tokenizer, folder
+    name = args.tokenizer or "gpt2"
+    folder = fetch(HUB_ALIASES.get(name, name), TOKENIZER_FILES, "tokenizer")
+    tokenizer = load_tokenizer(folder)
+    model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, n_positions=args.block_size, n_embd=args.n_embd,
+                          n_layer=args.n_layer, n_head=args.n_head))
+    init_weights(model)
+    return model, tokenizer, folder
+
+
 def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
     """Run (or resume) pre-training; returns the log records of the whole run."""
     say = ranks.say
     run = {name: getattr(args, name) for name in RUN_OPTIONS} | {"nproc_per_node": ranks.world}
     resumed = check_resume(args.out, args.resume, run)
-    with ctrl_c_exits_now("interrupted while loading; nothing was trained yet"):
-        tokenizer_folder = fetch(HUB_ALIASES.get(args.tokenizer, args.tokenizer), TOKENIZER_FILES, "tokenizer")
-    tokenizer = load_tokenizer(tokenizer_folder)
-    config = GPTConfig(vocab_size=tokenizer.n_vocab, n_positions=args.block_size, n_embd=args.n_embd,
-                       n_layer=args.n_layer, n_head=args.n_head)
-    block = args.block_size
-    train_tokens, val_tokens = split_tokens(read_tokens(Path(args.text), tokenizer), args.val_fraction, block)
-    say(f"data: {len(train_tokens) + len(val_tokens):,} tokens in {args.text}; {len(train_tokens):,} for training, "
-        f"{len(val_tokens):,} held out")
-
     torch.manual_seed(args.seed)
-    model = GPT(config)
-    init_weights(model)
-    model.to(ranks.device)
+    with ctrl_c_exits_now("interrupted while loading; nothing was trained yet"):
+        model, tokenizer, tokenizer_folder = starting_model(args)
+    model.to(ranks.device).train()
+    config, block = model.config, args.block_size
+    if block > config.n_positions:
+        raise ValueError(f"--block-size {block} exceeds the --init-from model's context of {config.n_positions}")
+    tokens, tokenized = cached_tokens(Path(args.text), tokenizer, tokenizer_folder, build=ranks.main,
+                                      wait=ranks.barrier)
+    train_tokens, val_tokens = split_tokens(tokens, args.val_fraction, block)
+    say(f"data: {len(tokens):,} tokens in {args.text} ({'tokenized into' if tokenized else 'read from'} the token "
+        f"cache); {len(train_tokens):,} for training, {len(val_tokens):,} held out")
     params = dict(model.named_parameters())  # the tied lm_head appears once, as transformer.wte.weight
     say(f"parameters: {sum(p.numel() for p in params.values()):,} ({config.n_layer} layers, {config.n_head} heads, "
-        f"width {config.n_embd}, context {block})")
+        f"width {config.n_embd}, context {block})" + (f", from {args.init_from}" if args.init_from else ""))
 
     step_batch = args.batch_size * ranks.world * args.grad_accum  # windows per optimizer step, all ranks
 

@@ -61,7 +61,8 @@ def load_state(path: Path) -> TrainingState:
             schedule = Schedule.from_json(json.loads(metadata["schedule"]))
         else:  # written before schedules had segments: one warm-up + cosine over `total` steps
             schedule = Schedule.new(int(metadata["total"]), run.get("warmup_steps"))
-        return TrainingState(int(metadata["step"]), schedule, run, params,
-                             {"state": per_param, "param_groups": param_groups}, json.loads(metadata.get("evaluation", "{}")))
+        optimizer = {"state": per_param, "param_groups": param_groups}
+        return TrainingState(int(metadata["step"]), schedule, run, params, optimizer,
+                             json.loads(metadata.get("evaluation", "{}")))
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
         raise ValueError(f"cannot resume from {path}: the checkpoint is unreadable ({e})") from None

@@ -96,6 +96,11 @@ class Ranks:
         dist.all_reduce(t)
         return t.tolist()
 
+    def barrier(self) -> None:
+        """Wait here until every rank arrives (rank 0 writing a file the others then read)."""
+        if self.world > 1:
+            dist.barrier()
+
     def from_main(self, value: float) -> float:
         """Rank 0's value, on every rank (decisions that must agree: plan length, stopping)."""
         if self.world == 1:
@@ -403,8 +408,8 @@ def make_plan(task: Task, args: argparse.Namespace, resumed: TrainingState | Non
     elif step < resumed.schedule.total:
         schedule, why = resumed.schedule, "as planned when the run started"
     elif args.time_budget is not None:
-        end = fitted(step + 10 ** 9)
-        schedule, why = resumed.schedule.extended(step, end, args.warmup_steps), f"extending the run by what fits {budget}"
+        schedule = resumed.schedule.extended(step, fitted(step + 10 ** 9), args.warmup_steps)
+        why = f"extending the run by what fits {budget}"
     else:
         raise ValueError(f"the run in {args.out} is finished (step {step} of {step}): to train on, pass --resume with "
                          "a larger --max-steps or --epochs, or a --time-budget")

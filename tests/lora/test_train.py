@@ -12,7 +12,6 @@ from lora.train import main
 from minigpt import load_pretrained
 from minigpt.adapters import WEIGHTS_FILE
 from minigpt.schedule import Segment
-from tests.helpers.checkpoints import make_checkpoint
 
 RECORDS = [
     {"instruction": "Say yes.", "input": "", "output": "Yes."},
@@ -22,16 +21,6 @@ RECORDS = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
 ]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A tiny model with larger-than-GPT-2 initial weights (so a frozen random lm_head can still express
-    confident predictions), and the instruction set as a .json file."""
-    folder = tmp_path_factory.mktemp("train")
-    make_checkpoint(folder / "model", initializer_range=0.2)
-    (folder / "data.json").write_text(json.dumps(RECORDS))
-    return folder
 
 
 def cli(workdir, out, *extra):

@@ -1,6 +1,5 @@
 """Training runs that go further: extended with --resume, stopped by SIGTERM, split into micro-batches,
 kept at their best, fully fine-tuned (against transformers + torch's AdamW), logged to TensorBoard."""
-import json
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from lora.train import main
 from minigpt.adapters import WEIGHTS_FILE
 from minigpt.train_state import STATE_FILE, load_state
 from tests.helpers import REPO
-from tests.lora.test_train import RECORDS, cli, losses, workdir  # noqa: F401  (workdir: the shared fixture)
+from tests.lora.test_train import RECORDS, cli, losses
 
 
 def scores(log):

@@ -20,7 +20,8 @@ LINES = [
 ]
 
 
-def test_a_model_pretrained_from_scratch_learns_and_loads_in_transformers(tmp_path, capsys):
+def test_a_model_pretrained_from_scratch_learns_and_loads_in_transformers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "tokenizer").mkdir()
     write_tokenizer(tmp_path / "tokenizer")
     text = tmp_path / "story.txt"
@@ -32,6 +33,7 @@ def test_a_model_pretrained_from_scratch_learns_and_loads_in_transformers(tmp_pa
                  "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "parameters: " in err and "plan: steps 1-150 (--max-steps)" in err
+    assert "(tokenized into the token cache)" in err
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     val = [r for r in log if "val_loss" in r]
     assert [r["step"] for r in val] == [75, 150]
@@ -46,3 +48,22 @@ def test_a_model_pretrained_from_scratch_learns_and_loads_in_transformers(tmp_pa
     ids = torch.tensor([tokenizer.encode_ordinary(" ".join(LINES))[:16]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=0, atol=1e-5)
+
+    # continued pre-training from that folder: it starts where the first run ended, not from ln 50257
+    again = tmp_path / "continued"
+    assert main(["--text", str(text), "--out", str(again), "--init-from", str(out), "--block-size", "16",
+                 "--batch-size", "4", "--max-steps", "3", "--lr", "1e-4", "--val-fraction", "0.1",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "(read from the token cache)" in err and f"context 16), from {out}" in err
+    first = [r["loss"] for r in log if "loss" in r]
+    continued = [json.loads(line) for line in (again / "log.jsonl").read_text().splitlines()]
+    assert first[0] > 10 and continued[0]["loss"] < 0.5 * math.log(50257)
+    assert GPT2LMHeadModel.from_pretrained(again).config.n_layer == 2
+
+
+def test_init_from_takes_the_shape_from_the_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--text", "x.txt", "--out", str(tmp_path), "--init-from", "gpt2", "--n-layer", "4"])
+    assert exit.value.code == 2
+    assert "--n-layer: the shape and tokenizer come from --init-from gpt2" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_extending_an_unfinished_run_continues_the_cosine_without_a_jump():
     assert longer.factor(60) == pytest.approx(schedule.factor(60))  # no jump where the new segment starts
     assert [longer.factor(s) for s in range(60)] == [schedule.factor(s) for s in range(60)]  # the past unchanged
     assert longer.factor(130) == pytest.approx(schedule.factor(60) * 0.5) and longer.factor(200) == pytest.approx(0)
-    assert longer.describe(60, 1.0).startswith(f"lr continues its cosine from {schedule.factor(60):.3g} to 0 at step 200")
+    assert longer.describe(60, 1.0) == f"lr continues its cosine from {schedule.factor(60):.3g} to 0 at step 200"
 
 
 def test_extending_a_finished_run_warms_up_again():
