@@ -31,6 +31,7 @@ from minigpt.training import (
     check_resume,
     micro_rows,
     parse_duration,
+    process_started,
     run_training,
     train_cli,
 )
@@ -80,8 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """started: time.monotonic() when the command began (the time budget counts from it); default now."""
+    started = time.monotonic() if started is None else started
     return train_cli(train, parse_args(argv), started)
 
 
@@ -170,4 +172,4 @@ def trained_weights(model, args: argparse.Namespace) -> tuple[dict, Callable[[Pa
 
 
 if __name__ == "__main__":
-    exit_cli(main())
+    exit_cli(main(started=process_started()))

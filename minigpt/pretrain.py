@@ -38,6 +38,7 @@ from .training import (
     check_positive,
     check_resume,
     micro_rows,
+    process_started,
     run_training,
     train_cli,
 )
@@ -83,8 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """started: time.monotonic() when the command began (the time budget counts from it); default now."""
+    started = time.monotonic() if started is None else started
     return train_cli(train, parse_args(argv), started)
 
 
@@ -199,4 +201,4 @@ def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
 
 
 if __name__ == "__main__":
-    exit_cli(main())
+    exit_cli(main(started=process_started()))

@@ -231,6 +231,17 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def process_started() -> float:
+    """time.monotonic() when this process started, so that a --time-budget also covers Python's start and imports
+    (Linux: from /proc; elsewhere, now)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        age = float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.monotonic() - max(0.0, age)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
 def micro_rows(n_rows: int, ranks: Ranks, batch_size: int, grad_accum: int) -> list[range]:
     """The rows of a step's global batch (n_rows, up to processes x batch_size x grad_accum) that this rank
     reads, micro-batch by micro-batch. A step's rows are the same however they are split, so N processes x
