@@ -13,7 +13,6 @@ exactly like one process of batch N x B. Only rank 0 writes files.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -39,12 +38,13 @@ from .errors import CheckpointError
 from .model import GPT
 from .plan import EVAL_SHARE, RunCosts, fit_steps
 from .plot import plot_losses
+from .run_log import LOG_FILE, Recorder, read_log
 from .schedule import Schedule
 from .train_state import STATE_FILE, TrainingState, load_state, save_state
 from .weights import resolve_device
 
 IGNORE = -100  # F.cross_entropy's default ignore_index: targets that are not scored
-LOG_FILE, PLOT_FILE, BEST_DIR, TENSORBOARD_DIR = "log.jsonl", "loss.png", "best", "tensorboard"
+PLOT_FILE, BEST_DIR = "loss.png", "best"
 PROBE_STEPS = 2  # forward + backward passes timed (without an optimizer step) for the plan's estimate
 CHECKPOINT_FACTOR = 4  # a checkpoint writes the output, then the trained tensors again and AdamW's two moments
 
@@ -453,45 +453,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-class Recorder:
-    """The run's log: log.jsonl (rank 0), and TensorBoard scalars with --log tensorboard."""
-    SCALARS = {"loss": "loss/train", "val_loss": "loss/held_out", "lr": "lr", "tokens_per_s": "tokens_per_s"}
-
-    def __init__(self, out: Path, log: list[dict], main: bool, tensorboard: bool):
-        self.log = log
-        self.file = None
-        self.writer = None
-        if main:
-            write_log(out / LOG_FILE, log)
-            self.file = (out / LOG_FILE).open("a")
-            if tensorboard:
-                self.writer = open_tensorboard(out / TENSORBOARD_DIR)
-
-    def __call__(self, entry: dict) -> None:
-        self.log.append(entry)
-        if self.file:
-            self.file.write(json.dumps(entry) + "\n")
-            self.file.flush()
-        if self.writer:
-            for key, tag in self.SCALARS.items():
-                if key in entry:
-                    self.writer.add_scalar(tag, entry[key], entry["step"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.writer:
-            self.writer.close()
-
-
-def open_tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError("--log tensorboard needs the tensorboard package (pip install -r requirements.txt)") from None
-    return SummaryWriter(str(folder))
-
-
 def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: TrainingState | None,
                  ranks: Ranks, started: float) -> list[dict]:
     """Train (or continue, or extend) to the planned step or the time budget; returns the whole run's log records.
@@ -578,8 +539,9 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
         """Would one more step, then the final evaluation, checkpoint and plot, overrun the budget?"""
         if args.time_budget is None:
             return False
-        step_s = sum(step_seconds) / len(step_seconds) if step_seconds else costs.step_s
-        finish = step_s + n_eval * costs.eval_example_s + costs.save_s + costs.plot_s
+        step_s = max(step_seconds, default=costs.step_s)  # the slowest so far: a busy machine's steps vary
+        best_copy = costs.save_s / CHECKPOINT_FACTOR if has_val else 0.0  # the final evaluation may be the best
+        finish = step_s + n_eval * costs.eval_example_s + costs.save_s + best_copy + costs.plot_s
         return time.monotonic() - started + finish > args.time_budget
 
     has_val = n_eval > 0
@@ -634,11 +596,3 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
     if ranks.main:
         plot_losses(log, out / PLOT_FILE, task.title)
     return log
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def write_log(path: Path, log: list[dict]) -> None:
-    path.write_text("".join(json.dumps(entry) + "\n" for entry in log))
