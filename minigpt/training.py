@@ -342,9 +342,9 @@ def measure_costs(model: nn.Module, task: Task, step: int, ranks: Ranks, args: a
     if sample:
         task.model.eval()
         with torch.no_grad(), autocast(ranks.device):
-            for _ in range(PROBE_STEPS):
+            for _ in range(PROBE_STEPS):  # what evaluate() does: the forward pass and the loss over the vocabulary
                 started = time.perf_counter()
-                task.model(sample[0].inputs.to(ranks.device))
+                lm_loss_sum(task.model, sample[0].inputs.to(ranks.device), sample[0].targets.to(ranks.device)).item()
                 eval_s = time.perf_counter() - started
         task.model.train()
         eval_s *= task.val_tokens / max(1, sample[0].n_tokens)  # per example of the mean held-out length
@@ -522,7 +522,8 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
         began = time.perf_counter()
         val_loss = evaluate(model, val_batches, ranks)
         costs.eval_example_s = (time.perf_counter() - began) / max(1, n_eval)
-        entry = {"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700))}
+        entry = {"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700)),
+                 "eval_s": round(time.perf_counter() - began, 3)}
         if val_loss < evaluation.get("best_loss", math.inf):
             evaluation.update(best_loss=val_loss, best_step=step, since_best=0)
             entry["best"] = True

@@ -19,3 +19,8 @@ def updates(stream) -> list:
     async def drain():
         return [item async for item in stream]
     return run_async(drain())
+
+
+def without_timings(log: list[dict]) -> list[dict]:
+    """A training log's records without the fields that measure time (they differ between equal runs)."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s", "eval_s")} for r in log]

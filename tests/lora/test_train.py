@@ -12,6 +12,7 @@ from lora.train import main
 from minigpt import load_pretrained
 from minigpt.adapters import WEIGHTS_FILE
 from minigpt.schedule import Segment
+from tests.helpers import without_timings
 
 RECORDS = [
     {"instruction": "Say yes.", "input": "", "output": "Yes."},
@@ -87,10 +88,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(workdir, tmp_path, monkeyp
     monkeypatch.setattr(minigpt.training, "evaluate", real_evaluate)
     assert main(cli(workdir, tmp_path / "split", *options, "--resume")) == 0
 
-    def comparable(log):
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in log]
-
-    whole, resumed = comparable(losses(tmp_path / "whole")), comparable(losses(tmp_path / "split"))
+    whole, resumed = without_timings(losses(tmp_path / "whole")), without_timings(losses(tmp_path / "split"))
     assert [r["step"] for r in resumed] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
     assert resumed == whole  # bit-identical losses, learning rates and held-out losses
     a, b = load_file(tmp_path / "whole" / WEIGHTS_FILE), load_file(tmp_path / "split" / WEIGHTS_FILE)

@@ -16,13 +16,8 @@ from lora import lora_parameters
 from lora.train import main
 from minigpt.adapters import WEIGHTS_FILE
 from minigpt.train_state import STATE_FILE, load_state
-from tests.helpers import REPO
+from tests.helpers import REPO, without_timings
 from tests.lora.test_train import RECORDS, cli, losses
-
-
-def scores(log):
-    """The log without its timings."""
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in log]
 
 
 def test_a_finished_run_is_extended_by_a_new_schedule_segment(workdir, tmp_path, capsys):
@@ -72,7 +67,7 @@ def test_accumulation_trains_what_one_big_batch_trains_with_dropout_on(workdir, 
         # float rounding (Adam's first steps magnify it where a gradient is near 0), 1000x below dropout's effect
         torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=2e-5, msg=key)
         assert (big[key] - off[key]).abs().max() > 0.02  # dropout was on, and it mattered
-    for r1, r2 in zip(scores(losses(tmp_path / "big")), scores(losses(tmp_path / "accum")), strict=True):
+    for r1, r2 in zip(without_timings(losses(tmp_path / "big")), without_timings(losses(tmp_path / "accum")), strict=True):
         assert r1.keys() == r2.keys() and all(r2[k] == pytest.approx(r1[k], rel=1e-5) for k in r1)
 
 
