@@ -84,9 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None, started: float | None = None) -> int:
-    """started: time.monotonic() when the command began (the time budget counts from it); default now."""
-    started = time.monotonic() if started is None else started
+def main(argv: list[str] | None = None) -> int:
+    # the time budget counts from the command's start: the process's (imports included), or this call's when
+    # called with arguments from Python
+    started = process_started() if argv is None else time.monotonic()
     return train_cli(train, parse_args(argv), started)
 
 
@@ -201,4 +202,4 @@ def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
 
 
 if __name__ == "__main__":
-    exit_cli(main(started=process_started()))
+    exit_cli(main())
