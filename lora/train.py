@@ -172,5 +172,10 @@ def trained_weights(model, args: argparse.Namespace) -> tuple[dict, Callable[[Pa
     return lora_parameters(model), lambda folder: save_adapter(model, folder, adapter_config)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject.toml: [project.scripts])."""
     exit_cli(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .atomic import atomic_write
+from .atomic import save_tensors
 from .schedule import Schedule
 
 STATE_FILE = "training_state.safetensors"
@@ -38,8 +37,7 @@ def save_state(path: Path, state: TrainingState) -> None:
     metadata = {"step": str(state.step), "total": str(state.schedule.total), "run": json.dumps(state.run),
                 "param_groups": json.dumps(state.optimizer["param_groups"]),
                 "schedule": json.dumps(state.schedule.to_json()), "evaluation": json.dumps(state.evaluation)}
-    with atomic_write(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    save_tensors(tensors, path, metadata)
 
 
 def load_state(path: Path) -> TrainingState:

@@ -30,14 +30,18 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .atomic import DiskFull, is_disk_full
 from .cli import INTERRUPTED
 from .dropout import example_keys, set_example_keys
 from .errors import CheckpointError
 from .model import GPT
 from .plan import EVAL_SHARE, RunCosts, fit_steps
 from .plot import plot_losses
+from .run_lock import only_run_in
 from .run_log import LOG_FILE, Recorder, read_log
 from .schedule import Schedule
 from .train_state import STATE_FILE, TrainingState, load_state, save_state
@@ -142,12 +146,14 @@ class Interrupted(Exception):
 def train_cli(train: Callable[[argparse.Namespace, Ranks, float], object], args: argparse.Namespace,
               started: float) -> int:
     """What both training commands do around `train(args, ranks, started)`: join the torchrun job (or run
-    alone) and leave it; a bad option, file or checkpoint is one `error:` line and status 2; Ctrl-C or
-    SIGTERM during training writes a checkpoint, says how to go on, status 130. Only rank 0 prints."""
+    alone) and leave it; a bad option, file or checkpoint, a full disk or an --out another run is using is one
+    `error:` line and status 2; Ctrl-C or SIGTERM during training writes a checkpoint, says how to go on,
+    status 130. Only rank 0 prints."""
     ranks = None
     try:
         ranks = start_ranks(args.device)
-        train(args, ranks, started)
+        with only_run_in(args.out) if ranks.main else nullcontext():
+            train(args, ranks, started)
     except (CheckpointError, ValueError) as e:
         if ranks is None or ranks.main:
             print(f"error: {e}", file=sys.stderr)
@@ -157,6 +163,15 @@ def train_cli(train: Callable[[argparse.Namespace, Ranks, float], object], args:
             print(f"\ninterrupted at step {e.step}, checkpoint written; continue with --resume --out {args.out}",
                   file=sys.stderr)
         return INTERRUPTED
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        if ranks is None or ranks.main:  # every write is atomic: the last checkpoint is whole
+            go_on = (f"continue from the last checkpoint with --resume --out {args.out}"
+                     if (args.out / STATE_FILE).is_file() else "run again (no checkpoint was written yet)")
+            full = e if isinstance(e, DiskFull) else f"the disk is full ({e.strerror})"
+            print(f"error: {full}; nothing half-written was kept: free some space, then {go_on}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
         saved = (args.out / STATE_FILE).is_file()
         if ranks is None or ranks.main:
@@ -350,13 +365,33 @@ def measure_costs(model: nn.Module, task: Task, step: int, ranks: Ranks, args: a
         eval_s *= task.val_tokens / max(1, sample[0].n_tokens)  # per example of the mean held-out length
     save_s = plot_s = 0.0
     if ranks.main:
+        save_s = CHECKPOINT_FACTOR * seconds_to_write(task.params, args.out)
+        probe = args.out / f".plot-probe-{os.getpid()}.png"
         started = time.perf_counter()
-        task.save_result(args.out)  # the run's output as it stands: written again at every checkpoint
-        save_s = CHECKPOINT_FACTOR * (time.perf_counter() - started)
-        started = time.perf_counter()
-        plot_losses(log, args.out / PLOT_FILE, task.title)
-        plot_s = time.perf_counter() - started
+        try:
+            plot_losses(log, probe, task.title)
+            plot_s = time.perf_counter() - started
+        finally:
+            probe.unlink(missing_ok=True)
     return RunCosts(*(ranks.from_main(v) for v in (step_s, eval_s, save_s, plot_s)))
+
+
+def seconds_to_write(params: dict[str, nn.Parameter], folder: Path) -> float:
+    """Seconds to write the trained tensors to a file in folder and fsync it (the file is then removed); 0 where
+    the disk has no room for them: the first checkpoint will say so."""
+    probe = folder / f".write-probe-{os.getpid()}.safetensors"
+    started = time.perf_counter()
+    try:
+        save_file({k: p.detach().contiguous() for k, p in params.items()}, probe)
+        with open(probe, "rb+") as f:
+            os.fsync(f.fileno())
+        return time.perf_counter() - started
+    except (OSError, SafetensorError) as e:
+        if not is_disk_full(e):
+            raise
+        return 0.0
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def requested_steps(task: Task, args: argparse.Namespace) -> tuple[int | None, str]:
@@ -478,6 +513,8 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
 
+    if resumed is not None and step >= resumed.schedule.total and ranks.main:
+        task.save_result(out)  # resumed at its end: the result may be missing (the disk filled up after the state)
     costs = measure_costs(trained, task, step, ranks, args, log)
     plan = make_plan(task, args, resumed, costs, started)
     schedule, end = plan.schedule, int(ranks.from_main(plan.schedule.total))
@@ -509,11 +546,11 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
     def checkpoint() -> None:
         nonlocal saved_at
         began = time.perf_counter()
-        if ranks.main:
-            task.save_result(out)
+        if ranks.main:  # the state first: if the result does not fit on the disk, --resume can still continue
             save_state(out / STATE_FILE, TrainingState(step, schedule, run,
                                                        {k: p.detach() for k, p in task.params.items()},
                                                        optimizer.state_dict(), evaluation))
+            task.save_result(out)
         costs.save_s = time.perf_counter() - began
         saved_at = step
 

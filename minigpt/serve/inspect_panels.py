@@ -9,6 +9,8 @@ components. The forward passes of the views run as scheduler tasks (Engine.compu
 """
 from __future__ import annotations
 
+import math
+import reprlib
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ import gradio as gr
 from ..inspection import logit_lens
 from .conversation import BASE, ChatInputError, Prompt, as_chat_text, whole_number
 from .engine import Engine
-from .handlers import ChatHandlers, checked, locked, unlock
+from .handlers import ChatHandlers, checked, locked, refusal, unlock
 from .panels import MAX_KEYS, MAX_QUERIES, alternatives, attention_window, heatmap, position_caption, token_highlights
 from .panels_heads import entropy_figure, similarity_figure
 from .panels_lens import lens_figure, lens_ids, lens_table, reply_column, visible_columns
@@ -34,6 +36,15 @@ VIEW_OUTPUTS = ("tokens", "position", "caption", "alternatives", "pipeline", "pi
                 "heatmap", "attention_note", "entropy", "similarity", "timeline", "timeline_note")
 NO_REPLY = "No reply yet: send a message, or load a conversation in Export."
 EXPORT_DIR = Path(tempfile.gettempdir()) / "minigpt-exports"
+
+
+def clicked_pixel(event: gr.SelectData) -> tuple[float, float]:
+    """The (x, y) pixel of a click on a figure; a crafted event with anything else gets a message."""
+    index = event.index
+    if not (isinstance(index, (list, tuple)) and len(index) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in index)):
+        raise refusal(f"A click on a figure gives the pixel clicked as [x, y], not {reprlib.repr(index)}.")
+    return float(index[0]), float(index[1])
 
 
 class InspectHandlers:
@@ -119,7 +130,8 @@ class InspectHandlers:
 
     def click_lens(self, session: Session, layer: int, head: int, event: gr.SelectData):
         """A lens cell: select the reply token its column predicted (prompt columns select nothing)."""
-        cell = session.clicks["lens"].cell(*event.index) if "lens" in session.clicks else None
+        pixel = clicked_pixel(event)
+        cell = session.clicks["lens"].cell(*pixel) if "lens" in session.clicks else None
         if cell is not None:
             shown = visible_columns(session.lens, reply_column(session.reply, session.position))  # as drawn
             column = shown[cell[1]]
@@ -129,7 +141,8 @@ class InspectHandlers:
         return self.views(session, layer, head)
 
     def click_timeline(self, session: Session, layer: int, head: int, event: gr.SelectData):
-        cell = session.clicks["timeline"].cell(*event.index) if "timeline" in session.clicks else None
+        pixel = clicked_pixel(event)
+        cell = session.clicks["timeline"].cell(*pixel) if "timeline" in session.clicks else None
         if cell is not None:
             session.position = cell[1] + 1
         return self.views(session, layer, head)
@@ -139,9 +152,10 @@ class InspectHandlers:
         """The handler of a click on the entropy grid (picks layer and head) or on the head-similarity
         matrix (picks the head of the clicked row). -> layer, head; the heatmap follows their change."""
         def click(session: Session, layer: int, head: int, event: gr.SelectData):
-            cell = session.clicks[which].cell(*event.index) if which in session.clicks else None
-            if cell is None:
-                return {}
+            pixel = clicked_pixel(event)
+            cell = session.clicks[which].cell(*pixel) if which in session.clicks else None
+            if cell is None:  # a margin, or no figure yet: both dropdowns stay (Gradio needs a value for each)
+                return {"layer": gr.update(), "head": gr.update()}
             return {"layer": cell[0], "head": cell[1]} if which == "entropy" else {"head": cell[0]}
         return click
 

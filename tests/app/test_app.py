@@ -1,41 +1,48 @@
 """app.py without a server: command line, loading the models once, the mode switch without an adapter."""
+import json
+import os
+import runpy
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import app
+from minigpt.serve import app, launch
 from minigpt import AdapterError
 from minigpt.serve.conversation import BASE, TUNED, ChatInputError
 from minigpt.serve.engine import load_engine
 from tests.helpers import REPO
-from tests.helpers.app_server import make_adapter
+from tests.helpers.app_server import free_port, make_adapter
 from tests.helpers.checkpoints import make_checkpoint
 
 
 def test_defaults_bind_to_localhost_7860(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
-    args = app.parse_args([])
+    args = launch.parse_args([])
     assert (args.model, args.adapter, args.host, args.port, args.share, args.precision, args.concurrency,
             args.queue_size, args.sessions_kept) == ("gpt2", None, "127.0.0.1", 7860, False, "float32", 8, 256, 64)
 
 
 def test_on_a_space_it_binds_all_interfaces(monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/minigpt")
-    assert app.parse_args([]).host == "0.0.0.0"
-    assert app.parse_args(["--host", "127.0.0.1"]).host == "127.0.0.1"
+    assert launch.parse_args([]).host == "0.0.0.0"
+    assert launch.parse_args(["--host", "127.0.0.1"]).host == "127.0.0.1"
 
 
 @pytest.mark.parametrize("argv, message", [(["--concurrency", "0"], "--concurrency must be >= 1"),
                                            (["--sessions-kept", "0"], "--sessions-kept must be >= 1"),
                                            (["--dtype", "float64"], "invalid choice: 'float64'"),
-                                           (["--dtype", "int8", "--speculative"], "use it with a float --precision")])
+                                           (["--dtype", "int8", "--speculative"], "use it with a float --precision"),
+                                           (["--port", "99999"], "--port must be between 1 and 65535, got 99999"),
+                                           (["--port", "-1"], "--port must be between 1 and 65535, got -1")])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
-        app.parse_args(argv)
+        launch.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -44,8 +51,9 @@ def test_without_an_adapter_only_base_mode_runs_and_the_hint_says_how_to_get_one
     engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", default_adapter=default)
     assert list(engine.models) == [BASE] and engine.device == "cpu float32 (C decode step)"
     assert "python -m lora.train" in engine.adapter_hint and "--adapter" in engine.adapter_hint
-    with pytest.raises(ChatInputError, match=f"Alpaca LoRA mode is off: no adapter in {default}"):
+    with pytest.raises(ChatInputError, match="Alpaca LoRA mode is off: no adapter in checkpoints/alpaca-lora. Train"):
         engine.model(TUNED)
+    assert engine.adapter_note.startswith(f"no adapter in {default}. Train")  # the server's log has the path
 
 
 @pytest.mark.parametrize("leftover, why", [
@@ -62,16 +70,31 @@ def test_a_default_adapter_that_cannot_be_used_leaves_base_mode_and_says_why(tin
         make_adapter(make_checkpoint(tmp_path / "deeper", n_layer=3)[0], default)
     engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", default_adapter=default)
     assert list(engine.models) == [BASE]
-    assert engine.adapter_hint.startswith(f"the adapter in {default} cannot be used (") and why in engine.adapter_hint
+    assert engine.adapter_note.startswith(f"the adapter in {default} cannot be used (") and why in engine.adapter_note
+    # what the page (Model switch, Compare, Score) and /v1 show: no path of the server's disk, no file names
+    assert engine.adapter_hint.startswith("the adapter in checkpoints/alpaca-lora cannot be used (it is incomplete")
+    config = json.dumps(app.build_app(engine).get_config_file(), default=str)
+    assert "checkpoints/alpaca-lora cannot be used" in config and str(tmp_path) not in config and why not in config
+    with pytest.raises(ChatInputError) as off:
+        engine.model(TUNED)
+    assert str(tmp_path) not in str(off.value) and "checkpoints/alpaca-lora" in str(off.value)
     with pytest.raises(AdapterError, match=why):  # the same folder named with --adapter stays an error
         load_engine(str(tiny_checkpoint[0]), str(default), "cpu", "float32", default_adapter=default)
 
 
-def test_the_default_adapter_is_the_projects_whatever_the_cwd_and_can_be_turned_off(capsys):
-    assert app.DEFAULT_ADAPTER == Path(app.__file__).resolve().parent / "checkpoints" / "alpaca-lora"
-    assert app.parse_args(["--no-adapter"]).no_adapter and not app.parse_args([]).no_adapter
+def test_the_default_adapter_is_beside_app_py_whatever_the_cwd_and_can_be_turned_off(monkeypatch, tmp_path, capsys):
+    served = []
+    monkeypatch.setattr(app, "serve", lambda args, default_adapter: served.append(default_adapter) or 0)
+    monkeypatch.chdir(tmp_path)
+    for argv in ([], ["--no-adapter"]):
+        monkeypatch.setattr(sys, "argv", ["app.py", *argv])
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_path(str(REPO / "app.py"), run_name="__main__")
+        assert exit.value.code == 0
+    assert launch.main([]) == 0  # the installed command: the cwd's checkpoints/alpaca-lora
+    assert served == [REPO / "checkpoints" / "alpaca-lora", None, tmp_path / "checkpoints" / "alpaca-lora"]
     with pytest.raises(SystemExit):
-        app.parse_args(["--adapter", "x", "--no-adapter"])
+        launch.parse_args(["--adapter", "x", "--no-adapter"])
     assert "not allowed with argument --adapter" in capsys.readouterr().err
 
 
@@ -80,9 +103,28 @@ def test_a_busy_port_is_one_line_naming_our_option(tiny_checkpoint, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert app.main(["--model", str(tiny_checkpoint[0]), "--port", str(port), "--device", "cpu"]) == 2
+        assert launch.main(["--model", str(tiny_checkpoint[0]), "--port", str(port), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: port {port} on 127.0.0.1 is already in use: pick another with --port\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["importing", "starting the server"])
+def test_ctrl_c_while_the_app_starts_is_one_line_and_130(tiny_checkpoint, when):
+    """SIGINT early (torch and Gradio are being imported), or once the models are loaded (the page is being built,
+    or Gradio's server is starting and checking itself): whichever step it lands in, one line and status 130."""
+    run = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_checkpoint[0]), "--no-adapter", "--device",
+                            "cpu", "--port", str(free_port())], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if when == "importing":
+        time.sleep(0.3)
+    else:
+        assert run.stdout.readline().startswith("Serving ")  # the models are loaded; build_app and launch follow
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    said = [line for line in err.splitlines() if line and not line.startswith("note: ")]
+    assert said in (["interrupted"], [])  # a line, or nothing when it landed in the serving loop
 
 
 def test_help_answers_before_gradio_or_a_model_is_imported():
@@ -91,7 +133,7 @@ def test_help_answers_before_gradio_or_a_model_is_imported():
                          text=True, timeout=120)
     assert run.returncode == 0 and "--no-adapter" in run.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
-    assert "argparse" in imported and "gradio" not in imported and "minigpt.serve" not in imported
+    assert "argparse" in imported and "gradio" not in imported and "minigpt.serve.app" not in imported
 
 
 def test_the_tuned_model_shares_the_base_weights_but_its_lora_targets(tiny_checkpoint, tmp_path):
@@ -108,7 +150,7 @@ def test_the_tuned_model_shares_the_base_weights_but_its_lora_targets(tiny_check
 def test_unloadable_weights_end_with_a_one_line_error_naming_them(tiny_checkpoint, tmp_path, broken, capsys):
     missing = str(tmp_path / f"no-such-{broken}")
     model, adapter = (missing, []) if broken == "model" else (str(tiny_checkpoint[0]), ["--adapter", missing])
-    assert app.main(["--model", model, *adapter, "--device", "cpu"]) == 2
+    assert launch.main(["--model", model, *adapter, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and missing in err and err.count("\n") == 1
 
@@ -140,9 +182,9 @@ def test_speculative_engine_drafts_each_mode_and_replies_as_without(tiny_checkpo
 
 
 def test_precision_is_one_flag_with_dtype_as_its_alias_and_compile_is_ignored(tiny_checkpoint, capsys):
-    assert app.parse_args(["--precision", "int8"]).precision == app.parse_args(["--dtype", "int8"]).precision == "int8"
+    assert launch.parse_args(["--precision", "int8"]).precision == launch.parse_args(["--dtype", "int8"]).precision == "int8"
     from minigpt.cli import warn_if_compile
-    warn_if_compile(app.parse_args(["--compile"]))
+    warn_if_compile(launch.parse_args(["--compile"]))
     assert capsys.readouterr().err == ("note: --compile is no longer needed and is ignored: the fastest decode step "
                                        "is chosen at load time\n")
 
@@ -151,6 +193,6 @@ def test_precision_is_one_flag_with_dtype_as_its_alias_and_compile_is_ignored(ti
 def test_a_device_this_machine_lacks_ends_with_one_line(tiny_checkpoint, device, capsys):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has that device")
-    assert app.main(["--model", str(tiny_checkpoint[0]), "--device", device, "--no-adapter"]) == 2
+    assert launch.main(["--model", str(tiny_checkpoint[0]), "--device", device, "--no-adapter"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and repr(device) in err and err.count("\n") == 1

@@ -182,3 +182,75 @@ def test_out_of_vocabulary_ids_are_refused(inspect, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     assert "token ids between 0 and 50256" in inspect.load(Session(), str(bad), 0, -1)["export_note"]
+
+
+
+def crafted(inspect, tmp_path, edit_text=None, edit_data=None) -> str:
+    """An export of a real reply, edited as an attacker would: its JSON text, or its data."""
+    session = session_with(a_reply(inspect))
+    text = Path(inspect.export(session, HISTORY)["export_file"]).read_text(encoding="utf-8")
+    path = tmp_path / "crafted.json"
+    path.write_text(edit_text(text) if edit_text else json.dumps(edit_data(json.loads(text))))
+    return str(path)
+
+
+def set_in(data: dict, keys: tuple, value) -> dict:
+    target = data
+    for key in keys[:-1]:
+        target = target[key]
+    target[keys[-1]] = value
+    return data
+
+
+def first_time_after_second(data: dict) -> dict:
+    times = data["reply"]["token_times"]
+    times[0] = times[1] + 1.0
+    return data
+
+
+CRAFTED_TEXT = {
+    "infinite max_new_tokens": (lambda t: t.replace('"max_new_tokens": 16', '"max_new_tokens": Infinity'),
+                                "holds Infinity, which is not a JSON number"),
+    "NaN temperature": (lambda t: t.replace('"temperature": 0.0', '"temperature": NaN'),
+                        "holds NaN, which is not a JSON number"),
+    "NaN token time": (lambda t: t.replace('"token_times": [', '"token_times": [NaN, '), "not a JSON number"),
+    "500k-deep nesting": (lambda t: t.replace('"stop": [', '"deep": ' + "[" * 500_000 + "]" * 500_000 + ', "stop": ['),
+                          "nested too deeply"),
+}
+CRAFTED_DATA = {
+    "fractional max_new_tokens": (lambda d: set_in(d, ("settings", "max_new_tokens"), 1.5),
+                                  "max_new_tokens must be a whole number"),
+    "huge log-prob": (lambda d: set_in(d, ("reply", "tokens", 0, "logprob"), 1e300),
+                      "log-probability must be a number <= 0"),
+    "positive log-prob": (lambda d: set_in(d, ("reply", "tokens", 0, "top", 1, "logprob"), 0.5),
+                          "log-probability must be a number <= 0"),
+    "inf token time": (lambda d: set_in(d, ("reply", "token_times", 0), 1e999), "holds Infinity"),
+    "negative token time": (lambda d: set_in(d, ("reply", "token_times", 0), -127.0), "finite number of seconds >= 0"),
+    "decreasing token times": (first_time_after_second, "must not decrease"),
+    "too many messages": (lambda d: {**d, "conversation": [{"role": "user", "content": "hi"}] * 1800},
+                          "the conversation has 1800 messages; the chat takes at most 1,000 messages"),
+}
+
+
+@pytest.mark.parametrize("case", [*CRAFTED_TEXT, *CRAFTED_DATA])
+def test_a_crafted_conversation_file_is_refused_with_a_message(inspect, tmp_path, case):
+    if case in CRAFTED_TEXT:
+        edit, message = CRAFTED_TEXT[case]
+        path = crafted(inspect, tmp_path, edit_text=edit)
+    else:
+        edit, message = CRAFTED_DATA[case]
+        path = crafted(inspect, tmp_path, edit_data=edit)
+    session = Session()
+    shown = inspect.load(session, path, 0, -1)
+    assert shown["export_note"].startswith("Could not load: ") and message in shown["export_note"], shown
+    assert set(shown) == {"export_note"} and session.reply is None  # nothing else on screen changes
+
+
+def test_figure_clicks_need_a_pixel_and_leave_the_selectors_alone_off_the_grid(inspect):
+    session = session_with(a_reply(inspect))
+    for click in (inspect.click_lens, inspect.click_timeline, inspect.head_clicker("entropy")):
+        for index in ("abc", [1.0], [1, "x"], None, [float("nan"), 1.0]):
+            with pytest.raises(gr.Error, match=r"the pixel clicked as \[x, y\]"):
+                click(session, 0, -1, select(index))
+    for which in ("entropy", "similarity"):  # no figure drawn yet: both dropdowns keep their values
+        assert set(inspect.head_clicker(which)(Session(), 0, -1, select([5.0, 5.0]))) == {"layer", "head"}

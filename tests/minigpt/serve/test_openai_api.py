@@ -25,7 +25,7 @@ def test_the_api_is_off_beyond_loopback_without_a_key_unless_opened(host, shared
 
 
 def test_the_api_key_comes_from_the_environment(monkeypatch):
-    import app
+    from minigpt.serve import launch
     monkeypatch.setenv("MINIGPT_API_KEY", "from-env")
-    assert app.parse_args([]).api_key == "from-env"
-    assert app.parse_args(["--api-key", "given"]).api_key == "given"
+    assert launch.parse_args([]).api_key == "from-env"
+    assert launch.parse_args(["--api-key", "given"]).api_key == "given"

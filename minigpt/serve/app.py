@@ -1,0 +1,374 @@
+"""The chat app's page and server: the tabs laid out and wired to their handlers (minigpt/serve/handlers.py,
+compare.py, score.py, inspect_panels.py), the /v1 API mounted beside Gradio's routes, and `serve`, which
+loads the models and computes every forward pass in the thread that calls it. The options are in launch.py.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import functools
+import os
+import socket
+import sys
+from collections.abc import Callable
+from inspect import isasyncgenfunction, isgeneratorfunction
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
+
+import gradio as gr  # noqa: E402
+from gradio.components import Component  # noqa: E402
+from starlette.routing import Mount  # noqa: E402
+
+from minigpt import CheckpointError  # noqa: E402
+from minigpt.cli import INTERRUPTED, ctrl_c_exits_now, warn_if_compile  # noqa: E402
+from minigpt.errors import DeviceError  # noqa: E402
+from minigpt.serve.conversation import (  # noqa: E402
+    BASE,
+    MAX_NEW_TOKENS,
+    MAX_TEMPERATURE,
+    MODES,
+    TUNED,
+)
+from minigpt.serve.compare import DIFF_HINT, CompareHandlers, CompareSession, side_outputs  # noqa: E402
+from minigpt.serve.engine import Engine, load_engine  # noqa: E402
+from minigpt.serve.handlers import ATTENTION_HINT, BUTTONS, ChatHandlers, unlock  # noqa: E402
+from minigpt.serve.inspect_panels import SELECTED, VIEW_OUTPUTS, InspectHandlers  # noqa: E402
+from minigpt.serve.openai_api import access_for, api_app, describe  # noqa: E402
+from minigpt.serve.panels import BAND_COLOURS  # noqa: E402
+from minigpt.serve.payloads import check_payloads  # noqa: E402
+from minigpt.serve.score import ScoreHandlers  # noqa: E402
+from minigpt.serve.session import Session  # noqa: E402
+from minigpt.lora_scale import MAX_SCALE  # noqa: E402
+
+
+CSS = Path(__file__).with_name("app.css")
+UPLOAD_CLEANUP_S = 3600  # uploads (conversation exports) leave Gradio's cache after an hour
+MAX_UPLOAD = "2mb"  # a conversation export is tens of kB
+EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of France?",
+            "Write a short poem about the sea.", "Explain what a neural network is in one sentence."]
+
+
+def build_app(engine: Engine) -> gr.Blocks:
+    """The page: one tab per view, each laid out by its own function below."""
+    with gr.Blocks(title="MiniGPT chat", analytics_enabled=False,
+                   delete_cache=(UPLOAD_CLEANUP_S, UPLOAD_CLEANUP_S)) as demo:
+        gr.Markdown("# MiniGPT chat\nGPT-2 written from scratch, with real OpenAI weights, and its Alpaca "
+                    "LoRA. Replies stream token by token; the panels beside the chat look inside.")
+        with gr.Tab("Chat", id="chat-tab"):
+            chat_tab(engine)
+        with gr.Tab("Compare", id="compare-tab"):
+            compare_tab(engine)
+        with gr.Tab("Score", id="score-tab"):
+            score_tab(engine)
+    check_payloads(demo)
+    return demo
+
+
+def scale_slider(engine: Engine, elem_id: str) -> gr.Slider:
+    return gr.Slider(0, MAX_SCALE, value=1, step=0.05, label="LoRA scale", elem_id=elem_id,
+                     interactive=TUNED in engine.models,
+                     info="scales the adapter's update: 0 = base, 1 = as trained, 2 = doubled")
+
+
+def chat_tab(engine: Engine) -> None:
+    """The chat in the middle of three columns: the conversation, the "look inside" panels, the settings.
+    At 1280x800 the conversation, the token panel and the tabs of the heavier views fit without scrolling."""
+    config = engine.models[BASE].config
+    handlers, inspect = ChatHandlers(engine), InspectHandlers(engine)
+    session = gr.State(Session())
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4, min_width=340):
+            chat = gr.Chatbot(elem_id="chat", label="Conversation", height=420, render_markdown=False,
+                              sanitize_html=True, allow_tags=False, buttons=["copy", "copy_all"],
+                              placeholder="Ask something, or pick an example below.")
+            with gr.Row():
+                msg = gr.Textbox(elem_id="msg", show_label=False, placeholder="Message MiniGPT…", scale=5,
+                                 autofocus=True)
+                send = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=70)
+                stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=70)
+            with gr.Row():
+                retry_btn = gr.Button("↻ Retry", elem_id="retry", size="sm")
+                undo_btn = gr.Button("↶ Undo", elem_id="undo", size="sm")
+                clear_btn = gr.Button("✕ Clear", elem_id="clear", size="sm")
+            stats = gr.Markdown(handlers.ready, elem_id="stats")
+            gr.Examples(EXAMPLES, inputs=msg, label="Examples")
+        with gr.Column(scale=5, min_width=420, elem_id="inspect"):
+            tokens = gr.HighlightedText(elem_id="tokens", label="Last reply: click a token to look inside",
+                                        color_map={**BAND_COLOURS, SELECTED: "#29b6f6"}, show_legend=True,
+                                        show_inline_category=False)
+            with gr.Row(equal_height=False):
+                alts = gr.Label(elem_id="alternatives", label="Top-5 alternatives: click one to branch from it",
+                                num_top_classes=5, scale=3, show_heading=False)
+                with gr.Column(scale=2, min_width=160):
+                    caption = gr.Markdown(elem_id="caption")
+                    position = gr.Slider(1, 2, value=1, step=1, label="Token position", elem_id="position")
+                    undo_branch = gr.Button("↶ Undo branch", elem_id="undo_branch", size="sm")
+            with gr.Tabs(elem_id="views"):
+                with gr.Tab("Sampling", elem_id="view_sampling") as sampling_tab:
+                    pipeline_note = gr.Markdown(elem_id="pipeline_note")
+                    pipeline = gr.Plot(elem_id="pipeline", show_label=False)
+                with gr.Tab("Logit lens", elem_id="view_lens") as lens_tab:
+                    lens = gr.Image(elem_id="lens", type="numpy", interactive=False, show_label=False, buttons=[])
+                    lens_note = gr.Markdown(elem_id="lens_table")
+                with gr.Tab("Attention", elem_id="view_attention") as attention_tab:
+                    with gr.Row():
+                        layer = gr.Dropdown([(f"Layer {i + 1}", i) for i in range(config.n_layer)], value=0,
+                                            label="Layer", elem_id="layer", min_width=100)
+                        head = gr.Dropdown([("Average over heads", -1)] +
+                                           [(f"Head {h + 1}", h) for h in range(config.n_head)],
+                                           value=-1, label="Head", elem_id="head", min_width=100)
+                        hide_sink = gr.Checkbox(False, label="Hide the first token (attention sink)",
+                                                elem_id="hide_sink")
+                    attention_note = gr.Markdown(ATTENTION_HINT, elem_id="attention_note")
+                    with gr.Row():
+                        entropy = gr.Image(elem_id="entropy", type="numpy", interactive=False, show_label=False,
+                                           buttons=[])
+                        similarity = gr.Image(elem_id="similarity", type="numpy", interactive=False, show_label=False,
+                                              buttons=[])
+                    plot = gr.Plot(elem_id="heatmap", show_label=False)
+                with gr.Tab("Timeline", elem_id="view_timeline") as timeline_tab:
+                    timeline_note = gr.Markdown(elem_id="timeline_note")
+                    timeline = gr.Image(elem_id="timeline", type="numpy", interactive=False, show_label=False,
+                                        buttons=[])
+                with gr.Tab("Export", elem_id="view_export"):
+                    export_btn = gr.Button("Export the conversation as JSON", elem_id="export", size="sm")
+                    export_file = gr.File(label="Download", elem_id="export_file", interactive=False)
+                    load_file = gr.File(label="Load a conversation file to view its panels", file_types=[".json"],
+                                        elem_id="load_file", type="filepath")
+                    export_note = gr.Markdown(elem_id="export_note")
+        with gr.Column(scale=2, min_width=220):
+            mode = gr.Radio(list(MODES), value=BASE, label="Model", elem_id="mode",
+                            interactive=TUNED in engine.models,
+                            info=("Base GPT-2 continues a plain dialogue; Alpaca LoRA follows instructions."
+                                  if TUNED in engine.models else f"Alpaca LoRA is off: {engine.adapter_hint}"))
+            with gr.Accordion("Sampling", open=True):
+                temperature = gr.Slider(0, MAX_TEMPERATURE, value=0.7, step=0.05, label="Temperature",
+                                        info="0 = greedy", elem_id="temperature")
+                top_k = gr.Slider(0, 200, value=40, step=1, label="Top-k", info="0 = off", elem_id="top_k")
+                top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p", info="1 = off",
+                                  elem_id="top_p")
+                max_new_tokens = gr.Slider(1, min(MAX_NEW_TOKENS, config.n_positions // 2), value=128, step=1,
+                                           label="Max new tokens", elem_id="max_new_tokens")
+                seed = gr.Textbox("", label="Seed", info="a whole number repeats a reply; blank = random",
+                                  placeholder="random", elem_id="seed")
+                scale = scale_slider(engine, "scale")
+            with gr.Accordion("Prompt sent to the model", open=False):
+                prompt_view = gr.Textbox(elem_id="prompt", show_label=False, lines=8, max_lines=20,
+                                         interactive=False, buttons=["copy"])
+
+    ui = {"msg": msg, "chat": chat, "stats": stats, "send": send, "retry": retry_btn, "undo": undo_btn,
+          "clear": clear_btn, "prompt": prompt_view, "tokens": tokens, "position": position, "caption": caption,
+          "alternatives": alts, "pipeline": pipeline, "pipeline_note": pipeline_note, "lens": lens,
+          "lens_table": lens_note, "heatmap": plot, "attention_note": attention_note, "entropy": entropy,
+          "similarity": similarity, "timeline": timeline, "timeline_note": timeline_note, "layer": layer,
+          "head": head, "export_file": export_file, "export_note": export_note}
+    named = functools.partial(by_name, ui=ui)
+
+    def out(*names: str) -> list:
+        return [ui[name] for name in names]
+
+    controls = [mode, temperature, top_k, top_p, max_new_tokens, seed]
+    views = out(*VIEW_OUTPUTS)
+    selection = [session, layer, head]
+    private = {"api_visibility": "private"}
+    # The /chat API's outputs, in this order: the chat, the stats line, the prompt, then the panels.
+    reply_outputs = out("chat", "stats", "prompt", "tokens", "position", "caption", "alternatives", "heatmap",
+                        "attention_note")
+
+    def reply_chain(trigger, check, check_inputs, step, step_inputs, api_name=None):
+        """check refuses bad input (queued, so its message shows; no outputs, so nothing is covered by an error
+        badge); step adds the message and locks the controls (no queue); then the reply streams; then unlock,
+        and the views on screen are computed for the new reply."""
+        reply = trigger(check, [*check_inputs, *controls, scale], None, show_progress="hidden", **private).success(
+            named(step), [session, *step_inputs], out("msg", "chat", *BUTTONS), queue=False, **private).success(
+            named(handlers.respond), [session, chat, *controls, layer, head, scale], reply_outputs,
+            api_name=api_name, api_visibility="public" if api_name else "private")
+        reply.then(named(unlock), None, out("msg", *BUTTONS), queue=False, **private)
+        reply.then(named(inspect.views), selection, views, **private)
+
+    reply_chain(msg.submit, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat], api_name="chat")
+    reply_chain(send.click, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat])
+    reply_chain(retry_btn.click, handlers.check_retry, [chat], handlers.retry, [chat])
+    undo_btn.click(named(handlers.undo), chat, out("msg", "chat"), queue=False, **private)
+    clear_btn.click(named(handlers.clear), session, reply_outputs, queue=False, **private).then(
+        named(inspect.views), selection, views, **private)
+    stop_btn.click(handlers.stop, session, None, queue=False, api_name="stop")
+    position.release(named(handlers.alternatives_at), [session, position], out("caption", "alternatives"),
+                     api_name="alternatives").then(named(inspect.select), [session, position, layer, head], views,
+                                                   **private)
+    tokens.select(named(inspect.pick_token), selection, views, **private)
+    for tab, name in ((sampling_tab, "Sampling"), (lens_tab, "Logit lens"), (attention_tab, "Attention"),
+                      (timeline_tab, "Timeline")):
+        tab.select(named(inspect.opener(name)), selection, views, **private)
+    lens.select(named(inspect.click_lens), selection, views, **private)
+    timeline.select(named(inspect.click_timeline), selection, views, **private)
+    for grid in ("entropy", "similarity"):
+        ui[grid].select(named(inspect.head_clicker(grid)), selection, out("layer", "head"), **private)
+    for selector in (layer, head):
+        selector.change(named(inspect.views), selection, views, **private)
+    hide_sink.change(named(inspect.toggle_sink), [session, hide_sink, layer, head], views, **private)
+    alts.select(named(inspect.branch), [session, chat, layer, head], out("chat", "stats", "msg", *BUTTONS) + views,
+                **private)
+    undo_branch.click(named(inspect.undo_branch), [session, chat, layer, head], out("chat", "stats") + views,
+                      **private)
+    export_btn.click(named(inspect.export), [session, chat], out("export_file", "export_note"), **private)
+    load_file.upload(named(inspect.load), [session, load_file, layer, head], out("chat", "export_note") + views,
+                     **private)
+
+
+def compare_tab(engine: Engine) -> None:
+    """One message, both models answering side by side with the same settings and seed; the token diff."""
+    handlers = CompareHandlers(engine)
+    session = gr.State(CompareSession())
+    with gr.Row():
+        message = gr.Textbox(elem_id="cmp_msg", show_label=False, placeholder="One message for both models…",
+                             scale=5)
+        send = gr.Button("Send to both", elem_id="cmp_send", variant="primary", scale=1, min_width=120)
+    with gr.Accordion("Settings (both sides)", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0, MAX_TEMPERATURE, value=0.7, step=0.05, label="Temperature",
+                                    elem_id="cmp_temperature")
+            top_k = gr.Slider(0, 200, value=40, step=1, label="Top-k", elem_id="cmp_top_k")
+            top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p", elem_id="cmp_top_p")
+        with gr.Row():
+            max_new_tokens = gr.Slider(1, min(MAX_NEW_TOKENS, engine.n_positions // 2), value=96, step=1,
+                                       label="Max new tokens", elem_id="cmp_max_new_tokens")
+            seed = gr.Textbox("", label="Seed", info="blank = one random seed for both", elem_id="cmp_seed")
+            scale = scale_slider(engine, "cmp_scale")
+    note = gr.Markdown(elem_id="cmp_note")
+    ui, stops = {"cmp_send": send, "cmp_note": note}, {}
+    with gr.Row(equal_height=False):
+        for mode in (BASE, TUNED):
+            text_name, stats_name = side_outputs(mode)
+            with gr.Column():  # Stop above the text: it stays put while the reply grows below it
+                stops[mode] = gr.Button(f"Stop {mode}", elem_id=f"{text_name}_stop", variant="stop", size="sm")
+                ui[text_name] = gr.Textbox(label=mode, elem_id=text_name, lines=10, max_lines=24, interactive=False)
+                ui[stats_name] = gr.Markdown(elem_id=stats_name)
+    with gr.Accordion("Token diff", open=True, elem_id="diff_panel"):
+        with gr.Row():
+            which = gr.Radio(list(MODES), value=TUNED, label="Reply to re-score", elem_id="diff_which", scale=3)
+            diff_btn = gr.Button("Compare tokens", elem_id="diff_btn", scale=1)
+        ui["diff_summary"] = gr.Markdown(DIFF_HINT, elem_id="diff_summary")
+        ui["diff_tokens"] = gr.HighlightedText(
+            elem_id="diff_tokens", show_legend=True, show_inline_category=False,
+            label="log p tuned − log p base: red = the adapter made the token likelier, purple = less likely "
+                  "(±1 = ±4 nats)")
+        ui["diff_ranked"] = gr.Dataframe(elem_id="diff_ranked", label="Where the adapter changed its mind (top-1 "
+                                         "differs), largest KL(tuned ‖ base) first", interactive=False, wrap=True)
+        with gr.Accordion("Every token", open=False):
+            ui["diff_table"] = gr.Dataframe(elem_id="diff_table", interactive=False)
+    named = functools.partial(by_name, ui=ui)
+
+    controls = [temperature, top_k, top_p, max_new_tokens, seed, scale]
+    private = {"api_visibility": "private"}
+    for trigger in (send.click, message.submit):  # the two sides stream as two queued events, each Stop-able
+        # check is queued, so a refusal shows its message; start (no queue) registers the Stop flags
+        started = trigger(handlers.check, [message, *controls], None, show_progress="hidden", **private).success(
+            named(handlers.start), [session, message, *controls],
+            [send, note, *(ui[name] for mode in MODES for name in side_outputs(mode))], queue=False, **private)
+        for mode, respond in ((BASE, handlers.respond_base), (TUNED, handlers.respond_tuned)):
+            started.success(named(respond), session, [ui[name] for name in side_outputs(mode)], **private).then(
+                named(handlers.unlock), session, send, queue=False, **private)
+    for mode, stop in ((BASE, handlers.stop_base), (TUNED, handlers.stop_tuned)):
+        stops[mode].click(stop, session, None, queue=False, **private)
+    diff_btn.click(named(handlers.diff), [session, which],
+                   [ui[name] for name in ("diff_summary", "diff_tokens", "diff_ranked", "diff_table")], **private)
+
+
+def score_tab(engine: Engine) -> None:
+    """Paste a text: every token coloured by its surprisal under each model, and their perplexities."""
+    handlers = ScoreHandlers(engine)
+    text = gr.Textbox(elem_id="score_text", label="Text to score", lines=6, max_lines=20,
+                      placeholder="Paste any text: each model's perplexity, and how surprised it is by each token.")
+    with gr.Row():
+        scale = scale_slider(engine, "score_scale")
+        score = gr.Button("Score", elem_id="score_btn", variant="primary")
+    summary = gr.Markdown(elem_id="score_summary")
+    label = "surprisal (−log p): white = expected, red = surprising"
+    base = gr.HighlightedText(elem_id="score_base", label=f"{BASE}, {label}", show_legend=False,
+                              show_inline_category=False)
+    tuned = gr.HighlightedText(elem_id="score_tuned", label=f"{TUNED}, {label}", show_legend=False,
+                               show_inline_category=False)
+    ui = {"score_summary": summary, "score_base": base, "score_tuned": tuned}
+    score.click(by_name(handlers.score, ui), [text, scale], list(ui.values()), api_visibility="private")
+
+
+def by_name(handler: Callable, ui: dict[str, Component]) -> Callable:
+    """Wire a handler that returns or yields its outputs by name ({"chat": history, ...}, only those it
+    changes): Gradio gets them by component. The wrapper keeps the handler's signature (Gradio reads it
+    for gr.SelectData) and its kind (function, generator, async generator)."""
+    def components(values: dict | None) -> dict:
+        return {ui[name]: value for name, value in (values or {}).items()}
+
+    if isasyncgenfunction(handler):
+        async def wired(*args):
+            async for values in handler(*args):
+                yield components(values)
+    elif isgeneratorfunction(handler):
+        def wired(*args):
+            for values in handler(*args):
+                yield components(values)
+    else:
+        def wired(*args):
+            return components(handler(*args))
+    return functools.wraps(handler)(wired)
+
+
+class PortBusy(Exception):
+    def __init__(self, host: str, port: int, cause: OSError):
+        in_use = cause.errno in (errno.EADDRINUSE, None)  # Gradio's own "Cannot find empty port" has no errno
+        super().__init__(f"port {port} on {host} is already in use: pick another with --port" if in_use else
+                         f"cannot listen on {host}:{port} ({cause.strerror or cause}): check --host and --port")
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind and release, as Gradio does before it serves (SO_REUSEADDR included): PortBusy if that fails."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise PortBusy(host, port, e) from None
+
+
+def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
+    """Load the models, open the page and serve until Ctrl-C (130); 2 with one `error:` line if that cannot start.
+    default_adapter: served when --adapter names none (if it is there and fits the model)."""
+    warn_if_compile(args)
+    try:
+        check_port(args.host, args.port)  # before the minutes of loading, not after
+        with ctrl_c_exits_now():  # leaves at once, even from a stalled download
+            engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative,
+                                 default_adapter=default_adapter, concurrency=args.concurrency,
+                                 queue_size=args.queue_size, background=False)
+    except (CheckpointError, DeviceError, PortBusy) as e:  # CheckpointError includes AdapterError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if TUNED not in engine.models:
+        print(f"note: {TUNED} mode is off: {engine.adapter_note}", file=sys.stderr)
+    print(engine.capacity(), flush=True)
+    demo = build_app(engine)
+    # Every reply waits in the scheduler's queue, not Gradio's (it orders the chat and the API together, and
+    # shows each reply its place): Gradio lets every event through, up to the scheduler's own bounds.
+    demo.queue(default_concurrency_limit=args.concurrency + args.queue_size, max_size=args.queue_size)
+    access = access_for(args.host, args.share, args.api_key, args.open_api)
+    print(describe(access, f"http://{args.host}:{args.port}"), flush=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                    theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
+                    css_paths=[CSS], footer_links=["api"],
+                    max_file_size=MAX_UPLOAD,  # only a conversation export is ever loaded: larger uploads get 413
+                    state_session_capacity=args.sessions_kept,
+                    # The API's routes go first in the FastAPI app Gradio builds: /v1 is ours, the rest Gradio's.
+                    app_kwargs={"routes": [Mount("/v1", api_app(engine, access))]},
+                    prevent_thread_lock=True)  # the server runs in its own threads; this one computes
+    except OSError as e:  # the port was taken while the models loaded
+        print(f"error: {PortBusy(args.host, args.port, e)}", file=sys.stderr)
+        return 2
+    try:
+        engine.scheduler.serve()  # every forward pass, in the thread that loaded the models (Scheduler says why)
+    except KeyboardInterrupt:
+        demo.close()
+    return INTERRUPTED
+
