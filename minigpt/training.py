@@ -1,14 +1,18 @@
 """The training loop shared by LoRA fine-tuning (python -m lora.train) and pre-training (python -m minigpt.pretrain).
 
 A caller builds a `Task` (the model, the tensors to train, its batches, how to save the result) and
-hands it to `run_training`, which owns everything else: AdamW with warm-up and cosine decay,
-gradient accumulation, clipping, held-out evaluation, atomic checkpoints and --resume, the plan
-printed before the first step, the time budget, and data-parallel training under torchrun.
+hands it to `run_training`, which owns everything else: AdamW with warm-up and cosine decay (in
+segments, so a finished run can be extended), gradient accumulation, clipping, capped held-out
+evaluation with the best output kept, atomic checkpoints and --resume, the plan printed before the
+first step with every cost measured, the time budget, a checkpoint on Ctrl-C or SIGTERM, and
+data-parallel training under torchrun.
 
-Data parallel: `torchrun --nproc_per_node N` starts N processes (ranks). Each reads only its share
-of every global batch; DistributedDataParallel sums the gradients. The loss of each micro-batch is
-divided by the number of scored tokens in the whole global step, so N ranks of batch B train
-exactly like one process of batch N x B. Only rank 0 writes files.
+One step, however split: each optimizer step reads one global batch (processes x batch x
+accumulation), cut into micro-batches and each process's share (`micro_rows`). The loss of each
+micro-batch is divided by the number of scored tokens in the whole step, and dropout masks are keyed
+by each example's place in the step (minigpt.dropout), so N ranks of batch B, one process of batch
+N x B and batch B x accumulation N all train the same weights. Under torchrun
+(`--nproc_per_node N`) DistributedDataParallel sums the gradients; only rank 0 writes files.
 """
 from __future__ import annotations
 
