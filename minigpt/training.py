@@ -532,6 +532,11 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
               f"{format_duration(parts.evaluation)} ({parts.n_evals} x {n_eval} held-out examples), checkpoints "
               f"{format_duration(parts.saving)} ({parts.n_saves}), plot {format_duration(parts.plot)}; "
               f"{schedule.describe(step, args.lr)}")
+    left = args.time_budget - (time.monotonic() - started) if args.time_budget else math.inf
+    if parts.total > left:
+        ranks.say(f"note: loading and measuring left {format_duration(max(0.0, left))} of the time budget, less than "
+                  f"one step and the final evaluation and checkpoint need: the run saves what it has and exits; give "
+                  f"it a larger --time-budget")
     if task.val_size:
         ranks.say(f"evaluation: {n_eval} of {task.val_size} held-out examples each time" +
                   (" (--eval-examples)" if args.eval_examples else

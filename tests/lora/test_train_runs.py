@@ -176,3 +176,12 @@ def test_tensorboard_gets_the_logged_scalars(workdir, tmp_path):
         assert [e.step for e in events.Scalars(tag)] == [r["step"] for r in expected], tag
         assert [e.value for e in events.Scalars(tag)] == pytest.approx([r[key] for r in expected], rel=1e-6), tag
     assert [e.step for e in events.Scalars("loss/held_out")] == [2, 3]
+
+
+def test_a_budget_used_up_by_loading_says_so_and_still_saves(workdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli(workdir, out, "--time-budget", "0.001s", "--batch-size", "3", "--val-fraction", "0.2")) == 0
+    err = capsys.readouterr().err
+    assert "note: loading and measuring left 0 s of the time budget, less than one step" in err
+    assert [r for r in losses(out) if "stopped" in r] == [{"step": 0, "stopped": "time budget"}]
+    assert load_state(out / STATE_FILE).step == 0 and (out / WEIGHTS_FILE).is_file()  # an output all the same
