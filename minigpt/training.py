@@ -53,7 +53,7 @@ from .weights import resolve_device
 
 IGNORE = -100  # F.cross_entropy's default ignore_index: targets that are not scored
 PLOT_FILE, BEST_DIR = "loss.png", "best"
-PROBE_STEPS = 2  # forward + backward passes timed (without an optimizer step) for the plan's estimate
+PROBE_STEPS = 2  # forward + backward passes timed for the plan's estimate; the last one's gradients are kept
 CHECKPOINT_FACTOR = 4  # a checkpoint writes the output, then the trained tensors again and AdamW's two moments
 
 
@@ -344,18 +344,17 @@ def check_resume(out: Path, resume: bool, run: dict) -> TrainingState | None:
 
 
 def measure_costs(model: nn.Module, task: Task, step: int, ranks: Ranks, args: argparse.Namespace,
-                  log: list[dict]) -> RunCosts:
-    """Seconds per optimizer step, per held-out example, per checkpoint and for the plot, each measured once on
-    this run's own batches and files (gradients discarded: the run is unchanged)."""
+                  log: list[dict]) -> tuple[RunCosts, tuple[float, int, float]]:
+    """Seconds per optimizer step, per held-out example, per checkpoint and for the plot, each measured on this
+    run's own batches and files; and (loss, tokens, seconds) of the next step's gradients, which the last timed
+    pass leaves in place for that step to use (the first pass pays one-off costs and is discarded)."""
     micro = next(task.steps(step))
-    seconds = []
     for _ in range(PROBE_STEPS):
+        model.zero_grad(set_to_none=True)
         started = time.perf_counter()
-        _, n_tokens = accumulate_gradients(model, micro, ranks, args.seed, step)
-        seconds.append(time.perf_counter() - started)
-    model.zero_grad(set_to_none=True)
-    # the last pass (the first pays one-off costs), scaled from this batch's length to the mean step's
-    step_s = seconds[-1] * task.tokens_per_step / max(1, n_tokens)
+        loss, n_tokens = accumulate_gradients(model, micro, ranks, args.seed, step)
+        seconds = time.perf_counter() - started
+    step_s = seconds * task.tokens_per_step / max(1, n_tokens)  # scaled from this batch's length to the mean step's
     eval_s = 0.0
     sample = task.val_batches(min(args.batch_size * ranks.world, task.val_size))[:1]
     if sample:
@@ -377,7 +376,7 @@ def measure_costs(model: nn.Module, task: Task, step: int, ranks: Ranks, args: a
             plot_s = time.perf_counter() - started
         finally:
             probe.unlink(missing_ok=True)
-    return RunCosts(*(ranks.from_main(v) for v in (step_s, eval_s, save_s, plot_s)))
+    return RunCosts(*(ranks.from_main(v) for v in (step_s, eval_s, save_s, plot_s))), (loss, n_tokens, seconds)
 
 
 def seconds_to_write(params: dict[str, nn.Parameter], folder: Path) -> float:
@@ -519,7 +518,7 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
 
     if resumed is not None and step >= resumed.schedule.total and ranks.main:
         task.save_result(out)  # resumed at its end: the result may be missing (the disk filled up after the state)
-    costs = measure_costs(trained, task, step, ranks, args, log)
+    costs, measured_step = measure_costs(trained, task, step, ranks, args, log)  # its gradients: the next step's
     plan = make_plan(task, args, resumed, costs, started)
     schedule, end = plan.schedule, int(ranks.from_main(plan.schedule.total))
     evaluation["examples"] = n_eval = int(ranks.from_main(plan.eval_examples))
@@ -608,7 +607,12 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
                          "(time left for the final evaluation and checkpoint)")
                     break
                 began = time.perf_counter()
-                loss, n_tokens = accumulate_gradients(trained, next(batches), ranks, args.seed, step)
+                micro = next(batches)
+                if measured_step is not None:  # the measurement's last pass computed this step's gradients
+                    (loss, n_tokens, seconds), measured_step = measured_step, None
+                    began -= seconds
+                else:
+                    loss, n_tokens = accumulate_gradients(trained, micro, ranks, args.seed, step)
                 torch.nn.utils.clip_grad_norm_(task.params.values(), args.max_grad_norm)
                 lr = args.lr * schedule.factor(step)
                 for group in optimizer.param_groups:
