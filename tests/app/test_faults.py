@@ -18,7 +18,7 @@ from minigpt.serve import app, launch
 from lora.train import main as train_main
 from minigpt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from minigpt.train_state import STATE_FILE, load_state
-from tests.helpers import REPO
+from tests.helpers import REPO, interruptible
 from tests.helpers.app_server import free_port, make_adapter
 from tests.helpers.checkpoints import make_checkpoint
 
@@ -151,7 +151,7 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130(parts, tmp_path):
     out = tmp_path / "out"
     run = subprocess.Popen([sys.executable, "-m", "lora.train", "--model", str(parts[0]), "--data", str(data), *TRAIN,
                             "--max-steps", "100000", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 240
     while run.poll() is None and max(steps_logged(out), default=0) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
