@@ -299,7 +299,9 @@ def by_name(handler: Callable, ui: dict[str, Component]) -> Callable:
     changes): Gradio gets them by component. The wrapper keeps the handler's signature (Gradio reads it
     for gr.SelectData) and its kind (function, generator, async generator)."""
     def components(values: dict | None) -> dict:
-        return {ui[name]: value for name, value in (values or {}).items()}
+        if not values:  # nothing changes: Gradio would take an empty dict for the value of a single output
+            return gr.skip()
+        return {ui[name]: value for name, value in values.items()}
 
     if isasyncgenfunction(handler):
         async def wired(*args):

@@ -154,8 +154,8 @@ class InspectHandlers:
         def click(session: Session, layer: int, head: int, event: gr.SelectData):
             pixel = clicked_pixel(event)
             cell = session.clicks[which].cell(*pixel) if which in session.clicks else None
-            if cell is None:  # a margin, or no figure yet: both dropdowns stay (Gradio needs a value for each)
-                return {"layer": gr.update(), "head": gr.update()}
+            if cell is None:
+                return {}
             return {"layer": cell[0], "head": cell[1]} if which == "entropy" else {"head": cell[0]}
         return click
 

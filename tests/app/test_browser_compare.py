@@ -54,6 +54,7 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     expect(page.locator("#cmp_tuned_stats")).to_contain_text("Alpaca LoRA · cpu float32")
     expect(page.locator("#cmp_note")).to_have_text("Both sides: seed 5, LoRA scale 1.")
     expect(page.locator("#cmp_send")).to_be_enabled()
+    expect(page.locator("#cmp_send")).to_have_text("Send to both")  # the side that ended first changed nothing
 
     page.locator("#diff_btn").click()
     expect(page.locator("#diff_summary")).to_contain_text(re.compile(

@@ -203,3 +203,11 @@ def test_uploads_are_bounded_per_request_and_per_client(app):
     status, text = upload(app, [file], "203.0.113.7")  # 16 MiB is this client's share of the upload space
     assert status == 429 and text.startswith("Too many uploads from you: at most 16 MiB per 2 hours.")
     assert upload(app, [b"{}"], "203.0.113.8")[0] == 200  # another client is not held up
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("elem_id", ["entropy", "similarity"])
+def test_a_click_that_changes_nothing_changes_nothing(app, elem_id):
+    """No figure yet: the handler changes no output (an empty dict, which Gradio alone took for one value)."""
+    done = join_event(app, elem_id, "select", [None, 0, -1], {"index": [5, 5], "value": None})
+    assert done["success"], done
