@@ -43,6 +43,7 @@ from .conversation import (
 )
 from .engine import Engine
 from .replies import Reply
+from .launch import how_to_set
 from .scheduler import ServerBusy
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range
@@ -425,8 +426,8 @@ def access_for(host: str, shared: bool, key: str | None, open_api: bool) -> Acce
     if key or open_api or (host in LOOPBACK or host.startswith("127.")) and not shared:
         return Access(key or None, True)
     return Access(None, False, f"the server is reachable beyond this machine ({'a share link' if shared else host}) "
-                               "and has no API key: start it with --api-key KEY (or MINIGPT_API_KEY), or with "
-                               "--open-api to serve /v1 to anyone.")
+                               f"and has no API key: set one with {how_to_set('api_key', 'KEY')}, or serve /v1 "
+                               f"to anyone with {how_to_set('open_api', '1')}.")
 
 
 def describe(access: Access, url: str) -> str:
