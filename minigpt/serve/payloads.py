@@ -53,7 +53,8 @@ def read_input(block: gr.components.Component, value: object) -> object:
         checked(check_history, value)
         return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
                 for m in value]
-    if isinstance(block, gr.Slider) and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    if isinstance(block, gr.Slider) and value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float))):
         raise refusal(f"{block.label or 'A slider'} must be a number, got {reprlib.repr(value)}.")
     return value
 
