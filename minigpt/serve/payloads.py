@@ -9,6 +9,7 @@ read, copied or echoed back, and the server log is spared a traceback.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import reprlib
 import typing
@@ -59,6 +60,7 @@ def read_input(block: gr.components.Component, value: object) -> object:
     return value
 
 
+@functools.cache  # asked at every step of every event: the handlers are few and fixed
 def takes_selection(fn) -> bool:
     """Whether Gradio hands fn the clicked item (a parameter typed gr.SelectData)."""
     if fn is None:
