@@ -20,20 +20,28 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     from playwright.sync_api import expect
     page.get_by_role("tab", name="Compare").click()
     page.get_by_role("button", name="Settings (both sides)").click()
-    set_number(page, "cmp_max_new_tokens", 500)  # a long pair; stop only the base side
+    set_number(page, "cmp_max_new_tokens", 500)  # a long pair; stop the base side
+    tuned = page.locator("#cmp_tuned_stats")
+
+    def stop_tuned_too() -> None:
+        """The tuned side may stream on for minutes on a busy machine: it is stopped once it has had its chance."""
+        if not FINISHED.search(tuned.inner_text()):
+            page.locator("#cmp_tuned_stop").dispatch_event("click")
+        expect(page.locator("#cmp_send")).to_be_enabled()
 
     def start(attempt: int) -> None:
+        if attempt:
+            stop_tuned_too()
         page.locator("#cmp_msg textarea").fill("Tell me a long story.")
         fill_box(page, "cmp_seed", str(100 + attempt))
         page.locator("#cmp_send").click()
         expect(page.locator("#cmp_note")).to_contain_text(f"Both sides: seed {100 + attempt}, LoRA scale 1")
         expect(page.locator("#cmp_base textarea")).not_to_have_value("")  # streaming: now stop it
-    stop_mid_reply(page, start, "#cmp_base_stop", "#cmp_base_stats", "#cmp_send")
-    expect(page.locator("#cmp_tuned_stats")).to_contain_text(re.compile("ended|hit the token limit"))
-    assert "stopped" not in page.locator("#cmp_tuned_stats").inner_text()
-    expect(page.locator("#cmp_send")).to_be_enabled()
+    stop_mid_reply(page, start, "#cmp_base_stop", "#cmp_base_stats")
+    assert "stopped" not in tuned.inner_text()  # the base side's Stop left the tuned side alone
+    stop_tuned_too()
 
-    set_number(page, "cmp_max_new_tokens", 500)  # long enough to be seen streaming on a busy machine
+    set_number(page, "cmp_max_new_tokens", 96)  # several frames (replies.FRAME_S) even on a fast machine
     page.locator("#cmp_msg textarea").fill("Write a short poem about the sea.")
     fill_box(page, "cmp_seed", "5")
     # Both sides at once, as they stream, sampled by the page itself every 10 ms from before Send: a poll
