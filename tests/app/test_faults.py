@@ -205,7 +205,7 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_resume_continues(parts, tmp_
     just before): one line saying how much space it needed, no half-written file, and --resume finishes the run
     with the same adapter as an uninterrupted one."""
     import minigpt.atomic
-    options = train_options(parts, tmp_path)
+    options = [*train_options(parts, tmp_path), "--max-steps", "9"]  # checkpoints at 3, 6, 9
     assert train_main([*options, "--out", str(tmp_path / "whole")]) == 0
     real_save, calls = minigpt.atomic.save_file, []
 
