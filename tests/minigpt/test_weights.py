@@ -245,7 +245,7 @@ def test_interactive_mode_has_line_editing(tiny_checkpoint, monkeypatch, capsys)
 @pytest.mark.parametrize("module, expected", [
     ("minigpt.generate", ["(default: 100)", "(default: 0.8)", "(default: 50)", "(default: 0.95)",
                           "(default: float32)"]),
-    ("lora.train", ["(default: 0.0003)", "(default: 8)", "(default: 16)", "(default: 0.05)", "(default: 512)"]),
+    ("lora.train", ["(default: 0.0003 for LoRA, 3e-05 with --full)", "(default: 8)", "(default: 16)", "(default: 0.05)", "(default: 512)"]),
 ])
 def test_cli_help_shows_the_defaults(capsys, module, expected):
     parse_args = __import__(module, fromlist=["parse_args"]).parse_args
