@@ -18,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 
 import gradio as gr  # noqa: E402
 from gradio.components import Component  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from minigpt import CheckpointError  # noqa: E402
 from minigpt.cli import INTERRUPTED, ctrl_c_exits_now, warn_if_compile  # noqa: E402
@@ -31,6 +32,7 @@ from minigpt.serve.conversation import (  # noqa: E402
 )
 from minigpt.serve.compare import DIFF_HINT, CompareHandlers, CompareSession, side_outputs  # noqa: E402
 from minigpt.serve.engine import Engine, load_engine  # noqa: E402
+from minigpt.serve.files import MAX_FILE, UPLOAD_CLEANUP_S, UploadGuard  # noqa: E402
 from minigpt.serve.handlers import ATTENTION_HINT, BUTTONS, ChatHandlers, unlock  # noqa: E402
 from minigpt.serve.inspect_panels import SELECTED, VIEW_OUTPUTS, InspectHandlers  # noqa: E402
 from minigpt.serve.openai_api import access_for, api_routes, describe  # noqa: E402
@@ -43,8 +45,6 @@ from minigpt.sampling import MAX_PENALTY, MAX_REPETITION_PENALTY  # noqa: E402
 
 
 CSS = Path(__file__).with_name("app.css")
-UPLOAD_CLEANUP_S = 3600  # uploads (conversation exports) leave Gradio's cache after an hour
-MAX_UPLOAD = "2mb"  # a conversation export is tens of kB
 EXAMPLE_SCHEMA = ('{"type": "object", "properties": {"answer": {"type": "string", "maxLength": 60},\n'
                   ' "confidence": {"type": "integer", "minimum": 1, "maximum": 10}},\n'
                   ' "required": ["answer", "confidence"], "additionalProperties": false}')
@@ -323,7 +323,9 @@ def by_name(handler: Callable, ui: dict[str, Component]) -> Callable:
     changes): Gradio gets them by component. The wrapper keeps the handler's signature (Gradio reads it
     for gr.SelectData) and its kind (function, generator, async generator)."""
     def components(values: dict | None) -> dict:
-        return {ui[name]: value for name, value in (values or {}).items()}
+        if not values:  # nothing changes: Gradio would take an empty dict for the value of a single output
+            return gr.skip()
+        return {ui[name]: value for name, value in values.items()}
 
     if isasyncgenfunction(handler):
         async def wired(*args):
@@ -382,12 +384,13 @@ def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                     theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
                     css_paths=[CSS], footer_links=["api"],
-                    max_file_size=MAX_UPLOAD,  # only a conversation export is ever loaded: larger uploads get 413
+                    max_file_size=MAX_FILE,  # only a conversation export is ever loaded: larger uploads get 413
                     state_session_capacity=args.sessions_kept,
                     auth=access.login(), auth_message="Log in with any user name and the server's API key.",
                     # The API's routes go first in the FastAPI app Gradio builds: /v1 and the root routes
                     # (/tokenize, /health, /metrics...) are ours, the rest Gradio's.
-                    app_kwargs={"routes": api_routes(engine, access)},
+                    # Uploads are bounded per request, per client and in total (files.py).
+                    app_kwargs={"routes": api_routes(engine, access), "middleware": [Middleware(UploadGuard)]},
                     prevent_thread_lock=True)  # the server runs in its own threads; this one computes
     except OSError as e:  # the port was taken while the models loaded
         print(f"error: {PortBusy(args.host, args.port, e)}", file=sys.stderr)

@@ -38,12 +38,11 @@ class Engine:
 
     @property
     def device(self) -> str:
-        """'cpu float32', 'cpu int8 (C decode step)', 'cpu float32 + int8 draft': for the stats line."""
+        """'cpu float32', 'cpu int4 (C decode step)', 'cpu float32 + int8 draft': for the stats line."""
         base = self.models[Mode.BASE]
-        weight = base.model.lm_head.weight
         kernel = f" ({base.kernel})" if base.step is not None else ""
         draft = " + int8 draft" if self.drafts else ""
-        return f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}{kernel}{draft}"
+        return f"{base.device.type} {base.precision}{kernel}{draft}"
 
     @property
     def n_positions(self) -> int:
@@ -138,6 +137,7 @@ def adapter_hint(default_adapter: Path | None, problems: list[AdapterError], for
         return f"no adapter given. {get_an_adapter()}"
     folder = default_adapter if for_log else Path(default_adapter.parent.name, default_adapter.name)
     if problems:
-        why = f"({problems[0]})" if for_log else "(it is incomplete or made for another model; the server's log says why)"
+        why = f"({problems[0]})" if for_log else \
+            "(it is incomplete or made for another model; the server's log says why)"
         return f"the adapter in {folder} cannot be used {why}. {get_an_adapter()}"
     return f"no adapter in {folder}. {get_an_adapter()}"

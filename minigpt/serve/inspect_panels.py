@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import reprlib
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import gradio as gr
 from ..inspection import logit_lens
 from .conversation import BASE, ChatInputError, Prompt, as_chat_text, whole_number
 from .engine import Engine
+from .files import ExportFolder
 from .handlers import ChatHandlers, checked, locked, refusal, unlock
 from .panels import MAX_KEYS, MAX_QUERIES, alternatives, attention_window, heatmap, position_caption, token_highlights
 from .panels_heads import entropy_figure, similarity_figure
@@ -41,7 +41,6 @@ VIEWS = ("Sampling", "Logit lens", "Attention", "Timeline", "Export")
 VIEW_OUTPUTS = ("tokens", "position", "caption", "alternatives", "pipeline", "pipeline_note", "lens", "lens_table",
                 "heatmap", "attention_note", "entropy", "similarity", "timeline", "timeline_note")
 NO_REPLY = "No reply yet: send a message, or load a conversation in Export."
-EXPORT_DIR = Path(tempfile.gettempdir()) / "minigpt-exports"
 
 
 def clicked_pixel(event: gr.SelectData) -> tuple[float, float]:
@@ -58,6 +57,7 @@ class InspectHandlers:
         self.engine = engine
         self.chat = ChatHandlers(engine)  # its replies(): a full queue becomes the user's message
         self.tokenizer = engine.tokenizer
+        self.exports = ExportFolder()
 
     # -- the views, for the selected token -------------------------------------------------------------
 
@@ -161,8 +161,8 @@ class InspectHandlers:
         def click(session: Session, layer: int, head: int, event: gr.SelectData):
             pixel = clicked_pixel(event)
             cell = session.clicks[which].cell(*pixel) if which in session.clicks else None
-            if cell is None:  # a margin, or no figure yet: both dropdowns stay (Gradio needs a value for each)
-                return {"layer": gr.update(), "head": gr.update()}
+            if cell is None:
+                return {}
             return {"layer": cell[0], "head": cell[1]} if which == "entropy" else {"head": cell[0]}
         return click
 
@@ -221,11 +221,9 @@ class InspectHandlers:
         """{"export_file", "export_note"}: the conversation and its last reply as JSON."""
         if session.reply is None or not session.reply.token_ids:
             return {"export_file": None, "export_note": NO_REPLY}
-        EXPORT_DIR.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=EXPORT_DIR, prefix="conversation-", suffix=".json",
-                                         delete=False, encoding="utf-8") as f:
-            f.write(export_conversation(history, session.reply, self.tokenizer))
-        return {"export_file": f.name, "export_note": f"Ready: {len(history)} messages, "
+        session.export = self.exports.write(export_conversation(history, session.reply, self.tokenizer),
+                                            replacing=session.export)  # Gradio serves its own copy of it
+        return {"export_file": str(session.export), "export_note": f"Ready: {len(history)} messages, "
                                                       f"{len(session.reply.token_ids)} reply tokens with top-5 each."}
 
     def load(self, session: Session, file, layer: int, head: int):

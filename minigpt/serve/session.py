@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from ..inspection import LogitLens
@@ -29,6 +30,7 @@ class Session:
     heads: AttentionWindow | None = None  # every row and key of the reply's attention (entropy, similarity)
     clicks: dict[str, ClickMap] = field(default_factory=dict)  # each clickable figure's grid, by view
     original: Reply | None = None  # the reply before branching from an alternative, for Undo
+    export: Path | None = None  # the latest conversation export (the next replaces it: files.ExportFolder)
 
     def __deepcopy__(self, memo: dict) -> "Session":
         return Session()  # threading.Event cannot be copied, and a new session starts empty

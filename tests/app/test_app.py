@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from minigpt.serve import app, launch
 from minigpt import AdapterError
 from minigpt.serve.conversation import BASE, TUNED, ChatInputError
 from minigpt.serve.engine import load_engine
-from tests.helpers import REPO
+from tests.helpers import REPO, interruptible
 from tests.helpers.app_server import free_port, make_adapter
 from tests.helpers.checkpoints import make_checkpoint
 
@@ -38,6 +37,7 @@ def test_on_a_space_it_binds_all_interfaces(monkeypatch):
                                            (["--sessions-kept", "0"], "--sessions-kept must be >= 1"),
                                            (["--dtype", "float64"], "invalid choice: 'float64'"),
                                            (["--dtype", "int8", "--speculative"], "use it with a float --precision"),
+                                           (["--precision", "int4", "--speculative"], "use it with a float --precision"),
                                            (["--port", "99999"], "--port must be between 1 and 65535, got 99999"),
                                            (["--port", "-1"], "--port must be between 1 and 65535, got -1")])
 def test_bad_options_are_refused(argv, message, capsys):
@@ -115,7 +115,8 @@ def test_ctrl_c_while_the_app_starts_is_one_line_and_130(tiny_checkpoint, when):
     or Gradio's server is starting and checking itself): whichever step it lands in, one line and status 130."""
     run = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_checkpoint[0]), "--no-adapter", "--device",
                             "cpu", "--port", str(free_port())], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                           preexec_fn=interruptible)
     if when == "importing":
         time.sleep(0.3)
     else:
