@@ -14,9 +14,10 @@ import gradio as gr
 from ..scoring import Comparison, TokenDiff, compare_ids
 from .conversation import BASE, MAX_SEED, MODES, TUNED, as_chat_text
 from .engine import Engine
-from .handlers import ChatHandlers
+from .handlers import ChatHandlers, busy_message
 from .panels import token_text
 from .replies import paced, stats_line
+from .scheduler import ServerBusy
 from .session import Session
 
 DIFF_SCALE = 4.0  # nats of log p_tuned − log p_base at which a token's colour saturates
@@ -50,16 +51,28 @@ class CompareHandlers:
         self.engine = engine
         self.chat = ChatHandlers(engine)  # its prepare(): the same validation and framing as the chat
 
-    def check(self, message: str, temperature, top_k, top_p, max_new_tokens, seed, scale) -> None:
-        """Refuse a message or settings either side cannot use: a gr.Error, raised in a queued step so the
-        browser shows its message (and nothing on screen is covered by an error badge)."""
+    def refusal_of(self, message: str, temperature, top_k, top_p, max_new_tokens, seed, scale) -> str:
+        """Why a message or settings cannot be used by both sides ('' if they can)."""
         if TUNED not in self.engine.models:
-            raise gr.Error(f"Comparing needs the Alpaca LoRA: {self.engine.adapter_hint}", print_exception=False)
-        if not message.strip():
-            raise gr.Error("Type a message first.", print_exception=False)
+            return f"Comparing needs the Alpaca LoRA: {self.engine.adapter_hint}"
+        if not isinstance(message, str) or not message.strip():
+            return "Type a message first."
         history = [{"role": "user", "content": as_chat_text(message)}]
-        for mode in MODES:
-            self.chat.prepare(history, mode, temperature, top_k, top_p, max_new_tokens, seed, scale)
+        try:
+            for mode in MODES:
+                self.chat.prepare(history, mode, temperature, top_k, top_p, max_new_tokens, seed, scale)
+        except gr.Error as e:
+            return e.message
+        return ""
+
+    def check(self, *args) -> None:
+        """Refuse what refusal_of refuses: the error only stops the event chain (no outputs, no toast);
+        explain puts the reason in the note under the settings."""
+        if reason := self.refusal_of(*args):
+            raise gr.Error(reason, visible=False, print_exception=False)
+
+    def explain(self, *args) -> dict:
+        return {"cmp_note": self.refusal_of(*args)}
 
     def start(self, session: CompareSession, message: str, temperature, top_k, top_p, max_new_tokens, seed,
               scale):
@@ -84,9 +97,14 @@ class CompareHandlers:
         flag = side.start_reply()
         try:
             text, stats = side_outputs(mode)
-            async for reply in paced(self.chat.replies(request, prompt, flag)):
+            try:
+                replies = self.engine.replies(request, prompt, flag)
+            except ServerBusy as e:  # in the side's stats line, beside its text
+                yield {stats: busy_message(e)}
+                return
+            async for reply in paced(replies):
                 yield {text: reply.text.strip(), stats: stats_line(reply, self.engine.device)}
-            side.show(reply)
+            side.reply = reply
         finally:
             side.finish_reply(flag)
 

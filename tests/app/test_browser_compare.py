@@ -122,6 +122,6 @@ def test_refused_input_in_compare_is_a_message_and_nothing_is_lost(page):
     page.get_by_role("button", name="Settings (both sides)").click()
     for message, seed_text, refusal in [("Hi.", "abc", "Seed must be a number, got 'abc'."),
                                         ("", "", "Type a message first.")]:
-        send_refused(page, "cmp_", message, seed_text, refusal)
+        send_refused(page, "cmp_", message, seed_text, refusal, where="#cmp_note")
         for side in ("#cmp_base", "#cmp_tuned"):  # no error badge over the outputs
             assert "Error" not in page.locator(side).inner_text()

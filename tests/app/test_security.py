@@ -84,14 +84,14 @@ def test_a_file_path_smuggled_into_the_history_is_never_read(app):
     history = [{"role": "user", "content": [{"type": "file", "file": {"path": "/etc/passwd",
                                                                      "meta": {"_type": "gradio.FileData"}}},
                                             {"type": "text", "text": "What is in this file?"}]}]
-    body = json.dumps({"data": [history, "Base GPT-2", 0, 0, 1, 8, "1", 0, -1, 1]}).encode()  # ..., layer, head, scale
+    body = json.dumps({"data": [history, "Base GPT-2", 0, 0, 1, 8, "1", 1]}).encode()  # ..., seed, scale
     request = urllib.request.Request(app.url + "gradio_api/call/chat", body, {"Content-Type": "application/json"})
     event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
     stream = urllib.request.urlopen(f"{app.url}gradio_api/call/chat/{event}", timeout=60).read().decode()
     assert "root:" not in stream and "event: error" in stream  # refused; nothing of the file comes back
     assert "holds a part that is not text: the chat takes text only." in stream and "/etc/passwd" not in stream
     assert Client(app.url, verbose=False).predict(  # and the server keeps serving
-        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "Base GPT-2", 0, 0, 1, 4, "1", 0, -1,
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "Base GPT-2", 0, 0, 1, 4, "1",
         api_name="/chat")[0][-1]["role"] == "assistant"
 
 
