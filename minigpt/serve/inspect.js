@@ -113,8 +113,8 @@
     const rows = narrow ? n : 1;
     traces.forEach((t, k) => { t.yaxis = narrow ? `y${k ? k + 1 : ""}` : "y"; });
     const layout = {grid: {rows, columns: narrow ? 1 : n, pattern: narrow ? "independent" : "coupled"},
-      height: narrow ? 150 * n : 250, font: FONT, bargap: 0.15, margin: {l: 80, r: 10, t: 40, b: 40},
-      annotations: names.map((name, k) => ({text: `<b>${esc(name)}</b>: ${s.left[i][k].toLocaleString()} left`,
+      height: narrow ? 150 * n : 260, font: FONT, bargap: 0.15, margin: {l: 80, r: 10, t: narrow ? 30 : 45, b: 40},
+      annotations: names.map((name, k) => ({text: `<b>${esc(name)}</b>${narrow ? ": " : "<br>"}${s.left[i][k].toLocaleString()} left`,
         xref: `x${k ? k + 1 : ""} domain`, yref: `y${narrow && k ? k + 1 : ""} domain`, x: 0.5, y: 1.0,
         yanchor: "bottom", showarrow: false}))};
     names.forEach((_, k) => {
@@ -135,6 +135,20 @@
 
   function drawLens(pane, d) {
     const L = d.lens, layers = L.layers, n = d.tokens.length, i = state.position - 1;
+    const chart = pane.querySelector(".chart");
+    const range = windowAround(state.position, n, 8);
+    const shapes = [outline(state.position - 0.5, state.position + 0.5, -0.5, layers.length - 0.5)];
+    if (chart.__drawn === state.source && chart.data) {  // the same numbers: move the window and the outline only
+      Plotly.relayout(chart, {"xaxis.range": range, shapes});
+    } else {
+      drawLensChart(chart, d, range, shapes);
+      chart.__drawn = state.source;
+    }
+    lensTable(pane, d);
+  }
+
+  function drawLensChart(chart, d, range, shapes) {
+    const L = d.lens, layers = L.layers;
     const x = d.tokens.map((_, c) => c + 1);
     const z = layers.map((_, l) => x.map((_, c) => L.target_p.at(l, c)));
     const cellText = layers.map((_, l) => x.map((_, c) => label(L.top_ids.at(l, c, 0)).slice(0, 6)));
@@ -148,11 +162,13 @@
       customdata: hover, hovertemplate: "%{customdata}<extra></extra>", colorscale: "Viridis", zmin: 0, zmax: 1,
       colorbar: {title: {text: "p(token that<br>came next)", side: "right"}, thickness: 12}};
     const layout = {height: 420, font: FONT, margin: {l: 80, r: 10, t: 10, b: 60},
-      xaxis: {title: {text: "reply token (the column predicts it)"}, range: windowAround(state.position, n, 8),
-        tickvals: x, ticktext: d.tokens.map(label)},
-      yaxis: {title: {text: "layer read out"}, fixedrange: true},
-      shapes: [outline(state.position - 0.5, state.position + 0.5, -0.5, layers.length - 0.5)]};
-    plotWithClicks(pane.querySelector(".chart"), [trace], layout, (pt) => select(pt.x));
+      xaxis: {title: {text: "reply token (the column predicts it)"}, range, tickvals: x, ticktext: d.tokens.map(label)},
+      yaxis: {title: {text: "layer read out"}, fixedrange: true}, shapes};
+    plotWithClicks(chart, [trace], layout, (pt) => select(pt.x));
+  }
+
+  function lensTable(pane, d) {
+    const L = d.lens, layers = L.layers, i = state.position - 1;
     const rows = layers.map((name, l) => `<tr><td>${esc(name)}</td><td><code>${label(L.top_ids.at(l, i, 0))}</code></td>` +
       `<td>${num(L.top_p.at(l, i, 0))}</td><td>${num(L.target_p.at(l, i))}</td><td>${L.target_rank.at(l, i)}</td></tr>`);
     pane.querySelector(".note").innerHTML = `Token ${state.position}: what each layer predicts, read out through the ` +
@@ -161,40 +177,53 @@
       `<th>top-1</th><th>p(top-1)</th><th>p(next)</th><th>rank of next</th></tr></thead><tbody>${rows.reverse().join("")}</tbody></table>`;
   }
 
-  function attentionRows(d) {  // the chosen layer and head (or average) as a dense rows x keys grid (null: not sent)
+  const ROWS = 40, KEYS = 96;  // the heatmap's window: rows around the selected token, the keys they saw last
+
+  function attentionWindow(d) {  // the chosen layer and head (or average) over the window, dense (null: not computed)
     const A = d.attention, n = d.tokens.length, head = state.head < 0 ? A.heads : state.head, layer = state.layer;
-    const first = state.hideSink ? 1 : 0, keys = A.keys - first;
+    const [r0, r1] = windowAround(state.position, n, ROWS).map((v) => Math.round(v + 0.5) - 1);  // rows r0..r1-1
+    const first = state.hideSink ? 1 : 0, k1 = d.prompt.length + r1 - 1, k0 = Math.max(first, k1 - KEYS);
     const z = [];
-    for (let r = 0; r < n; r++) {
-      const row = new Array(keys).fill(null), visible = d.prompt.length + r;  // keys this row could see
-      for (let k = 0; k < visible - first; k++) row[k] = 0;
+    for (let r = r0; r < r1; r++) {
+      const visible = d.prompt.length + r;  // the keys this row could see: 0 .. visible - 1
+      const row = Array.from({length: k1 - k0}, (_, j) => (k0 + j < visible ? 0 : null));
       const scale = state.hideSink ? 1 - A.sink.at(layer, head, r) : 1;
       for (let k = 0; k < A.top_keys; k++) {
         const key = A.key_ids.at(layer, head, r, k);
-        if (key < first || key >= visible) continue;
-        row[key - first] = scale > 0 ? A.key_p.at(layer, head, r, k) / scale : 0;
+        if (key >= k0 && key < k1 && key < visible) row[key - k0] = scale > 0 ? A.key_p.at(layer, head, r, k) / scale : 0;
       }
       z.push(row);
     }
-    return {z, first, keys};
+    return {z, r0, r1, k0, k1};
   }
 
   function drawAttention(pane, d) {
-    const A = d.attention, n = d.tokens.length, {z, first, keys} = attentionRows(d);
-    const keyLabels = d.sequence.slice(first).map((id, k) => `${k + first}: ${label(id)}`);
-    const rowLabels = d.tokens.map((id, r) => `${r + 1}: ${label(id)}`);
+    const A = d.attention, n = d.tokens.length, {z, r0, r1, k0, k1} = attentionWindow(d);
+    const keyLabels = d.sequence.slice(k0, k1).map((id, j) => `${k0 + j}: ${label(id)}`);
+    const rowLabels = d.tokens.slice(r0, r1).map((id, j) => `${r0 + j + 1}: ${label(id)}`);
     const heatmap = {type: "heatmap", z, x: keyLabels, y: rowLabels, colorscale: ATTENTION, zmin: 0, hoverongaps: false,
       colorbar: {title: {text: "attention<br>probability", side: "right"}, thickness: 12},
       hovertemplate: "reply token %{y}<br>looks at %{x}<br>p = %{z:.4f}<extra></extra>"};
-    const rowWindow = windowAround(state.position, n, 24).map((v) => v - 1);
     const headName = state.head < 0 ? "average over heads" : `head ${state.head + 1}`;
+    const row = state.position - 1 - r0;
     plotWithClicks(pane.querySelector(".chart"), [heatmap], {height: 460, font: FONT, plot_bgcolor: MASKED,
       title: {text: `Layer ${state.layer + 1}, ${headName}`, font: {size: 12}},
       margin: {l: 110, r: 10, t: 30, b: 110},
-      xaxis: {title: {text: "key token (what was looked at)"}, range: [Math.max(keys - 48, 0) - 0.5, keys - 0.5]},
-      yaxis: {title: {text: "reply token (being chosen)"}, autorange: false, range: [rowWindow[1], rowWindow[0]]},
-      shapes: [outline(-0.5, keys - 0.5, state.position - 1.5, state.position - 0.5)]},
+      xaxis: {title: {text: "key token (what was looked at)"}},
+      yaxis: {title: {text: "reply token (being chosen)"}, autorange: "reversed"},
+      shapes: [outline(-0.5, k1 - k0 - 0.5, row - 0.5, row + 0.5)]},
       (pt) => select(Number(String(pt.y).split(":")[0])));
+    const heads = pane.querySelector(".heads"), drawn = `${state.layer}|${state.head}|${state.hideSink}`;
+    if (heads.__drawn !== drawn || heads.__source !== state.source || !pane.querySelector(".entropy").data) {
+      drawHeads(pane, d);
+      heads.__drawn = drawn;
+      heads.__source = state.source;
+    }
+    attentionNote(pane, d, r0, r1, k0, k1);
+  }
+
+  function drawHeads(pane, d) {  // the entropy grid and the head similarity: they follow the layer, head and sink
+    const A = d.attention;
     const sink = state.hideSink ? "_sinkless" : "";
     const entropy = A[`entropy${sink}`], heads = entropy[0].map((_, h) => h + 1), layers = entropy.map((_, l) => l + 1);
     plotWithClicks(pane.querySelector(".entropy"), [{type: "heatmap", z: entropy, x: heads, y: layers,
@@ -214,10 +243,16 @@
         margin: {l: 45, r: 5, t: 30, b: 40}, xaxis: {title: {text: "head"}, dtick: 1},
         yaxis: {title: {text: "head"}, dtick: 1, autorange: "reversed"}},
       (pt) => { state.head = pt.y - 1; syncControls(); drawView(); });
+  }
+
+  function attentionNote(pane, d, r0, r1, k0, k1) {
+    const A = d.attention, n = d.tokens.length;
     const shownKeys = A.top_keys < A.keys ? ` Each row's ${A.top_keys} largest keys are sent; blank cells in its past ` +
       `are below those (0 shown).` : "";
-    pane.querySelector(".note").textContent = `Rows: all ${n} reply tokens (token ${state.position} outlined). ` +
-      `Columns: the ${keys} context tokens.${shownKeys}` +
+    const rows = r1 - r0 < n ? `reply tokens ${r0 + 1}-${r1} of ${n}` : `all ${n} reply tokens`;
+    const keys = k1 - k0 < A.keys ? `context tokens ${k0}-${k1 - 1} of ${A.keys}` : `the ${A.keys} context tokens`;
+    pane.querySelector(".note").textContent = `Rows: ${rows} (token ${state.position} outlined; select another ` +
+      `token to move the window). Columns: ${keys}.${shownKeys}` +
       (state.hideSink ? " The first token is hidden and each row renormalised." : "");
   }
 
