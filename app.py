@@ -7,7 +7,11 @@ app.py: the page), also installed as the `minigpt-chat` command.
 import sys
 from pathlib import Path
 
-from minigpt.serve.launch import main
+try:
+    from minigpt.serve.launch import main
+except KeyboardInterrupt:  # Ctrl-C while torch is imported: a line, not a traceback
+    print("\ninterrupted", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     # checkpoints/alpaca-lora beside this file is the default adapter, whatever the cwd

@@ -5,10 +5,9 @@ import json
 from pathlib import Path
 
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from minigpt.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, AdapterConfig
-from minigpt.atomic import atomic_write
+from minigpt.atomic import atomic_write, save_tensors
 
 from .layer import lora_parameters
 
@@ -20,8 +19,7 @@ def save_adapter(model: nn.Module, folder: str | Path, config: AdapterConfig) ->
     tensors = {PEFT_PREFIX + name: p.detach().contiguous() for name, p in lora_parameters(model).items()}
     if not tensors:
         raise ValueError("the model has no LoRA layers to save")
-    with atomic_write(folder / WEIGHTS_FILE) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+    save_tensors(tensors, folder / WEIGHTS_FILE, {"format": "pt"})
     with atomic_write(folder / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(config.to_peft_json(), indent=2) + "\n")
     return folder

@@ -145,5 +145,10 @@ def run(args: argparse.Namespace) -> int:
             print("\n[stopped]", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject.toml: [project.scripts])."""
     exit_cli(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from .cli import add_precision_arguments, warn_if_compile
+from .cli import add_precision_arguments, exit_cli, warn_if_compile
 from .errors import CheckpointError
 from .inference import load_with_scale
 from .scoring import DEFAULT_STRIDE, score_text
@@ -63,5 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The installed command (pyproject.toml: [project.scripts])."""
+    exit_cli(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -163,5 +163,10 @@ def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
     return log
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject.toml: [project.scripts])."""
     exit_cli(main())
+
+
+if __name__ == "__main__":
+    cli()

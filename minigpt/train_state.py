@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .atomic import atomic_write
+from .atomic import save_tensors
 
 STATE_FILE = "training_state.safetensors"
 
@@ -36,8 +35,7 @@ def save_state(path: Path, state: TrainingState) -> None:
     metadata = {"step": str(state.step), "total": str(state.total), "run": json.dumps(state.run),
                 "param_groups": json.dumps(state.optimizer["param_groups"]),
                 "scheduler": json.dumps(state.scheduler)}
-    with atomic_write(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    save_tensors(tensors, path, metadata)
 
 
 def load_state(path: Path) -> TrainingState:

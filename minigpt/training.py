@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .atomic import DiskFull, is_disk_full
 from .cli import INTERRUPTED
 from .errors import CheckpointError
 from .model import GPT
 from .plot import plot_losses
+from .run_lock import only_run_in
 from .train_state import STATE_FILE, TrainingState, load_state, save_state
 from .weights import resolve_device
 
@@ -120,15 +122,25 @@ def stop_ranks(ranks: Ranks) -> None:
 def train_cli(train: Callable[[argparse.Namespace, Ranks, float], object], args: argparse.Namespace,
               started: float) -> int:
     """What both training commands do around `train(args, ranks, started)`: join the torchrun job (or run
-    alone) and leave it; a bad option, file or checkpoint is one `error:` line and status 2; Ctrl-C is one
-    line saying how to go on, status 130. Only rank 0 prints them."""
+    alone) and leave it; a bad option, file or checkpoint, a full disk or an --out another run is using is one
+    `error:` line and status 2; Ctrl-C is one line saying how to go on, status 130. Only rank 0 prints them."""
     ranks = None
     try:
         ranks = start_ranks(args.device)
-        train(args, ranks, started)
+        with only_run_in(args.out) if ranks.main else nullcontext():
+            train(args, ranks, started)
     except (CheckpointError, ValueError) as e:
         if ranks is None or ranks.main:
             print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        if ranks is None or ranks.main:  # every write is atomic: the last checkpoint is whole
+            go_on = (f"continue from the last checkpoint with --resume --out {args.out}"
+                     if (args.out / STATE_FILE).is_file() else "run again (no checkpoint was written yet)")
+            full = e if isinstance(e, DiskFull) else f"the disk is full ({e.strerror})"
+            print(f"error: {full}; nothing half-written was kept: free some space, then {go_on}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         saved = (args.out / STATE_FILE).is_file()
@@ -326,10 +338,10 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
         f"{format_duration(step_s * (total - step))}", file=sys.stderr)
 
     def checkpoint() -> None:
-        if ranks.main:
-            task.save_result()
+        if ranks.main:  # the state first: if the result does not fit on the disk, --resume can still continue
             save_state(out / STATE_FILE, TrainingState(step, total, run, {k: p.detach() for k, p in task.params.items()},
                                                        optimizer.state_dict(), scheduler.state_dict()))
+            task.save_result()
 
     def out_of_time() -> bool:
         return args.time_budget is not None and bool(ranks.from_main(time.monotonic() - started >= args.time_budget))
@@ -354,6 +366,8 @@ def run_training(task: Task, args: argparse.Namespace, run: dict, resumed: Train
     batches = task.steps(step)
     has_val = ranks.sum(len(task.val_batches))[0] > 0  # every rank must join each evaluation's sum
     stop = step >= total
+    if stop and ranks.main:  # resumed at its end: the result may be missing (the disk filled up after the state)
+        task.save_result()
     try:
         while not stop:
             step_started = time.perf_counter()

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .atomic import atomic_write
+from .atomic import atomic_write, save_tensors
 from .config import GPTConfig
 from .errors import CheckpointError, DamagedFileError, DeviceError
 from .hub import fetch, in_hub_cache, redownload
@@ -102,8 +102,7 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer_folder: str | Path
     copied from tokenizer_folder), loadable by load_pretrained and by transformers."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(folder / "model.safetensors") as tmp:
-        save_file(minigpt_to_hub(model), tmp, metadata={"format": "pt"})
+    save_tensors(minigpt_to_hub(model), folder / "model.safetensors", {"format": "pt"})
     with atomic_write(folder / "config.json") as tmp:
         tmp.write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
     for name in TOKENIZER_FILES:
@@ -130,6 +129,8 @@ def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> None:
         if state[key].shape != shape:
             raise CheckpointError(f"tensor {key} has shape {tuple(state[key].shape)}, "
                                   f"expected {tuple(shape)} for this config")
+        if not torch.isfinite(state[key]).all():  # it would make every reply NaN, or the sampler fail
+            raise CheckpointError(f"tensor {key} holds NaN or infinite values: the checkpoint is damaged")
     with torch.no_grad():
         for key, param in model.state_dict().items():
             if key != "lm_head.weight":

@@ -23,7 +23,7 @@ from starlette.responses import FileResponse  # noqa: E402
 from starlette.routing import Mount, Route  # noqa: E402
 
 from minigpt import CheckpointError  # noqa: E402
-from minigpt.cli import warn_if_compile  # noqa: E402
+from minigpt.cli import INTERRUPTED, ctrl_c_exits_now, warn_if_compile  # noqa: E402
 from minigpt.errors import DeviceError  # noqa: E402
 from minigpt.serve.conversation import (  # noqa: E402
     BASE,
@@ -37,7 +37,7 @@ from minigpt.serve.engine import Engine, load_engine  # noqa: E402
 from minigpt.serve.handlers import BUTTONS, ChatHandlers, unlock  # noqa: E402
 from minigpt.serve.inspect_panels import InspectHandlers  # noqa: E402
 from minigpt.serve.openai_api import access_for, api_app, describe  # noqa: E402
-from minigpt.serve.payloads import check_chat_payloads  # noqa: E402
+from minigpt.serve.payloads import check_payloads  # noqa: E402
 from minigpt.serve.score import ScoreHandlers  # noqa: E402
 from minigpt.serve.session import Session  # noqa: E402
 from minigpt.lora_scale import MAX_SCALE  # noqa: E402
@@ -67,7 +67,7 @@ def build_app(engine: Engine) -> gr.Blocks:
             compare_tab(engine)
         with gr.Tab("Score", id="score-tab"):
             score_tab(engine)
-    check_chat_payloads(demo)
+    check_payloads(demo)
     return demo
 
 
@@ -336,19 +336,20 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
-    """Load the models, open the page and serve until Ctrl-C; 2 with one `error:` line if that cannot start.
+    """Load the models, open the page and serve until Ctrl-C (130); 2 with one `error:` line if that cannot start.
     default_adapter: served when --adapter names none (if it is there and fits the model)."""
     warn_if_compile(args)
     try:
         check_port(args.host, args.port)  # before the minutes of loading, not after
-        engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative,
-                             default_adapter=default_adapter, concurrency=args.concurrency,
-                             queue_size=args.queue_size, background=False)
+        with ctrl_c_exits_now():  # leaves at once, even from a stalled download
+            engine = load_engine(args.model, args.adapter, args.device, args.precision, args.speculative,
+                                 default_adapter=default_adapter, concurrency=args.concurrency,
+                                 queue_size=args.queue_size, background=False)
     except (CheckpointError, DeviceError, PortBusy) as e:  # CheckpointError includes AdapterError
         print(f"error: {e}", file=sys.stderr)
         return 2
     if TUNED not in engine.models:
-        print(f"note: {TUNED} mode is off: {engine.adapter_hint}", file=sys.stderr)
+        print(f"note: {TUNED} mode is off: {engine.adapter_note}", file=sys.stderr)
     print(engine.capacity(), flush=True)
     demo = build_app(engine)
     # Every reply waits in the scheduler's queue, not Gradio's (it orders the chat and the API together, and
@@ -372,5 +373,5 @@ def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
         engine.scheduler.serve()  # every forward pass, in the thread that loaded the models (Scheduler says why)
     except KeyboardInterrupt:
         demo.close()
-    return 0
+    return INTERRUPTED
 

@@ -18,10 +18,9 @@ from ..request import Mode, ReplyRequest
 from ..speed.decoder import Decoder
 from .conversation import TUNED, ChatInputError, Prompt
 from .replies import TOP_N, Reply, areplies_of, replies_of, reply_source
+from .launch import how_to_set, on_space
 from .scheduler import Scheduler, Ticket
 
-GET_AN_ADAPTER = ("Train one with `python -m lora.train` or pass `--adapter` (a folder or a Hub repo id of a PEFT "
-                  "GPT-2 LoRA adapter).")
 DEFAULT_ROWS = 8  # --concurrency: rows decoded together (bench.serving: docs/serving.md)
 DEFAULT_QUEUE = 256  # --queue-size: requests that may wait for a row; more are refused as busy
 T = TypeVar("T")
@@ -31,10 +30,11 @@ T = TypeVar("T")
 class Engine:
     models: dict[Mode, Decoder]  # mode -> its decoder; the tuned model shares every tensor but the merged LoRA targets
     tokenizer: tiktoken.Encoding
-    adapter_hint: str  # why there is no tuned mode ('' when there is)
+    adapter_hint: str  # why there is no tuned mode ('' when there is), for anyone: no path of the server's disk
     drafts: dict[Mode, Decoder] = field(default_factory=dict)  # mode -> its int8 draft, with --speculative
     scheduler: Scheduler = field(default_factory=lambda: Scheduler(DEFAULT_ROWS, DEFAULT_QUEUE))
     lora: AdapterScale | None = None  # the tuned model at any LoRA scale (None without an adapter)
+    adapter_note: str = ""  # adapter_hint for the server's log: the folder's full path and what is wrong with it
 
     @property
     def device(self) -> str:
@@ -116,14 +116,28 @@ def load_engine(model: str, adapter: str | None, device: str | None, precision: 
                                             on_adapter_error=problems.append if use_default else None)
     models = {Mode.BASE: base} if lora is None else {Mode.BASE: base, Mode.TUNED: lora.tuned}
     drafts = dict(zip(models, speculative_drafts(*models.values()))) if speculative else {}
-    hint = "" if lora is not None else adapter_hint(default_adapter, problems)
-    return Engine(models, tokenizer, hint, drafts, Scheduler(concurrency, queue_size, background=background), lora)
+    hint, note = ("", "") if lora is not None else (adapter_hint(default_adapter, problems),
+                                                    adapter_hint(default_adapter, problems, for_log=True))
+    return Engine(models, tokenizer, hint, drafts, Scheduler(concurrency, queue_size, background=background), lora,
+                  note)
 
 
-def adapter_hint(default_adapter: Path | None, problems: list[AdapterError]) -> str:
-    """Why the tuned mode is off, and how to turn it on."""
+def get_an_adapter() -> str:
+    if on_space():
+        return (f"Set {how_to_set('adapter', 'USER/ADAPTER')}, a Hub repo id of a PEFT GPT-2 LoRA adapter, or build "
+                "the Space with one: `python -m minigpt.space --adapter FOLDER`.")
+    return ("Train one with `python -m lora.train` or pass `--adapter` (a folder or a Hub repo id of a PEFT GPT-2 "
+            "LoRA adapter).")
+
+
+def adapter_hint(default_adapter: Path | None, problems: list[AdapterError], for_log: bool = False) -> str:
+    """Why the tuned mode is off, and how to turn it on. Users of the page and the API see the default folder
+    as checkpoints/alpaca-lora, and not the problem's details (they name files on the server's disk); the
+    server's log (for_log) has both."""
     if default_adapter is None:
-        return f"no adapter given. {GET_AN_ADAPTER}"
+        return f"no adapter given. {get_an_adapter()}"
+    folder = default_adapter if for_log else Path(default_adapter.parent.name, default_adapter.name)
     if problems:
-        return f"the adapter in {default_adapter} cannot be used ({problems[0]}). {GET_AN_ADAPTER}"
-    return f"no adapter in {default_adapter}. {GET_AN_ADAPTER}"
+        why = f"({problems[0]})" if for_log else "(it is incomplete or made for another model; the server's log says why)"
+        return f"the adapter in {folder} cannot be used {why}. {get_an_adapter()}"
+    return f"no adapter in {folder}. {get_an_adapter()}"

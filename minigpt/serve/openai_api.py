@@ -43,6 +43,7 @@ from .conversation import (
 )
 from .engine import Engine
 from .replies import Reply
+from .launch import how_to_set
 from .scheduler import ServerBusy
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range
@@ -130,6 +131,8 @@ def read_common(body: Body, engine: Engine) -> tuple[Mode, SamplingParams, int |
     """Fields both endpoints share: (mode, sampling, seed, stream, include_usage)."""
     model_id = body.get("model")
     modes = {mode.api_id: mode for mode in engine.models}
+    if not isinstance(model_id, str):
+        raise APIError(400, f"model must be a model id (a string): {', '.join(modes)}.", "model")
     if model_id not in modes:
         hint = f" ({engine.adapter_hint})" if model_id == TUNED.api_id else ""
         raise APIError(404, f"The model {model_id!r} does not exist{hint}; this server has {', '.join(modes)}.",
@@ -423,8 +426,8 @@ def access_for(host: str, shared: bool, key: str | None, open_api: bool) -> Acce
     if key or open_api or (host in LOOPBACK or host.startswith("127.")) and not shared:
         return Access(key or None, True)
     return Access(None, False, f"the server is reachable beyond this machine ({'a share link' if shared else host}) "
-                               "and has no API key: start it with --api-key KEY (or MINIGPT_API_KEY), or with "
-                               "--open-api to serve /v1 to anyone.")
+                               f"and has no API key: set one with {how_to_set('api_key', 'KEY')}, or serve /v1 "
+                               f"to anyone with {how_to_set('open_api', '1')}.")
 
 
 def describe(access: Access, url: str) -> str:
@@ -472,6 +475,8 @@ async def read_body(request: Request) -> Body:
         return Body(await anyio.to_thread.run_sync(json.loads, bytes(data)))
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "The request body is not valid JSON.") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise APIError(400, "The request body is nested too deeply.") from None
 
 
 def api_app(engine: Engine, access: Access) -> Starlette:

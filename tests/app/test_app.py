@@ -1,8 +1,12 @@
 """app.py without a server: command line, loading the models once, the mode switch without an adapter."""
+import json
+import os
 import runpy
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ from minigpt import AdapterError
 from minigpt.serve.conversation import BASE, TUNED, ChatInputError
 from minigpt.serve.engine import load_engine
 from tests.helpers import REPO
-from tests.helpers.app_server import make_adapter
+from tests.helpers.app_server import free_port, make_adapter
 from tests.helpers.checkpoints import make_checkpoint
 
 
@@ -33,7 +37,9 @@ def test_on_a_space_it_binds_all_interfaces(monkeypatch):
 @pytest.mark.parametrize("argv, message", [(["--concurrency", "0"], "--concurrency must be >= 1"),
                                            (["--sessions-kept", "0"], "--sessions-kept must be >= 1"),
                                            (["--dtype", "float64"], "invalid choice: 'float64'"),
-                                           (["--dtype", "int8", "--speculative"], "use it with a float --precision")])
+                                           (["--dtype", "int8", "--speculative"], "use it with a float --precision"),
+                                           (["--port", "99999"], "--port must be between 1 and 65535, got 99999"),
+                                           (["--port", "-1"], "--port must be between 1 and 65535, got -1")])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         launch.parse_args(argv)
@@ -45,8 +51,9 @@ def test_without_an_adapter_only_base_mode_runs_and_the_hint_says_how_to_get_one
     engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", default_adapter=default)
     assert list(engine.models) == [BASE] and engine.device == "cpu float32 (C decode step)"
     assert "python -m lora.train" in engine.adapter_hint and "--adapter" in engine.adapter_hint
-    with pytest.raises(ChatInputError, match=f"Alpaca LoRA mode is off: no adapter in {default}"):
+    with pytest.raises(ChatInputError, match="Alpaca LoRA mode is off: no adapter in checkpoints/alpaca-lora. Train"):
         engine.model(TUNED)
+    assert engine.adapter_note.startswith(f"no adapter in {default}. Train")  # the server's log has the path
 
 
 @pytest.mark.parametrize("leftover, why", [
@@ -63,7 +70,14 @@ def test_a_default_adapter_that_cannot_be_used_leaves_base_mode_and_says_why(tin
         make_adapter(make_checkpoint(tmp_path / "deeper", n_layer=3)[0], default)
     engine = load_engine(str(tiny_checkpoint[0]), None, "cpu", "float32", default_adapter=default)
     assert list(engine.models) == [BASE]
-    assert engine.adapter_hint.startswith(f"the adapter in {default} cannot be used (") and why in engine.adapter_hint
+    assert engine.adapter_note.startswith(f"the adapter in {default} cannot be used (") and why in engine.adapter_note
+    # what the page (Model switch, Compare, Score) and /v1 show: no path of the server's disk, no file names
+    assert engine.adapter_hint.startswith("the adapter in checkpoints/alpaca-lora cannot be used (it is incomplete")
+    config = json.dumps(app.build_app(engine).get_config_file(), default=str)
+    assert "checkpoints/alpaca-lora cannot be used" in config and str(tmp_path) not in config and why not in config
+    with pytest.raises(ChatInputError) as off:
+        engine.model(TUNED)
+    assert str(tmp_path) not in str(off.value) and "checkpoints/alpaca-lora" in str(off.value)
     with pytest.raises(AdapterError, match=why):  # the same folder named with --adapter stays an error
         load_engine(str(tiny_checkpoint[0]), str(default), "cpu", "float32", default_adapter=default)
 
@@ -92,6 +106,25 @@ def test_a_busy_port_is_one_line_naming_our_option(tiny_checkpoint, capsys):
         assert launch.main(["--model", str(tiny_checkpoint[0]), "--port", str(port), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: port {port} on 127.0.0.1 is already in use: pick another with --port\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["importing", "starting the server"])
+def test_ctrl_c_while_the_app_starts_is_one_line_and_130(tiny_checkpoint, when):
+    """SIGINT early (torch and Gradio are being imported), or once the models are loaded (the page is being built,
+    or Gradio's server is starting and checking itself): whichever step it lands in, one line and status 130."""
+    run = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_checkpoint[0]), "--no-adapter", "--device",
+                            "cpu", "--port", str(free_port())], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if when == "importing":
+        time.sleep(0.3)
+    else:
+        assert run.stdout.readline().startswith("Serving ")  # the models are loaded; build_app and launch follow
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    said = [line for line in err.splitlines() if line and not line.startswith("note: ")]
+    assert said in (["interrupted"], [])  # a line, or nothing when it landed in the serving loop
 
 
 def test_help_answers_before_gradio_or_a_model_is_imported():

@@ -2,6 +2,7 @@
 an empty cache, and a training run killed with SIGKILL, then resumed."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -158,3 +159,91 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130(parts, tmp_path):
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130 and "Traceback" not in err
     assert err.splitlines()[-1] == f"interrupted; continue from the last checkpoint with --resume --out {out}"
+
+
+def train_options(parts, tmp_path) -> list[str]:
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(RECORDS))
+    return ["--model", str(parts[0]), "--data", str(data), *TRAIN]
+
+
+def test_a_second_run_on_the_same_out_is_refused_at_once(parts, tmp_path, capsys):
+    """Another process holds the folder (as a running lora.train does): this run stops before loading anything."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from minigpt.run_lock import only_run_in\nwith only_run_in(Path(sys.argv[1])):\n"
+                               "    print('held', flush=True); sys.stdin.read()", str(out)],
+                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert train_main([*train_options(parts, tmp_path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {out} is in use by another training run (process {holder.pid}): wait for it to end, "
+                       "or pick another --out\n")  # one line, and nothing was read or loaded before it
+    finally:
+        holder.communicate("", timeout=60)
+    assert train_main([*train_options(parts, tmp_path), "--out", str(out), "--max-steps", "2"]) == 0  # released
+
+
+def test_two_runs_started_together_on_one_out_leave_one_whole_run(parts, tmp_path):
+    out = tmp_path / "out"
+    options = [sys.executable, "-m", "lora.train", *train_options(parts, tmp_path), "--max-steps", "4", "--out",
+               str(out)]
+    runs = [subprocess.Popen(options, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = sorted((run.wait(240), run.communicate()[1]) for run in runs)
+    (ok, _), (refused, err) = results
+    assert (ok, refused) == (0, 2) and err.splitlines()[-1].startswith(f"error: {out} is in use by another")
+    assert steps_logged(out) == [1, 2, 3, 4]  # one run's log, not two interleaved
+
+
+NO_SPACE = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' own words
+
+
+def test_a_full_disk_mid_checkpoint_is_one_line_and_resume_continues(parts, tmp_path, monkeypatch, capsys):
+    """The disk fills up while the adapter of the second checkpoint is written (its training state was written
+    just before): one line saying how much space it needed, no half-written file, and --resume finishes the run
+    with the same adapter as an uninterrupted one."""
+    import minigpt.atomic
+    options = train_options(parts, tmp_path)
+    assert train_main([*options, "--out", str(tmp_path / "whole")]) == 0
+    real_save, calls = minigpt.atomic.save_file, []
+
+    def fills_up(tensors, path, metadata=None):
+        calls.append(Path(path).name)
+        if len(calls) == 4:  # step 6: the state (3rd write), then the adapter (4th)
+            Path(path).write_bytes(b"\0" * 100)  # some of it reached the disk
+            raise minigpt.atomic.SafetensorError(NO_SPACE)
+        real_save(tensors, path, metadata=metadata)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(minigpt.atomic, "save_file", fills_up)
+    capsys.readouterr()
+    assert train_main([*options, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]
+    assert "Traceback" not in err and re.fullmatch(
+        f"error: the disk is full: writing {WEIGHTS_FILE} needs ([0-9.]+) kB, [0-9.,]+ (MB|kB|bytes) free in "
+        f"{re.escape(str(out))}; nothing half-written was kept: free some space, then continue from the last "
+        f"checkpoint with --resume --out {re.escape(str(out))}", line), line
+    needed = float(re.search("needs ([0-9.]+) kB", line)[1]) * 1000
+    assert 0 < needed - (tmp_path / "whole" / WEIGHTS_FILE).stat().st_size < 5000  # the file's size, near enough
+    assert sorted(p.name for p in out.iterdir()) == sorted(  # no temporary file left behind
+        [".lock", CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, "log.jsonl"])
+    assert load_state(out / STATE_FILE).step == 6
+    monkeypatch.setattr(minigpt.atomic, "save_file", real_save)
+    assert train_main([*options, "--out", str(out), "--resume"]) == 0
+    whole, resumed = load_file(tmp_path / "whole" / WEIGHTS_FILE), load_file(out / WEIGHTS_FILE)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_too_little_space_for_the_first_checkpoint_writes_nothing(parts, tmp_path, monkeypatch, capsys):
+    import minigpt.atomic
+    monkeypatch.setattr(minigpt.atomic, "free_bytes", lambda folder: 1000)
+    out = tmp_path / "out"
+    assert train_main([*train_options(parts, tmp_path), "--out", str(out)]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"error: the disk is full: writing {STATE_FILE} needs ") and " kB, 1.0 kB free in " in line
+    assert line.endswith("then run again (no checkpoint was written yet)")
+    assert not (out / STATE_FILE).exists() and not (out / WEIGHTS_FILE).exists()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]

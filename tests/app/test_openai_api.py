@@ -166,6 +166,7 @@ def test_echo_scores_the_prompt(api, oracle):
 
 @pytest.mark.parametrize("args, status, param, words", [
     (dict(model="gpt-4o"), 404, "model", "does not exist"),
+    (dict(model=["minigpt-base"]), 400, "model", "model must be a model id (a string)"),
     (dict(temperature=2.5), 400, "temperature", "from 0 to 2"),
     (dict(top_p=0), 400, "top_p", "greater than 0 and at most 1"),
     (dict(top_k=-1), 400, "top_k", "from 0 to 50257"),
@@ -203,6 +204,8 @@ def test_a_bad_chat_request_is_refused_through_the_official_client(api, args, st
 def test_bad_json_and_unknown_routes_get_openais_error_shape(app):
     bad = httpx.post(app.url + "v1/chat/completions", content=b"{not json", timeout=30)
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    deep = httpx.post(app.url + "v1/chat/completions", content=b"[" * 100_000 + b"]" * 100_000, timeout=30)
+    assert deep.status_code == 400 and deep.json()["error"]["message"] == "The request body is nested too deeply."
     missing = httpx.get(app.url + "v1/embeddings", timeout=30)
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
 

@@ -4,6 +4,7 @@ import ast
 import json
 import urllib.error
 import urllib.request
+import uuid
 
 import psutil
 import pytest
@@ -121,3 +122,58 @@ def test_uploads_beyond_the_export_size_are_refused(app):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 413  # Gradio's max_file_size: it stops reading at the limit
+
+
+def call_event(app, api: str, data: list) -> str:
+    """A named event through Gradio's HTTP API: its event stream, as text."""
+    request = urllib.request.Request(app.url + f"gradio_api/call/{api}", json.dumps({"data": data}).encode(),
+                                     {"Content-Type": "application/json"})
+    event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
+    return urllib.request.urlopen(f"{app.url}gradio_api/call/{api}/{event}", timeout=120).read().decode()
+
+
+def join_event(app, elem_id: str, trigger: str, data: list, event_data) -> dict:
+    """Any event, private ones included, as the page sends it (queue/join): its last message."""
+    config = json.loads(urllib.request.urlopen(app.url + "config", timeout=10).read())
+    ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    fn_index = next(i for i, d in enumerate(config["dependencies"])
+                    if any(ids.get(t[0]) == elem_id and t[1] == trigger for t in d["targets"]))
+    session = uuid.uuid4().hex[:12]
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data, "trigger_id": None}
+    urllib.request.urlopen(urllib.request.Request(app.url + "gradio_api/queue/join", json.dumps(body).encode(),
+                                                  {"Content-Type": "application/json"}), timeout=30).read()
+    for line in urllib.request.urlopen(f"{app.url}gradio_api/queue/data?session_hash={session}", timeout=120):
+        message = json.loads(line.decode()[5:]) if line.startswith(b"data:") else {}
+        if message.get("msg") == "process_completed":
+            return message
+
+
+@pytest.mark.slow
+def test_a_history_with_text_content_is_accepted_as_documented(app):
+    stream = call_event(app, "chat", [[{"role": "user", "content": "hi"}], "Base GPT-2", 0, 0, 1, 4, "1", 1])
+    assert "event: complete" in stream and "pydantic" not in stream
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api, data, message", [
+    ("chat", [[{"role": "user", "content": "hi"}], "Base GPT-2", "abc", 0, 1, 4, "1", 1],
+     "Temperature must be a number, got 'abc'."),
+    ("chat", [[{"role": "user", "content": "hi"}], "Base GPT-2", 0, 0, 1, [4], "1", 1],
+     "Max new tokens must be a number, got [4]."),
+    ("alternatives", ["abc"], "Token position must be a number, got 'abc'."),
+])
+def test_a_slider_sent_text_gets_a_message(app, api, data, message):
+    stream = call_event(app, api, data)
+    assert "event: error" in stream and json.dumps(message) in stream and "preprocess" not in stream
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("request_text, note", [("abc", "three whole numbers"), ("1:2:3:4", "three whole numbers"),
+                                                ("9:1:50", "no longer on screen"), ("", "three whole numbers")])
+def test_a_crafted_branch_request_gets_a_note_not_a_python_error(app, request_text, note):
+    """The page's script sends "key:position:token" when an alternative is clicked; anything else is a note
+    beside the panel, and nothing on screen changes."""
+    done = join_event(app, "branch_go", "click", [None, request_text], None)
+    assert done["success"], done
+    assert note in json.dumps(done["output"]["data"])
+    assert "Traceback" not in app.log.read_text()

@@ -58,27 +58,35 @@ def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180, app_arg
     adapter = make_adapter(checkpoint, tmp / "adapter")
     adapter_args = ["--adapter", str(adapter)] if with_adapter else ["--no-adapter"]
     port = free_port()
-    log = (tmp / "app.log").open("w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MINIGPT_API_KEY", None)  # the key, if any, comes from app_args
-    process = subprocess.Popen(
-        [sys.executable, "app.py", "--model", str(checkpoint), *adapter_args, "--device", "cpu",
-         "--port", str(port), "--concurrency", str(concurrency), *app_args],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, "app.py", "--model", str(checkpoint), *adapter_args, "--device", "cpu",
+               "--port", str(port), "--concurrency", str(concurrency), *app_args]
+    with serving(command, REPO, env, port, tmp / "app.log", startup_s) as url:
+        yield RunningApp(url, checkpoint, adapter, tmp / "app.log")
+
+
+@contextmanager
+def serving(command: Sequence[str], cwd: Path, env: dict[str, str], port: int, log_path: Path,
+            startup_s: float = 180) -> Iterator[str]:
+    """Run a chat app command until the block ends; yields its URL once it answers on the port. Its output
+    goes to log_path; if it exits or stays silent, the error quotes it."""
+    log = log_path.open("w")
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + startup_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"app.py exited with {process.returncode}:\n{(tmp / 'app.log').read_text()}")
+                raise RuntimeError(f"{command[0]} exited with {process.returncode}:\n{log_path.read_text()}")
             try:
                 urllib.request.urlopen(url + "config", timeout=2)
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"app.py did not answer in {startup_s} s:\n{(tmp / 'app.log').read_text()}")
+                    raise RuntimeError(f"{command[0]} did not answer in {startup_s} s:\n{log_path.read_text()}")
                 time.sleep(0.3)
-        yield RunningApp(url, checkpoint, adapter, tmp / "app.log")
+        yield url
     finally:
         process.terminate()
         try:

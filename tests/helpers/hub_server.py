@@ -7,6 +7,13 @@ hf_hub_download use, serving in-memory repos, with faults switched on and off by
     GET  /{repo}/resolve/{rev}/{file}                    the file, honouring Range
     (datasets: /datasets/{repo}/resolve/...)
 
+and those HfApi.create_repo and upload_folder use to push (every file as a regular, inline blob):
+
+    POST /api/repos/create                               a repo (409 if it exists)
+    POST /api/validate-yaml                              README.md's front matter: accepted, kept in `readmes`
+    POST /api/{type}s/{repo}/preupload/{rev}             each file's upload mode: "regular"
+    POST /api/{type}s/{repo}/commit/{rev}                the commit (ndjson, files base64), stored in repos
+
 Faults (`server.fault = Fault(kind, file, times)`), applied to GETs of `file` (or of everything, with
 file None) while `times` lasts (None: for ever):
     "500"       the request answers HTTP 500
@@ -17,6 +24,7 @@ file None) while `times` lasts (None: for ever):
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -44,6 +52,7 @@ class FakeHub(ThreadingHTTPServer):
         self.repos: dict[tuple[str, str], dict[str, bytes]] = {}
         self.fault: Fault | None = None
         self.requests: list[str] = []
+        self.readmes: list[str] = []  # what was sent to /api/validate-yaml
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
@@ -84,6 +93,7 @@ def etag(data: bytes) -> str:
 
 
 API = re.compile(r"/api/(models|datasets)/([^/]+/[^/]+)/(revision|tree)/([^/?]+)")
+PUSH = re.compile(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/(preupload|commit)/([^/?]+)")
 RESOLVE = re.compile(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/([^?]+)")
 
 
@@ -99,6 +109,36 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.handle_request(head=False)
+
+    def do_POST(self) -> None:
+        self.server.requests.append(f"POST {self.path}")
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        path = self.path.split("?")[0]
+        if path == "/api/repos/create":
+            asked = json.loads(body)
+            kind, repo_id = asked.get("type") or "model", f"{asked['organization'] or 'user'}/{asked['name']}"
+            url = f"{self.server.url}/{'' if kind == 'model' else kind + 's/'}{repo_id}"
+            if (kind, repo_id) in self.server.repos:  # the Hub's 409 names the existing repo too
+                return self.send(409, json.dumps({"error": "You already created this repo", "url": url}).encode(),
+                                 {"Content-Type": "application/json"})
+            self.server.repos[(kind, repo_id)] = {}
+            return self.send(200, json.dumps({"url": url}).encode(), {"Content-Type": "application/json"})
+        if path == "/api/validate-yaml":
+            self.server.readmes.append(json.loads(body)["content"])
+            return self.send(200, b'{"errors": [], "warnings": []}', {"Content-Type": "application/json"})
+        if (m := PUSH.fullmatch(path)) is None or (m[1][:-1], m[2]) not in self.server.repos:
+            return self.not_found()
+        files = self.server.repos[(m[1][:-1], m[2])]
+        if m[3] == "preupload":
+            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                     for f in json.loads(body)["files"]]
+            return self.send(200, json.dumps({"files": modes}).encode(), {"Content-Type": "application/json"})
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+        answer = {"commitUrl": f"{self.server.url}/{m[2]}/commit/{COMMIT}", "commitOid": COMMIT}
+        self.send(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
 
     def handle_request(self, head: bool) -> None:
         self.server.requests.append(f"{self.command} {self.path}")

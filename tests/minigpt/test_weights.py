@@ -54,6 +54,9 @@ def test_dtype_and_device_are_applied(tiny_checkpoint):
     (lambda t: t.update({"h.1.mlp.c_fc2.weight": t.pop("h.1.mlp.c_fc.weight")}), "missing tensor transformer.h.1.mlp.c_fc.weight"),
     (lambda t: t.update({"ln_f.weight": torch.ones(65)}), r"tensor transformer.ln_f.weight has shape \(65,\), expected \(64,\)"),
     (lambda t: t.update({"h.0.attn.c_attn.weight": torch.zeros(192, 64)}), r"transformer.h.0.attn.c_attn.weight has shape \(64, 192\)"),
+    (lambda t: t["h.1.mlp.c_proj.weight"].view(-1).__setitem__(7, float("nan")),
+     "tensor transformer.h.1.mlp.c_proj.weight holds NaN or infinite values: the checkpoint is damaged"),
+    (lambda t: t["wte.weight"].view(-1).__setitem__(0, float("-inf")), "tensor transformer.wte.weight holds NaN or inf"),
 ])
 def test_wrong_tensors_are_named(checkpoint, edit, message):
     rewrite(checkpoint, edit)

@@ -174,3 +174,66 @@ def test_the_buttons_lock_while_a_reply_streams(handlers):
     session = Session()
     sent = chat.add_message(session, "Hi", [])
     assert all(sent[name].interactive is False for name in BUTTONS)
+
+
+def crafted(handlers, tmp_path, edit_text=None, edit_data=None) -> str:
+    """An export of a real reply, edited as an attacker would: its JSON text, or its data."""
+    chat, inspect = handlers
+    session = Session()
+    converse(chat, session)
+    text = Path(inspect.export(session)["export_file"]).read_text(encoding="utf-8")
+    path = tmp_path / "crafted.json"
+    path.write_text(edit_text(text) if edit_text else json.dumps(edit_data(json.loads(text))))
+    return str(path)
+
+
+def set_in(data: dict, keys: tuple, value) -> dict:
+    target = data
+    for key in keys[:-1]:
+        target = target[key]
+    target[keys[-1]] = value
+    return data
+
+
+def first_time_after_second(data: dict) -> dict:
+    times = data["reply"]["token_times"]
+    times[0] = times[1] + 1.0
+    return data
+
+
+CRAFTED_TEXT = {
+    "infinite max_new_tokens": (lambda t: t.replace('"max_new_tokens": 12', '"max_new_tokens": Infinity'),
+                                "holds Infinity, which is not a JSON number"),
+    "NaN temperature": (lambda t: t.replace('"temperature": 0.0', '"temperature": NaN'),
+                        "holds NaN, which is not a JSON number"),
+    "NaN token time": (lambda t: t.replace('"token_times": [', '"token_times": [NaN, '), "not a JSON number"),
+    "500k-deep nesting": (lambda t: t.replace('"stop": [', '"deep": ' + "[" * 500_000 + "]" * 500_000 + ', "stop": ['),
+                          "nested too deeply"),
+}
+CRAFTED_DATA = {
+    "fractional max_new_tokens": (lambda d: set_in(d, ("settings", "max_new_tokens"), 1.5),
+                                  "max_new_tokens must be a whole number"),
+    "huge log-prob": (lambda d: set_in(d, ("reply", "tokens", 0, "logprob"), 1e300),
+                      "log-probability must be a number <= 0"),
+    "positive log-prob": (lambda d: set_in(d, ("reply", "tokens", 0, "top", 1, "logprob"), 0.5),
+                          "log-probability must be a number <= 0"),
+    "inf token time": (lambda d: set_in(d, ("reply", "token_times", 0), 1e999), "holds Infinity"),
+    "negative token time": (lambda d: set_in(d, ("reply", "token_times", 0), -127.0), "finite number of seconds >= 0"),
+    "decreasing token times": (first_time_after_second, "must not decrease"),
+    "too many messages": (lambda d: {**d, "conversation": [{"role": "user", "content": "hi"}] * 1800},
+                          "the conversation has 1800 messages; the chat takes at most 1,000 messages"),
+}
+
+
+@pytest.mark.parametrize("case", [*CRAFTED_TEXT, *CRAFTED_DATA])
+def test_a_crafted_conversation_file_is_refused_with_a_message(handlers, tmp_path, case):
+    if case in CRAFTED_TEXT:
+        edit, message = CRAFTED_TEXT[case]
+        path = crafted(handlers, tmp_path, edit_text=edit)
+    else:
+        edit, message = CRAFTED_DATA[case]
+        path = crafted(handlers, tmp_path, edit_data=edit)
+    session = Session()
+    shown = run_async(handlers[1].load(session, path))
+    assert shown["export_note"].startswith("Could not load: ") and message in shown["export_note"], shown
+    assert set(shown) == {"export_note"} and session.reply is None  # nothing else on screen changes
