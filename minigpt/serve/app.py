@@ -245,8 +245,10 @@ def compare_tab(engine: Engine) -> None:
             elem_id="diff_tokens", show_legend=True, show_inline_category=False,
             label="log p tuned − log p base: red = the adapter made the token likelier, purple = less likely "
                   "(±1 = ±4 nats)")
+        ui["diff_chart"] = gr.Plot(elem_id="diff_chart", show_label=False)
         ui["diff_ranked"] = gr.Dataframe(elem_id="diff_ranked", label="Where the adapter changed its mind (top-1 "
-                                         "differs), largest KL(tuned ‖ base) first", interactive=False, wrap=True)
+                                         "differs), largest KL(tuned ‖ base) first", interactive=False, wrap=True,
+                                         column_widths=["6%", "9%", "12%", "9%", "9%", "7%", "24%", "24%"])
         with gr.Accordion("Every token", open=False):
             ui["diff_table"] = gr.Dataframe(elem_id="diff_table", interactive=False)
     named = functools.partial(by_name, ui=ui)
@@ -266,7 +268,8 @@ def compare_tab(engine: Engine) -> None:
     for mode, stop in ((BASE, handlers.stop_base), (TUNED, handlers.stop_tuned)):
         stops[mode].click(stop, session, None, queue=False, **private)
     diff_btn.click(named(handlers.diff), [session, which],
-                   [ui[name] for name in ("diff_summary", "diff_tokens", "diff_ranked", "diff_table")], **private)
+                   [ui[name] for name in ("diff_summary", "diff_tokens", "diff_chart", "diff_ranked", "diff_table")],
+                   **private)
 
 
 def score_tab(engine: Engine) -> None:

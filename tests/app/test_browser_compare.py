@@ -63,6 +63,10 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     n_tokens = int(re.search(r"reply, (\d+) tokens", page.locator("#diff_summary").inner_text()).group(1))
     assert tokens.count() == n_tokens
     assert "background" in tokens.first.get_attribute("style")
+    chart = page.locator("#diff_chart .js-plotly-plot")
+    expect(chart).to_be_visible()
+    assert chart.locator(".bars .point").count() == n_tokens  # one bar per token, drawn by Plotly in the page
+    assert "tuned − base (nats)" in chart.inner_text() and "KL(tuned ‖ base)" in chart.inner_text()
     expect(page.locator("#diff_ranked")).to_contain_text("base top-5")
     expect(page.locator("#diff_ranked")).to_contain_text("%")  # a random adapter changes the top-1 somewhere
     save_screenshot(page, "compare.png")

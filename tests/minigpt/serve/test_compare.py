@@ -50,13 +50,17 @@ def test_both_sides_answer_with_one_seed_and_the_diff_rescores_a_reply(setup):
     again = last(updates(ChatHandlers(engine).respond(Session(), [{"role": "user", "content": "Name a colour."}], TUNED,
                                                    1.0, 0, 1.0, 12, seed, 0.5)))["chat"][-1]["content"]
     assert again == texts[TUNED][0]
-    summary, tokens, ranked, table = handlers.diff(session, TUNED).values()
+    summary, tokens, chart, ranked, table = handlers.diff(session, TUNED).values()
     expected = compare_ids(engine.model(BASE), engine.model(TUNED, 0.5), chat_reply.prompt_ids + chat_reply.token_ids,
                            len(chat_reply.prompt_ids))
     assert f"base {expected.mean_logprob_base:.3f}, tuned {expected.mean_logprob_tuned:.3f}" in summary
     assert len(tokens) == len(table["data"]) == len(chat_reply.token_ids)
     assert [row[4] for row in table["data"]] == [round(t.diff, 3) for t in expected.tokens]
     assert [row[1] for row in ranked["data"]] == [t.position for t in expected.changed_minds()]
+    bars, kl = chart.data  # the chart's numbers are the comparison's
+    assert list(bars.y) == pytest.approx([t.diff for t in expected.tokens], abs=1e-6)
+    assert list(kl.y) == pytest.approx([t.kl for t in expected.tokens], abs=1e-6)
+    assert chart.layout.yaxis.title.text == "tuned − base (nats)" and chart.layout.yaxis2.title.text == "KL (nats)"
 
 
 def test_stop_ends_one_side_only(setup):
