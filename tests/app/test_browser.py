@@ -92,6 +92,9 @@ def test_markup_is_shown_as_text_and_stop_ends_a_long_reply(page):
     settled = page.locator("#chat [data-testid=bot]").nth(1).inner_text()
     page.wait_for_timeout(500)
     assert page.locator("#chat [data-testid=bot]").nth(1).inner_text() == settled  # nothing more arrives
+    # the panels describe the stopped reply, as far as it got
+    expect(page.locator("#reply_panel .reply-head")).to_contain_text(f"Last reply: {tokens} tokens")
+    expect(page.locator("#reply_panel .tok")).to_have_count(tokens)
 
 
 def test_retry_undo_and_clear(page):
