@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # huggingface_hub's HTTP client: its network errors are not OSErrors
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -107,9 +108,9 @@ def resolve_data(spec: str) -> Path:
         if path.suffix not in (".json", ".jsonl"):
             raise ValueError(f"{path}: expected a .json or .jsonl file")
         return path
+    if local_problem := _not_a_file(spec, path):
+        raise ValueError(f"--data {spec}: {local_problem}")
     parts = spec.split("/", 2)
-    if len(parts) < 2 or len(parts) == 3 and not parts[2].endswith((".json", ".jsonl")):
-        raise ValueError(f"--data {spec!r}: no such file, and not a Hub dataset (owner/name[/file.json])")
     repo_id = "/".join(parts[:2])
     try:
         filename = parts[2] if len(parts) == 3 else _only_json_file(repo_id)
@@ -133,8 +134,37 @@ def resolve_data(spec: str) -> Path:
                          "retry, or pass a local file with --data path/to/alpaca.json") from None
 
 
+def _not_a_file(spec: str, path: Path) -> str | None:
+    """Why a --data that names something on this machine is not a data file, or None when it names a Hub dataset.
+
+    It names a local path when something is there (a folder, a pipe, a dangling link), when it is written as
+    one (/, ./, ../, ~, or a single name like data.json) or when it is not owner/name[/file.json]."""
+    if path.is_symlink() and not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
+    if path.is_dir():
+        return "a folder: name the .json or .jsonl file in it"
+    if path.exists():
+        return "not a regular file (a pipe, a device or a socket): name a .json or .jsonl file"
+    parts = spec.split("/", 2)
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or os.sep != "/" and os.sep in spec or len(parts) < 2 or \
+            not all(parts[:2]) or len(parts) == 3 and not parts[2].endswith((".json", ".jsonl")):
+        return "no such file (a Hub dataset is named owner/name or owner/name/file.json)"
+    return None
+
+
 def _only_json_file(repo_id: str) -> str:
-    files = [f for f in HfApi().list_repo_files(repo_id, repo_type="dataset") if f.endswith((".json", ".jsonl"))]
+    """The one .json/.jsonl file of a Hub dataset: listed on the Hub, or, offline, in its cached snapshot."""
+    try:
+        listed = HfApi().list_repo_files(repo_id, repo_type="dataset")
+    except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:
+        if isinstance(e, RepositoryNotFoundError):
+            raise
+        try:  # offline or unreachable: what was downloaded before
+            snapshot = Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
+        except (LocalEntryNotFoundError, OSError):
+            raise e from None
+        listed = [f.relative_to(snapshot).as_posix() for f in snapshot.rglob("*") if f.is_file()]
+    files = [f for f in listed if f.endswith((".json", ".jsonl"))]
     if len(files) != 1:
         raise ValueError(f"dataset {repo_id} has {len(files)} .json/.jsonl files ({', '.join(files[:5])}); "
                          f"name one: --data {repo_id}/FILE")

@@ -108,18 +108,16 @@ def batch_stream(examples: Sequence[Example], batch_size: int, seed: int) -> Ite
         epoch += 1
 
 
-# A rank whose share of a short last batch is empty still joins the step: one padding token, nothing scored.
+# A micro-batch left empty by a short last batch still joins the step: one padding token, nothing scored.
 NOTHING = Example([EOT_ID, EOT_ID], n_prompt=2)
 
 
-def rank_share(batch: Sequence[Example], rank: int, per_rank: int) -> list[Example]:
-    """This rank's contiguous slice of a global batch (ranks x per_rank examples, fewer at an epoch's end)."""
-    return list(batch[rank * per_rank:(rank + 1) * per_rank]) or [NOTHING]
-
-
-def micro_batch(examples: Sequence[Example]) -> MicroBatch:
+def micro_batch(examples: Sequence[Example], positions: list[int]) -> MicroBatch:
+    """Padded tensors for the examples; `positions`: their places in the step's global batch (dropout keys)."""
+    if not examples:
+        examples, positions = [NOTHING], [0]
     inputs, targets = collate(examples)
-    return MicroBatch(inputs, targets, n_tokens=sum(len(e.ids) - 1 for e in examples))  # padding not counted
+    return MicroBatch(inputs, targets, n_tokens=sum(len(e.ids) - 1 for e in examples), positions=positions)
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:

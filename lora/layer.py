@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigpt.adapters import lora_delta, match_targets
+from minigpt.dropout import ExampleDropout
 
 
 class LoRALinear(nn.Linear):
@@ -28,7 +29,7 @@ class LoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.r = r
         self.scaling = alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = ExampleDropout(dropout) if dropout > 0 else nn.Identity()  # masks keyed by example
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
         self.merged = False
@@ -92,10 +93,13 @@ def inject_lora(model: nn.Module, targets: str | Sequence[str], r: int, alpha: f
     if not names:
         raise ValueError(f"no Linear module matches target_modules={targets!r} (try c_attn, c_proj, c_fc)")
     model.requires_grad_(False)
-    for name in names:
+    for i, name in enumerate(names):
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, child, LoRALinear.from_linear(getattr(owner, child), r, alpha, dropout))
+        layer = LoRALinear.from_linear(getattr(owner, child), r, alpha, dropout)
+        if isinstance(layer.lora_dropout, ExampleDropout):
+            layer.lora_dropout.layer = i  # each layer its own masks
+        setattr(owner, child, layer)
     return names
 
 

@@ -21,5 +21,6 @@ def plot_losses(log: list[dict], path: Path, title: str) -> None:
         ax.plot(*zip(*val), "o-", label="held-out", linewidth=1.5)
     ax.set(xlabel="optimizer step", ylabel="loss (nats per scored token)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.savefig(path, dpi=120)

@@ -1,9 +1,11 @@
-"""Train a GPT-2-architecture model from random initialisation on your own UTF-8 text.
+"""Train a GPT-2-architecture model on your own UTF-8 text, from random initialisation or from existing weights.
 
     python -m minigpt.pretrain --text book.txt --out checkpoints/my-gpt --time-budget 30m
+    python -m minigpt.pretrain --text book.txt --init-from gpt2 --out checkpoints/gpt2-book   # continued
     torchrun --nproc_per_node 4 -m minigpt.pretrain --text corpus.txt --out checkpoints/my-gpt --max-steps 5000
 
-The text is tokenized with GPT-2's BPE (the full 50,257-token vocabulary); its last --val-fraction
+The text is tokenized with GPT-2's BPE (the full 50,257-token vocabulary) once, into a memory-mapped
+token cache that later runs and every rank share (minigpt.token_cache); its last --val-fraction
 is held out. Training reads random windows of --block-size tokens. --out ends up in the Hub layout
 (config.json, model.safetensors, vocab.json, merges.txt), so it loads wherever a model name does:
 `minigpt.generate --model DIR`, `app.py --model DIR`, `lora.train --model DIR`, transformers'
@@ -28,21 +30,26 @@ from .hub import fetch
 from .model import GPT
 from .tokenizer import load_tokenizer
 from .training import (
+    LOOP_POSITIVE,
     MicroBatch,
     Ranks,
     Task,
     add_training_arguments,
     check_positive,
     check_resume,
+    micro_rows,
+    process_started,
     run_training,
     train_cli,
 )
-from .weights import HUB_ALIASES, TOKENIZER_FILES, save_pretrained
+from .token_cache import cached_tokens
+from .weights import HUB_ALIASES, TOKENIZER_FILES, load_pretrained, resolve_snapshot, save_pretrained
 
 # Options that shape the run's trajectory: --resume refuses to continue with different values.
-RUN_OPTIONS = ("text", "n_layer", "n_head", "n_embd", "block_size", "epochs", "max_steps", "lr", "warmup_steps",
-               "weight_decay", "batch_size", "grad_accum", "val_fraction", "seed")
-EVAL_WINDOWS = 100  # held-out loss over at most this many windows, so an evaluation stays cheap on a big text
+SHAPE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}  # a new model's default shape
+# The length (--epochs, --max-steps, --time-budget) may grow: that extends the run.
+RUN_OPTIONS = ("text", "init_from", "n_layer", "n_head", "n_embd", "block_size", "lr", "warmup_steps", "weight_decay",
+               "betas", "max_grad_norm", "batch_size", "grad_accum", "val_fraction", "seed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,30 +57,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=HelpWithDefaults)
     p.add_argument("--text", required=True, help="a UTF-8 text file")
     p.add_argument("--out", type=Path, required=True, help="the model folder to write (Hub layout)")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="folder or Hub repo with GPT-2's vocab.json and merges.txt (default: %(default)s)")
-    p.add_argument("--n-layer", type=int, default=6, help="transformer blocks")
-    p.add_argument("--n-head", type=int, default=6, help="attention heads per block")
-    p.add_argument("--n-embd", type=int, default=384, help="width of the residual stream (a multiple of --n-head)")
-    p.add_argument("--block-size", type=int, default=256, help="context window, and tokens per training window")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="continue pre-training these weights (gpt2[-medium|-large|-xl], a Hub repo id or a folder) "
+                        "instead of starting from random ones; the shape and tokenizer are the model's")
+    p.add_argument("--tokenizer", default=None,
+                   help="folder or Hub repo with GPT-2's vocab.json and merges.txt (default: gpt2's)")
+    p.add_argument("--n-layer", type=int, default=None, help=f"transformer blocks (default: {SHAPE['n_layer']})")
+    p.add_argument("--n-head", type=int, default=None, help=f"attention heads per block (default: {SHAPE['n_head']})")
+    p.add_argument("--n-embd", type=int, default=None,
+                   help=f"width of the residual stream, a multiple of --n-head (default: {SHAPE['n_embd']})")
+    p.add_argument("--block-size", type=int, default=None,
+                   help=f"tokens per training window, and the context of a new model (default: {SHAPE['block_size']}, "
+                        "or the --init-from model's context if shorter)")
     add_training_arguments(p, batch_size=16, lr=1e-3, eval_every=100)
     args = p.parse_args(argv)
-    check_positive(p, args, ["n_layer", "n_head", "n_embd", "block_size", "epochs", "max_steps", "batch_size",
-                             "grad_accum", "eval_every", "save_every"])
+    check_positive(p, args, ["n_layer", "n_head", "n_embd", "block_size", *LOOP_POSITIVE])
+    if args.init_from:
+        given = [f"--{name.replace('_', '-')}" for name in ("tokenizer", "n_layer", "n_head", "n_embd")
+                 if getattr(args, name) is not None]
+        if given:
+            p.error(f"{', '.join(given)}: the shape and tokenizer come from --init-from {args.init_from}")
+    else:
+        for name, default in SHAPE.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
+    # the time budget counts from the command's start: the process's (imports included), or this call's when
+    # called with arguments from Python
+    started = process_started() if argv is None else time.monotonic()
     return train_cli(train, parse_args(argv), started)
-
-
-def read_tokens(path: Path, tokenizer) -> torch.Tensor:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read --text {path}: {e}") from None
-    return torch.tensor(tokenizer.encode_ordinary(text), dtype=torch.long)
 
 
 def split_tokens(tokens: torch.Tensor, val_fraction: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,19 +103,27 @@ def split_tokens(tokens: torch.Tensor, val_fraction: float, block: int) -> tuple
     return train, val
 
 
-def windows(tokens: torch.Tensor, starts: torch.Tensor, block: int) -> MicroBatch:
+def windows(tokens: torch.Tensor, starts: torch.Tensor, block: int, positions: list[int]) -> MicroBatch:
     """Rows tokens[s : s + block] as inputs, each shifted by one as targets."""
-    rows = tokens[starts[:, None] + torch.arange(block + 1)]
-    return MicroBatch(rows[:, :-1], rows[:, 1:], n_tokens=rows.size(0) * block)
+    rows = tokens[starts[:, None] + torch.arange(block + 1)].long()
+    return MicroBatch(rows[:, :-1], rows[:, 1:], n_tokens=rows.size(0) * block, positions=positions)
 
 
-def held_out_batches(val: torch.Tensor, block: int, batch_size: int, ranks: Ranks) -> list[MicroBatch]:
-    """This rank's share of up to EVAL_WINDOWS consecutive, non-overlapping held-out windows."""
+def held_out_windows(val: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    """(start offsets, length) of the consecutive, non-overlapping held-out windows (shorter than --block-size
+    where the held-out text is)."""
     if len(val) < 2:
-        return []
+        return torch.zeros(0, dtype=torch.long), block
     block = min(block, len(val) - 1)
-    starts = torch.arange(0, len(val) - block, block)[:EVAL_WINDOWS]
-    batches = [windows(val, starts[i:i + batch_size], block) for i in range(0, len(starts), batch_size)]
+    return torch.arange(0, len(val) - block, block), block
+
+
+def held_out_batches(val: torch.Tensor, block: int, batch_size: int, ranks: Ranks, n: int) -> list[MicroBatch]:
+    """This rank's share of the first n held-out windows."""
+    starts, block = held_out_windows(val, block)
+    starts = starts[:n]
+    batches = [windows(val, starts[i:i + batch_size], block, list(range(len(starts[i:i + batch_size]))))
+               for i in range(0, len(starts), batch_size)]
     return batches[ranks.rank::ranks.world]
 
 
@@ -116,48 +139,63 @@ def init_weights(model: GPT) -> None:
             nn.init.zeros_(module.bias)
 
 
+def starting_model(args: argparse.Namespace) -> tuple[GPT, object, Path]:
+    """(the model to train, its tokenizer, the folder of the tokenizer's files): --init-from's weights, or a new
+    model of the asked shape with GPT-2's initialisation."""
+    if args.init_from:
+        folder = resolve_snapshot(args.init_from)
+        model, tokenizer = load_pretrained(folder, device="cpu", dtype=torch.float32)
+        if args.block_size is None:
+            args.block_size = min(SHAPE["block_size"], model.config.n_positions)
+        return model, tokenizer, folder
+    name = args.tokenizer or "gpt2"
+    folder = fetch(HUB_ALIASES.get(name, name), TOKENIZER_FILES, "tokenizer")
+    tokenizer = load_tokenizer(folder)
+    model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, n_positions=args.block_size, n_embd=args.n_embd,
+                          n_layer=args.n_layer, n_head=args.n_head))
+    init_weights(model)
+    return model, tokenizer, folder
+
+
 def train(args: argparse.Namespace, ranks: Ranks, started: float) -> list[dict]:
     """Run (or resume) pre-training; returns the log records of the whole run."""
     say = ranks.say
     run = {name: getattr(args, name) for name in RUN_OPTIONS} | {"nproc_per_node": ranks.world}
     resumed = check_resume(args.out, args.resume, run)
-    with ctrl_c_exits_now("interrupted while loading; nothing was trained yet"):
-        tokenizer_folder = fetch(HUB_ALIASES.get(args.tokenizer, args.tokenizer), TOKENIZER_FILES, "tokenizer")
-    tokenizer = load_tokenizer(tokenizer_folder)
-    config = GPTConfig(vocab_size=tokenizer.n_vocab, n_positions=args.block_size, n_embd=args.n_embd,
-                       n_layer=args.n_layer, n_head=args.n_head)
-    block = args.block_size
-    train_tokens, val_tokens = split_tokens(read_tokens(Path(args.text), tokenizer), args.val_fraction, block)
-    say(f"data: {len(train_tokens) + len(val_tokens):,} tokens in {args.text}; {len(train_tokens):,} for training, "
-        f"{len(val_tokens):,} held out")
-
     torch.manual_seed(args.seed)
-    model = GPT(config)
-    init_weights(model)
-    model.to(ranks.device)
+    with ctrl_c_exits_now("interrupted while loading; nothing was trained yet"):
+        model, tokenizer, tokenizer_folder = starting_model(args)
+    model.to(ranks.device).train()
+    config, block = model.config, args.block_size
+    if block > config.n_positions:
+        raise ValueError(f"--block-size {block} exceeds the --init-from model's context of {config.n_positions}")
+    tokens, tokenized = cached_tokens(Path(args.text), tokenizer, tokenizer_folder, build=ranks.main,
+                                      wait=ranks.barrier)
+    train_tokens, val_tokens = split_tokens(tokens, args.val_fraction, block)
+    say(f"data: {len(tokens):,} tokens in {args.text} ({'tokenized into' if tokenized else 'read from'} the token "
+        f"cache); {len(train_tokens):,} for training, {len(val_tokens):,} held out")
     params = dict(model.named_parameters())  # the tied lm_head appears once, as transformer.wte.weight
     say(f"parameters: {sum(p.numel() for p in params.values()):,} ({config.n_layer} layers, {config.n_head} heads, "
-        f"width {config.n_embd}, context {block})")
+        f"width {config.n_embd}, context {block})" + (f", from {args.init_from}" if args.init_from else ""))
 
-    global_batch = args.batch_size * ranks.world
-    share = slice(ranks.rank * args.batch_size, (ranks.rank + 1) * args.batch_size)
+    step_batch = args.batch_size * ranks.world * args.grad_accum  # windows per optimizer step, all ranks
 
     def steps(start: int) -> Iterator[list[MicroBatch]]:
-        """Random windows, a pure function of (seed, step, micro-batch), so a resumed run reads the same."""
+        """Random windows, a pure function of (seed, step), so a resumed run reads the same, and however the
+        step is split over processes and micro-batches."""
         for step in itertools.count(start):
-            micro = []
-            for m in range(args.grad_accum):
-                generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * args.grad_accum + m)
-                starts = torch.randint(0, len(train_tokens) - block, (global_batch,), generator=generator)
-                micro.append(windows(train_tokens, starts[share], block))
-            yield micro
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            starts = torch.randint(0, len(train_tokens) - block, (step_batch,), generator=generator)
+            yield [windows(train_tokens, starts[rows.start:rows.stop], block, list(rows))
+                   for rows in micro_rows(step_batch, ranks, args.batch_size, args.grad_accum)]
 
-    tokens_per_step = block * global_batch * args.grad_accum
+    tokens_per_step = block * step_batch
     task = Task(model=model, params=params, steps=steps,
-                val_batches=held_out_batches(val_tokens, block, args.batch_size, ranks),
+                val_batches=lambda n: held_out_batches(val_tokens, block, args.batch_size, ranks, n),
+                val_size=len(held_out_windows(val_tokens, block)[0]), val_tokens=held_out_windows(val_tokens, block)[1],
                 steps_per_epoch=max(1, math.ceil(len(train_tokens) / tokens_per_step)),
                 tokens_per_step=tokens_per_step,
-                save_result=lambda: save_pretrained(model, args.out, tokenizer_folder), title="pre-training")
+                save_result=lambda folder: save_pretrained(model, folder, tokenizer_folder), title="pre-training")
     log = run_training(task, args, run, resumed, ranks, started)
     say(f"model written to {args.out}: try python -m minigpt.generate --model {args.out} --prompt \"...\"")
     return log

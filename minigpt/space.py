@@ -33,6 +33,7 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 PYTHON = "3.11"  # the version CI runs
 SHORT_DESCRIPTION = "GPT-2 from scratch: base vs Alpaca LoRA, look inside"
 MAX_SHORT_DESCRIPTION = 60  # the Hub refuses a longer short_description
+TRAINING_ONLY = ("tensorboard",)  # the app never imports it: a Space need not install it (and grpcio with it)
 SYSTEM_PACKAGES = ["build-essential"]  # cc and OpenMP for the C decode step (without: PyTorch, slower)
 
 
@@ -59,8 +60,9 @@ def readme(checkout_readme: str) -> tuple[str, list[str]]:
 
 
 def requirements(checkout_requirements: str) -> str:
-    """The checkout's pins, torch's as its CPU build from PyTorch's index."""
-    pins = [line for line in checkout_requirements.splitlines() if line.strip() and not line.startswith("#")]
+    """The checkout's pins but the training-only ones, torch's as its CPU build from PyTorch's index."""
+    pins = [line for line in checkout_requirements.splitlines() if line.strip() and not line.startswith("#")
+            and not line.startswith(TRAINING_ONLY)]
     torch = next(p for p in pins if p.startswith("torch=="))
     return ("# torch's CPU build: on CPU hardware PyPI's torch is the CUDA build, with several GB of nvidia-* wheels.\n"
             f"# On GPU hardware, delete the --extra-index-url line and write {torch} instead of {torch}+cpu.\n"

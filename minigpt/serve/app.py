@@ -19,6 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 import gradio as gr  # noqa: E402
 from gradio.components import Component  # noqa: E402
 import plotly  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 from starlette.responses import FileResponse  # noqa: E402
 from starlette.routing import Mount, Route  # noqa: E402
 
@@ -34,6 +35,7 @@ from minigpt.serve.conversation import (  # noqa: E402
 )
 from minigpt.serve.compare import DIFF_HINT, CompareHandlers, CompareSession, side_outputs  # noqa: E402
 from minigpt.serve.engine import Engine, load_engine  # noqa: E402
+from minigpt.serve.files import MAX_FILE, UPLOAD_CLEANUP_S, UploadGuard  # noqa: E402
 from minigpt.serve.handlers import BUTTONS, ChatHandlers, unlock  # noqa: E402
 from minigpt.serve.inspect_panels import InspectHandlers  # noqa: E402
 from minigpt.serve.openai_api import access_for, api_app, describe  # noqa: E402
@@ -49,8 +51,6 @@ CSS = Path(__file__).with_name("app.css")
 SCRIPTS = {"/minigpt/plotly.min.js": Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
            "/minigpt/inspect.js": Path(__file__).with_name("inspect.js")}
 HEAD = "".join(f'<script defer src=".{path}"></script>' for path in SCRIPTS)
-UPLOAD_CLEANUP_S = 3600  # uploads (conversation exports) leave Gradio's cache after an hour
-MAX_UPLOAD = "2mb"  # a conversation export is tens of kB
 EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of France?",
             "Write a short poem about the sea.", "Explain what a neural network is in one sentence."]
 
@@ -295,7 +295,9 @@ def by_name(handler: Callable, ui: dict[str, Component]) -> Callable:
     changes): Gradio gets them by component. The wrapper keeps the handler's signature (Gradio reads it
     for gr.SelectData) and its kind (function, coroutine, generator, async generator)."""
     def components(values: dict | None) -> dict:
-        return {ui[name]: value for name, value in (values or {}).items()}
+        if not values:  # nothing changes: Gradio would take an empty dict for the value of a single output
+            return gr.skip()
+        return {ui[name]: value for name, value in values.items()}
 
     if isasyncgenfunction(handler):
         async def wired(*args):
@@ -364,10 +366,12 @@ def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                     theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
                     css_paths=[CSS], head=HEAD, footer_links=["api"],
-                    max_file_size=MAX_UPLOAD,  # only a conversation export is ever loaded: larger uploads get 413
+                    max_file_size=MAX_FILE,  # only a conversation export is ever loaded: larger uploads get 413
                     state_session_capacity=args.sessions_kept,
                     # The API's routes go first in the FastAPI app Gradio builds: /v1 is ours, the rest Gradio's.
-                    app_kwargs={"routes": [Mount("/v1", api_app(engine, access)), *script_routes()]},
+                    # Uploads are bounded per request, per client and in total (files.py).
+                    app_kwargs={"routes": [Mount("/v1", api_app(engine, access)), *script_routes()],
+                                "middleware": [Middleware(UploadGuard)]},
                     prevent_thread_lock=True)  # the server runs in its own threads; this one computes
     except OSError as e:  # the port was taken while the models loaded
         print(f"error: {PortBusy(args.host, args.port, e)}", file=sys.stderr)

@@ -138,6 +138,7 @@ def adapter_hint(default_adapter: Path | None, problems: list[AdapterError], for
         return f"no adapter given. {get_an_adapter()}"
     folder = default_adapter if for_log else Path(default_adapter.parent.name, default_adapter.name)
     if problems:
-        why = f"({problems[0]})" if for_log else "(it is incomplete or made for another model; the server's log says why)"
+        why = f"({problems[0]})" if for_log else \
+            "(it is incomplete or made for another model; the server's log says why)"
         return f"the adapter in {folder} cannot be used {why}. {get_an_adapter()}"
     return f"no adapter in {folder}. {get_an_adapter()}"

@@ -8,7 +8,6 @@ beside the control that caused it ("branch_note", "export_note"), never an error
 """
 from __future__ import annotations
 
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,13 +15,13 @@ import gradio as gr
 
 from .conversation import BASE, ChatInputError, Prompt, as_chat_text
 from .engine import Engine
+from .files import ExportFolder
 from .handlers import WRITING, ChatHandlers, busy_message, locked, panels, unlock
 from .replies import paced, stats_line
 from .scheduler import ServerBusy
 from .session import Session
 from .transcript import TranscriptError, export_conversation, load_conversation
 
-EXPORT_DIR = Path(tempfile.gettempdir()) / "minigpt-exports"
 STALE = "That alternative belongs to a reply that is no longer on screen."
 
 
@@ -46,6 +45,7 @@ class InspectHandlers:
         self.engine = engine
         self.chat = ChatHandlers(engine)  # replies and the panels' numbers, as for any reply
         self.tokenizer = engine.tokenizer
+        self.exports = ExportFolder()
 
     async def branch(self, session: Session, request: str) -> AsyncIterator[dict]:
         """An alternative was clicked: cut the reply before the selected token, force the alternative and
@@ -105,12 +105,11 @@ class InspectHandlers:
         """{"export_file", "export_note"}: the panels' conversation and reply as JSON (so they always agree)."""
         if session.reply is None:
             return {"export_file": None, "export_note": "Nothing to export: the panels show no reply."}
-        EXPORT_DIR.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=EXPORT_DIR, prefix="conversation-", suffix=".json",
-                                         delete=False, encoding="utf-8") as f:
-            f.write(export_conversation(session.history, session.reply, self.tokenizer))
-        return {"export_file": f.name, "export_note": f"Ready: {len(session.history)} messages, "
-                                                      f"{len(session.reply.token_ids)} reply tokens with top-5 each."}
+        session.export = self.exports.write(export_conversation(session.history, session.reply, self.tokenizer),
+                                            replacing=session.export)  # Gradio serves its own copy of it
+        return {"export_file": str(session.export), "export_note": f"Ready: {len(session.history)} messages, "
+                                                                   f"{len(session.reply.token_ids)} reply tokens "
+                                                                   "with top-5 each."}
 
     async def load(self, session: Session, file):
         """A conversation file was uploaded: the chat, the stats line, a note and the panels; a bad file only

@@ -9,6 +9,7 @@ read, copied or echoed back, and the server log is spared a traceback.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import reprlib
 import typing
@@ -53,11 +54,13 @@ def read_input(block: gr.components.Component, value: object) -> object:
         checked(check_history, value)
         return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
                 for m in value]
-    if isinstance(block, gr.Slider) and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    if isinstance(block, gr.Slider) and value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float))):
         raise refusal(f"{block.label or 'A slider'} must be a number, got {reprlib.repr(value)}.")
     return value
 
 
+@functools.cache  # asked at every step of every event: the handlers are few and fixed
 def takes_selection(fn) -> bool:
     """Whether Gradio hands fn the clicked item (a parameter typed gr.SelectData)."""
     if fn is None:

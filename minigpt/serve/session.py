@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .replies import Reply
 from .reply_numbers import as_json
@@ -36,6 +37,7 @@ class Session:
     payload: str = ""  # the panels' numbers (reply_numbers) as JSON, or {"note": ...} without a reply
     key: int = 0  # the key of the payload on screen: a branch asked from another panel is refused
     original: Shown | None = None  # what the panels showed before branching, for Undo branch
+    export: Path | None = None  # the latest conversation export (the next replaces it: files.ExportFolder)
 
     def __deepcopy__(self, memo: dict) -> "Session":
         return Session()  # threading.Event cannot be copied, and a new session starts empty

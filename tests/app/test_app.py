@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from minigpt.serve import app, launch
 from minigpt import AdapterError
 from minigpt.serve.conversation import BASE, TUNED, ChatInputError
 from minigpt.serve.engine import load_engine
-from tests.helpers import REPO
+from tests.helpers import REPO, interruptible
 from tests.helpers.app_server import free_port, make_adapter
 from tests.helpers.checkpoints import make_checkpoint
 
@@ -115,7 +114,8 @@ def test_ctrl_c_while_the_app_starts_is_one_line_and_130(tiny_checkpoint, when):
     or Gradio's server is starting and checking itself): whichever step it lands in, one line and status 130."""
     run = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_checkpoint[0]), "--no-adapter", "--device",
                             "cpu", "--port", str(free_port())], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                           preexec_fn=interruptible)
     if when == "importing":
         time.sleep(0.3)
     else:

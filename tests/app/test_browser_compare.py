@@ -3,7 +3,6 @@ against app.py serving a tiny checkpoint and adapter; transformers, peft and the
 Set MINIGPT_SCREENSHOT=1 to refresh assets/compare.png, assets/scale.png and assets/score.png."""
 import json
 import re
-from itertools import pairwise
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 from minigpt import perplexity
 from tests.app.conftest import FINISHED, fill_box, needs_chromium, save_screenshot, set_number
-from tests.app.test_browser import wait_for_reply
+from tests.app.test_browser import error_badges, stop_mid_reply, wait_for_reply
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, needs_chromium]
 
@@ -21,20 +20,28 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     from playwright.sync_api import expect
     page.get_by_role("tab", name="Compare").click()
     page.get_by_role("button", name="Settings (both sides)").click()
-    set_number(page, "cmp_max_new_tokens", 500)  # a long pair; stop only the base side
-    page.locator("#cmp_msg textarea").fill("Tell me a long story.")
-    page.locator("#cmp_send").click()
-    expect(page.locator("#cmp_note")).to_contain_text(re.compile(r"Both sides: seed \d+, LoRA scale 1"))
-    expect(page.locator("#cmp_base textarea")).not_to_have_value("")  # streaming: now stop it
-    stop = page.locator("#cmp_base_stop")
-    expect(stop).to_be_visible()
-    stop.dispatch_event("click")  # at once: a click() waits for animation frames, scarce while both sides stream
-    expect(page.locator("#cmp_base_stats")).to_contain_text("stopped by you")
-    expect(page.locator("#cmp_tuned_stats")).to_contain_text(re.compile("ended|hit the token limit"))
-    assert "stopped" not in page.locator("#cmp_tuned_stats").inner_text()
-    expect(page.locator("#cmp_send")).to_be_enabled()
+    set_number(page, "cmp_max_new_tokens", 500)  # a long pair; stop the base side
+    tuned = page.locator("#cmp_tuned_stats")
 
-    set_number(page, "cmp_max_new_tokens", 500)  # long enough to be seen streaming on a busy machine
+    def stop_tuned_too() -> None:
+        """The tuned side may stream on for minutes on a busy machine: it is stopped once it has had its chance."""
+        if not FINISHED.search(tuned.inner_text()):
+            page.locator("#cmp_tuned_stop").dispatch_event("click")
+        expect(page.locator("#cmp_send")).to_be_enabled()
+
+    def start(attempt: int) -> None:
+        if attempt:
+            stop_tuned_too()
+        page.locator("#cmp_msg textarea").fill("Tell me a long story.")
+        fill_box(page, "cmp_seed", str(100 + attempt))
+        page.locator("#cmp_send").click()
+        expect(page.locator("#cmp_note")).to_contain_text(f"Both sides: seed {100 + attempt}, LoRA scale 1")
+        expect(page.locator("#cmp_base textarea")).not_to_have_value("")  # streaming: now stop it
+    stop_mid_reply(page, start, "#cmp_base_stop", "#cmp_base_stats")
+    assert "stopped" not in tuned.inner_text()  # the base side's Stop left the tuned side alone
+    stop_tuned_too()
+
+    set_number(page, "cmp_max_new_tokens", 96)  # several frames (replies.FRAME_S) even on a fast machine
     page.locator("#cmp_msg textarea").fill("Write a short poem about the sea.")
     fill_box(page, "cmp_seed", "5")
     # Both sides at once, as they stream, sampled by the page itself every 10 ms from before Send: a poll
@@ -48,12 +55,14 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     for key in ("base", "tuned"):
         expect(page.locator(f"#cmp_{key}_stats")).to_contain_text(FINISHED)
     lengths = page.evaluate("() => { clearInterval(window.sampler); return window.lengths; }")
-    for key, seen in lengths.items():
-        assert len([b for a, b in pairwise(seen) if b > a]) >= 2, f"{key} did not stream: {seen}"
+    for key, seen in lengths.items():  # a side that streamed showed part of its reply before the whole
+        final = len(page.locator(f"#cmp_{key} textarea").input_value())
+        assert any(0 < n < final for n in seen), f"{key} did not stream: {seen}"
     expect(page.locator("#cmp_base_stats")).to_contain_text("Base GPT-2 · cpu float32")
     expect(page.locator("#cmp_tuned_stats")).to_contain_text("Alpaca LoRA · cpu float32")
     expect(page.locator("#cmp_note")).to_have_text("Both sides: seed 5, LoRA scale 1.")
     expect(page.locator("#cmp_send")).to_be_enabled()
+    expect(page.locator("#cmp_send")).to_have_text("Send to both")  # the side that ended first changed nothing
 
     page.locator("#diff_btn").click()
     expect(page.locator("#diff_summary")).to_contain_text(re.compile(
@@ -128,4 +137,4 @@ def test_refused_input_in_compare_is_a_message_and_nothing_is_lost(page):
                                         ("", "", "Type a message first.")]:
         send_refused(page, "cmp_", message, seed_text, refusal, where="#cmp_note")
         for side in ("#cmp_base", "#cmp_tuned"):  # no error badge over the outputs
-            assert "Error" not in page.locator(side).inner_text()
+            assert error_badges(page, side) == 0

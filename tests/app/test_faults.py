@@ -18,7 +18,7 @@ from minigpt.serve import app, launch
 from lora.train import main as train_main
 from minigpt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from minigpt.train_state import STATE_FILE, load_state
-from tests.helpers import REPO
+from tests.helpers import REPO, interruptible
 from tests.helpers.app_server import free_port, make_adapter
 from tests.helpers.checkpoints import make_checkpoint
 
@@ -151,14 +151,16 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130(parts, tmp_path):
     out = tmp_path / "out"
     run = subprocess.Popen([sys.executable, "-m", "lora.train", "--model", str(parts[0]), "--data", str(data), *TRAIN,
                             "--max-steps", "100000", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 240
     while run.poll() is None and max(steps_logged(out), default=0) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130 and "Traceback" not in err
-    assert err.splitlines()[-1] == f"interrupted; continue from the last checkpoint with --resume --out {out}"
+    stopped = load_state(out / STATE_FILE).step  # the step it was on when Ctrl-C came: nothing lost
+    assert stopped == max(steps_logged(out)) >= 4
+    assert err.splitlines()[-1] == f"interrupted at step {stopped}, checkpoint written; continue with --resume --out {out}"
 
 
 def train_options(parts, tmp_path) -> list[str]:
@@ -205,7 +207,7 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_resume_continues(parts, tmp_
     just before): one line saying how much space it needed, no half-written file, and --resume finishes the run
     with the same adapter as an uninterrupted one."""
     import minigpt.atomic
-    options = train_options(parts, tmp_path)
+    options = [*train_options(parts, tmp_path), "--max-steps", "9"]  # checkpoints at 3, 6, 9
     assert train_main([*options, "--out", str(tmp_path / "whole")]) == 0
     real_save, calls = minigpt.atomic.save_file, []
 

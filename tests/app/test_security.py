@@ -177,3 +177,35 @@ def test_a_crafted_branch_request_gets_a_note_not_a_python_error(app, request_te
     assert done["success"], done
     assert note in json.dumps(done["output"]["data"])
     assert "Traceback" not in app.log.read_text()
+
+
+def upload(app, files: list[bytes], client: str) -> tuple[int, str]:
+    """POST files to Gradio's upload route as one client (X-Forwarded-For, as behind a Space's proxy)."""
+    body = b"".join(b"--B\r\nContent-Disposition: form-data; name=\"files\"; filename=\"c%d.json\"\r\n"
+                    b"Content-Type: application/json\r\n\r\n" % i + data + b"\r\n" for i, data in enumerate(files))
+    request = urllib.request.Request(app.url + "gradio_api/upload", body + b"--B--\r\n",
+                                     {"Content-Type": "multipart/form-data; boundary=B", "X-Forwarded-For": client})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+        return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.slow
+def test_uploads_are_bounded_per_request_and_per_client(app):
+    file = b"{" + b" " * (19 * 2**20 // 10) + b"}"  # 1.9 MiB: under Gradio's 2 MB per file
+    status, text = upload(app, [file] * 3, "203.0.113.7")
+    assert (status, text) == (413, "An upload is at most 2 MiB per request.")  # three at once: refused unread
+    accepted = [upload(app, [file], "203.0.113.7") for _ in range(8)]
+    assert [status for status, _ in accepted] == [200] * 8 and all(".json" in text for _, text in accepted)
+    status, text = upload(app, [file], "203.0.113.7")  # 16 MiB is this client's share of the upload space
+    assert status == 429 and text.startswith("Too many uploads from you: at most 16 MiB per 2 hours.")
+    assert upload(app, [b"{}"], "203.0.113.8")[0] == 200  # another client is not held up
+
+
+@pytest.mark.slow
+def test_an_event_that_changes_nothing_changes_nothing(app):
+    """A load with no file: the handler changes no output (an empty dict, which Gradio alone took for one value)."""
+    done = join_event(app, "load_file", "upload", [None, None], None)
+    assert done["success"], done

@@ -1,4 +1,5 @@
 """Test helpers shared by the tests and bench/: tiny Hub-layout checkpoints, a running app."""
+import signal
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root
@@ -19,3 +20,15 @@ def updates(stream) -> list:
     async def drain():
         return [item async for item in stream]
     return run_async(drain())
+
+
+def without_timings(log: list[dict]) -> list[dict]:
+    """A training log's records without the fields that measure time (they differ between equal runs)."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s", "eval_s")} for r in log]
+
+
+def interruptible() -> None:
+    """preexec_fn of a child process a test sends SIGINT (Ctrl-C). A test run started in the background
+    (`&`, nohup, some CI runners) ignores SIGINT, children inherit that, and Python then installs no
+    KeyboardInterrupt handler: the child would never see the Ctrl-C, and the test would wait out its timeout."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -1,5 +1,6 @@
 """Alpaca data: template, malformed records, label masking, truncation accounting, split and batches."""
 import json
+import os
 
 import pytest
 import torch
@@ -54,8 +55,24 @@ def test_unreachable_hub_dataset_is_a_one_line_error():
     with pytest.raises(ValueError) as info:
         resolve_data("yahma/alpaca-cleaned/alpaca_data_cleaned.json")
     assert "\n" not in str(info.value) and "pass a local file with --data" in str(info.value)
-    with pytest.raises(ValueError, match="no such file, and not a Hub dataset"):
+    with pytest.raises(ValueError, match="no such file"):
         resolve_data("missing.json")
+
+
+def test_local_data_paths_that_are_not_files_say_what_they_are(tmp_path, monkeypatch):
+    """Not huggingface_hub's "Repo id must use alphanumeric chars": a path is a path, whatever is (not) there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "gone.json")
+    os.mkfifo(tmp_path / "pipe.json")
+    for spec, words in [("./mydata.json", "no such file"), (str(tmp_path / "absent.json"), "no such file"),
+                        ("../elsewhere/data.jsonl", "no such file"), ("folder.json", "a folder: name the .json"),
+                        (str(tmp_path / "dangling.json"), f"a link to {tmp_path / 'gone.json'}, which does not exist"),
+                        ("pipe.json", "not a regular file (a pipe, a device or a socket)")]:
+        with pytest.raises(ValueError) as refused:
+            resolve_data(spec)
+        assert str(refused.value).startswith(f"--data {spec}: {words}"), str(refused.value)
+        assert "Repo id" not in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_labels_cover_the_response_and_eot_only(tiny_model):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lora.train import main
 from minigpt.adapters import WEIGHTS_FILE
-from tests.helpers import REPO
+from tests.helpers import REPO, without_timings
 from tests.helpers.checkpoints import make_checkpoint
 from tests.lora.test_train import RECORDS
 
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow  # torchrun-style subprocesses
 
 # 6 records: 5 for training, 1 held out. A global batch of 4 leaves a last batch of 1 in each epoch,
 # so rank 1 gets no example there, and no held-out batch at all: both must still join every step.
-OPTIONS = ["--max-steps", "6", "--lr", "1e-2", "--grad-accum", "2", "--dropout", "0", "--val-fraction", "0.2",
+# LoRA dropout is on (the default 0.05): masks are keyed by the example's place in the step, not the rank.
+OPTIONS = ["--max-steps", "6", "--lr", "1e-2", "--grad-accum", "2", "--val-fraction", "0.2",
            "--eval-every", "2", "--save-every", "3", "--targets", "c_attn,c_fc", "--device", "cpu", "--max-len", "128"]
 
 
@@ -47,11 +48,6 @@ def log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def scores(entries):
-    """The log without its timings."""
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in entries]
-
-
 @pytest.fixture(scope="module")
 def two_processes(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-run") / "run"
@@ -62,14 +58,15 @@ def two_processes(setup, tmp_path_factory):
 
 
 def test_two_processes_train_the_adapter_one_process_trains(setup, two_processes, tmp_path):
+    # 2 processes x batch 2 x accumulation 2 against 1 process x batch 8 x no accumulation
     one = tmp_path / "one"
-    assert main(args(setup, one, "--batch-size", "4")) == 0
+    assert main(args(setup, one, "--batch-size", "8", "--grad-accum", "1")) == 0
     a, b = load_file(one / WEIGHTS_FILE), load_file(two_processes / WEIGHTS_FILE)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=key)  # float rounding
     assert not torch.equal(a[next(k for k in a if "lora_B" in k)], torch.zeros(1))  # it did train
-    single, double = scores(log(one)), scores(log(two_processes))
+    single, double = without_timings(log(one)), without_timings(log(two_processes))
     assert [r["step"] for r in double] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
     for r1, r2 in zip(single, double, strict=True):
         assert r1.keys() == r2.keys()
@@ -85,7 +82,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_losses(setup, two_processe
     assert crashed.returncode != 0
     assert [r["step"] for r in log(out)] == [1, 2, 2, 3, 4]
     torchrun(["lora.train", *args(setup, out, "--batch-size", "2", "--resume")])
-    assert scores(log(out)) == scores(log(two_processes))
+    assert without_timings(log(out)) == without_timings(log(two_processes))
     a, b = load_file(out / WEIGHTS_FILE), load_file(two_processes / WEIGHTS_FILE)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

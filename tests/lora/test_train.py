@@ -11,8 +11,8 @@ from lora import load_tuned_model
 from lora.train import main
 from minigpt import load_pretrained
 from minigpt.adapters import WEIGHTS_FILE
-from minigpt.training import warmup_cosine
-from tests.helpers.checkpoints import make_checkpoint
+from minigpt.schedule import Segment
+from tests.helpers import without_timings
 
 RECORDS = [
     {"instruction": "Say yes.", "input": "", "output": "Yes."},
@@ -22,16 +22,6 @@ RECORDS = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
 ]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A tiny model with larger-than-GPT-2 initial weights (so a frozen random lm_head can still express
-    confident predictions), and the instruction set as a .json file."""
-    folder = tmp_path_factory.mktemp("train")
-    make_checkpoint(folder / "model", initializer_range=0.2)
-    (folder / "data.json").write_text(json.dumps(RECORDS))
-    return folder
 
 
 def cli(workdir, out, *extra):
@@ -98,10 +88,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(workdir, tmp_path, monkeyp
     monkeypatch.setattr(minigpt.training, "evaluate", real_evaluate)
     assert main(cli(workdir, tmp_path / "split", *options, "--resume")) == 0
 
-    def comparable(log):
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in log]
-
-    whole, resumed = comparable(losses(tmp_path / "whole")), comparable(losses(tmp_path / "split"))
+    whole, resumed = without_timings(losses(tmp_path / "whole")), without_timings(losses(tmp_path / "split"))
     assert [r["step"] for r in resumed] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
     assert resumed == whole  # bit-identical losses, learning rates and held-out losses
     a, b = load_file(tmp_path / "whole" / WEIGHTS_FILE), load_file(tmp_path / "split" / WEIGHTS_FILE)
@@ -137,7 +124,7 @@ def test_malformed_records_are_skipped_not_fatal(workdir, tmp_path, capsys):
 
 
 def test_warmup_then_cosine():
-    factor = warmup_cosine(warmup=4, total=14)
+    factor = Segment(0, 14, 4).factor
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(9) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert factor(14) == pytest.approx(0.0) and factor(20) == pytest.approx(0.0)
@@ -160,7 +147,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model):
         for name, p in lora_parameters(lora_model).items():
             if "lora_B" in name:  # non-zero B, so A gets a gradient too
                 torch.nn.init.normal_(p, std=0.1)
-        micro = [micro_batch(b) for b in micro_batches]
+        micro = [micro_batch(b, list(range(len(b)))) for b in micro_batches]
         losses_.append(accumulate_gradients(lora_model, micro, Ranks(0, 1, torch.device("cpu")))[0])
         grads.append({n: p.grad for n, p in lora_parameters(lora_model).items()})
     assert losses_[0] == pytest.approx(losses_[1], rel=1e-5)
@@ -170,19 +157,16 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model):
 
 def test_time_budget_fits_the_schedule_and_ends_with_a_usable_adapter(workdir, tmp_path, capsys):
     out = tmp_path / "run"
-    budget = 3.0
-    assert main(cli(workdir, out, "--epochs", "1000", "--time-budget", f"{budget:g}s", "--batch-size", "3",
+    assert main(cli(workdir, out, "--epochs", "1000", "--time-budget", "3s", "--batch-size", "3",
                     "--val-fraction", "0.2", "--eval-every", "1000")) == 0
     err = capsys.readouterr().err
     assert "what fits the 3 s time budget, out of 2000 steps for 1000 epoch(s)" in err  # 5 examples: 2 steps/epoch
+    plan = next(line for line in err.splitlines() if line.startswith("plan: "))
+    assert "in all: training " in plan and "evaluation " in plan and "checkpoints " in plan and "plot " in plan
+    assert "evaluation: 1 of 1 held-out examples each time (default: evaluation within 10% of" in err
     log = losses(out)
-    steps = [r for r in log if "loss" in r]
-    stopped_by_budget = any("stopped" in r for r in log)
-    # the last step began before the budget ran out, and the run stopped right after it
-    assert len(steps) == 1 or steps[-2]["elapsed_s"] < budget
-    assert not stopped_by_budget or steps[-1]["elapsed_s"] >= budget
-    last = steps[-1]["step"]
-    assert log[-1]["step"] == last and "val_loss" in log[-1]  # a final held-out evaluation
+    last = max(r["step"] for r in log)
+    assert "val_loss" in [r for r in log if r["step"] == last][-1]  # a final held-out evaluation
     from minigpt.train_state import STATE_FILE, load_state
     assert load_state(out / STATE_FILE).step == last
     base, _ = load_pretrained(workdir / "model", device="cpu")

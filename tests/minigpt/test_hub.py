@@ -202,3 +202,12 @@ def test_a_dataset_downloaded_then_reused_offline_then_damaged_is_downloaded_aga
     blob.write_bytes(blob.read_bytes()[:20])
     succeeded(train(env, hub, tmp_path / "c"))
     clean_cache(env)
+
+
+def test_a_dataset_named_owner_name_is_found_in_the_cache_offline(hub, env, tmp_path):
+    """`--data owner/name` asks the Hub which .json file the repo holds; offline, its cached snapshot says."""
+    succeeded(train(env, hub, tmp_path / "a", data=DATASET))
+    hub.requests.clear()
+    succeeded(train({**env, "HF_HUB_OFFLINE": "1"}, hub, tmp_path / "b", data=DATASET))
+    assert hub.requests == []
+    clean_cache(env)
