@@ -1,14 +1,16 @@
 """Decode tok/s of MiniGPT and llama.cpp taking turns, for a machine other jobs keep busy.
 
     python -m bench.interleaved --llama-cpp DIR --rounds 5 --threads 1
+    python -m bench.interleaved --llama-cpp DIR --precisions int4,int8 --no-avx2
 
 python -m bench.decode and python -m bench.llama_cpp each run for minutes; when other work on the machine comes
 and goes, their figures are measured under different loads. Here each round decodes --new-tokens
-greedy tokens with MiniGPT int8 (the C step, variant as chosen or MINIGPT_ISA), MiniGPT int8 with
-MINIGPT_ISA=avx2 (x86 with AVX2 only), and llama.cpp q8_0 (llama-bench -p 0: decode only), and the
-same for float32 (the C step too) vs llama.cpp f32, one after the other, so every engine sees the same conditions;
-medians over the rounds. Same random GPT-2 124M checkpoint for all (bench/llama_cpp.py writes and
-converts it). DIR as in python -m bench.llama_cpp. Prints a table and writes bench/results/interleaved-<date>.json.
+greedy tokens, for each of --precisions, with MiniGPT (the C step, variant as chosen or MINIGPT_ISA),
+MiniGPT with MINIGPT_ISA=avx2 (x86 with AVX2 only; not with --no-avx2), and llama.cpp's GGUF type of the
+same size (llama-bench -p 0: decode only): int4 vs q4_0 (made by llama-quantize), int8 vs q8_0, float32
+vs f32, one after the other, so every engine sees the same conditions; medians over the rounds. Same
+random GPT-2 124M checkpoint for all (bench/llama_cpp.py writes and converts it). DIR as in python -m
+bench.llama_cpp. Prints a table and writes bench/results/interleaved-<date>.json.
 """
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from bench.decode import machine_info
-from bench.llama_cpp import convert, write_checkpoint
+from bench.llama_cpp import write_checkpoint
+from bench.quality import gguf
 from tests.helpers import REPO as ROOT
 
+GGUF_TYPE = {"int4": "q4_0", "int8": "q8_0", "float32": "f32"}  # llama.cpp's type of (about) the same size
 MINIGPT = r"""
 import sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
@@ -50,10 +55,11 @@ def minigpt(folder: Path, precision: str, threads: int, tokens: int, isa: str | 
     return float(out[0]), out[1]
 
 
-def llama(llama_cpp: Path, model: Path, threads: int, tokens: int) -> float:
+def llama(llama_cpp: Path, model: Path, threads: int, tokens: int) -> tuple[float, str]:
+    """(decode tok/s, '') as minigpt() returns them."""
     cmd = [str(llama_cpp / "build" / "bin" / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0",
            "-n", str(tokens), "-r", "1", "-o", "json"]
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)[0]["avg_ts"]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)[0]["avg_ts"], ""
 
 
 def main() -> None:
@@ -62,6 +68,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--precisions", default="int4,int8,float32", help=f"MiniGPT's, of {','.join(GGUF_TYPE)}")
+    p.add_argument("--no-avx2", action="store_true", help="leave out MiniGPT's avx2 variant")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     llama_cpp = args.llama_cpp.expanduser().resolve()
@@ -73,16 +81,15 @@ def main() -> None:
     loads = [os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_checkpoint(Path(tmp) / "gpt2-random")
-        ggufs = {t: convert(llama_cpp, folder, t, Path(tmp) / f"{t}.gguf") for t in ("q8_0", "f32")}
-        engines = {
-            "minigpt int8": lambda: minigpt(folder, "int8", args.threads, args.new_tokens),
-            "minigpt int8 (MINIGPT_ISA=avx2)": lambda: minigpt(folder, "int8", args.threads, args.new_tokens, "avx2"),
-            "llama.cpp q8_0": lambda: (llama(llama_cpp, ggufs["q8_0"], args.threads, args.new_tokens), ""),
-            "minigpt float32": lambda: minigpt(folder, "float32", args.threads, args.new_tokens),
-            "minigpt float32 (MINIGPT_ISA=avx2)": lambda: minigpt(folder, "float32", args.threads, args.new_tokens,
-                                                                  "avx2"),
-            "llama.cpp f32": lambda: (llama(llama_cpp, ggufs["f32"], args.threads, args.new_tokens), ""),
-        }
+        engines = {}
+        for precision in args.precisions.split(","):
+            model = gguf(llama_cpp, folder, GGUF_TYPE[precision], Path(tmp))
+            engines[f"minigpt {precision}"] = partial(minigpt, folder, precision, args.threads, args.new_tokens)
+            if not args.no_avx2:
+                engines[f"minigpt {precision} (MINIGPT_ISA=avx2)"] = partial(minigpt, folder, precision, args.threads,
+                                                                             args.new_tokens, "avx2")
+            engines[f"llama.cpp {GGUF_TYPE[precision]}"] = partial(llama, llama_cpp, model, args.threads,
+                                                                  args.new_tokens)
         for r in range(args.rounds):
             for name, run in engines.items():
                 tok_s, label = run()

@@ -37,10 +37,10 @@ from tests.helpers.checkpoints import (
 GPT2_124M = {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}
 
 
-def write_checkpoint(folder: Path) -> Path:
-    """bench/decode.py's random 124M checkpoint, plus the two config keys convert_hf_to_gguf.py reads:
-    `architectures` (GPT2Config.to_dict() leaves it null) and `n_ctx` (transformers 5 drops it)."""
-    folder, _ = make_checkpoint(folder, key_style="transformers", **GPT2_124M)
+def write_checkpoint(folder: Path, **shape: int) -> Path:
+    """bench/decode.py's random 124M checkpoint (or another shape), plus the two config keys convert_hf_to_gguf.py
+    reads: `architectures` (GPT2Config.to_dict() leaves it null) and `n_ctx` (transformers 5 drops it)."""
+    folder, _ = make_checkpoint(folder, key_style="transformers", **(GPT2_124M | shape))
     config = json.loads((folder / "config.json").read_text())
     config |= {"architectures": ["GPT2LMHeadModel"], "n_ctx": config["n_positions"]}
     (folder / "config.json").write_text(json.dumps(config, indent=2))

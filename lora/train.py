@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default="c_attn", help="comma-separated module names (c_attn, c_proj, c_fc)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example, prompt + response")
     add_training_arguments(p, batch_size=8, lr=None, eval_every=100)
+    next(a for a in p._actions if a.dest == "lr").help += f" (default: {LR[False]} for LoRA, {LR[True]} with --full)"
     args = p.parse_args(argv)
     check_positive(p, args, ["samples", "rank", *LOOP_POSITIVE])
     if args.lr is None:

@@ -34,7 +34,8 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
     """--precision (alias --dtype), and --compile, which is accepted and ignored: the fastest decode
     step is now chosen at load time (docs/speed.md says why the compiled step was removed)."""
     p.add_argument("--precision", "--dtype", dest="precision", default="float32", choices=PRECISIONS,
-                   help="float32 is exact; int8 (int8 weights) is the fastest on CPU (default: %(default)s)")
+                   help="float32 is exact; int8 (int8 weights) is fast on CPU; int4 (4-bit weights, int8 lm_head) is "
+                        "the smallest, at a measured quality cost (docs/speed.md) (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
 
 

@@ -110,7 +110,7 @@ def read_request(args: argparse.Namespace) -> ReplyRequest:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if args.speculative and args.precision == "int8":  # refused before loading: no load-time warning first
+        if args.speculative and args.precision in ("int8", "int4"):  # refused before loading: no load-time warning first
             raise ValueError(ALREADY_INT8)
         if args.lora_scale != 1 and not args.adapter:
             raise ValueError("--lora-scale scales an adapter: pass --adapter too")

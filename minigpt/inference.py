@@ -18,12 +18,15 @@ from .speed.decoder import Decoder, as_decoder
 from .speed.hugepages import move_to_huge_pages
 from .speed.native import NativeUnavailable, native_available, native_step
 from .speed.onednn import KERNEL_ENV, onednn_is_faster, use_onednn
+from .speed.int4 import quantize_int4
 from .speed.quantize import Int8Linear, int8_drafts, quantize_int8
 from .lora_scale import AdapterScale
 from .weights import load_pretrained
 
-# Precision name -> the dtype the model is loaded in; int8 loads float32, then quantizes the Linears.
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
+# Precision name -> the dtype the model is loaded in; int8 and int4 load float32, then quantize the Linears.
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32,
+              "int4": torch.float32}
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}  # in place, on models that share weights together
 
 
 OnAdapterError = Callable[[AdapterError], None]
@@ -46,7 +49,7 @@ def load_with_scale(name_or_path: str | Path, adapter: str | Path | None = None,
     the error and the base is served alone (for an adapter that is only a convenience, such as a default).
 
     The tuned model shares every tensor with the base except the merged LoRA targets. Order matters:
-    the merge needs float weights, so int8 quantizes both models afterwards (their shared weights
+    the merge needs float weights, so int8 and int4 quantize both models afterwards (their shared weights
     once), and each decode step is built on its final model.
     """
     if precision not in PRECISIONS:
@@ -64,7 +67,7 @@ def load_with_scale(name_or_path: str | Path, adapter: str | Path | None = None,
         loaded = with_precision([base], precision)[0], None, tokenizer
     else:
         loaded = *with_adapter(base, deltas, precision), tokenizer
-    if precision == "int8":
+    if precision in QUANTIZERS:
         return_freed_memory()
     return loaded
 
@@ -72,7 +75,7 @@ def load_with_scale(name_or_path: str | Path, adapter: str | Path | None = None,
 def with_adapter(base: GPT, deltas: dict[str, torch.Tensor], precision: str) -> tuple[Decoder, AdapterScale]:
     """Merge the adapter's float32 updates into a weight-sharing copy of a float base, apply the precision
     to both, and keep what other scales need: (base decoder, the adapter at any scale)."""
-    float_targets = {name: base.get_submodule(name) for name in deltas}  # int8 replaces them: kept here
+    float_targets = {name: base.get_submodule(name) for name in deltas}  # quantizing replaces them: kept here
     tuned = merge_deltas(base, deltas)
     base_decoder, tuned_decoder = with_precision([base, tuned], precision)
     finish = partial(_finish, precision=precision)
@@ -84,8 +87,8 @@ def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
     move their weights to huge pages, and build their decoders. A float32 model that will not decode in C
     multiplies through oneDNN where that measured faster (the C step reads (out, in) weights, the order
     oneDNN changes)."""
-    if precision == "int8":
-        quantize_int8(*models)
+    if precision in QUANTIZERS:
+        QUANTIZERS[precision](*models)
     elif precision == "float32" and not (float32_in_c(models[0]) and native_available()) \
             and onednn_is_faster(models[0]):
         for model in models:
@@ -95,7 +98,7 @@ def with_precision(models: list[GPT], precision: str) -> list[Decoder]:
 
 
 def return_freed_memory() -> None:
-    """Give the memory of the float32 weights that int8 replaced back to the system. glibc keeps freed
+    """Give the memory of the float32 weights that int8 or int4 replaced back to the system. glibc keeps freed
     heap blocks for reuse, so without this an int8 process held about as much as a float32 one
     (gpt2-medium shape: 1.97 GB resident after loading, 0.78 GB after malloc_trim; its int8 weights are
     0.39 GB). Without glibc, nothing is done."""
@@ -108,16 +111,16 @@ def return_freed_memory() -> None:
 
 def _finish(model: GPT, precision: str) -> Decoder:
     """The decoder of a copy merged at another scale. Its Linears are copies of the base's, so in float32
-    they already multiply through the kernel loading chose for the base; int8 quantizes the merged ones."""
-    if precision == "int8":
-        quantize_int8(model)
+    they already multiply through the kernel loading chose for the base; int8 and int4 quantize the merged ones."""
+    if precision in QUANTIZERS:
+        QUANTIZERS[precision](model)
     return decoders_for(model)[0]
 
 
 def decoders_for(*models: GPT) -> list[Decoder]:
-    """A Decoder per model: int8 and float32 CPU models decode single tokens in C where the step builds
+    """A Decoder per model: int8, int4 and float32 CPU models decode single tokens in C where the step builds
     for this machine (float32 unless $MINIGPT_FLOAT32_KERNEL asks for a PyTorch kernel); otherwise (and
-    for every other model) PyTorch does, after one warning line."""
+    for every other model) PyTorch does, after one warning line. (An int4 model's lm_head is int8.)"""
     in_c = [m for m in models if (m.device.type == "cpu" and isinstance(m.lm_head, Int8Linear)) or float32_in_c(m)]
     try:
         steps = {id(m): native_step(m) for m in in_c}

@@ -1,10 +1,13 @@
 """Command line: the perplexity of a text file under GPT-2, or under GPT-2 with a LoRA adapter at a scale.
 
     python -m minigpt.perplexity --model gpt2 --file notes.txt [--adapter A] [--lora-scale 0.5] \
-        [--stride 512] [--max-length 1024] [--precision int8] [--json]
+        [--stride 512] [--max-length 1024] [--precision int8] [--kl-base float32] [--json]
 
 Sliding windows as in transformers' perplexity guide: windows of --max-length tokens moved by
---stride, every token but the first scored once (docs/compare.md).
+--stride, every token but the first scored once (docs/compare.md). --kl-base P also loads the same
+model in precision P and reports, over the same positions, the KL divergence of this precision's
+next-token distributions from P's (mean, 99th percentile, maximum; nats) and how often both pick the
+same top-1 token: what a quantization costs (docs/speed.md).
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ import sys
 
 from .cli import add_precision_arguments, exit_cli, warn_if_compile
 from .errors import CheckpointError
-from .inference import load_with_scale
-from .scoring import DEFAULT_STRIDE, score_text
+from .inference import PRECISIONS, load_with_scale
+from .scoring import DEFAULT_STRIDE, divergence_ids, score_ids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=None, help="tokens a window moves by (default: 512, or max-length if less)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     add_precision_arguments(p)
+    p.add_argument("--kl-base", choices=PRECISIONS, default=None,
+                   help="also measure the KL divergence and top-1 agreement against this precision (e.g. float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     return p.parse_args(argv)
 
@@ -44,23 +49,39 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"cannot read {args.file} as UTF-8 text: {e}") from None
         if args.lora_scale != 1 and not args.adapter:
             raise ValueError("--lora-scale scales an adapter: pass --adapter too")
-        base, lora, tokenizer = load_with_scale(args.model, args.adapter, args.device, args.precision)
-        model = lora.decoder(args.lora_scale) if lora is not None else base
+        model, tokenizer = load(args, args.precision)
         max_length = args.max_length or model.config.n_positions
         stride = args.stride if args.stride is not None else min(DEFAULT_STRIDE, max_length)
-        result = score_text(model, tokenizer, text, max_length, stride)
+        ids = tokenizer.encode_ordinary(text)
+        result = score_ids(model, ids, max_length, stride)
+        divergence = None
+        if args.kl_base:
+            divergence = divergence_ids(model, load(args, args.kl_base)[0], ids, max_length, stride)
     except (CheckpointError, ValueError) as e:  # ScoringError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = {"perplexity": result.perplexity, "nll": result.mean_nll, "tokens": result.tokens,
                "max_length": result.max_length, "stride": result.stride, "lora_scale": args.lora_scale
-               if args.adapter else None}
+               if args.adapter else None, "precision": args.precision}
+    if divergence is not None:
+        summary |= {"kl_base": args.kl_base, "kl_mean": divergence.mean_kl, "kl_p99": divergence.kl_quantile(0.99),
+                    "kl_max": max(divergence.kl), "top1_agreement": divergence.top1_agreement}
     if args.json:
         print(json.dumps(summary))
-    else:
-        print(f"perplexity {result.perplexity:.4f} · mean NLL {result.mean_nll:.4f} nats · "
-              f"{result.tokens} tokens scored (windows of {result.max_length}, stride {result.stride})")
+        return 0
+    print(f"perplexity {result.perplexity:.4f} · mean NLL {result.mean_nll:.4f} nats · "
+          f"{result.tokens} tokens scored (windows of {result.max_length}, stride {result.stride})")
+    if divergence is not None:
+        print(f"{args.precision} vs {args.kl_base}: KL divergence mean {divergence.mean_kl:.6f} nats · 99% "
+              f"{summary['kl_p99']:.6f} · max {summary['kl_max']:.6f} · same top-1 token "
+              f"{100 * divergence.top1_agreement:.2f}%")
     return 0
+
+
+def load(args: argparse.Namespace, precision: str):
+    """The model to score in this precision (at --lora-scale with an adapter), and the tokenizer."""
+    base, lora, tokenizer = load_with_scale(args.model, args.adapter, args.device, precision)
+    return (lora.decoder(args.lora_scale) if lora is not None else base), tokenizer
 
 
 def cli() -> None:

@@ -2,6 +2,8 @@
 
     score_ids(model, ids)              sliding-window perplexity (transformers' perplexity guide)
     score_text(model, tokenizer, text) the same for a text, tokenized with encode_ordinary
+    divergence_ids(model, base, ids)   per token, the KL divergence of model's next-token distribution
+                                       from base's and whether their top-1 agree (a quantized model vs float32)
     compare_ids(base, tuned, ids, start)  both models' log-probs of ids[start:], the KL between their
                                        full next-token distributions, their top-5, where their top-1 differs
 
@@ -73,9 +75,9 @@ def log_probs(model: GPT | Decoder, ids: list[int]) -> torch.Tensor:
     return model(idx)[0].float().log_softmax(dim=-1)
 
 
-def score_ids(model: GPT | Decoder, ids: list[int], max_length: int | None = None, stride: int | None = None
-              ) -> Perplexity:
-    """Per-token negative log-likelihood and perplexity of ids under model, window by window."""
+def scored_windows(model: GPT | Decoder, ids: list[int], max_length: int | None = None, stride: int | None = None
+                   ) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """(max_length, stride, windows) for scoring ids under model, the defaults filled in and checked."""
     max_length = model.config.n_positions if max_length is None else max_length
     if max_length > model.config.n_positions:
         raise ScoringError(f"max-length {max_length} is longer than the model's context ({model.config.n_positions})")
@@ -83,13 +85,53 @@ def score_ids(model: GPT | Decoder, ids: list[int], max_length: int | None = Non
     if len(ids) < 2:
         raise ScoringError(f"the text is {len(ids)} token{'s' if len(ids) != 1 else ''} long: "
                            "scoring needs at least 2 (the first is not scored)")
+    return max_length, stride, windows(len(ids), max_length, stride)
+
+
+def score_ids(model: GPT | Decoder, ids: list[int], max_length: int | None = None, stride: int | None = None
+              ) -> Perplexity:
+    """Per-token negative log-likelihood and perplexity of ids under model, window by window."""
+    max_length, stride, spans = scored_windows(model, ids, max_length, stride)
     nll: list[float | None] = [None] * len(ids)
-    for begin, end, first in windows(len(ids), max_length, stride):
+    for begin, end, first in spans:
         logp = log_probs(model, ids[begin:end])
         targets = torch.tensor(ids[first:end], device=logp.device)
         chosen = logp[first - begin - 1:end - begin - 1].gather(1, targets[:, None])[:, 0]
         nll[first:end] = (-chosen).tolist()
     return Perplexity(list(ids), nll, max_length, stride)
+
+
+@dataclass
+class Divergence:
+    """How far a model's next-token distributions are from a base's, at every scored token."""
+    kl: list[float]  # KL(base || model) in nats, per scored token (llama-perplexity --kl-divergence's)
+    same_top: list[bool]  # the two most likely next tokens are the same
+
+    @property
+    def mean_kl(self) -> float:
+        return math.fsum(self.kl) / len(self.kl)
+
+    def kl_quantile(self, q: float) -> float:
+        return torch.tensor(self.kl, dtype=torch.float64).quantile(q).item()
+
+    @property
+    def top1_agreement(self) -> float:
+        """The share of positions where both models' top-1 token is the same, 0 to 1."""
+        return sum(self.same_top) / len(self.same_top)
+
+
+def divergence_ids(model: GPT | Decoder, base: GPT | Decoder, ids: list[int], max_length: int | None = None,
+                   stride: int | None = None) -> Divergence:
+    """KL(base || model) of the next-token distributions, and top-1 agreement, at the positions score_ids
+    scores (the same windows): e.g. a quantized model against float32."""
+    _, _, spans = scored_windows(model, ids, max_length, stride)
+    kl: list[float] = []
+    same_top: list[bool] = []
+    for begin, end, first in spans:
+        logp, logp_base = (log_probs(m, ids[begin:end])[first - begin - 1:end - begin - 1] for m in (model, base))
+        kl += (logp_base.exp() * (logp_base - logp)).sum(dim=-1).tolist()
+        same_top += (logp.argmax(dim=-1) == logp_base.argmax(dim=-1)).tolist()
+    return Divergence(kl, same_top)
 
 
 def score_text(model: GPT | Decoder, tokenizer: tiktoken.Encoding, text: str, max_length: int | None = None,

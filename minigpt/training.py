@@ -209,7 +209,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, batch_size: int, lr: f
                    help="held-out evaluation every N steps (and at the end)")
     p.add_argument("--eval-examples", type=int, default=None,
                    help="held-out examples per evaluation (default: as many as keep evaluation within "
-                        f"{EVAL_SHARE:.0%} of the training time; printed)")
+                        f"{EVAL_SHARE:.0%}% of the training time; printed)")
     p.add_argument("--patience", type=int, default=None,
                    help="stop after this many evaluations without a better held-out loss")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")

@@ -38,12 +38,11 @@ class Engine:
 
     @property
     def device(self) -> str:
-        """'cpu float32', 'cpu int8 (C decode step)', 'cpu float32 + int8 draft': for the stats line."""
+        """'cpu float32', 'cpu int4 (C decode step)', 'cpu float32 + int8 draft': for the stats line."""
         base = self.models[Mode.BASE]
-        weight = base.model.lm_head.weight
         kernel = f" ({base.kernel})" if base.step is not None else ""
         draft = " + int8 draft" if self.drafts else ""
-        return f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}{kernel}{draft}"
+        return f"{base.device.type} {base.precision}{kernel}{draft}"
 
     @property
     def n_positions(self) -> int:

@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> ar
     for name in ("concurrency", "sessions_kept", "queue_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.speculative and args.precision == "int8":
+    if args.speculative and args.precision in ("int8", "int4"):
         p.error("--speculative checks an int8 draft with the float model: use it with a float --precision")
     return args
 

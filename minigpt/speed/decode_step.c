@@ -1,4 +1,4 @@
-/* GPT-2 decode steps with int8 or float32 weights: one token for each of n sequences ("rows"), in a single
+/* GPT-2 decode steps with int8, int4 or float32 weights: one token for each of n sequences ("rows"), in a single
 call (see native.py, which builds and calls it).
 
 Decoding one token reads every weight once, so its speed is set by how fast the weights stream from
@@ -16,9 +16,11 @@ once. Each row is computed exactly as alone (the same dot products in the same o
 rounding): its logits and cache writes are bit for bit those of a step of that row alone. gpt2_step is
 the one-row case.
 
-int8 Linears hold quantize.py's weights: w[o][i] = q[o][i] * scale[o]. Each one's input vector is
-rounded to int16 (one scale per vector; PyTorch's int8 kernel rounds it to bfloat16, 8 bits of
-mantissa, so this path is closer to float32 than PyTorch's) and multiplied with integer instructions.
+int8 Linears hold quantize.py's weights: w[o][i] = q[o][i] * scale[o]. int4 Linears hold int4.py's:
+groups of GROUP columns, w[o][i] = (u[o][i] - 8) * scale[o][i / GROUP], u a 4-bit code (two per byte)
+and the scales float16. Each int8 or int4 Linear's input vector is rounded to int16 (one scale per
+vector; PyTorch's int8 kernel rounds it to bfloat16, 8 bits of mantissa, so this path is closer to
+float32 than PyTorch's) and multiplied with integer instructions.
 float32 Linears (scale NULL) multiply the float32 input with FMAs: the same arithmetic as PyTorch's,
 in another order, so logits agree to float32 rounding.
 Layout (row-major): Linear weights (out, in); each row's KV cache (n_layer, n_head, max_len, head_dim),
@@ -27,7 +29,7 @@ the KVCache of one sequence.
 One source, several instruction sets: native.py defines exactly one of MINIGPT_AVX512, MINIGPT_AVX2
 (x86) or MINIGPT_NEON (aarch64) with the matching compiler flags, or none for the portable C loop
 (any CPU; the compiler vectorizes it as far as its baseline allows). Only the dot products (dot_rows,
-float_dot_rows) differ between them. MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link
+dot_rows4, float_dot_rows) differ between them. MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link
 (x86-64 glibc).
 */
 #include <math.h>
@@ -64,11 +66,15 @@ float_dot_rows) differ between them. MINIGPT_LIBMVEC: glibc's vectorized tanhf i
 float tanhf(float);
 #endif
 
+enum { KIND_FLOAT32, KIND_INT8, KIND_INT4 }; /* a Linear's weights */
+enum { GROUP = 32 };                          /* int4: columns per scale */
+
 typedef struct {
-    const void *weight; /* (rows, cols): int8 when scale is set, else float32 */
-    const float *scale; /* (rows,): w[o][i] = q[o][i] * scale[o]; NULL for float32 weights */
+    const void *weight; /* float32, int8: (rows, cols); int4: (rows, cols / 2) bytes, packed as int4.py says */
+    const void *scale;  /* int8: float32 (rows,); int4: float16 (rows, cols / GROUP); float32: NULL */
     const float *bias;  /* (rows,), or NULL */
     int64_t rows, cols; /* cols: a multiple of 64 */
+    int64_t kind;       /* KIND_* */
 } Linear;
 
 typedef struct {
@@ -83,7 +89,7 @@ typedef struct {
     float eps;
     const float *wpe; /* (n_positions, n_embd) */
     const float *ln_f_weight, *ln_f_bias;
-    Linear lm_head; /* tied: the token embeddings are its rows */
+    Linear lm_head; /* tied: the token embeddings are its rows (int8 or float32; int4 models keep an int8 one) */
     const Block *blocks;
 } Model;
 
@@ -120,6 +126,8 @@ typedef __m512 fvec;
 #    define FWIDTH 16
 #    define FLOAD(p) _mm512_loadu_ps(p)
 #    define FMADD(a, b, c) _mm512_fmadd_ps(a, b, c)
+#    define FSET1(s) _mm512_set1_ps(s)
+#    define TO_FLOAT(acc) _mm512_cvtepi32_ps(acc)
 static inline void widen64(ivec w[WIDE], const int8_t *p) {
     w[0] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
     w[1] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + 32)));
@@ -133,6 +141,23 @@ static inline ivec madd64(ivec acc, const ivec w[WIDE], const int16_t *x) {
     return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(w[0], x0), _mm512_madd_epi16(w[1], x1)));
 #    endif
 }
+
+/* int4: the 32 bytes of 64 columns (int4.py's packing: byte j holds column j in its low half, column j + 32
+   in its high half) as the int16 weights of their two groups, w[0] columns 0-31 and w[1] columns 32-63. */
+static inline void unpack64(ivec w[WIDE], const uint8_t *p) {
+    const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)), eight = _mm512_set1_epi16(8);
+    w[0] = _mm512_sub_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(15)), eight);
+    w[1] = _mm512_sub_epi16(_mm512_srli_epi16(bytes, 4), eight);
+}
+
+/* The int32 products of one group's 32 int16 weights (WIDE / 2 vectors) with 32 activations, summed per lane. */
+static inline ivec madd32(const ivec *w, const int16_t *x) {
+#    ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(IZERO(), w[0], _mm512_loadu_si512(x));
+#    else
+    return _mm512_madd_epi16(w[0], _mm512_loadu_si512(x));
+#    endif
+}
 #  else
 typedef __m256i ivec;
 typedef __m256 fvec;
@@ -144,6 +169,8 @@ typedef __m256 fvec;
 #    define FWIDTH 8
 #    define FLOAD(p) _mm256_loadu_ps(p)
 #    define FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
+#    define FSET1(s) _mm256_set1_ps(s)
+#    define TO_FLOAT(acc) _mm256_cvtepi32_ps(acc)
 static float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -161,6 +188,21 @@ static inline ivec madd64(ivec acc, const ivec w[WIDE], const int16_t *x) {
         acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(w[j], x0), _mm256_madd_epi16(w[j + 1], x1)));
     }
     return acc;
+}
+
+/* int4, as the avx512 unpack64: w[0], w[1] columns 0-31, w[2], w[3] columns 32-63. */
+static inline void unpack64(ivec w[WIDE], const uint8_t *p) {
+    const __m256i low = _mm256_set1_epi16(15), eight = _mm256_set1_epi16(8);
+    for (int j = 0; j < 2; ++j) {
+        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * j)));
+        w[j] = _mm256_sub_epi16(_mm256_and_si256(bytes, low), eight);
+        w[2 + j] = _mm256_sub_epi16(_mm256_srli_epi16(bytes, 4), eight);
+    }
+}
+
+static inline ivec madd32(const ivec *w, const int16_t *x) {
+    return _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256((const __m256i *)x)),
+                            _mm256_madd_epi16(w[1], _mm256_loadu_si256((const __m256i *)(x + 16))));
 }
 #  endif
 
@@ -218,6 +260,65 @@ static void dot_rows(const int8_t *q, const int16_t *const *xs, int vecs, int64_
     }
 }
 
+/* dot_rows for int4 weights: out[v][r] = sum over the row's groups of scale[g] * (its int4 codes - 8) . xs[v],
+   int32 within a group of GROUP columns, then one float32 FMA per group with its float16 scale. The same
+   blocking as dot_rows (ROWS rows, up to VECS vectors sharing each unpacking, the prefetch PREFETCH_BLOCKS
+   blocks ahead), and the same independence of each vector's result from the others of its call.
+   Each row's scales are converted to float32 a CHUNK at a time (eight in one vcvtph2ps) into `scale`, where
+   each FMA reads its group's as a broadcast operand: converting each one where it is used took four
+   instructions per group and row. */
+_Static_assert(GROUP == 32, "unpack64 gives two groups of 32 columns");
+_Static_assert(CHUNK / GROUP == 8, "one _mm256_cvtph_ps converts the scales of a CHUNK");
+static inline __attribute__((always_inline)) void dot_rows4_fixed(const uint8_t *q, const uint16_t *scales,
+                                                                  const int16_t *const *xs, const int vecs,
+                                                                  int64_t cols, int rows, float (*out)[FLOAT_ROWS]) {
+    const uint8_t *row[ROWS];
+    const uint16_t *row_scales[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+        const int64_t at = r < rows ? r : rows - 1;
+        row[r] = q + at * cols / 2, row_scales[r] = scales + at * cols / GROUP;
+    }
+    fvec total[VECS][ROWS];
+    for (int v = 0; v < vecs; ++v)
+        for (int r = 0; r < ROWS; ++r) total[v][r] = FZERO();
+    for (int64_t c = 0; c < cols; c += CHUNK) {
+        const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
+        float scale[ROWS][CHUNK / GROUP];
+        for (int r = 0; r < ROWS; ++r) {
+            const uint16_t *s = row_scales[r] + c / GROUP;
+            if (end - c == CHUNK)
+                _mm256_storeu_ps(scale[r], _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s)));
+            else /* a row's last, partial chunk: reading 8 scales could pass the end of the last row's */
+                for (int64_t g = 0; g < (end - c) / GROUP; ++g) scale[r][g] = _cvtsh_ss(s[g]);
+        }
+        for (int64_t k = c; k < end; k += 64) {
+            const int64_t g = (k - c) / GROUP;
+            for (int r = 0; r < ROWS; ++r) {
+                ivec w[WIDE];
+                _mm_prefetch((const char *)row[r] + k / 2 + PREFETCH_BLOCKS * ROWS * cols / 2, _MM_HINT_T1);
+                unpack64(w, row[r] + k / 2);
+                for (int v = 0; v < vecs; ++v) {
+                    total[v][r] = FMADD(TO_FLOAT(madd32(w, xs[v] + k)), FSET1(scale[r][g]), total[v][r]);
+                    total[v][r] = FMADD(TO_FLOAT(madd32(w + WIDE / 2, xs[v] + k + 32)), FSET1(scale[r][g + 1]),
+                                        total[v][r]);
+                }
+            }
+        }
+    }
+    for (int v = 0; v < vecs; ++v)
+        for (int r = 0; r < rows; ++r) out[v][r] = HSUM(total[v][r]);
+}
+
+static void dot_rows4(const uint8_t *q, const uint16_t *scales, const int16_t *const *xs, int vecs, int64_t cols,
+                      int rows, float (*out)[FLOAT_ROWS]) {
+    switch (vecs) {
+    case 1: dot_rows4_fixed(q, scales, xs, 1, cols, rows, out); break;
+    case 2: dot_rows4_fixed(q, scales, xs, 2, cols, rows, out); break;
+    case 3: dot_rows4_fixed(q, scales, xs, 3, cols, rows, out); break;
+    case 4: dot_rows4_fixed(q, scales, xs, 4, cols, rows, out); break;
+    }
+}
+
 /* out[r] = w[r] . x for `rows` (<= FLOAT_ROWS) consecutive float32 rows: one FMA per loaded vector. */
 static void float_dot_rows(const float *w, const float *x, int64_t cols, int rows, float *out) {
     fvec acc[FLOAT_ROWS];
@@ -248,6 +349,25 @@ static int32_t dot_chunk(const int8_t *w, const int16_t *x, int64_t n) {
     return vaddvq_s32(vaddq_s32(acc[0], acc[1]));
 }
 
+/* int4: the two groups' dot products of 64 columns (unpack64's layout) with x. */
+static void groups64(const uint8_t *p, const int16_t *x, int32_t dots[2]) {
+    for (int half = 0; half < 2; ++half) {
+        int32x4_t acc[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
+        for (int j = 0; j < 32; j += 16) {
+            const uint8x16_t bytes = vld1q_u8(p + j);
+            const int8x16_t v = vsubq_s8(vreinterpretq_s8_u8(half ? vshrq_n_u8(bytes, 4)
+                                                                  : vandq_u8(bytes, vdupq_n_u8(15))), vdupq_n_s8(8));
+            const int16x8_t lo = vmovl_s8(vget_low_s8(v)), hi = vmovl_high_s8(v);
+            const int16x8_t x0 = vld1q_s16(x + 32 * half + j), x1 = vld1q_s16(x + 32 * half + j + 8);
+            acc[0] = vmlal_s16(acc[0], vget_low_s16(lo), vget_low_s16(x0));
+            acc[1] = vmlal_high_s16(acc[1], lo, x0);
+            acc[0] = vmlal_s16(acc[0], vget_low_s16(hi), vget_low_s16(x1));
+            acc[1] = vmlal_high_s16(acc[1], hi, x1);
+        }
+        dots[half] = vaddvq_s32(vaddq_s32(acc[0], acc[1]));
+    }
+}
+
 static float float_dot(const float *w, const float *x, int64_t n) {
     float32x4_t acc[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
     for (int64_t k = 0; k < n; k += 16)
@@ -260,6 +380,16 @@ static int32_t dot_chunk(const int8_t *w, const int16_t *x, int64_t n) {
     #pragma omp simd reduction(+ : s)
     for (int64_t k = 0; k < n; ++k) s += (int32_t)w[k] * x[k];
     return s;
+}
+
+static void groups64(const uint8_t *p, const int16_t *x, int32_t dots[2]) {
+    int32_t low = 0, high = 0;
+    #pragma omp simd reduction(+ : low, high)
+    for (int j = 0; j < 32; ++j) {
+        low += ((p[j] & 15) - 8) * x[j];
+        high += ((p[j] >> 4) - 8) * x[j + 32];
+    }
+    dots[0] = low, dots[1] = high;
 }
 
 static float float_dot(const float *w, const float *x, int64_t n) {
@@ -278,6 +408,30 @@ static void dot_rows(const int8_t *q, const int16_t *const *xs, int vecs, int64_
             float total = 0.0f;
             for (int64_t c = 0; c < cols; c += CHUNK)
                 total += (float)dot_chunk(row + c, xs[v] + c, (c + CHUNK < cols ? c + CHUNK : cols) - c);
+            out[v][r] = total;
+        }
+}
+
+/* A float16 number's value (IEEE binary16: zeros, subnormals, normals; scales are never inf or NaN). */
+static float half_to_float(uint16_t h) {
+    const int exponent = (h >> 10) & 31, mantissa = h & 1023;
+    const float magnitude = exponent ? ldexpf((float)(mantissa | 1024), exponent - 25) : ldexpf((float)mantissa, -24);
+    return h & 0x8000 ? -magnitude : magnitude;
+}
+
+static void dot_rows4(const uint8_t *q, const uint16_t *scales, const int16_t *const *xs, int vecs, int64_t cols,
+                      int rows, float (*out)[FLOAT_ROWS]) {
+    for (int v = 0; v < vecs; ++v)
+        for (int r = 0; r < rows; ++r) {
+            const uint8_t *row = q + r * cols / 2;
+            const uint16_t *scale = scales + r * cols / GROUP;
+            float total = 0.0f;
+            for (int64_t k = 0; k < cols; k += 64) {
+                int32_t dots[2];
+                groups64(row + k / 2, xs[v] + k, dots);
+                total += half_to_float(scale[k / GROUP]) * (float)dots[0];
+                total += half_to_float(scale[k / GROUP + 1]) * (float)dots[1];
+            }
             out[v][r] = total;
         }
 }
@@ -336,9 +490,9 @@ static int same_weights(const Linear *a, const Linear *b) { return a->weight == 
    weight rows; its own int16 rounding): batching changes no bit of any row.
    Each row adds its own Linear's bias (a group shares weights and scales).
 
-   For int8 weights, W x = (q xq) * scale * step: x is first rounded to int16 with one scale for the
-   vector, step = amax / 32767, an error of at most 1.5e-5 of the largest activation, far below the int8
-   weights' own rounding (docs/speed-cpu.md). */
+   For int8 weights, W x = (q xq) * scale * step (int4: the sum over groups of (q xq) * scale, times step):
+   x is first rounded to int16 with one scale for the vector, step = amax / 32767, an error of at most
+   1.5e-5 of the largest activation, far below the weights' own rounding (docs/speed-cpu.md). */
 static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, float *y, int64_t y_stride,
                         int threads) {
     const Linear *const *ls = b->ls;
@@ -363,7 +517,7 @@ static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, f
        any order, and rintf rounds as lrintf does but inlines to a vector instruction where lrintf is a
        call per element (rounding took 1.1 ms of an 8-row step with lrintf, 0.16 ms now; AVX-512). */
     for (int64_t j = 0; j < n; ++j) {
-        if (!ls[j]->scale) continue;
+        if (ls[j]->kind == KIND_FLOAT32) continue;
         const float *xj = x + j * x_stride;
         int16_t *xq = b->xq + j * b->width;
         const int64_t cols = ls[j]->cols;
@@ -382,7 +536,7 @@ static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, f
     for (int64_t g = 0; g < groups; ++g) {
         const Linear *l = ls[b->members[b->starts[g]]];
         const int64_t cols = l->cols, *members = b->members + b->starts[g], m = b->starts[g + 1] - b->starts[g];
-        const int block = l->scale ? ROWS : FLOAT_ROWS;
+        const int block = l->kind == KIND_FLOAT32 ? FLOAT_ROWS : ROWS;
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t index = 0; index < (l->rows + block - 1) / block; ++index) {
             const int64_t first = index * block; /* this block's first weight row */
@@ -390,10 +544,14 @@ static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, f
             for (int64_t i = 0; i < m; i += VECS) { /* the group's vectors, VECS at a time (float32: one by one) */
                 const int vecs = m - i < VECS ? (int)(m - i) : VECS;
                 float dots[VECS][FLOAT_ROWS];
-                if (l->scale) {
+                if (l->kind != KIND_FLOAT32) {
                     const int16_t *xs[VECS];
                     for (int v = 0; v < vecs; ++v) xs[v] = b->xq + members[i + v] * b->width;
-                    dot_rows((const int8_t *)l->weight + first * cols, xs, vecs, cols, count, dots);
+                    if (l->kind == KIND_INT8)
+                        dot_rows((const int8_t *)l->weight + first * cols, xs, vecs, cols, count, dots);
+                    else /* int4: the group scales are applied inside */
+                        dot_rows4((const uint8_t *)l->weight + first * cols / 2,
+                                  (const uint16_t *)l->scale + first * cols / GROUP, xs, vecs, cols, count, dots);
                 } else {
                     for (int v = 0; v < vecs; ++v)
                         float_dot_rows((const float *)l->weight + first * cols, x + members[i + v] * x_stride, cols,
@@ -404,7 +562,8 @@ static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, f
                     const float *bias = ls[j]->bias;
                     float *out = y + j * y_stride + first;
                     for (int r = 0; r < count; ++r)
-                        out[r] = dots[v][r] * (l->scale ? b->steps[j] * l->scale[first + r] : 1.0f)
+                        out[r] = dots[v][r] * (l->kind == KIND_INT8 ? b->steps[j] * ((const float *)l->scale)[first + r]
+                                               : l->kind == KIND_INT4 ? b->steps[j] : 1.0f)
                                  + (bias ? bias[first + r] : 0.0f);
                 }
             }
@@ -512,7 +671,8 @@ int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens,
         const Linear *wte = &models[r]->lm_head;
         const int64_t token = tokens[r], pos = positions[r];
         for (int64_t i = 0; i < C; ++i)
-            x[r * C + i] = (wte->scale ? ((const int8_t *)wte->weight)[token * C + i] * wte->scale[token]
+            x[r * C + i] = (wte->kind == KIND_INT8 ? ((const int8_t *)wte->weight)[token * C + i]
+                                                       * ((const float *)wte->scale)[token]
                                        : ((const float *)wte->weight)[token * C + i]) + models[r]->wpe[pos * C + i];
     }
 

@@ -18,6 +18,8 @@ import torch
 from ..config import GPTConfig
 from ..model import GPT, KVCache
 from . import native
+from .int4 import Int4Linear
+from .quantize import Int8Linear
 
 Step = Callable[[torch.Tensor, KVCache], torch.Tensor]  # (idx (1, 1), cache) -> logits (1, 1, vocab)
 
@@ -35,6 +37,15 @@ class Decoder:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def precision(self) -> str:
+        """'int4', 'int8', or the weights' float dtype ('float32', 'bfloat16', ...): for status lines."""
+        if isinstance(self.model.transformer.h[0].mlp.c_fc, Int4Linear):
+            return "int4"
+        if isinstance(self.model.lm_head, Int8Linear):
+            return "int8"
+        return str(self.model.lm_head.weight.dtype).removeprefix("torch.")
 
     def __call__(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         if self.step is not None and cache is not None and idx.shape == (1, 1):

@@ -1,4 +1,4 @@
-"""Decoding through decode_step.c: one C call per token instead of ~500 PyTorch ops, for int8 and
+"""Decoding through decode_step.c: one C call per token instead of ~500 PyTorch ops, for int8, int4 and
 float32 CPU models.
 
 native_step(model) returns the step that decodes the model's single tokens in C (inference.py wraps
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..model import GPT, KVCache
+from .int4 import Int4Linear
 from .quantize import Int8Embedding, Int8Linear
 
 SOURCE = Path(__file__).with_name("decode_step.c")
@@ -58,10 +59,13 @@ class NativeUnavailable(RuntimeError):
     """The C decode step cannot serve this model or machine; the message says why."""
 
 
+KIND_FLOAT32, KIND_INT8, KIND_INT4 = range(3)  # decode_step.c's Linear kinds
+
+
 # The structs of decode_step.c, field for field.
 class LinearStruct(ctypes.Structure):
     _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64)]
+                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("kind", ctypes.c_int64)]
 
 
 class _Block(ctypes.Structure):
@@ -216,7 +220,7 @@ def float_scales(scales: torch.Tensor) -> torch.Tensor:
 
 
 class NativeDecoder:
-    """The C step bound to one int8 or float32 model's tensors; call it as model(idx, cache) would be for one
+    """The C step bound to one int8, int4 or float32 model's tensors; call it as model(idx, cache) would be for one
     token."""
 
     def __init__(self, model: GPT, isa: str | None = None):
@@ -245,23 +249,30 @@ class NativeDecoder:
         return t.data_ptr()
 
     def _linear(self, layer: torch.nn.Module) -> LinearStruct:
-        """An int8 Linear (its weights and row scales), or a plain float32 nn.Linear (scale NULL): a subclass
-        may compute more than its weight says (a LoRA layer's update), so it is refused."""
+        """An int8 Linear (its weights and row scales), an int4 one (packed codes and float16 group scales), or
+        a plain float32 nn.Linear (scale NULL): a subclass may compute more than its weight says (a LoRA
+        layer's update), so it is refused."""
         if layer.in_features % 64:
             raise NativeUnavailable(f"the C decode step needs widths that are multiples of 64, got {layer.in_features}")
         if isinstance(layer, Int8Linear):
-            q = layer.weight.contiguous()
-            self.keep.append(q)
-            weight, scale = q.data_ptr(), self._ptr(float_scales(layer.scales))
+            weight, scale, kind = self._keep(layer.weight), self._ptr(float_scales(layer.scales)), KIND_INT8
+        elif isinstance(layer, Int4Linear):  # float16 scales as stored: a float32 copy would add a bit per weight
+            weight, scale, kind = self._keep(layer.weight), self._keep(layer.scales), KIND_INT4
         elif type(layer) is torch.nn.Linear:
             if not layer.weight.is_contiguous():  # a copy in (out, in) order would double the model's memory
                 raise NativeUnavailable("the C decode step reads float32 weights in (out, in) memory order")
-            weight, scale = self._ptr(layer.weight), 0
+            weight, scale, kind = self._ptr(layer.weight), 0, KIND_FLOAT32
         else:
-            raise NativeUnavailable(f"the C decode step needs int8 (quantize_int8) or plain float32 Linears, "
-                                    f"got {type(layer).__name__}")
+            raise NativeUnavailable(f"the C decode step needs int8 or int4 (quantize_int8, quantize_int4) or plain "
+                                    f"float32 Linears, got {type(layer).__name__}")
         bias = 0 if layer.bias is None else self._ptr(layer.bias)
-        return LinearStruct(weight, scale, bias, layer.out_features, layer.in_features)
+        return LinearStruct(weight, scale, bias, layer.out_features, layer.in_features, kind)
+
+    def _keep(self, t: torch.Tensor) -> int:
+        """The address of a quantized tensor as stored (contiguous), kept alive with the step."""
+        t = t.contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (1, 1, vocab) of the one token idx (1, 1) after the cache, which it extends by that token."""
@@ -322,7 +333,7 @@ def step_rows(steps: Sequence[NativeDecoder], tokens: Sequence[int], caches: Seq
 
 
 def native_step(model: GPT, isa: str | None = None) -> NativeDecoder:
-    """The C decode step for this int8 or float32 CPU model (a speed.decoder.Step), in the variant for this
+    """The C decode step for this int8, int4 or float32 CPU model (a speed.decoder.Step), in the variant for this
     CPU (or isa); NativeUnavailable says why not."""
     wte = model.transformer.wte
     tied = wte.lm_head is model.lm_head if isinstance(wte, Int8Embedding) else wte.weight is model.lm_head.weight

@@ -9,6 +9,8 @@ quarter of float32's bytes is most of the speed-up.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ SCALE_DTYPE = torch.bfloat16  # the CPU kernel wants its scales (and input) in t
 # bfloat16 and using the regular matmul does (GPT-2 124M layer shapes, 1 thread: even at 16 rows,
 # dequantizing 1.4x faster at 32, 1.7x at 128).
 INT8_KERNEL_MAX_ROWS = 16
-ALREADY_INT8 = "the model is already int8: a draft speeds up float32, bfloat16 or float16 models"
+ALREADY_INT8 = "the model is already int8 or int4: a draft speeds up float32, bfloat16 or float16 models"
 
 
 class Int8Linear(nn.Module):
@@ -82,17 +84,25 @@ def quantize_int8(*models: GPT) -> None:
     a Linear weight they share is quantized once and the int8 copy is shared too. Build the tuned
     model first: a LoRA update merges into float weights, not int8 ones.
     """
-    linears = [(parent, name, child) for model in models for parent in model.modules()
+    quantize_linears(models, lambda name, linear: Int8Linear.from_linear(linear))
+
+
+def quantize_linears(models: tuple[GPT, ...], quantize: Callable[[str, nn.Linear], nn.Module]) -> None:
+    """Replace every nn.Linear of models by quantize(its name in the model, it), and wte by an Int8Embedding
+    reading the quantized lm_head (which must be an Int8Linear): a Linear the models share is quantized once
+    and its copy shared. Every Linear is checked before anything changes."""
+    linears = [(f"{parent_name}.{name}".lstrip("."), parent, name, child) for model in models
+               for parent_name, parent in model.named_modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    for _, name, child in linears:  # check everything before changing anything
+    for _, _, name, child in linears:
         if type(child) not in (nn.Linear, OneDNNLinear):  # e.g. a LoRALinear: quantizing it would drop the adapter
             raise TypeError(f"cannot quantize {type(child).__name__} {name!r}: merge it into a plain Linear "
                             "first (adapters.load_tuned_model does)")
-    quantized: dict[tuple[int, int], tuple[nn.Linear, Int8Linear]] = {}
-    for parent, name, child in linears:
+    quantized: dict[tuple[int, int], tuple[nn.Linear, nn.Module]] = {}
+    for path, parent, name, child in linears:
         key = (id(child.weight), id(child.bias))
         if key not in quantized:  # the float Linear stays referenced so these ids are not reused
-            quantized[key] = (child, Int8Linear.from_linear(child))
+            quantized[key] = (child, quantize(path, child))
         setattr(parent, name, quantized[key][1])
     for model in models:
         model.transformer.wte = Int8Embedding(model.lm_head, model.transformer.ln_f.weight.dtype)

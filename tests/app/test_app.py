@@ -37,6 +37,7 @@ def test_on_a_space_it_binds_all_interfaces(monkeypatch):
                                            (["--sessions-kept", "0"], "--sessions-kept must be >= 1"),
                                            (["--dtype", "float64"], "invalid choice: 'float64'"),
                                            (["--dtype", "int8", "--speculative"], "use it with a float --precision"),
+                                           (["--precision", "int4", "--speculative"], "use it with a float --precision"),
                                            (["--port", "99999"], "--port must be between 1 and 65535, got 99999"),
                                            (["--port", "-1"], "--port must be between 1 and 65535, got -1")])
 def test_bad_options_are_refused(argv, message, capsys):

@@ -7,6 +7,7 @@ import torch
 
 from minigpt.adapters import load_tuned_model
 from minigpt.inference import load_with_scale
+from minigpt.speed.int4 import Int4Linear
 from minigpt.speed.quantize import Int8Linear
 from tests.helpers.app_server import make_adapter
 from tests.lora.test_layer import tokens
@@ -77,16 +78,17 @@ def test_the_cache_is_bounded_and_sessions_at_once_get_their_own_scale(tiny_chec
     assert not torch.allclose(results[0.25], results[0.75])
 
 
-def test_int8_scales_are_quantized_from_float_weights(tiny_checkpoint, adapter):
+@pytest.mark.parametrize("precision, layer", [("int8", Int8Linear), ("int4", Int4Linear)])
+def test_quantized_scales_are_quantized_from_float_weights(tiny_checkpoint, adapter, precision, layer):
     _, float_scale, _ = load_with_scale(tiny_checkpoint[0], adapter, "cpu", "float32")
-    _, int8_scale, _ = load_with_scale(tiny_checkpoint[0], adapter, "cpu", "int8")
+    _, int8_scale, _ = load_with_scale(tiny_checkpoint[0], adapter, "cpu", precision)
     half = int8_scale.decoder(0.5)
     assert half.kernel == int8_scale.tuned.kernel
     assert half.model.transformer.h[0].mlp.c_fc.weight is int8_scale.base.model.transformer.h[0].mlp.c_fc.weight
     c_attn = half.model.transformer.h[0].attn.c_attn
     float_half = float_scale.decoder(0.5).model.transformer.h[0].attn.c_attn
-    expected = Int8Linear.from_linear(float_half)  # what quantizing the float32 scale-0.5 model gives
-    assert isinstance(c_attn, Int8Linear)
+    expected = layer.from_linear(float_half)  # what quantizing the float32 scale-0.5 model gives
+    assert isinstance(c_attn, layer)
     assert torch.equal(c_attn.weight, expected.weight) and torch.equal(c_attn.scales, expected.scales)
 
 

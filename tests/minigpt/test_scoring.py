@@ -78,6 +78,35 @@ def test_cli_perplexity_equals_transformers_windows(tiny_checkpoint, adapter, te
     assert got["nll"] == pytest.approx(expected["nll"], rel=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["int4", "int8", "float32"])
+def test_cli_kl_base_is_the_kl_from_float32_over_the_scored_positions(tiny_checkpoint, text_file, capsys, precision):
+    """--kl-base float32: KL(float32 || this precision) and top-1 agreement at every scored position. Oracle:
+    both models' logits window by window (the float32 model equals transformers': test_weights), through
+    torch's kl_div."""
+    folder = tiny_checkpoint[0]
+    ids = GPT2TokenizerFast.from_pretrained(folder)(TEXT).input_ids
+    model, base = (load_with_scale(folder, None, "cpu", p)[0] for p in (precision, "float32"))
+    kl, same = [], []
+    for begin, end, first in windows(len(ids), 64, 24):
+        with torch.inference_mode():
+            window = torch.tensor([ids[begin:end]])
+            logp = model(window)[0, first - begin - 1:end - begin - 1].float().log_softmax(-1)
+            logp_base = base(window)[0, first - begin - 1:end - begin - 1].log_softmax(-1)
+        kl += torch.nn.functional.kl_div(logp, logp_base, log_target=True, reduction="none").sum(-1).tolist()
+        same += (logp.argmax(-1) == logp_base.argmax(-1)).tolist()
+    got = run_cli(capsys, "--model", folder, "--file", text_file, "--max-length", 64, "--stride", 24,
+                  "--precision", precision, "--kl-base", "float32")
+    assert len(kl) == got["tokens"] == len(ids) - 1
+    assert got["kl_base"] == "float32" and got["precision"] == precision
+    assert got["kl_mean"] == pytest.approx(sum(kl) / len(kl), rel=1e-3, abs=1e-7)
+    assert got["kl_max"] == pytest.approx(max(kl), rel=1e-3, abs=1e-7)
+    assert got["top1_agreement"] == sum(same) / len(same)
+    if precision == "float32":
+        assert got["kl_mean"] == 0 and got["top1_agreement"] == 1
+    else:  # quantized: a cost that shows
+        assert got["kl_mean"] > 1e-7
+
+
 def test_windows_score_each_token_once_with_some_context():
     for n, max_length, stride in [(10, 4, 1), (10, 4, 3), (3, 8, 8), (100, 16, 7)]:
         scored = [i for _, end, first in windows(n, max_length, stride) for i in range(first, end)]

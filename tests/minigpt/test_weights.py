@@ -161,6 +161,7 @@ def test_cli_interactive_mode(tiny_checkpoint):
     (["--model", "{ckpt}", "--seed", "-1"], "--seed must be"),
     (["--model", "{ckpt}", "--lora-scale", "0.5"], "--lora-scale scales an adapter"),
     (["--model", "{ckpt}", "--dtype", "int8", "--speculative"], "already int8"),
+    (["--model", "{ckpt}", "--precision", "int4", "--speculative"], "already int8 or int4"),
 ])
 def test_cli_errors_are_one_line_without_traceback(tmp_path, checkpoint, args, message):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
@@ -244,7 +245,7 @@ def test_interactive_mode_has_line_editing(tiny_checkpoint, monkeypatch, capsys)
 @pytest.mark.parametrize("module, expected", [
     ("minigpt.generate", ["(default: 100)", "(default: 0.8)", "(default: 50)", "(default: 0.95)",
                           "(default: float32)"]),
-    ("lora.train", ["(default: 0.0003)", "(default: 8)", "(default: 16)", "(default: 0.05)", "(default: 512)"]),
+    ("lora.train", ["(default: 0.0003 for LoRA, 3e-05 with --full)", "(default: 8)", "(default: 16)", "(default: 0.05)", "(default: 512)"]),
 ])
 def test_cli_help_shows_the_defaults(capsys, module, expected):
     parse_args = __import__(module, fromlist=["parse_args"]).parse_args

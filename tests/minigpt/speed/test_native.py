@@ -10,12 +10,12 @@ the same.
 float32 models: the oracle is the same model's PyTorch forward. The C step multiplies the same
 float32 numbers in another order, so logits agree to float32 rounding (FLOAT32_ATOL).
 
-int8 models: the oracle is our float32 model with every Linear's weight replaced by the int8 model's dequantized weight
-(q * scale, from the stored tensors) and every Linear's input rounded to int16 as the C step rounds
-it (round_like_c). The C step does the same arithmetic in another order, so it must agree to float32
-rounding (tolerance 1e-4, where int8 rounding itself moves logits by about 1e-2). Without the int16
-rounding, the dequantized model still agrees to INT16_REL of the largest logit. The float32 model is
-checked against transformers elsewhere.
+int8 and int4 models: the oracle is our float32 model with every Linear's weight replaced by the quantized
+model's dequantized weight (q * scale, from the stored tensors; int4: its int8 lm_head and int4 blocks) and
+every Linear's input rounded to int16 as the C step rounds it (round_like_c). The C step does the same
+arithmetic in another order, so it must agree to float32 rounding (tolerance 1e-4, where int8 rounding
+itself moves logits by about 1e-2). Without the int16 rounding, the dequantized model still agrees to
+INT16_REL of the largest logit. The float32 model is checked against transformers elsewhere.
 """
 import copy
 import dataclasses
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 from lora import inject_lora
 from minigpt.adapters import merge_deltas
@@ -42,12 +43,14 @@ from minigpt.speed import native
 from minigpt.speed.decoder import Decoder
 from minigpt.speed.native import NativeUnavailable, native_step, step_rows
 from minigpt.speed.onednn import KERNEL_ENV, use_input_major_weights
+from minigpt.speed.int4 import Int4Linear, quantize_int4
 from minigpt.speed.quantize import Int8Linear, quantize_int8
 from tests.helpers import REPO
 
 ATOL = 1e-4
 FLOAT32_ATOL = 1e-5  # the tiny model's logits are about 1 in size: a few float32 roundings apart
 INT16_REL = 3e-5  # int16 activations: |C - dequantized float32| <= ATOL + INT16_REL * max|logit|
+QUANTIZE = {"int8": quantize_int8, "int4": quantize_int4}
 # The variants of this CPU's architecture; only one the CPU cannot run (avx512 on an AVX2-only x86) skips.
 ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in native.cpu_isas(), reason=f"this CPU cannot run {isa}"))
         for isa in (("neon", "generic") if platform.machine().lower() in native.ARM64 else ("avx512", "avx2", "generic"))]
@@ -70,13 +73,13 @@ def round_like_c(x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantized_reference(model, int8, round_inputs=True):
-    """A float32 copy of model whose Linears hold int8's dequantized weights and, with round_inputs,
-    round their inputs to int16: what the C step computes."""
+    """A float32 copy of model whose Linears hold the int8 or int4 model's dequantized weights and, with
+    round_inputs, round their inputs to int16: what the C step computes."""
     int8 = unwrapped(int8)
     reference = copy.deepcopy(model)
     linears = dict(reference.named_modules())
     for name, quantized in int8.named_modules():
-        if isinstance(quantized, Int8Linear) and name in linears:
+        if isinstance(quantized, (Int8Linear, Int4Linear)) and name in linears:
             linears[name].weight = torch.nn.Parameter(quantized.dequantize())
             if round_inputs:
                 linears[name].register_forward_pre_hook(lambda module, args: (round_like_c(args[0]),))
@@ -88,10 +91,10 @@ def unwrapped(model: GPT | Decoder) -> GPT:
     return model.model if isinstance(model, Decoder) else model
 
 
-def c_decoder(model: GPT, isa: str | None = None) -> Decoder:
-    """An int8 copy of model decoding in C (the variant for this CPU, or isa)."""
+def c_decoder(model: GPT, isa: str | None = None, precision: str = "int8") -> Decoder:
+    """An int8 (or int4) copy of model decoding in C (the variant for this CPU, or isa)."""
     int8 = copy.deepcopy(model)
-    quantize_int8(int8)
+    QUANTIZE[precision](int8)
     return Decoder(int8, native_step(int8, isa), "C decode step")
 
 
@@ -102,12 +105,18 @@ def assert_close_to_dequantized(ours, model, int8, ids):
     assert (ours - expected).abs().max() <= ATOL + INT16_REL * expected.abs().max()
 
 
-@pytest.fixture(scope="module", params=ISAS)
+QUANTIZED_ISAS = [pytest.param((isa.values[0], precision), marks=isa.marks, id=f"{isa.values[0]}-{precision}")
+                  for isa in ISAS for precision in QUANTIZE]
+
+
+@pytest.fixture(scope="module", params=QUANTIZED_ISAS)
 def models(request, tiny_model):
-    """(int8 model decoding in C with one variant, float32 model on its dequantized weights, tokenizer)."""
+    """(int8 or int4 model decoding in C with one variant, float32 model on its dequantized weights, tokenizer,
+    the float32 model)."""
     model, tokenizer, _ = tiny_model
-    int8 = c_decoder(model, request.param)
-    assert int8.step.isa == request.param
+    isa, precision = request.param
+    int8 = c_decoder(model, isa, precision)
+    assert int8.step.isa == isa
     return int8, dequantized_reference(model, int8), tokenizer, model
 
 
@@ -146,8 +155,8 @@ def test_every_step_matches_the_dequantized_float32_model(models):
     torch.testing.assert_close(cache.k, ref_cache.k, atol=ATOL, rtol=0)  # the keys and values it stored
     torch.testing.assert_close(cache.v, ref_cache.v, atol=ATOL, rtol=0)
     assert_close_to_dequantized(ours, model, int8, ids)
-    plain = int8.model  # without the C step, PyTorch's int8 kernel rounds activations to bfloat16: not this close
-    with torch.inference_mode():
+    plain = int8.model  # without the C step, PyTorch's int8 kernel (int4's lm_head too) rounds activations to
+    with torch.inference_mode():  # bfloat16: not this close
         assert (one_at_a_time(plain, ids, plain.new_cache(64)) - expected).abs().max() > 10 * ATOL
 
 
@@ -238,15 +247,16 @@ def test_speculative_drafts_decode_in_c_and_keep_the_models_tokens(tiny_model):
     assert fast == plain
 
 
-def test_load_for_inference_decodes_int8_and_float32_in_c_unless_asked_otherwise(tiny_checkpoint, monkeypatch):
+def test_load_for_inference_decodes_int8_int4_and_float32_in_c_unless_asked_otherwise(tiny_checkpoint, monkeypatch):
     folder, _ = tiny_checkpoint
-    for precision in ("int8", "float32"):
+    for precision in ("int8", "int4", "float32"):
         assert isinstance(load_for_inference(folder, device="cpu", precision=precision)[0].step, native.NativeDecoder)
     assert load_for_inference(folder, device="cpu", precision="bfloat16")[0].step is None
     for kernel in ("pytorch", "onednn"):  # a PyTorch kernel asked for float32: not the C step
         monkeypatch.setenv(KERNEL_ENV, kernel)
         assert load_for_inference(folder, device="cpu", precision="float32")[0].step is None
         assert load_for_inference(folder, device="cpu", precision="int8")[0].step is not None
+        assert load_for_inference(folder, device="cpu", precision="int4")[0].step is not None
 
 
 def test_cli_and_app_decode_int8_in_c(default_models, tiny_checkpoint):
@@ -408,7 +418,7 @@ def test_bad_tokens_and_foreign_caches_are_refused_before_c_runs(default_models)
 # ---- several sequences in one step (step_rows) -------------------------------------------------------
 
 ISA_PRECISIONS = [pytest.param((isa.values[0], precision), marks=isa.marks, id=f"{isa.values[0]}-{precision}")
-                  for isa in ISAS for precision in ("float32", "int8")]
+                  for isa in ISAS for precision in ("float32", "int8", "int4")]
 
 
 def make_twins(model, isa, precision):
@@ -419,8 +429,8 @@ def make_twins(model, isa, precision):
     torch.manual_seed(1)
     tuned = merge_deltas(base, {f"transformer.h.{i}.attn.c_attn": 0.02 * torch.randn_like(b.attn.c_attn.weight)
                                 for i, b in enumerate(model.transformer.h)})
-    if precision == "int8":
-        quantize_int8(base, tuned)  # together: the weights they share are quantized once, and stay shared
+    if precision in QUANTIZE:
+        QUANTIZE[precision](base, tuned)  # together: the weights they share are quantized once, and stay shared
     pair = [Decoder(m, native_step(m, isa), "C decode step") for m in (base, tuned)]
     c_fc, c_attn = (lambda d: d.step.blocks[0].c_fc), (lambda d: d.step.blocks[0].c_attn)
     # read together (the same weights and int8 scales), and apart
@@ -590,26 +600,31 @@ static void *take(size_t bytes) {
     return p;
 }
 static const float *floats(int64_t n) { return take(n * sizeof(float)); }
-static int int8; /* int8 weights and their scales, or float32 weights */
-static Linear read_linear(int64_t rows, int64_t cols, int has_bias) {
-    Linear l = {take(rows * cols * (int8 ? 1 : sizeof(float))), int8 ? floats(rows) : NULL, NULL, rows, cols};
+static int64_t kind; /* the blocks' Linears: KIND_FLOAT32, KIND_INT8 or KIND_INT4 (whose lm_head is int8) */
+static int64_t weight_bytes(int64_t rows, int64_t cols, int64_t k) {
+    return k == KIND_INT4 ? rows * cols / 2 : rows * cols * (k == KIND_INT8 ? 1 : sizeof(float));
+}
+static Linear read_linear(int64_t rows, int64_t cols, int has_bias, int64_t k) {
+    Linear l = {take(weight_bytes(rows, cols, k)), NULL, NULL, rows, cols, k};
+    if (k == KIND_INT8) l.scale = floats(rows);
+    if (k == KIND_INT4) l.scale = take(rows * cols / GROUP * sizeof(uint16_t));
     l.bias = has_bias ? floats(rows) : NULL;
     return l;
 }
 int main(int argc, char **argv) {
     if (argc != 3 || !(in = fopen(argv[1], "rb"))) return 2;
-    const int64_t *h = take(8 * sizeof(int64_t)); /* n_layer n_head n_embd mlp_dim vocab n_positions n_tokens int8 */
+    const int64_t *h = take(8 * sizeof(int64_t)); /* n_layer n_head n_embd mlp_dim vocab n_positions n_tokens kind */
     const int64_t L = h[0], C = h[2], F = h[3], V = h[4], T = h[6];
-    int8 = (int)h[7];
+    kind = h[7];
     Model m = {L, h[1], C, F, *floats(1), floats(h[5] * C), NULL, NULL};
     m.ln_f_weight = floats(C), m.ln_f_bias = floats(C);
-    m.lm_head = read_linear(V, C, 0);
+    m.lm_head = read_linear(V, C, 0, kind == KIND_INT4 ? KIND_INT8 : kind);
     Block *blocks = malloc(L * sizeof(Block));
     for (int64_t l = 0; l < L; ++l) {
         blocks[l].ln_1_weight = floats(C), blocks[l].ln_1_bias = floats(C);
-        blocks[l].c_attn = read_linear(3 * C, C, 1), blocks[l].attn_proj = read_linear(C, C, 1);
+        blocks[l].c_attn = read_linear(3 * C, C, 1, kind), blocks[l].attn_proj = read_linear(C, C, 1, kind);
         blocks[l].ln_2_weight = floats(C), blocks[l].ln_2_bias = floats(C);
-        blocks[l].c_fc = read_linear(F, C, 1), blocks[l].mlp_proj = read_linear(C, F, 1);
+        blocks[l].c_fc = read_linear(F, C, 1, kind), blocks[l].mlp_proj = read_linear(C, F, 1, kind);
     }
     m.blocks = blocks;
     const int64_t *tokens = take(T * sizeof(int64_t));
@@ -625,7 +640,7 @@ int main(int argc, char **argv) {
     Model m2 = m;
     Block *blocks2 = malloc(L * sizeof(Block));
     for (int64_t l = 0; l < L; ++l) {
-        const size_t bytes = 3 * C * C * (int8 ? 1 : sizeof(float));
+        const size_t bytes = weight_bytes(3 * C, C, kind);
         blocks2[l] = blocks[l];
         blocks2[l].c_attn.weight = memcpy(malloc(bytes), blocks[l].c_attn.weight, bytes);
     }
@@ -649,14 +664,17 @@ ARM64_TOOLS = ("aarch64-linux-gnu-gcc", "qemu-aarch64")
 
 
 def write_driver_input(model, tokens, path):
-    """The driver's input file for an int8 or float32 model and a token sequence."""
+    """The driver's input file for an int8, int4 or float32 model and a token sequence."""
     model = unwrapped(model)
-    c, int8 = model.config, isinstance(model.lm_head, Int8Linear)
+    c, kind = model.config, {nn.Linear: native.KIND_FLOAT32, Int8Linear: native.KIND_INT8,
+                             Int4Linear: native.KIND_INT4}[type(model.transformer.h[0].mlp.c_fc)]
 
     def linear(layer):
-        return [layer.weight, layer.scales.float()] if int8 else [layer.weight]
+        if isinstance(layer, Int8Linear):
+            return [layer.weight, layer.scales.float()]
+        return [layer.weight, layer.scales] if isinstance(layer, Int4Linear) else [layer.weight]
 
-    parts = [torch.tensor([c.n_layer, c.n_head, c.n_embd, c.mlp_dim, c.vocab_size, c.n_positions, len(tokens), int8]),
+    parts = [torch.tensor([c.n_layer, c.n_head, c.n_embd, c.mlp_dim, c.vocab_size, c.n_positions, len(tokens), kind]),
              torch.tensor([c.layer_norm_epsilon], dtype=torch.float32), model.transformer.wpe.weight,
              model.transformer.ln_f.weight, model.transformer.ln_f.bias, *linear(model.lm_head)]
     for b in model.transformer.h:
@@ -673,10 +691,10 @@ def write_driver_input(model, tokens, path):
 @pytest.mark.skipif(not all(map(shutil.which, ARM64_TOOLS)),
                     reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu "
                            "qemu-user libc6-dev-arm64-cross)")
-@pytest.mark.parametrize("precision", ["int8", "float32"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "float32"])
 @pytest.mark.parametrize("isa", ["neon", "generic"])
 def test_the_aarch64_variants_match_their_oracle_under_emulation(isa, precision, tmp_path):
-    """int8: the dequantized float32 model; float32: the model's PyTorch forward. A batched step's rows: their
+    """int8 and int4: the dequantized float32 model; float32: the model's PyTorch forward. A batched step's rows: their
     single steps' logits exactly."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=320, n_positions=32, n_embd=128, n_layer=2, n_head=4))
@@ -684,9 +702,9 @@ def test_the_aarch64_variants_match_their_oracle_under_emulation(isa, precision,
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
     served, reference, atol = model, model, FLOAT32_ATOL
-    if precision == "int8":
+    if precision in QUANTIZE:
         served = copy.deepcopy(model)
-        quantize_int8(served)
+        QUANTIZE[precision](served)
         reference, atol = dequantized_reference(model, served), ATOL
     tokens = torch.randint(0, 320, (12,)).tolist()
     write_driver_input(served, tokens, tmp_path / "input.bin")
@@ -705,5 +723,5 @@ def test_the_aarch64_variants_match_their_oracle_under_emulation(isa, precision,
         expected = reference(torch.tensor([tokens]))[0]
     assert expected.std() > 0.1  # logits that say something, not all near zero
     torch.testing.assert_close(ours, expected, atol=atol, rtol=0)
-    if precision == "int8":
+    if precision in QUANTIZE:
         assert_close_to_dequantized(ours, model, served, tokens)
