@@ -17,14 +17,14 @@ from .model import GPT
 from .speed.decoder import Decoder
 
 
-def _gpt(model: GPT | Decoder) -> GPT:
+def as_gpt(model: GPT | Decoder) -> GPT:
     return model.model if isinstance(model, Decoder) else model
 
 
 @torch.inference_mode()
 def residual_streams(model: GPT | Decoder, ids: Sequence[int]) -> Iterator[torch.Tensor]:
     """The residual stream (T, C) after the embeddings, then after each block: n_layer + 1 in all."""
-    gpt = _gpt(model)
+    gpt = as_gpt(model)
     if not 0 < len(ids) <= gpt.config.n_positions:
         raise ValueError(f"need 1 to {gpt.config.n_positions} token ids, got {len(ids)}")
     idx = torch.tensor([list(ids)], device=gpt.device)
@@ -38,7 +38,7 @@ def residual_streams(model: GPT | Decoder, ids: Sequence[int]) -> Iterator[torch
 @torch.inference_mode()
 def read_out(model: GPT | Decoder, stream: torch.Tensor) -> torch.Tensor:
     """Float32 log-probabilities (T, vocab) of a residual stream (T, C): final LayerNorm, lm_head, log-softmax."""
-    gpt = _gpt(model)
+    gpt = as_gpt(model)
     return gpt.lm_head(gpt.transformer.ln_f(stream)).float().log_softmax(dim=-1)
 
 

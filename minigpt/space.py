@@ -27,13 +27,13 @@ from .cli import HelpWithDefaults, exit_cli
 from .hub import network_problem
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # app.py, README.md, requirements.txt and minigpt/
-PACKAGE_FILES = ("*.py", "*.c", "*.css")  # the package's source and data: decode_step.c, app.css
+PACKAGE_FILES = ("*.py", "*.c", "*.css", "*.js")  # the package's source and data: decode_step.c, app.css, inspect.js
 ADAPTER_FOLDER = "checkpoints/alpaca-lora"  # where app.py looks for its default adapter
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 PYTHON = "3.11"  # the version CI runs
 SHORT_DESCRIPTION = "GPT-2 from scratch: base vs Alpaca LoRA, look inside"
 MAX_SHORT_DESCRIPTION = 60  # the Hub refuses a longer short_description
-TRAINING_ONLY = ("tensorboard",)  # the app never imports it: a Space need not install it (and grpcio with it)
+TRAINING_ONLY = ("tensorboard", "matplotlib")  # the loss plot and its log: the app never imports them
 SYSTEM_PACKAGES = ["build-essential"]  # cc and OpenMP for the C decode step (without: PyTorch, slower)
 
 

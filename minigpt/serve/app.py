@@ -11,14 +11,17 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from inspect import isasyncgenfunction, isgeneratorfunction
+from inspect import isasyncgenfunction, iscoroutinefunction, isgeneratorfunction
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
 
 import gradio as gr  # noqa: E402
 from gradio.components import Component  # noqa: E402
+import plotly  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
+from starlette.responses import FileResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
 
 from minigpt import CheckpointError  # noqa: E402
 from minigpt.cli import INTERRUPTED, ctrl_c_exits_now, warn_if_compile  # noqa: E402
@@ -33,10 +36,9 @@ from minigpt.serve.conversation import (  # noqa: E402
 from minigpt.serve.compare import DIFF_HINT, CompareHandlers, CompareSession, side_outputs  # noqa: E402
 from minigpt.serve.engine import Engine, load_engine  # noqa: E402
 from minigpt.serve.files import MAX_FILE, UPLOAD_CLEANUP_S, UploadGuard  # noqa: E402
-from minigpt.serve.handlers import ATTENTION_HINT, BUTTONS, ChatHandlers, unlock  # noqa: E402
-from minigpt.serve.inspect_panels import SELECTED, VIEW_OUTPUTS, InspectHandlers  # noqa: E402
+from minigpt.serve.handlers import BUTTONS, ChatHandlers, unlock  # noqa: E402
+from minigpt.serve.inspect_panels import InspectHandlers  # noqa: E402
 from minigpt.serve.openai_api import access_for, api_routes, describe  # noqa: E402
-from minigpt.serve.panels import BAND_COLOURS  # noqa: E402
 from minigpt.serve.payloads import check_payloads  # noqa: E402
 from minigpt.serve.score import ScoreHandlers  # noqa: E402
 from minigpt.serve.session import Session  # noqa: E402
@@ -48,6 +50,11 @@ CSS = Path(__file__).with_name("app.css")
 EXAMPLE_SCHEMA = ('{"type": "object", "properties": {"answer": {"type": "string", "maxLength": 60},\n'
                   ' "confidence": {"type": "integer", "minimum": 1, "maximum": 10}},\n'
                   ' "required": ["answer", "confidence"], "additionalProperties": false}')
+# The page's own scripts, served beside Gradio's routes: Plotly (the charting library, from its Python
+# package: the page needs no CDN) and the glue that draws the "look inside" views with it.
+SCRIPTS = {"/minigpt/plotly.min.js": Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
+           "/minigpt/inspect.js": Path(__file__).with_name("inspect.js")}
+HEAD = "".join(f'<script defer src=".{path}"></script>' for path in SCRIPTS)
 EXAMPLES = ["Give three tips for staying healthy.", "What is the capital of France?",
             "Write a short poem about the sea.", "Explain what a neural network is in one sentence."]
 
@@ -56,8 +63,8 @@ def build_app(engine: Engine) -> gr.Blocks:
     """The page: one tab per view, each laid out by its own function below."""
     with gr.Blocks(title="MiniGPT chat", analytics_enabled=False,
                    delete_cache=(UPLOAD_CLEANUP_S, UPLOAD_CLEANUP_S)) as demo:
-        gr.Markdown("# MiniGPT chat\nGPT-2 written from scratch, with real OpenAI weights, and its Alpaca "
-                    "LoRA. Replies stream token by token; the panels beside the chat look inside.")
+        gr.Markdown("**MiniGPT chat** · GPT-2 written from scratch, with real OpenAI weights, and its Alpaca "
+                    "LoRA. Replies stream token by token; the panels beside the chat look inside.", elem_id="title")
         with gr.Tab("Chat", id="chat-tab"):
             chat_tab(engine)
         with gr.Tab("Compare", id="compare-tab"):
@@ -90,17 +97,38 @@ def more_sampling_controls() -> list[Component]:
                        "text", placeholder="{}", elem_id="logit_bias"),
             gr.Checkbox(False, label="Answer as JSON matching this schema", elem_id="as_json"),
             gr.Code(EXAMPLE_SCHEMA, language="json", label="JSON schema", elem_id="schema", lines=4)]
+REPLY_PANEL = """<div id="reply_panel" tabindex="0"><div class="reply-head"></div><div class="tokens"></div>
+<div class="legend"></div><div class="caption"></div><div class="alternatives"></div>
+<button class="undo-branch" disabled title="back to the reply before branching">↶ Undo branch</button></div>"""
+VIEWS_PANEL = """<div id="views_panel"><div role="tablist" class="view-tabs">
+<button role="tab" data-view="sampling" id="tab_sampling">Sampling</button>
+<button role="tab" data-view="lens" id="tab_lens">Logit lens</button>
+<button role="tab" data-view="attention" id="tab_attention">Attention</button>
+<button role="tab" data-view="timeline" id="tab_timeline">Timeline</button></div>
+<div class="view" data-view="sampling" id="view_sampling"><div class="chart"></div><div class="note"></div></div>
+<div class="view" data-view="lens" id="view_lens" hidden><div class="chart"></div><div class="note"></div></div>
+<div class="view" data-view="attention" id="view_attention" hidden><div class="att-controls">
+<label>Layer <select id="att_layer"></select></label><label>Head <select id="att_head"></select></label>
+<label><input type="checkbox" id="att_sink"> Hide the first token (attention sink)</label></div>
+<div class="chart"></div><div class="heads"><div class="entropy"></div><div class="similarity"></div></div>
+<div class="note"></div></div>
+<div class="view" data-view="timeline" id="view_timeline" hidden><div class="chart"></div><div class="note"></div></div>
+</div>"""
 
 
 def chat_tab(engine: Engine) -> None:
     """The chat in the middle of three columns: the conversation, the "look inside" panels, the settings.
-    At 1280x800 the conversation, the token panel and the tabs of the heavier views fit without scrolling."""
-    config = engine.models[BASE].config
+    The panels are drawn in the browser (inspect.js) from the reply's numbers, sent once per reply in the
+    hidden #inspect_data; only branching, Undo branch, export and load ask the server."""
     handlers, inspect = ChatHandlers(engine), InspectHandlers(engine)
     session = gr.State(Session())
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=4, min_width=340):
-            chat = gr.Chatbot(elem_id="chat", label="Conversation", height=420, render_markdown=False,
+    with gr.Row(equal_height=False, elem_id="chat_row"):
+        with gr.Column(scale=4, min_width=340, elem_id="chat_column"):
+            mode = gr.Radio(list(MODES), value=BASE, label="Model", elem_id="mode",
+                            interactive=TUNED in engine.models,
+                            info=("Base GPT-2 continues a plain dialogue; Alpaca LoRA follows instructions."
+                                  if TUNED in engine.models else f"Alpaca LoRA is off: {engine.adapter_hint}"))
+            chat = gr.Chatbot(elem_id="chat", label="Conversation", height=360, render_markdown=False,
                               sanitize_html=True, allow_tags=False, buttons=["copy", "copy_all"],
                               placeholder="Ask something, or pick an example below.")
             with gr.Row():
@@ -108,68 +136,38 @@ def chat_tab(engine: Engine) -> None:
                                  autofocus=True)
                 send = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=70)
                 stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=70)
+            msg_note = gr.Markdown(elem_id="msg_note", elem_classes="note-beside")
             with gr.Row():
                 retry_btn = gr.Button("↻ Retry", elem_id="retry", size="sm")
                 undo_btn = gr.Button("↶ Undo", elem_id="undo", size="sm")
                 clear_btn = gr.Button("✕ Clear", elem_id="clear", size="sm")
             stats = gr.Markdown(handlers.ready, elem_id="stats")
             gr.Examples(EXAMPLES, inputs=msg, label="Examples")
-        with gr.Column(scale=5, min_width=420, elem_id="inspect"):
-            tokens = gr.HighlightedText(elem_id="tokens", label="Last reply: click a token to look inside",
-                                        color_map={**BAND_COLOURS, SELECTED: "#29b6f6"}, show_legend=True,
-                                        show_inline_category=False)
-            with gr.Row(equal_height=False):
-                alts = gr.Label(elem_id="alternatives", label="Top-5 alternatives: click one to branch from it",
-                                num_top_classes=5, scale=3, show_heading=False)
-                with gr.Column(scale=2, min_width=160):
-                    caption = gr.Markdown(elem_id="caption")
-                    position = gr.Slider(1, 2, value=1, step=1, label="Token position", elem_id="position")
-                    undo_branch = gr.Button("↶ Undo branch", elem_id="undo_branch", size="sm")
-            with gr.Tabs(elem_id="views"):
-                with gr.Tab("Sampling", elem_id="view_sampling") as sampling_tab:
-                    pipeline_note = gr.Markdown(elem_id="pipeline_note")
-                    pipeline = gr.Plot(elem_id="pipeline", show_label=False)
-                with gr.Tab("Logit lens", elem_id="view_lens") as lens_tab:
-                    lens = gr.Image(elem_id="lens", type="numpy", interactive=False, show_label=False, buttons=[])
-                    lens_note = gr.Markdown(elem_id="lens_table")
-                with gr.Tab("Attention", elem_id="view_attention") as attention_tab:
-                    with gr.Row():
-                        layer = gr.Dropdown([(f"Layer {i + 1}", i) for i in range(config.n_layer)], value=0,
-                                            label="Layer", elem_id="layer", min_width=100)
-                        head = gr.Dropdown([("Average over heads", -1)] +
-                                           [(f"Head {h + 1}", h) for h in range(config.n_head)],
-                                           value=-1, label="Head", elem_id="head", min_width=100)
-                        hide_sink = gr.Checkbox(False, label="Hide the first token (attention sink)",
-                                                elem_id="hide_sink")
-                    attention_note = gr.Markdown(ATTENTION_HINT, elem_id="attention_note")
-                    with gr.Row():
-                        entropy = gr.Image(elem_id="entropy", type="numpy", interactive=False, show_label=False,
-                                           buttons=[])
-                        similarity = gr.Image(elem_id="similarity", type="numpy", interactive=False, show_label=False,
-                                              buttons=[])
-                    plot = gr.Plot(elem_id="heatmap", show_label=False)
-                with gr.Tab("Timeline", elem_id="view_timeline") as timeline_tab:
-                    timeline_note = gr.Markdown(elem_id="timeline_note")
-                    timeline = gr.Image(elem_id="timeline", type="numpy", interactive=False, show_label=False,
-                                        buttons=[])
-                with gr.Tab("Export", elem_id="view_export"):
-                    export_btn = gr.Button("Export the conversation as JSON", elem_id="export", size="sm")
-                    export_file = gr.File(label="Download", elem_id="export_file", interactive=False)
-                    load_file = gr.File(label="Load a conversation file to view its panels", file_types=[".json"],
-                                        elem_id="load_file", type="filepath")
-                    export_note = gr.Markdown(elem_id="export_note")
-        with gr.Column(scale=2, min_width=220):
-            mode = gr.Radio(list(MODES), value=BASE, label="Model", elem_id="mode",
-                            interactive=TUNED in engine.models,
-                            info=("Base GPT-2 continues a plain dialogue; Alpaca LoRA follows instructions."
-                                  if TUNED in engine.models else f"Alpaca LoRA is off: {engine.adapter_hint}"))
+        with gr.Column(scale=5, min_width=340, elem_id="inspect"):
+            gr.HTML(REPLY_PANEL, elem_id="reply_shell")
+            branch_note = gr.Markdown(elem_id="branch_note", elem_classes="note-beside")
+            gr.HTML(VIEWS_PANEL, elem_id="views_shell")
+            with gr.Accordion("Export or load the conversation", open=False, elem_id="export_panel"):
+                export_btn = gr.Button("Export the conversation as JSON", elem_id="export", size="sm")
+                export_file = gr.File(label="Download", elem_id="export_file", interactive=False)
+                load_file = gr.File(label="Load a conversation file to view its panels", file_types=[".json"],
+                                    elem_id="load_file", type="filepath")
+                export_note = gr.Markdown(elem_id="export_note", elem_classes="note-beside")
+            # What the page's script reads and writes: the reply's numbers, and a branch request.
+            inspect_data = gr.HTML("", elem_id="inspect_data", elem_classes="hidden-data")
+            branch_request = gr.Textbox(elem_id="branch_request", elem_classes="hidden-data", show_label=False)
+            branch_go = gr.Button("branch", elem_id="branch_go", elem_classes="hidden-data")
+            undo_branch = gr.Button("undo branch", elem_id="undo_branch", elem_classes="hidden-data")
+            api_position = gr.Number(visible=False)
+            api_caption, api_alternatives = gr.Markdown(visible=False), gr.Label(visible=False)
+        with gr.Column(scale=2, min_width=220, elem_id="settings"):
             with gr.Accordion("Sampling", open=True):
                 temperature = gr.Slider(0, MAX_TEMPERATURE, value=0.7, step=0.05, label="Temperature",
                                         info="0 = greedy", elem_id="temperature")
                 top_k = gr.Slider(0, 200, value=40, step=1, label="Top-k", info="0 = off", elem_id="top_k")
                 top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p", info="1 = off",
                                   elem_id="top_p")
-                max_new_tokens = gr.Slider(1, min(MAX_NEW_TOKENS, config.n_positions // 2), value=128, step=1,
+                max_new_tokens = gr.Slider(1, min(MAX_NEW_TOKENS, engine.n_positions // 2), value=128, step=1,
                                            label="Max new tokens", elem_id="max_new_tokens")
                 seed = gr.Textbox("", label="Seed", info="a whole number repeats a reply; blank = random",
                                   placeholder="random", elem_id="seed")
@@ -181,64 +179,55 @@ def chat_tab(engine: Engine) -> None:
                                          interactive=False, buttons=["copy"])
 
     ui = {"msg": msg, "chat": chat, "stats": stats, "send": send, "retry": retry_btn, "undo": undo_btn,
-          "clear": clear_btn, "prompt": prompt_view, "tokens": tokens, "position": position, "caption": caption,
-          "alternatives": alts, "pipeline": pipeline, "pipeline_note": pipeline_note, "lens": lens,
-          "lens_table": lens_note, "heatmap": plot, "attention_note": attention_note, "entropy": entropy,
-          "similarity": similarity, "timeline": timeline, "timeline_note": timeline_note, "layer": layer,
-          "head": head, "export_file": export_file, "export_note": export_note}
+          "clear": clear_btn, "prompt": prompt_view, "msg_note": msg_note, "branch_note": branch_note,
+          "inspect_data": inspect_data, "export_file": export_file,
+          "export_note": export_note, "caption": api_caption, "alternatives": api_alternatives}
     named = functools.partial(by_name, ui=ui)
 
     def out(*names: str) -> list:
         return [ui[name] for name in names]
 
     controls = [mode, temperature, top_k, top_p, max_new_tokens, seed]
-    views = out(*VIEW_OUTPUTS)
-    selection = [session, layer, head]
     private = {"api_visibility": "private"}
-    # The /chat API's outputs, in this order: the chat, the stats line, the prompt, then the panels.
-    reply_outputs = out("chat", "stats", "prompt", "tokens", "position", "caption", "alternatives", "heatmap",
-                        "attention_note")
+    panel_outputs = out("inspect_data")
+    # The /chat API's outputs, in this order: the chat, the stats line, the prompt, then the note beside the box
+    # and the panels' numbers (JSON inside the #inspect_data element).
+    reply_outputs = out("chat", "stats", "prompt", "msg_note") + panel_outputs
 
-    def reply_chain(trigger, check, check_inputs, step, step_inputs, api_name=None):
-        """check refuses bad input (queued, so its message shows; no outputs, so nothing is covered by an error
-        badge); step adds the message and locks the controls (no queue); then the reply streams; then unlock,
-        and the views on screen are computed for the new reply."""
-        reply = trigger(check, [*check_inputs, *controls, scale, *more], None, show_progress="hidden",
-                        **private).success(
-            named(step), [session, *step_inputs], out("msg", "chat", *BUTTONS), queue=False, **private).success(
-            named(handlers.respond), [session, chat, *controls, layer, head, scale, *more], reply_outputs,
+    def reply_chain(trigger, explain, check, check_inputs, step, step_inputs, api_name=None):
+        """explain puts the reason for a refusal beside the message box (or clears it); check refuses the same
+        input silently, which stops the chain (no outputs: nothing is covered by an error badge); step adds
+        the message, clears the panels and locks the controls (no queue); then the reply streams and its
+        panels' numbers are computed; then unlock."""
+        inputs = [*check_inputs, *controls, scale, *more]
+        trigger(named(explain), inputs, out("msg_note"), queue=False, show_progress="hidden", **private)
+        reply = trigger(check, inputs, None, show_progress="hidden", **private).success(
+            named(step), [session, *step_inputs], out("msg", "chat", "branch_note", *BUTTONS) + panel_outputs,
+            queue=False, **private).success(
+            named(handlers.respond), [session, chat, *controls, scale, *more], reply_outputs,
             api_name=api_name, api_visibility="public" if api_name else "private")
         reply.then(named(unlock), None, out("msg", *BUTTONS), queue=False, **private)
-        reply.then(named(inspect.views), selection, views, **private)
 
-    reply_chain(msg.submit, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat], api_name="chat")
-    reply_chain(send.click, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat])
-    reply_chain(retry_btn.click, handlers.check_retry, [chat], handlers.retry, [chat])
-    undo_btn.click(named(handlers.undo), chat, out("msg", "chat"), queue=False, **private)
-    clear_btn.click(named(handlers.clear), session, reply_outputs, queue=False, **private).then(
-        named(inspect.views), selection, views, **private)
+    message = (handlers.explain_message, handlers.check_message, [msg, chat], handlers.add_message, [msg, chat])
+    reply_chain(msg.submit, *message, api_name="chat")
+    reply_chain(send.click, *message)
+    reply_chain(retry_btn.click, handlers.explain_retry, handlers.check_retry, [chat], handlers.retry, [chat])
+    undo_btn.click(named(handlers.undo), [session, chat], out("msg", "chat", "stats", "msg_note", "branch_note")
+                   + panel_outputs, queue=False, **private)
+    clear_btn.click(named(handlers.clear), session, out("chat", "stats", "prompt", "msg_note", "branch_note")
+                    + panel_outputs, queue=False, **private)
     stop_btn.click(handlers.stop, session, None, queue=False, api_name="stop")
-    position.release(named(handlers.alternatives_at), [session, position], out("caption", "alternatives"),
-                     api_name="alternatives").then(named(inspect.select), [session, position, layer, head], views,
-                                                   **private)
-    tokens.select(named(inspect.pick_token), selection, views, **private)
-    for tab, name in ((sampling_tab, "Sampling"), (lens_tab, "Logit lens"), (attention_tab, "Attention"),
-                      (timeline_tab, "Timeline")):
-        tab.select(named(inspect.opener(name)), selection, views, **private)
-    lens.select(named(inspect.click_lens), selection, views, **private)
-    timeline.select(named(inspect.click_timeline), selection, views, **private)
-    for grid in ("entropy", "similarity"):
-        ui[grid].select(named(inspect.head_clicker(grid)), selection, out("layer", "head"), **private)
-    for selector in (layer, head):
-        selector.change(named(inspect.views), selection, views, **private)
-    hide_sink.change(named(inspect.toggle_sink), [session, hide_sink, layer, head], views, **private)
-    alts.select(named(inspect.branch), [session, chat, layer, head], out("chat", "stats", "msg", *BUTTONS) + views,
-                **private)
-    undo_branch.click(named(inspect.undo_branch), [session, chat, layer, head], out("chat", "stats") + views,
-                      **private)
-    export_btn.click(named(inspect.export), [session, chat], out("export_file", "export_note"), **private)
-    load_file.upload(named(inspect.load), [session, load_file, layer, head], out("chat", "export_note") + views,
-                     **private)
+    branch_go.click(named(inspect.branch), [session, branch_request],
+                    out("chat", "stats", "msg", "branch_note", *BUTTONS) + panel_outputs, show_progress="hidden",
+                    **private)
+    undo_branch.click(named(inspect.undo_branch), session, out("chat", "stats", "branch_note") + panel_outputs,
+                      show_progress="hidden", **private)
+    export_btn.click(named(inspect.export), session, out("export_file", "export_note"), **private)
+    load_file.upload(named(inspect.load), [session, load_file],
+                     out("chat", "stats", "export_note", "msg_note", "branch_note") + panel_outputs,
+                     show_progress="hidden", **private)
+    api_position.change(named(handlers.alternatives_at), [session, api_position], out("caption", "alternatives"),
+                        api_name="alternatives")
 
 
 def compare_tab(engine: Engine) -> None:
@@ -278,8 +267,10 @@ def compare_tab(engine: Engine) -> None:
             elem_id="diff_tokens", show_legend=True, show_inline_category=False,
             label="log p tuned − log p base: red = the adapter made the token likelier, purple = less likely "
                   "(±1 = ±4 nats)")
+        ui["diff_chart"] = gr.Plot(elem_id="diff_chart", show_label=False)
         ui["diff_ranked"] = gr.Dataframe(elem_id="diff_ranked", label="Where the adapter changed its mind (top-1 "
-                                         "differs), largest KL(tuned ‖ base) first", interactive=False, wrap=True)
+                                         "differs), largest KL(tuned ‖ base) first", interactive=False, wrap=True,
+                                         column_widths=["6%", "9%", "12%", "9%", "9%", "7%", "24%", "24%"])
         with gr.Accordion("Every token", open=False):
             ui["diff_table"] = gr.Dataframe(elem_id="diff_table", interactive=False)
     named = functools.partial(by_name, ui=ui)
@@ -287,7 +278,9 @@ def compare_tab(engine: Engine) -> None:
     controls = [temperature, top_k, top_p, max_new_tokens, seed, scale]
     private = {"api_visibility": "private"}
     for trigger in (send.click, message.submit):  # the two sides stream as two queued events, each Stop-able
-        # check is queued, so a refusal shows its message; start (no queue) registers the Stop flags
+        # explain says why a message is refused, under the settings; check stops the chain on it (no outputs, so
+        # no error badge); start (no queue) registers the Stop flags
+        trigger(named(handlers.explain), [message, *controls], note, queue=False, show_progress="hidden", **private)
         started = trigger(handlers.check, [message, *controls], None, show_progress="hidden", **private).success(
             named(handlers.start), [session, message, *controls],
             [send, note, *(ui[name] for mode in MODES for name in side_outputs(mode))], queue=False, **private)
@@ -297,7 +290,8 @@ def compare_tab(engine: Engine) -> None:
     for mode, stop in ((BASE, handlers.stop_base), (TUNED, handlers.stop_tuned)):
         stops[mode].click(stop, session, None, queue=False, **private)
     diff_btn.click(named(handlers.diff), [session, which],
-                   [ui[name] for name in ("diff_summary", "diff_tokens", "diff_ranked", "diff_table")], **private)
+                   [ui[name] for name in ("diff_summary", "diff_tokens", "diff_chart", "diff_ranked", "diff_table")],
+                   **private)
 
 
 def score_tab(engine: Engine) -> None:
@@ -321,7 +315,7 @@ def score_tab(engine: Engine) -> None:
 def by_name(handler: Callable, ui: dict[str, Component]) -> Callable:
     """Wire a handler that returns or yields its outputs by name ({"chat": history, ...}, only those it
     changes): Gradio gets them by component. The wrapper keeps the handler's signature (Gradio reads it
-    for gr.SelectData) and its kind (function, generator, async generator)."""
+    for gr.SelectData) and its kind (function, coroutine, generator, async generator)."""
     def components(values: dict | None) -> dict:
         if not values:  # nothing changes: Gradio would take an empty dict for the value of a single output
             return gr.skip()
@@ -331,6 +325,9 @@ def by_name(handler: Callable, ui: dict[str, Component]) -> Callable:
         async def wired(*args):
             async for values in handler(*args):
                 yield components(values)
+    elif iscoroutinefunction(handler):
+        async def wired(*args):
+            return components(await handler(*args))
     elif isgeneratorfunction(handler):
         def wired(*args):
             for values in handler(*args):
@@ -339,6 +336,13 @@ def by_name(handler: Callable, ui: dict[str, Component]) -> Callable:
         def wired(*args):
             return components(handler(*args))
     return functools.wraps(handler)(wired)
+
+
+def script_routes() -> list[Route]:
+    def route(path: str, file: Path) -> Route:
+        return Route(path, lambda request: FileResponse(file, media_type="text/javascript",
+                                                        headers={"Cache-Control": "max-age=3600"}))
+    return [route(path, file) for path, file in SCRIPTS.items()]
 
 
 class PortBusy(Exception):
@@ -383,14 +387,15 @@ def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                     theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
-                    css_paths=[CSS], footer_links=["api"],
+                    css_paths=[CSS], head=HEAD, footer_links=["api"],
                     max_file_size=MAX_FILE,  # only a conversation export is ever loaded: larger uploads get 413
                     state_session_capacity=args.sessions_kept,
                     auth=access.login(), auth_message="Log in with any user name and the server's API key.",
                     # The API's routes go first in the FastAPI app Gradio builds: /v1 and the root routes
                     # (/tokenize, /health, /metrics...) are ours, the rest Gradio's.
                     # Uploads are bounded per request, per client and in total (files.py).
-                    app_kwargs={"routes": api_routes(engine, access), "middleware": [Middleware(UploadGuard)]},
+                    app_kwargs={"routes": [*api_routes(engine, access), *script_routes()],
+                                "middleware": [Middleware(UploadGuard)]},
                     prevent_thread_lock=True)  # the server runs in its own threads; this one computes
     except OSError as e:  # the port was taken while the models loaded
         print(f"error: {PortBusy(args.host, args.port, e)}", file=sys.stderr)

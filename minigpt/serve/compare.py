@@ -5,19 +5,22 @@ message, settings and seed; a blank seed is drawn once here, so both sides share
 """
 from __future__ import annotations
 
+import html
 import math
 import random
 from dataclasses import dataclass, field
 
 import gradio as gr
+import plotly.graph_objects as go
 
 from ..request import DRAWN_SEEDS
 from ..scoring import Comparison, TokenDiff, compare_ids
 from .conversation import BASE, MODES, TUNED, as_chat_text
 from .engine import Engine
-from .handlers import ChatHandlers
+from .handlers import ChatHandlers, busy_message
 from .panels import token_text
 from .replies import paced, stats_line
+from .scheduler import ServerBusy
 from .session import Session
 
 DIFF_SCALE = 4.0  # nats of log p_tuned − log p_base at which a token's colour saturates
@@ -51,16 +54,28 @@ class CompareHandlers:
         self.engine = engine
         self.chat = ChatHandlers(engine)  # its prepare(): the same validation and framing as the chat
 
-    def check(self, message: str, temperature, top_k, top_p, max_new_tokens, seed, scale) -> None:
-        """Refuse a message or settings either side cannot use: a gr.Error, raised in a queued step so the
-        browser shows its message (and nothing on screen is covered by an error badge)."""
+    def refusal_of(self, message: str, temperature, top_k, top_p, max_new_tokens, seed, scale) -> str:
+        """Why a message or settings cannot be used by both sides ('' if they can)."""
         if TUNED not in self.engine.models:
-            raise gr.Error(f"Comparing needs the Alpaca LoRA: {self.engine.adapter_hint}", print_exception=False)
-        if not message.strip():
-            raise gr.Error("Type a message first.", print_exception=False)
+            return f"Comparing needs the Alpaca LoRA: {self.engine.adapter_hint}"
+        if not isinstance(message, str) or not message.strip():
+            return "Type a message first."
         history = [{"role": "user", "content": as_chat_text(message)}]
-        for mode in MODES:
-            self.chat.prepare(history, mode, temperature, top_k, top_p, max_new_tokens, seed, scale)
+        try:
+            for mode in MODES:
+                self.chat.prepare(history, mode, temperature, top_k, top_p, max_new_tokens, seed, scale)
+        except gr.Error as e:
+            return e.message
+        return ""
+
+    def check(self, *args) -> None:
+        """Refuse what refusal_of refuses: the error only stops the event chain (no outputs, no toast);
+        explain puts the reason in the note under the settings."""
+        if reason := self.refusal_of(*args):
+            raise gr.Error(reason, visible=False, print_exception=False)
+
+    def explain(self, *args) -> dict:
+        return {"cmp_note": self.refusal_of(*args)}
 
     def start(self, session: CompareSession, message: str, temperature, top_k, top_p, max_new_tokens, seed,
               scale):
@@ -85,9 +100,14 @@ class CompareHandlers:
         flag = side.start_reply()
         try:
             text, stats = side_outputs(mode)
-            async for reply in paced(self.chat.replies(request, prompt, flag)):
+            try:
+                replies = self.engine.replies(request, prompt, flag)
+            except ServerBusy as e:  # in the side's stats line, beside its text
+                yield {stats: busy_message(e)}
+                return
+            async for reply in paced(replies):
                 yield {text: reply.text.strip(), stats: stats_line(reply, self.engine.device)}
-            side.show(reply)
+            side.reply = reply
         finally:
             side.finish_reply(flag)
 
@@ -117,13 +137,14 @@ class CompareHandlers:
         reply = session.sides[which].reply if which in session.sides else None
         if reply is None or not reply.token_ids:
             return {"diff_summary": f"No {which} reply yet: send a message first.", "diff_tokens": [],
-                    "diff_ranked": None, "diff_table": None}
+                    "diff_chart": None, "diff_ranked": None, "diff_table": None}
         scale = session.sides[TUNED].reply.request.scale if session.sides[TUNED].reply else 1.0
         base, tuned = self.engine.model(BASE), self.engine.model(TUNED, scale)
         comparison = self.engine.compute(compare_ids, base, tuned, reply.prompt_ids + reply.token_ids,
                                          len(reply.prompt_ids))
         return {"diff_summary": self.summary(comparison, which, scale), "diff_tokens": self.highlights(comparison),
-                "diff_ranked": self.ranked(comparison), "diff_table": self.per_token(comparison)}
+                "diff_chart": self.chart(comparison), "diff_ranked": self.ranked(comparison),
+                "diff_table": self.per_token(comparison)}
 
     @staticmethod
     def summary(c: Comparison, which: str, scale: float) -> str:
@@ -138,6 +159,30 @@ class CompareHandlers:
         """Each token coloured by log p_tuned − log p_base: red where the adapter made it likelier, purple less."""
         return [(token_text(self.engine.tokenizer, t.token_id), max(-1.0, min(1.0, t.diff / DIFF_SCALE)))
                 for t in c.tokens]
+
+    def chart(self, c: Comparison) -> go.Figure:
+        """log p_tuned − log p_base per token as bars (red: the adapter made it likelier), and KL(tuned ‖ base) as a
+        line on its own axis; hover: the token, both log-probs, the difference and the KL. Drawn by Plotly in the
+        browser (gr.Plot): zoom and pan for long replies."""
+        positions = [t.position for t in c.tokens]
+        texts = [repr(token_text(self.engine.tokenizer, t.token_id)) for t in c.tokens]
+        hover = [f"token {t.position}: {html.escape(text)}<br>log p base {t.logprob_base:.3f}, tuned "
+                 f"{t.logprob_tuned:.3f}<br>tuned − base {t.diff:+.3f} nats<br>KL(tuned ‖ base) {t.kl:.3f} nats"
+                 for t, text in zip(c.tokens, texts)]
+        figure = go.Figure([
+            go.Bar(x=positions, y=[t.diff for t in c.tokens], name="log p tuned − log p base",
+                   marker_color=["#c62828" if t.diff > 0 else "#6a1b9a" for t in c.tokens],
+                   hovertext=hover, hoverinfo="text"),
+            go.Scatter(x=positions, y=[t.kl for t in c.tokens], name="KL(tuned ‖ base)", yaxis="y2",
+                       mode="lines+markers", line={"color": "#546e7a", "width": 1}, marker={"size": 4},
+                       hovertext=hover, hoverinfo="text")])
+        figure.update_layout(height=300, margin={"l": 60, "r": 60, "t": 30, "b": 45}, bargap=0.1,
+                             legend={"orientation": "h", "y": 1.12},
+                             xaxis={"title": {"text": "reply token"}},
+                             yaxis={"title": {"text": "tuned − base (nats)"}, "zeroline": True},
+                             yaxis2={"title": {"text": "KL (nats)"}, "overlaying": "y", "side": "right",
+                                     "rangemode": "tozero", "showgrid": False})
+        return figure
 
     def top(self, alternatives: list[tuple[int, float]]) -> str:
         return ", ".join(f"{token_text(self.engine.tokenizer, i)!r} {math.exp(lp):.0%}" for i, lp in alternatives)

@@ -7,6 +7,8 @@ session's Session (a gr.State) and the Engine every session shares.
 """
 from __future__ import annotations
 
+import html
+
 import anyio
 import gradio as gr
 
@@ -18,32 +20,28 @@ from .conversation import (
     build_prompt,
     context_note,
     message_text,
-    read_choice,
     read_request,
     whole_number,
     with_user_message,
     without_last_reply,
 )
 from .engine import Engine
-from .panels import (
-    AttentionWindow,
-    alternatives,
-    attention_window,
-    heatmap,
-    position_caption,
-    token_highlights,
-)
-from .replies import paced, stats_line
+from .panels import alternatives, position_caption
+from .replies import Reply, paced, stats_line
+from .reply_numbers import reply_numbers
 from .scheduler import ServerBusy
 from .session import Session
 
-ATTENTION_HINT = "The attention of the last reply is computed when this panel is open."
+NO_REPLY = "No reply yet: send a message, or load a conversation under Export."
+WRITING = "The reply is being written: its tokens and views appear here when it ends."
+UNDONE = "The reply these panels showed was undone."
+EMPTY = "The reply has no tokens to look inside."
 
 
 def refusal(message: str) -> gr.Error:
-    """Refused input, as the browser shows it: a toast that stays until closed. The page's own refusals come
-    from the check steps, which have no outputs, so no component is covered by an "Error" badge."""
-    return gr.Error(message, duration=None, print_exception=False)
+    """Refused input from a crafted request (a value no control of the page sends): an error for the
+    client, which the page never shows; the page's own refusals are notes beside their control."""
+    return gr.Error(message, print_exception=False)
 
 
 def checked(read, *args):
@@ -61,6 +59,18 @@ def locked() -> dict:
 
 def unlock() -> dict:
     return {"msg": gr.Textbox(interactive=True), **{name: gr.Button(interactive=True) for name in BUTTONS}}
+
+
+def panels(session: Session) -> dict:
+    """{"inspect_data"}: the session's panel payload, for the page's script (inspect.js) to draw, and
+    whether there is a branch to undo."""
+    branched = "1" if session.original is not None else ""
+    return {"inspect_data": f'<div class="payload" data-branched="{branched}">'
+                            f'{html.escape(session.payload, quote=False)}</div>'}
+
+
+def busy_message(error: ServerBusy) -> str:
+    return f"{str(error)[0].upper()}{str(error)[1:]}. Try again in a moment."
 
 
 BUTTONS = ("send", "retry", "undo", "clear")
@@ -94,103 +104,113 @@ class ChatHandlers:
         """prepare(), off the event loop: tokenizing a long history must not hold up every other user."""
         return await anyio.to_thread.run_sync(self.prepare, *args)
 
-    def check_message(self, message, history, *controls):  # controls as in prepare()
-        """Refuse bad input before anything on the page changes, while the message is still in the box."""
+    def message_refusal(self, message, history, *controls) -> str:  # controls as in prepare()
+        """Why a message cannot be sent as it is ('' if it can)."""
         if not isinstance(message, str) or not message.strip():
-            raise refusal("Type a message first.")
-        self.prepare(with_user_message(history, message), *controls)
+            return "Type a message first."
+        return self.refusal_of(with_user_message(history, message), *controls)
+
+    def refusal_of(self, history, *controls) -> str:
+        try:
+            self.prepare(history, *controls)
+        except gr.Error as e:
+            return e.message
+        return ""
+
+    def check_message(self, message, history, *controls):
+        """Refuse bad input before anything on the page changes, while the message is still in the box. The
+        error only stops the event chain (no outputs, so no component is covered by an error badge, and no
+        toast): explain_message puts the reason beside the box."""
+        if reason := self.message_refusal(message, history, *controls):
+            raise gr.Error(reason, visible=False, print_exception=False)
+
+    def explain_message(self, message, history, *controls) -> dict:
+        return {"msg_note": self.message_refusal(message, history, *controls)}
 
     def check_retry(self, history, *controls):
-        self.prepare(without_last_reply(history), *controls)
+        if reason := self.refusal_of(without_last_reply(history), *controls):
+            raise gr.Error(reason, visible=False, print_exception=False)
+
+    def explain_retry(self, history, *controls) -> dict:
+        return {"msg_note": self.refusal_of(without_last_reply(history), *controls)}
 
     @staticmethod
     def add_message(session: Session, message, history) -> dict:
         """The checked message joins the chat and the controls lock until the reply has finished."""
         session.queue_reply()
+        session.forget(WRITING)
         return {"msg": gr.Textbox(value="", interactive=False), "chat": with_user_message(history, message),
-                **locked()}
+                "branch_note": "", **locked(), **panels(session)}
 
     @staticmethod
     def retry(session: Session, history) -> dict:
         session.queue_reply()
-        return {"msg": gr.Textbox(interactive=False), "chat": without_last_reply(history), **locked()}
+        session.forget(WRITING)
+        return {"msg": gr.Textbox(interactive=False), "chat": without_last_reply(history), "branch_note": "",
+                **locked(), **panels(session)}
 
-    @staticmethod
-    def undo(history) -> dict:
-        """Take back the last exchange; the message returns to the box for editing."""
+    def undo(self, session: Session, history) -> dict:
+        """Take back the last exchange; the message returns to the box for editing, the panels say so."""
         history = without_last_reply(history)
+        session.forget(UNDONE if session.reply is not None else NO_REPLY)
+        cleared = {"stats": self.ready, "msg_note": "", "branch_note": "", **panels(session)}
         if not history:
-            return {"chat": history}
-        return {"msg": message_text(history[-1]), "chat": history[:-1]}
+            return {"chat": history, **cleared}
+        return {"msg": message_text(history[-1]), "chat": history[:-1], **cleared}
 
     @staticmethod
     def stop(session: Session):
         session.stop()
 
-    async def respond(self, session: Session, history, mode, temperature, top_k, top_p, max_new_tokens, seed, layer,
-                      head, scale=1.0, *more):
-        """The reply, streamed: {"chat", "stats"} while it waits and grows; finished, the prompt and the panels."""
+    async def respond(self, session: Session, history, mode, temperature, top_k, top_p, max_new_tokens, seed,
+                      scale=1.0, *more):
+        """The reply, streamed: {"chat", "stats"} while it waits and grows; finished, the prompt; then, once
+        its numbers are computed (a scheduler task), the panels."""
         request, prompt, notices = await self.prepare_async(history, mode, temperature, top_k, top_p,
                                                             max_new_tokens, seed, scale, *more)
         notes = [*notices, context_note(prompt, self.engine.n_positions)]
-        for note in filter(None, notes):
-            gr.Warning(note)
         flag = session.start_reply()
         history = [*history, {"role": "assistant", "content": ""}]
         try:
-            async for reply in paced(self.replies(request, prompt, flag)):
+            try:
+                replies = self.engine.replies(request, prompt, flag)
+            except ServerBusy as e:  # beside the message box; the conversation stays as it was
+                message = busy_message(e)
+                session.forget(message)
+                yield {"stats": message, "msg_note": message, **panels(session)}
+                return
+            async for reply in paced(replies):
                 history[-1] = {"role": "assistant", "content": as_chat_text(reply.text.strip())}
                 status = "\n\n".join(filter(None, [stats_line(reply, self.engine.device), *notes]))
                 if reply.finish_reason is None:
                     yield {"chat": history, "stats": status}
-            wanted = session.attention_open and reply.token_ids
-            window = await self.engine.compute_async(attention_window, self.engine.model_for(request),
-                                                     self.engine.tokenizer, reply) if wanted else None
-            session.show(reply, window)
-            yield {"chat": history, "stats": status, "prompt": prompt.text,
-                   **self.log_prob_panel(session, len(reply.token_ids)), **self.attention_panel(session, layer, head)}
+            finished = {"chat": history, "stats": status, "prompt": prompt.text}
+            yield finished
+            await self.show(session, reply, history)
+            yield {**finished, **panels(session)}  # every output again: an API client's last update is complete
         finally:
             session.finish_reply(flag)
 
-    def replies(self, request, prompt, flag, forced=()):
-        """engine.replies, a full queue becoming the user's message."""
-        try:
-            return self.engine.replies(request, prompt, flag, forced=forced)
-        except ServerBusy as e:
-            raise gr.Error(f"{str(e)[0].upper()}{str(e)[1:]}. Try again in a moment.", print_exception=False) \
-                from None
-
-    def log_prob_panel(self, session: Session, position) -> dict:
-        """{"tokens", "position", "caption", "alternatives"} of the last reply at a token position."""
-        position = checked(whole_number, "Token position", position)
-        reply = session.reply
-        if reply is None or not reply.token_ids:
-            return {"tokens": [], "position": gr.Slider(1, 2, value=1), "caption": "No reply yet.",
-                    "alternatives": None}
-        position = min(max(position, 1), len(reply.token_ids))  # clamped: a slider cannot span a single value
-        tokenizer = self.engine.tokenizer
-        return {"tokens": token_highlights(reply, tokenizer),
-                "position": gr.Slider(1, max(len(reply.token_ids), 2), value=position),
-                "caption": position_caption(reply, tokenizer, position),
-                "alternatives": alternatives(reply, tokenizer, position)}
+    async def show(self, session: Session, reply: Reply, history: list[dict], select: int | None = None) -> None:
+        """The panels now describe `reply`, the last message of `history`: its numbers, computed once, as a
+        scheduler task in its turn."""
+        if not reply.token_ids:
+            session.forget(EMPTY)
+            return
+        numbers = await self.engine.compute_async(reply_numbers, self.engine.model_for(reply.request),
+                                                  self.engine.tokenizer, reply)
+        session.show(reply, history, numbers, select)
 
     def alternatives_at(self, session: Session, position) -> dict:
-        panel = self.log_prob_panel(session, position)
-        return {"caption": panel["caption"], "alternatives": panel["alternatives"]}
-
-    @staticmethod
-    def attention_panel(session: Session, layer, head) -> dict:
-        """{"heatmap", "attention_note"}: the last reply's attention at a layer and head (-1: their average)."""
-        window: AttentionWindow | None = session.window
-        layer, head = checked(whole_number, "Layer", layer), checked(whole_number, "Head", head)
-        if window is None:
-            return {"heatmap": None, "attention_note": ATTENTION_HINT}
-        n_layer, n_head = window.probs.shape[:2]
-        layer = checked(read_choice, "Layer", layer, range(n_layer))
-        head = checked(read_choice, "Head", head, range(-1, n_head))  # -1: the average over heads
-        return {"heatmap": heatmap(window, layer, None if head < 0 else head), "attention_note": window.note}
+        """{"caption", "alternatives"} of the panels' reply at a token position (the /alternatives API)."""
+        position = checked(whole_number, "Token position", position)
+        reply = session.reply
+        if reply is None:
+            return {"caption": NO_REPLY, "alternatives": None}
+        position = min(max(position, 1), len(reply.token_ids))
+        return {"caption": position_caption(reply, self.engine.tokenizer, position),
+                "alternatives": alternatives(reply, self.engine.tokenizer, position)}
 
     def clear(self, session: Session) -> dict:
-        session.show(None)
-        return {"chat": [], "stats": self.ready, "prompt": "", **self.log_prob_panel(session, 1),
-                **self.attention_panel(session, 0, -1)}
+        session.forget(NO_REPLY)
+        return {"chat": [], "stats": self.ready, "prompt": "", "msg_note": "", "branch_note": "", **panels(session)}

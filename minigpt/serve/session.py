@@ -1,35 +1,42 @@
-"""One browser session's state, in one object: its Stop flags, its last reply and its panels' state."""
+"""One browser session's state, in one object: its Stop flags, and the reply its panels, stats line and Export describe."""
 from __future__ import annotations
 
+import itertools
 import threading
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..inspection import LogitLens
-from .clickable import ClickMap
-from .panels import AttentionWindow
 from .replies import Reply
+from .reply_numbers import as_json
+
+KEYS = itertools.count(1)  # every panel payload of the process gets its own key: a restored one stays unique
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What the panels show, kept to be shown again (Undo branch)."""
+    reply: Reply
+    history: list[dict]
+    payload: str
+    key: int
 
 
 @dataclass
 class Session:
     """Held in a gr.State: Gradio gives each browser (or API client) session its own, through
     __deepcopy__, and hands every event of that session the same object, so a Stop clicked while a
-    reply streams reaches that reply's flag."""
+    reply streams reaches that reply's flag.
+
+    The "look inside" panels, the stats line and Export all describe `reply`, the chat's last message,
+    and nothing else: every action that changes that message (Send, Retry, Undo, Clear, a branch and its
+    undo, loading a file) goes through show() or forget(), and the page's panels follow `payload`."""
     in_flight: set[threading.Event] = field(default_factory=set)  # one Stop flag per reply queued or computing
     queued: threading.Event | None = None  # the flag of the reply the browser just asked for, until it starts
-    reply: Reply | None = None  # the last finished reply, behind the log-prob and attention panels
-    window: AttentionWindow | None = None  # its attention, once computed
-    attention_open: bool = False  # the attention panel is open (it may open mid-reply)
-    # The "look inside" views (minigpt/serve/inspect_panels.py) share one selected token and cache
-    # what they computed for the last reply, until the next one.
-    position: int = 1  # the selected reply token, 1-based
-    view: str = "Sampling"  # the view on screen: the others are computed when they are opened
-    hide_sink: bool = False  # attention views without the first token, renormalised
-    lens: LogitLens | None = None
-    heads: AttentionWindow | None = None  # every row and key of the reply's attention (entropy, similarity)
-    clicks: dict[str, ClickMap] = field(default_factory=dict)  # each clickable figure's grid, by view
-    original: Reply | None = None  # the reply before branching from an alternative, for Undo
+    reply: Reply | None = None  # the chat's last reply, the panels' subject; None while there is none or it streams
+    history: list[dict] = field(default_factory=list)  # the conversation that reply ends (what Export writes)
+    payload: str = ""  # the panels' numbers (reply_numbers) as JSON, or {"note": ...} without a reply
+    key: int = 0  # the key of the payload on screen: a branch asked from another panel is refused
+    original: Shown | None = None  # what the panels showed before branching, for Undo branch
     export: Path | None = None  # the latest conversation export (the next replaces it: files.ExportFolder)
 
     def __deepcopy__(self, memo: dict) -> "Session":
@@ -54,8 +61,24 @@ class Session:
         for flag in list(self.in_flight):
             flag.set()
 
-    def show(self, reply: Reply | None, window: AttentionWindow | None = None) -> None:
-        """A new last reply (None: none): every view starts over, its last token selected."""
-        self.reply, self.window, self.lens, self.heads, self.original = reply, window, None, None, None
-        self.position = len(reply.token_ids) if reply is not None else 1
-        self.clicks = {}
+    def show(self, reply: Reply, history: list[dict], numbers: dict, select: int | None = None) -> None:
+        """The chat's last message is now `reply` (ending `history`); the panels show its numbers, token
+        `select` selected (default: the last)."""
+        self.key += 1
+        self.reply, self.history = reply, list(history)
+        self.payload = as_json({**numbers, "key": self.key, "select": select or len(reply.token_ids)})
+
+    def forget(self, note: str, keep_branch: bool = False) -> None:
+        """The panels' reply is gone (undone, cleared, being replaced): they say `note` instead."""
+        self.key = next(KEYS)
+        self.reply, self.history = None, []
+        self.payload = as_json({"note": note, "key": self.key})
+        if not keep_branch:
+            self.original = None
+
+    def shown(self) -> Shown | None:
+        return Shown(self.reply, self.history, self.payload, self.key) if self.reply is not None else None
+
+    def restore(self, shown: Shown) -> None:
+        """Show again what shown() kept (its key too: its panels' branch requests hold again)."""
+        self.reply, self.history, self.payload, self.key = shown.reply, shown.history, shown.payload, shown.key

@@ -88,3 +88,14 @@ def save_screenshot(page, name: str, full_page: bool = True) -> None:
     if os.environ.get("MINIGPT_SCREENSHOT"):
         page.wait_for_timeout(300)  # let images finish painting
         page.screenshot(path=REPO / "assets" / name, full_page=full_page)
+
+
+# The app's own error elements (never model text, which may say "Error"): an error toast, or the "Error" badge
+# Gradio lays over a component whose event failed.
+ERROR_ELEMENTS = ".toast-body.error, [data-testid=status-tracker] .error"
+
+
+def assert_no_error_shown(page) -> None:
+    errors = page.locator(ERROR_ELEMENTS)
+    shown = [errors.nth(i).inner_text() for i in range(errors.count()) if errors.nth(i).is_visible()]
+    assert not shown, f"error elements on screen: {shown}"

@@ -31,7 +31,7 @@ def history(*texts):
 
 
 def chat_args(hist, mode=BASE, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=24, seed=""):
-    return hist, mode, temperature, top_k, top_p, max_new_tokens, seed, 0, -1  # ..., layer, head
+    return hist, mode, temperature, top_k, top_p, max_new_tokens, seed
 
 
 def expected_reply(model, tokenizer, prompt, max_new_tokens, stops):

@@ -72,6 +72,10 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     n_tokens = int(re.search(r"reply, (\d+) tokens", page.locator("#diff_summary").inner_text()).group(1))
     assert tokens.count() == n_tokens
     assert "background" in tokens.first.get_attribute("style")
+    chart = page.locator("#diff_chart .js-plotly-plot")
+    expect(chart).to_be_visible()
+    assert chart.locator(".bars .point").count() == n_tokens  # one bar per token, drawn by Plotly in the page
+    assert "tuned − base (nats)" in chart.inner_text() and "KL(tuned ‖ base)" in chart.inner_text()
     expect(page.locator("#diff_ranked")).to_contain_text("base top-5")
     expect(page.locator("#diff_ranked")).to_contain_text("%")  # a random adapter changes the top-1 somewhere
     save_screenshot(page, "compare.png")
@@ -131,6 +135,6 @@ def test_refused_input_in_compare_is_a_message_and_nothing_is_lost(page):
     page.get_by_role("button", name="Settings (both sides)").click()
     for message, seed_text, refusal in [("Hi.", "abc", "Seed must be a number, got 'abc'."),
                                         ("", "", "Type a message first.")]:
-        send_refused(page, "cmp_", message, seed_text, refusal)
+        send_refused(page, "cmp_", message, seed_text, refusal, where="#cmp_note")
         for side in ("#cmp_base", "#cmp_tuned"):  # no error badge over the outputs
             assert error_badges(page, side) == 0

@@ -43,7 +43,8 @@ def test_the_folder_holds_exactly_the_app_the_package_and_the_adapter(tmp_path, 
     adapter_files = {f"checkpoints/alpaca-lora/{CONFIG_FILE}", f"checkpoints/alpaca-lora/{WEIGHTS_FILE}"}
     assert set(files) == on_disk == {"app.py", "README.md", "requirements.txt", "packages.txt",
                                      "assets/screenshot.png", *adapter_files, *package}
-    for name in ["app.py", "assets/screenshot.png", "minigpt/speed/decode_step.c", "minigpt/serve/app.css"]:
+    for name in ["app.py", "assets/screenshot.png", "minigpt/speed/decode_step.c", "minigpt/serve/app.css",
+                 "minigpt/serve/inspect.js"]:
         assert (tmp_path / "space" / name).read_bytes() == (REPO / name).read_bytes()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         assert (tmp_path / "space/checkpoints/alpaca-lora" / name).read_bytes() == (adapter / name).read_bytes()

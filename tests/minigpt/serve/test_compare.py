@@ -16,7 +16,7 @@ from minigpt.serve.handlers import ChatHandlers
 from minigpt.serve.inspect_panels import InspectHandlers
 from minigpt.serve.score import ScoreHandlers
 from minigpt.serve.session import Session
-from tests.helpers import updates
+from tests.helpers import run_async, updates
 from tests.helpers.app_server import make_adapter
 
 
@@ -24,6 +24,11 @@ from tests.helpers.app_server import make_adapter
 def setup(tiny_checkpoint, tmp_path_factory):
     adapter = make_adapter(tiny_checkpoint[0], tmp_path_factory.mktemp("adapter"))
     return load_engine(str(tiny_checkpoint[0]), str(adapter), "cpu", "float32"), adapter
+
+
+def last(sent: list[dict]) -> dict:
+    """Each output's last value, from a streaming handler's updates."""
+    return {name: value for update in sent for name, value in update.items()}
 
 
 def run_side(handlers, session, mode):
@@ -42,16 +47,20 @@ def test_both_sides_answer_with_one_seed_and_the_diff_rescores_a_reply(setup):
     assert "Alpaca LoRA at scale 0.5" in texts[TUNED][1] and not session.busy
     # the same seed in the chat gives the same tuned reply
     chat_reply = session.sides[TUNED].reply
-    again = updates(ChatHandlers(engine).respond(Session(), [{"role": "user", "content": "Name a colour."}], TUNED,
-                                              1.0, 0, 1.0, 12, seed, 0, -1, 0.5))[-1]["chat"][-1]["content"]
+    again = last(updates(ChatHandlers(engine).respond(Session(), [{"role": "user", "content": "Name a colour."}], TUNED,
+                                                   1.0, 0, 1.0, 12, seed, 0.5)))["chat"][-1]["content"]
     assert again == texts[TUNED][0]
-    summary, tokens, ranked, table = handlers.diff(session, TUNED).values()
+    summary, tokens, chart, ranked, table = handlers.diff(session, TUNED).values()
     expected = compare_ids(engine.model(BASE), engine.model(TUNED, 0.5), chat_reply.prompt_ids + chat_reply.token_ids,
                            len(chat_reply.prompt_ids))
     assert f"base {expected.mean_logprob_base:.3f}, tuned {expected.mean_logprob_tuned:.3f}" in summary
     assert len(tokens) == len(table["data"]) == len(chat_reply.token_ids)
     assert [row[4] for row in table["data"]] == [round(t.diff, 3) for t in expected.tokens]
     assert [row[1] for row in ranked["data"]] == [t.position for t in expected.changed_minds()]
+    bars, kl = chart.data  # the chart's numbers are the comparison's
+    assert list(bars.y) == pytest.approx([t.diff for t in expected.tokens], abs=1e-6)
+    assert list(kl.y) == pytest.approx([t.kl for t in expected.tokens], abs=1e-6)
+    assert chart.layout.yaxis.title.text == "tuned − base (nats)" and chart.layout.yaxis2.title.text == "KL (nats)"
 
 
 def test_stop_ends_one_side_only(setup):
@@ -86,7 +95,7 @@ def test_two_chat_sessions_at_different_scales_at_once_each_get_their_own(setup)
     replies = {}
 
     def reply(scale):
-        replies[scale] = updates(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, scale))[-1]
+        replies[scale] = last(updates(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", scale)))
 
     threads = [threading.Thread(target=reply, args=(s,)) for s in (0.0, 2.0)]
     for t in threads:
@@ -94,7 +103,7 @@ def test_two_chat_sessions_at_different_scales_at_once_each_get_their_own(setup)
     for t in threads:
         t.join()
     for scale, out in replies.items():
-        alone = updates(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", 0, -1, scale))[-1]["chat"]
+        alone = last(updates(chat.respond(Session(), history, TUNED, 0.0, 0, 1.0, 10, "", scale)))["chat"]
         assert out["chat"] == alone and f"scale {scale:g}" in out["stats"]
     assert replies[0.0]["chat"] != replies[2.0]["chat"]
 
@@ -116,16 +125,16 @@ def test_bad_scale_or_empty_text_is_a_message(setup):
 def test_a_reply_at_scale_0_is_inspected_exported_and_loaded_at_scale_0(setup):
     engine, _ = setup
     chat, inspect, session = ChatHandlers(engine), InspectHandlers(engine), Session()
-    updates(chat.respond(session, [{"role": "user", "content": "Name a colour."}], TUNED, 0.0, 0, 1.0, 12, "3", 0, -1,
-                         0.0))
+    updates(chat.respond(session, [{"role": "user", "content": "Name a colour."}], TUNED, 0.0, 0, 1.0, 12, "3", 0.0))
     reply = session.reply
     assert (reply.request.mode, reply.request.scale) == (TUNED, 0.0)
-    for position in range(1, len(reply.token_ids) + 1):  # greedy: each drawn token is the argmax of the
-        session.position = position                        # logits the view shows, if they are the right ones
-        assert "(p = 1.000 in the final distribution)" in inspect.sampling_view(session)["pipeline_note"]
-    path = inspect.export(session, [])["export_file"]
+    sampling = json.loads(session.payload)["sampling"]
+    # greedy: each drawn token is the argmax of the logits the views show, if they are the right ones
+    assert [shown[0] for shown in sampling["shown"]] == reply.token_ids
+    path = inspect.export(session)["export_file"]
     saved = json.loads(Path(path).read_text())
     assert (saved["mode"], saved["scale"], saved["seed"]) == (TUNED, 0.0, 3)
     loaded = Session()
-    inspect.load(loaded, path, 0, -1)
+    run_async(inspect.load(loaded, path))
     assert loaded.reply.request == reply.request
+    assert json.loads(loaded.payload)["sampling"] == sampling

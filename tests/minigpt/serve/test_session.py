@@ -5,9 +5,9 @@ from minigpt.serve.session import Session
 
 
 def test_each_session_gets_a_fresh_state_object():
-    template = Session(attention_open=True)
+    template = Session(key=3, payload="{}")
     first, second = copy.deepcopy(template), copy.deepcopy(template)  # what gr.State does per session
-    assert first is not second and not first.attention_open and not first.in_flight
+    assert first is not second and first.key == 0 and not first.payload and not first.in_flight
 
 
 def test_stop_reaches_every_reply_in_flight_even_after_one_finishes():
