@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -33,7 +33,7 @@ from gradio_client import Client
 from gradio_client.utils import Status
 
 from bench.load_api import ApiRequest, check_api_requests, run_api_client, warm_up
-from minigpt.serve.conversation import BASE, TUNED, message_text
+from minigpt.serve.conversation import BASE, TUNED, MoreSampling, message_text
 from tests.helpers.app_server import (
     running_app,  # tiny checkpoint + adapter, app subprocess
 )
@@ -63,8 +63,10 @@ def user(text: str) -> dict:
 
 
 def chat_args(request: Request) -> list:
-    """/chat's inputs: history, mode, temperature, top-k, top-p, max new tokens, seed, layer, head."""
-    return [request.history, request.mode, 0.9, 50, 0.95, request.max_new_tokens, str(request.seed), 0, -1]
+    """/chat's inputs: history, mode, temperature, top-k, top-p, max new tokens, seed, LoRA scale, then the
+    More sampling controls, off (a raw /gradio_api/call/chat needs every input)."""
+    return [request.history, request.mode, 0.9, 50, 0.95, request.max_new_tokens, str(request.seed), 1.0,
+            *astuple(MoreSampling())]
 
 
 def action_for(client: int, turn: int, turns: int) -> str:
