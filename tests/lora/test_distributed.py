@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow  # torchrun-style subprocesses
 # so rank 1 gets no example there, and no held-out batch at all: both must still join every step.
 # LoRA dropout is on (the default 0.05): masks are keyed by the example's place in the step, not the rank.
 OPTIONS = ["--max-steps", "6", "--lr", "1e-2", "--grad-accum", "2", "--val-fraction", "0.2",
+           "--eval-examples", "1000",  # every held-out example: the default cap follows measured times
            "--eval-every", "2", "--save-every", "3", "--targets", "c_attn,c_fc", "--device", "cpu", "--max-len", "128"]
 
 

@@ -69,7 +69,8 @@ class Crash(Exception):
 def test_resumed_run_repeats_the_uninterrupted_losses(workdir, tmp_path, monkeypatch):
     # dropout on, two micro-batches per step and a held-out split: RNG, data order and optimizer all matter
     options = ["--max-steps", "6", "--lr", "1e-2", "--batch-size", "2", "--grad-accum", "2", "--dropout", "0.1",
-               "--val-fraction", "0.2", "--eval-every", "2", "--save-every", "3", "--targets", "c_attn,c_fc"]
+               "--val-fraction", "0.2", "--eval-examples", "1000",  # all held out: the default cap is timed
+               "--eval-every", "2", "--save-every", "3", "--targets", "c_attn,c_fc"]
     assert main(cli(workdir, tmp_path / "whole", *options)) == 0
 
     real_evaluate = minigpt.training.evaluate

@@ -83,7 +83,7 @@ def test_two_processes_share_one_token_cache_and_train_like_one(tmp_path, monkey
     text.write_text("\n".join(LINES * 10), encoding="utf-8")
     common = ["--text", str(text), "--tokenizer", str(tmp_path / "tokenizer"), "--n-layer", "1", "--n-head", "2",
               "--n-embd", "16", "--block-size", "8", "--max-steps", "3", "--lr", "1e-2", "--val-fraction", "0.1",
-              "--device", "cpu"]
+              "--eval-examples", "1000", "--device", "cpu"]  # every held-out window: the default cap is timed
     two = torchrun(["minigpt.pretrain", *common, "--out", str(tmp_path / "two"), "--batch-size", "2",
                     "--grad-accum", "2"])
     assert two.stderr.count("(tokenized into the token cache)") == 1
