@@ -3,6 +3,7 @@ after Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import sys
@@ -47,9 +48,12 @@ def warn_if_compile(args: argparse.Namespace) -> None:
 
 def exit_cli(code: int) -> NoReturn:
     """sys.exit(code); after Ctrl-C (code 130), leave at once instead: a download thread blocked on a
-    stalled connection would otherwise hold the exit for minutes. huggingface_hub downloads into a
-    uniquely named temporary file and renames it only when complete, so nothing half-written is trusted."""
+    stalled connection, or a server thread waiting for work that will never come, would otherwise hold the
+    exit for minutes or for ever. huggingface_hub downloads into a uniquely named temporary file and renames
+    it only when complete, so nothing half-written is trusted. The atexit cleanups (the app's export folder)
+    still run: they remove files and wait for no thread."""
     if code == INTERRUPTED:
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -24,7 +24,7 @@ from starlette.responses import FileResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from minigpt import CheckpointError  # noqa: E402
-from minigpt.cli import INTERRUPTED, ctrl_c_exits_now, warn_if_compile  # noqa: E402
+from minigpt.cli import ctrl_c_exits_now, warn_if_compile  # noqa: E402
 from minigpt.errors import DeviceError  # noqa: E402
 from minigpt.serve.conversation import (  # noqa: E402
     BASE,
@@ -363,7 +363,7 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
-    """Load the models, open the page and serve until Ctrl-C (130); 2 with one `error:` line if that cannot start.
+    """Load the models, open the page and serve until Ctrl-C (KeyboardInterrupt); 2 with one `error:` line if that cannot start.
     default_adapter: served when --adapter names none (if it is there and fits the model)."""
     warn_if_compile(args)
     try:
@@ -407,9 +407,7 @@ def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
               "time (a busy machine, or an http_proxy without no_proxy=localhost): start it again", file=sys.stderr)
         demo.close()
         return 2
-    try:
-        engine.scheduler.serve()  # every forward pass, in the thread that loaded the models (Scheduler says why)
-    except KeyboardInterrupt:
-        demo.close()
-    return INTERRUPTED
+    # Every forward pass, in the thread that loaded the models (Scheduler says why), until Ctrl-C raises
+    # KeyboardInterrupt here: main turns it into one line and a prompt exit with 130.
+    engine.scheduler.serve()
 

@@ -129,6 +129,6 @@ def main(argv: list[str] | None = None, home: Path | None = None, prog: str = "m
         from minigpt.serve.app import serve  # Gradio and torch: seconds of imports, after --help has answered
 
         return serve(args, None if args.no_adapter else default_adapter(home or Path.cwd()))
-    except KeyboardInterrupt:  # Ctrl-C while importing, building the page or starting Gradio's server
+    except KeyboardInterrupt:  # Ctrl-C while importing, building the page, starting Gradio's server or serving
         print("\ninterrupted", file=sys.stderr)
-        exit_cli(INTERRUPTED)  # at once: Gradio's server threads would hold a normal exit
+        exit_cli(INTERRUPTED)  # at once: Gradio's and the API's threads would hold a normal exit

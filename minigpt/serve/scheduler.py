@@ -22,7 +22,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -178,7 +178,7 @@ class Scheduler:
         return not self.waiting and len(self.running) < self.max_rows
 
     @torch.inference_mode()  # grad mode is per thread: the worker never builds a graph
-    def serve(self) -> None:
+    def serve(self) -> NoReturn:
         """The worker loop, in the calling thread, for good (a KeyboardInterrupt ends it)."""
         while True:
             with self.lock:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -109,23 +110,36 @@ def test_a_busy_port_is_one_line_naming_our_option(tiny_checkpoint, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("when", ["importing", "starting the server"])
-def test_ctrl_c_while_the_app_starts_is_one_line_and_130(tiny_checkpoint, when):
-    """SIGINT early (torch and Gradio are being imported), or once the models are loaded (the page is being built,
-    or Gradio's server is starting and checking itself): whichever step it lands in, one line and status 130."""
+@pytest.mark.parametrize("when", ["importing", "starting the server", "serving"])
+def test_ctrl_c_is_one_line_130_and_leaves_no_export_folder(tiny_checkpoint, tmp_path, when):
+    """SIGINT early (torch and Gradio are being imported), once the models are loaded (the page is being built, or
+    Gradio's server is starting and checking itself), or while the page answers: whichever step it lands in, one
+    line, status 130 without waiting for the server's threads, and the export folder (made with the page) gone."""
+    port = free_port()
     run = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_checkpoint[0]), "--no-adapter", "--device",
-                            "cpu", "--port", str(free_port())], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                           preexec_fn=interruptible)
+                            "cpu", "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, preexec_fn=interruptible,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)})
     if when == "importing":
         time.sleep(0.3)
     else:
         assert run.stdout.readline().startswith("Serving ")  # the models are loaded; build_app and launch follow
+    if when == "serving":
+        while not answers(f"http://127.0.0.1:{port}/health"):
+            assert run.poll() is None, run.communicate()
+            time.sleep(0.2)
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 130 and "Traceback" not in err, err
-    said = [line for line in err.splitlines() if line and not line.startswith("note: ")]
-    assert said in (["interrupted"], [])  # a line, or nothing when it landed in the serving loop
+    assert [line for line in err.splitlines() if line and not line.startswith("note: ")] == ["interrupted"]
+    assert not list(tmp_path.glob("minigpt-exports-*"))
+
+
+def answers(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=5).status == 200
+    except OSError:
+        return False
 
 
 def test_help_answers_before_gradio_or_a_model_is_imported():
