@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import llguidance
 import numpy as np
-import llguidance.torch as llt
+import llguidance.numpy as llnp  # not llguidance.torch: it imports torch.compile's stack (seconds)
 import tiktoken
 import torch
 from llguidance.tiktoken import lltokenizer_from_encoding
@@ -55,15 +55,15 @@ class JsonGrammar:
     def __init__(self, schema: str, tokenizer: tiktoken.Encoding):
         lltokenizer = _lltokenizer(tokenizer)
         self.matcher = llguidance.LLMatcher(lltokenizer, compile_schema(schema, tokenizer))
-        self.bitmask = llt.allocate_token_bitmask(1, lltokenizer.vocab_size)
+        self.bitmask = llnp.allocate_token_bitmask(1, lltokenizer.vocab_size)
         self.vocab_size = lltokenizer.vocab_size
 
     def allowed(self, vocab_size: int) -> torch.Tensor:
         """Bool (vocab_size,): the tokens that keep the text a prefix of a valid document (or end it); tokens
         beyond the tokenizer's vocabulary (a padded embedding) never are."""
-        llt.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        llnp.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         # Bit i of 32-bit word j is token 32j + i: little-endian bytes, each unpacked low bit first.
-        bits = np.unpackbits(self.bitmask[0].numpy().view(np.uint8), bitorder="little")[:self.vocab_size]
+        bits = np.unpackbits(self.bitmask[0].view(np.uint8), bitorder="little")[:self.vocab_size]
         return torch.from_numpy(np.pad(bits, (0, max(0, vocab_size - bits.size)))[:vocab_size].astype(bool))
 
     def accept(self, token: int) -> None:
