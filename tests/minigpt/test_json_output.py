@@ -1,6 +1,8 @@
 """Structured output: every reply drawn under a JSON schema's grammar, over many seeds, parses and validates
 (jsonschema is the oracle), batched or alone; no whitespace between JSON tokens; the grammar is a stage."""
 import json
+import subprocess
+import sys
 
 import jsonschema
 import pytest
@@ -10,6 +12,7 @@ from minigpt.batching import Stream, decode
 from minigpt.generation import generate, new_history
 from minigpt.json_output import ANY_OBJECT, SchemaError, compile_schema
 from minigpt.sampling import SamplingParams, filter_stages
+from tests.helpers import REPO
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["colour", "n", "ok", "name"],
           "properties": {"colour": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer", "minimum": 0,
@@ -67,3 +70,13 @@ def test_the_grammar_is_the_first_stage_and_leaves_only_what_can_follow(tiny_mod
 def test_a_schema_that_cannot_be_compiled_says_why(tiny_model, schema, words):
     with pytest.raises(SchemaError, match=words):
         compile_schema(schema, tiny_model[1])
+
+
+def test_commands_start_without_torch_compiles_stack():
+    """The grammar's mask goes through llguidance's numpy helpers: its torch helpers import torch.compile's
+    stack (torch._dynamo, sympy), seconds at every command's start. Listed with -X importtime, not timed."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-c", "import minigpt.generate, minigpt.json_output"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert run.returncode == 0 and "minigpt.json_output" in imported
+    assert "torch._dynamo" not in imported and "sympy" not in imported
