@@ -22,7 +22,7 @@ from tests.helpers.app_server import make_adapter
 from tests.helpers.checkpoints import make_checkpoint
 from tests.helpers.hub_server import FakeHub, Fault
 
-pytestmark = pytest.mark.slow  # subprocesses against a local server, with huggingface_hub's own retry waits
+pytestmark = pytest.mark.slow  # subprocesses against a local server
 MODEL, ADAPTER, DATASET, DATA_FILE = "someone/tiny-gpt2", "someone/tiny-lora", "someone/alpaca-mini", "data.json"
 RECORDS = [{"instruction": f"Say {w}.", "input": "", "output": f"{w.capitalize()}."} for w in ("yes", "no", "maybe")]
 
@@ -46,13 +46,16 @@ def env(hub, tmp_path):
             "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+QUICK_RETRIES = [sys.executable, "-m", "tests.helpers.quick_retries"]  # huggingface_hub's retry waits, shortened
+
+
 def generate_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "minigpt.generate", "--model", MODEL, "--prompt", "Hi", "--max-new-tokens", "2",
+    return [*QUICK_RETRIES, "minigpt.generate", "--model", MODEL, "--prompt", "Hi", "--max-new-tokens", "2",
             "--device", "cpu", *args]
 
 
 def train_cmd(hub: FakeHub, out: Path, data: str = f"{DATASET}/{DATA_FILE}") -> list[str]:
-    return [sys.executable, "-m", "lora.train", "--model", str(hub.model_folder), "--data", data, "--out", str(out),
+    return [*QUICK_RETRIES, "lora.train", "--model", str(hub.model_folder), "--data", data, "--out", str(out),
             "--device", "cpu", "--max-steps", "1", "--batch-size", "1", "--max-len", "64", "--val-fraction", "0"]
 
 
