@@ -7,7 +7,7 @@
   const state = {data: null, position: 1, view: "sampling", layer: 0, head: -1, hideSink: false, source: null};
   const PINK = "#e91e63", BLUE = "#5c6bc0", GRAY = "#9e9e9e", SELECTED = "#29b6f6";
   const CONFIG = {displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"]};
-  const FONT = {size: 11};
+  const FAMILY = '"Open Sans", verdana, arial, sans-serif', FONT = {size: 11, family: FAMILY};  // Plotly's own
   // Colour scales that read at a glance: white = nothing, dark = much. Gray behind them: cells not computed
   // (a key in the row's future).
   const ATTENTION = [[0, "#ffffff"], [0.1, "#c5cae9"], [1, "#1a237e"]];
@@ -99,30 +99,39 @@
     ({sampling: drawSampling, lens: drawLens, attention: drawAttention, timeline: drawTimeline})[state.view](pane, d);
   }
 
+  // The stage charts wrap into rows: as many columns as the widest stage name fits (so a sampler with every
+  // stage on, or a phone, gets more rows), each with its own axes; the token names label the first column.
+  // The page redraws it when the window's width changes.
+  const STAGE = {gap: 18, title: 34, bars: 150, ticks: 24};  // px: between columns; a row's title, bars and ticks
   function drawSampling(pane, d) {
     const s = d.sampling, i = state.position - 1, ids = s.shown[i], drawn = d.tokens[i];
     const names = s.stages, n = names.length;
-    const y = ids.map(label);
-    const traces = names.map((name, k) => ({
-      type: "bar", orientation: "h", x: ids.map((_, j) => s.shown_p.at(i, k, j)), y, xaxis: `x${k ? k + 1 : ""}`,
-      yaxis: "y", name, showlegend: false, marker: {color: ids.map((id) => (id === drawn ? PINK : BLUE))},
-      customdata: ids.map((_, j) => num(s.shown_p.at(i, k, j))),
-      hovertemplate: `<b>%{y}</b><br>${esc(name)}: p = %{customdata}<extra></extra>`,
-    }));
-    const chart = pane.querySelector(".chart"), narrow = chart.clientWidth < 420;  // phones: one stage per row
-    const rows = narrow ? n : 1;
-    traces.forEach((t, k) => { t.yaxis = narrow ? `y${k ? k + 1 : ""}` : "y"; });
-    const layout = {grid: {rows, columns: narrow ? 1 : n, pattern: narrow ? "independent" : "coupled"},
-      height: narrow ? 150 * n : 260, font: FONT, bargap: 0.15, margin: {l: 80, r: 10, t: narrow ? 30 : 45, b: 40},
-      annotations: names.map((name, k) => ({text: `<b>${esc(name)}</b>${narrow ? ": " : "<br>"}${s.left[i][k].toLocaleString()} left`,
-        xref: `x${k ? k + 1 : ""} domain`, yref: `y${narrow && k ? k + 1 : ""} domain`, x: 0.5, y: 1.0,
-        yanchor: "bottom", showarrow: false}))};
-    names.forEach((_, k) => {
-      const last = narrow ? k === n - 1 : true;
-      layout[`xaxis${k ? k + 1 : ""}`] = {range: [0, 1], tickvals: [0, 0.5, 1], title: {text: last ? "p" : ""}};
-      if (narrow || k === 0) layout[`yaxis${k ? k + 1 : ""}`] = {autorange: "reversed", title: {text: k ? "" : "token"}};
+    const y = ids.map(label), axis = (k) => (k ? k + 1 : "");
+    const chart = pane.querySelector(".chart"), margin = {l: 80, r: 10, t: 10, b: 40};
+    const width = Math.max(chart.clientWidth - margin.l - margin.r, 1);
+    const widest = Math.max(...names.map((name) => textWidth(name, `bold ${FONT.size}px ${FAMILY}`)));
+    const columns = Math.max(1, Math.min(n, Math.floor((width + STAGE.gap) / (widest + STAGE.gap))));
+    const rows = Math.ceil(n / columns), cell = (width - (columns - 1) * STAGE.gap) / columns;
+    const height = rows * (STAGE.title + STAGE.bars) + (rows - 1) * STAGE.ticks;  // the plot area's
+    const layout = {height: height + margin.t + margin.b, font: FONT, bargap: 0.15, margin, annotations: []};
+    const traces = names.map((name, k) => {
+      const row = Math.floor(k / columns), column = k % columns;
+      const top = height - row * (STAGE.title + STAGE.bars + STAGE.ticks) - STAGE.title;
+      const left = column * (cell + STAGE.gap);
+      layout[`xaxis${axis(k)}`] = {domain: [left / width, (left + cell) / width], anchor: `y${axis(k)}`, range: [0, 1],
+        tickvals: [0, 0.5, 1], title: {text: row === rows - 1 ? "p" : ""}};
+      layout[`yaxis${axis(k)}`] = {domain: [(top - STAGE.bars) / height, top / height], anchor: `x${axis(k)}`,
+        autorange: "reversed", showticklabels: column === 0, title: {text: k ? "" : "token"}};
+      layout.annotations.push({text: `<b>${esc(name)}</b><br>${s.left[i][k].toLocaleString()} left`,
+        xref: `x${axis(k)} domain`, yref: `y${axis(k)} domain`, x: 0.5, y: 1, yanchor: "bottom", showarrow: false});
+      return {type: "bar", orientation: "h", x: ids.map((_, j) => s.shown_p.at(i, k, j)), y,
+        xaxis: `x${axis(k)}`, yaxis: `y${axis(k)}`, name, showlegend: false,
+        marker: {color: ids.map((id) => (id === drawn ? PINK : BLUE))},
+        customdata: ids.map((_, j) => num(s.shown_p.at(i, k, j))),
+        hovertemplate: `<b>%{y}</b><br>${esc(name)}: p = %{customdata}<extra></extra>`};
     });
-    Plotly.react(chart, traces, layout, CONFIG);
+    // Sized here, not by Plotly's responsive mode: its resize would keep the old height for the new rows.
+    Plotly.react(chart, traces, {...layout, width: chart.clientWidth}, {...CONFIG, responsive: false});
     const settings = names.map((name, k) => {
       const v = s.settings[name];
       return `${esc(name)}${v === null || v === undefined ? "" : " " + v}: <b>${s.left[i][k].toLocaleString()}</b>`;
@@ -282,6 +291,11 @@
     const start = Math.min(Math.max(position - width / 2, 1), Math.max(n - width + 1, 1));
     return [start - 0.5, Math.min(start + width - 1, n) + 0.5];
   }
+  const measure = document.createElement("canvas").getContext("2d");
+  function textWidth(text, font) {  // px, as the browser will draw it
+    measure.font = font;
+    return measure.measureText(text).width;
+  }
   function outline(x0, x1, y0, y1) {
     return {type: "rect", x0, x1, y0, y1, line: {color: SELECTED, width: 2.5}, xref: "x", yref: "y"};
   }
@@ -360,6 +374,7 @@
     else return;
     drawView();
   });
+  window.addEventListener("resize", () => state.view === "sampling" && drawView());  // its columns follow the width
   document.addEventListener("keydown", (e) => {
     if (!e.target.closest?.("#reply_panel") || !["ArrowLeft", "ArrowRight"].includes(e.key)) return;
     e.preventDefault();

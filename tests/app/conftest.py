@@ -99,3 +99,26 @@ def assert_no_error_shown(page) -> None:
     errors = page.locator(ERROR_ELEMENTS)
     shown = [errors.nth(i).inner_text() for i in range(errors.count()) if errors.nth(i).is_visible()]
     assert not shown, f"error elements on screen: {shown}"
+
+
+def sampling_stage_titles(page) -> list[str]:
+    """The Sampling view's stage names, in the order of their titles, once it is checked that the browser drew
+    each title wholly inside the chart, over no other title and no axis's labels (the boxes as laid out)."""
+    drawn = page.evaluate("""() => {
+        const chart = document.querySelector('#view_sampling .chart');
+        const box = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+        const titles = [...chart.querySelectorAll('.annotation-text')];
+        return {chart: box(chart), titles: titles.map(box), texts: titles.map((e) => e.textContent),
+                labels: [...chart.querySelectorAll('.xaxislayer-above text, .yaxislayer-above text, '
+                                                   + '[class^=g-x] text, [class^=g-y] text')].map(box)}; }""")
+    overlap = lambda a, b: a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+    assert drawn["labels"], "no axis labels found: the check below would pass for nothing"
+    left, top, right, bottom = drawn["chart"]
+    titles = list(zip(drawn["texts"], drawn["titles"]))
+    for k, (text, box) in enumerate(titles):
+        assert left <= box[0] and box[2] <= right and top <= box[1] and box[3] <= bottom, f"{text!r} is cut off: {box}"
+        for other, other_box in titles[k + 1:]:
+            assert not overlap(box, other_box), f"the titles {text!r} and {other!r} overlap: {box}, {other_box}"
+        hit = [label for label in drawn["labels"] if overlap(box, label)]
+        assert not hit, f"the title {text!r} covers an axis's labels: {box}, {hit}"
+    return [re.sub(r"[\d,]+ left$", "", text) for text, _ in titles]  # "top-k40 left": two lines' text

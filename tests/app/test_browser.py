@@ -10,6 +10,7 @@ from tests.app.conftest import (
     fill_box,
     needs_chromium,
     open_page,
+    sampling_stage_titles,
     save_screenshot,
     set_number,
 )
@@ -206,8 +207,9 @@ def test_without_an_adapter_the_mode_hint_says_why_and_base_mode_works(app_witho
 
 
 def test_more_sampling_answers_as_json_and_the_sampling_view_shows_its_stages(page):
-    """The chat's "Answer as JSON matching this schema" with a repetition penalty: the reply parses and
-    validates against the schema in the box, and the Sampling view lists the grammar and the penalty."""
+    """The chat's "Answer as JSON matching this schema" with every other stage of the sampler on too: the
+    reply parses and validates against the schema in the box, and the Sampling view draws all eleven stages
+    with their titles apart, at 1280x800 and on a 390x844 phone."""
     import json
 
     import jsonschema
@@ -215,7 +217,11 @@ def test_more_sampling_answers_as_json_and_the_sampling_view_shows_its_stages(pa
 
     from minigpt.serve.app import EXAMPLE_SCHEMA
     page.get_by_role("button", name="More sampling").click()
+    set_number(page, "min_p", 0.01)
     set_number(page, "repetition_penalty", 1.3)
+    set_number(page, "presence_penalty", 0.2)
+    set_number(page, "frequency_penalty", 0.1)
+    fill_box(page, "logit_bias", '{"50256": -1}')
     page.locator("#as_json input").check()
     fill_box(page, "msg", "Is the sea blue?")
     page.locator("#send").click()
@@ -224,6 +230,13 @@ def test_more_sampling_answers_as_json_and_the_sampling_view_shows_its_stages(pa
     reply = page.locator("#chat [data-testid=bot]").last.inner_text()
     jsonschema.validate(json.loads(reply), json.loads(EXAMPLE_SCHEMA))
     page.locator("#tab_sampling").click()
-    expect(page.locator("#view_sampling .note")).to_contain_text("JSON grammar")
     expect(page.locator("#view_sampling .note")).to_contain_text("repetition penalty 1.3")
-    save_screenshot(page, "json-answer.png")
+    for width, height, screenshot in ((1280, 800, "json-answer.png"), (390, 844, "phone-json-answer.png")):
+        page.set_viewport_size({"width": width, "height": height})  # the view redraws for the new width
+        page.wait_for_function("""(() => { const chart = document.querySelector('#view_sampling .chart');
+            const svg = chart.querySelector('.main-svg');  // drawn for the chart's present width
+            return svg && Math.abs(svg.getBoundingClientRect().width - chart.clientWidth) < 2; })()""")
+        assert sampling_stage_titles(page) == [
+            "raw", "JSON grammar", "logit bias", "repetition penalty", "frequency penalty", "presence penalty",
+            "temperature", "top-k", "top-p", "min-p", "renormalised"], f"at {width}x{height}"
+        save_screenshot(page, screenshot)

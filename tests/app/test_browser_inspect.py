@@ -13,6 +13,7 @@ from tests.app.conftest import (
     fill_box,
     needs_chromium,
     open_page,
+    sampling_stage_titles,
     save_screenshot,
     set_number,
 )
@@ -110,9 +111,7 @@ def test_views_are_drawn_in_the_browser_and_a_click_asks_the_server_nothing(page
     assert page.locator("#view_sampling .note").inner_text() != note
     page.locator("#reply_panel").press("ArrowRight")
     expect(page.locator("#reply_panel .caption")).to_contain_text(f"Token 4 of {n}")
-    stages = page.locator("#view_sampling .chart .annotation-text")
-    assert [re.split(r"[:\d]", stages.nth(i).text_content())[0] for i in range(stages.count())] == \
-        ["raw", "temperature", "top-k", "top-p", "renormalised"]  # the sampler's stages, as the data names them
+    assert sampling_stage_titles(page) == ["raw", "temperature", "top-k", "top-p", "renormalised"]  # as the data names them
 
     page.locator("#tab_lens").click()
     lens = page.locator("#view_lens .chart.js-plotly-plot")
@@ -265,6 +264,7 @@ def test_on_a_phone_the_chat_send_model_and_tokens_come_first_and_every_view_fit
             table = page.locator("#view_lens .lens-table").bounding_box()
             assert table["x"] >= 0 and table["x"] + table["width"] <= 390  # the table fits its column
     page.locator("#tab_sampling").click()
+    assert len(sampling_stage_titles(page)) == 5
     save_screenshot(page, "phone-chat.png")
     page.locator("#tab_attention").click()
     page.locator("#views_panel").scroll_into_view_if_needed()
