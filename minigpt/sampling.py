@@ -175,11 +175,13 @@ def filter_stages(logits: torch.Tensor, params: SamplingParams,
         logits = logits.masked_fill(outside_top_k, float("-inf"))
         stages.append(("top-k", logits))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+        # Only the tokens top-k left (its ties included) need sorting: every other one is at -inf already, so
+        # the order and the sums are those of the whole vocabulary's sort, for 40 tokens instead of 50,257.
+        kept = logits.size(-1) if outside_top_k is None else int((~outside_top_k).sum(-1, dtype=torch.int32).max())
+        sorted_logits, order = torch.topk(logits, kept)  # descending
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before >= params.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, mass_before >= params.top_p)
         # Kept explicitly: a p that rounds to 0, or a huge temperature that rounds logits into a tie,
         # would otherwise let sorting pick another token as "the top".
         drop.scatter_(-1, best, False)

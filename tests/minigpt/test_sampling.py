@@ -43,6 +43,21 @@ def test_top_p_applies_after_temperature():
     assert kept(SamplingParams(temperature=1.0, top_p=0.39)) == {1}
 
 
+def test_top_p_after_top_k_keeps_what_transformers_keeps():
+    """Top-p after top-k sorts only what top-k left: the tokens kept are those of transformers' warpers, which
+    sort the whole vocabulary, also in a row with ties at the k-th logit and a row with fewer than k allowed."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    logits = torch.randn(4, 50257, generator=torch.Generator().manual_seed(5))
+    top = logits.topk(45).indices
+    logits[1, top[1, 38:45]] = logits[1, top[1, 38]].item()  # ties: top-k 40 keeps 45
+    logits[2, 3:] = float("-inf")  # three tokens allowed, as a grammar's mask may leave
+    for top_p in (0.5, 0.8, 0.99999):  # cuts above the ties, and none
+        ours = filter_logits(logits, SamplingParams(temperature=0.7, top_k=40, top_p=top_p))
+        theirs = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(40)(None, TemperatureLogitsWarper(0.7)(None, logits)))
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs)), top_p
+    assert torch.isfinite(ours[1]).sum() == 45 and torch.isfinite(ours[2]).sum() == 3  # the ties and the mask kept
+
+
 def test_greedy_is_argmax_and_ignores_filters():
     logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
     assert sample(logits, SamplingParams(temperature=0)).flatten().tolist() == [1, 0]
