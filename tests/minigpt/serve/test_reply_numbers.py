@@ -40,9 +40,13 @@ def numbers(tiny_model, reply):
 
 
 @pytest.fixture(scope="module")
-def hf_attention(tiny_checkpoint, reply):
+def hf(tiny_checkpoint):
+    return GPT2LMHeadModel.from_pretrained(tiny_checkpoint[0], attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def hf_attention(hf, reply):
     """transformers' eager attention over the same sequence: (n_layer, nh, L, L)."""
-    hf = GPT2LMHeadModel.from_pretrained(tiny_checkpoint[0], attn_implementation="eager").eval()
     sequence = reply.prompt_ids + reply.token_ids[:-1]
     with torch.no_grad():
         return torch.stack(hf(torch.tensor([sequence]), output_attentions=True).attentions)[:, 0].numpy()
@@ -101,6 +105,22 @@ def test_lens_is_the_layer_by_layer_logit_lens_at_the_reply_positions(numbers, r
     np.testing.assert_allclose(unpack(got["target_p"]), lens.target_probs[:, columns], rtol=2e-3, atol=1e-6)
     # ranks compare logits there, log-probabilities here: a near-tie may round either way
     np.testing.assert_allclose(unpack(got["target_rank"]), lens.target_ranks[:, columns], atol=1)
+
+
+def test_lens_is_transformers_hidden_states_read_out_through_ln_f_and_lm_head(numbers, reply, hf):
+    """The logit lens against transformers: its hidden states (the embeddings, then each block's output, the
+    last one already through ln_f) read out through ln_f and lm_head, at the positions that chose the reply."""
+    with torch.no_grad():
+        states = hf(torch.tensor([reply.prompt_ids + reply.token_ids[:-1]]), output_hidden_states=True).hidden_states
+        rows = [h[0, len(reply.prompt_ids) - 1:] for h in states]
+        logits = torch.stack([hf.lm_head(hf.transformer.ln_f(h)) for h in rows[:-1]] + [hf.lm_head(rows[-1])])
+    targets = torch.tensor(reply.token_ids).expand(len(rows), -1)[..., None]  # (layers, n, 1)
+    probs, got = logits.softmax(-1), numbers["lens"]
+    top = probs.topk(5)
+    np.testing.assert_array_equal(unpack(got["top_ids"]), top.indices)
+    np.testing.assert_allclose(unpack(got["top_p"]), top.values, rtol=2e-3, atol=1e-6)  # float16 on the way
+    np.testing.assert_allclose(unpack(got["target_p"]), probs.gather(-1, targets)[..., 0], rtol=2e-3, atol=1e-6)
+    np.testing.assert_array_equal(unpack(got["target_rank"]), 1 + (logits > logits.gather(-1, targets)).sum(-1))
 
 
 def test_sampling_stages_are_the_samplers_own_at_every_position(numbers, reply, tiny_model):
