@@ -54,8 +54,10 @@ def page_html(payload: str) -> str:
     scripts = "".join(f'<script src="{file.as_uri()}"></script>' for file in SCRIPTS.values())
     style = f"<style>{Path(__file__).parents[1].joinpath('minigpt/serve/app.css').read_text()}</style>"
     assert HEAD  # the app loads the same two scripts
-    return (f"<html><head>{scripts}{style}</head><body style='width:560px'>{REPLY_PANEL}{VIEWS_PANEL}"
-            f"<div id='inspect_data'><div class='payload'>{html.escape(payload, quote=False)}</div></div></body></html>")
+    # standards mode, as Gradio's page (in quirks mode a chart's box grows to the window's height)
+    return (f"<!DOCTYPE html><html><head>{scripts}{style}</head><body style='width:560px'>{REPLY_PANEL}"
+            f"{VIEWS_PANEL}<div id='inspect_data'><div class='payload'>{html.escape(payload, quote=False)}</div></div>"
+            "</body></html>")
 
 
 def main() -> None:

@@ -391,5 +391,5 @@
       drawView();
     }
   }).observe(document.documentElement, {subtree: true, childList: true, characterData: true});
-  window.minigptInspect = {state, select, drawView};  // for tests and the curious
+  window.minigptInspect = {state, select, drawView, unpackAll, label};  // for tests, benches and the curious
 })();
