@@ -10,7 +10,8 @@ bit for bit those of its own step alone.
 
 The variant is picked from what the CPU reports (cpu_isas): avx512 or avx2 on x86-64, neon on
 aarch64, the portable C loop (generic) on any other x86-64. MINIGPT_ISA=avx512|avx2|neon|generic
-(or isa=...) asks for one; a variant the CPU lacks is refused, not run. Each variant is compiled
+(or isa=...) asks for one; a variant the CPU lacks is refused, not run. The avx512 variant multiplies
+batched int8 rows in AMX tiles where the CPU has them (MINIGPT_NO_AMX=1 or use_amx turns that off). Each variant is compiled
 once per machine with the system C compiler ($CC, default cc; OpenMP) into a cache folder,
 $XDG_CACHE_HOME/minigpt/native (default ~/.cache/minigpt/native), under a name keyed by the
 source, the compiler, its flags and the CPU's features, written atomically (compiled to a temporary
@@ -133,6 +134,8 @@ def build(isa: str, folder: Path | None = None) -> Path:
     flags = [*FLAGS, *ISA_FLAGS[isa]]
     if isa == "avx512" and "avx512_vnni" in cpu_features():
         flags.append("-mavx512vnni")  # vpdpwssd: the multiply and the add in one instruction
+    if isa == "avx512" and "amx_int8" in cpu_features():
+        flags += ["-mamx-tile", "-mamx-int8"]  # batched int8 rows in AMX tiles, where Linux grants them
     libs = ["-lm"]
     if platform.machine().lower() in X86 and platform.libc_ver()[0] == "glibc":
         flags, libs = [*flags, "-DMINIGPT_LIBMVEC"], ["-lmvec", "-lm"]  # glibc's vectorized tanhf
@@ -200,7 +203,16 @@ def _load(isa: str) -> ctypes.CDLL:
     lib.gpt2_step_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 6, ctypes.c_int]
     lib.linear.restype = None  # one matrix-vector product alone, for bench/matmul.py
     lib.linear.argtypes = [ctypes.POINTER(LinearStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.minigpt_amx.restype, lib.minigpt_amx.argtypes = ctypes.c_int, [ctypes.c_int]
+    use_amx(lib, not os.environ.get("MINIGPT_NO_AMX"))
     return lib
+
+
+def use_amx(lib: ctypes.CDLL, wanted: bool = True) -> bool:
+    """Whether lib's batched int8 steps use AMX from now on: wanted, built in (avx512 on a CPU with amx_int8)
+    and granted by Linux. Logits are the same bit for bit either way; MINIGPT_NO_AMX=1 turns it off at load."""
+    lib.amx = bool(lib.minigpt_amx(int(wanted)))
+    return lib.amx
 
 
 _FLOAT_SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(scales) -> (the scales, their float32 copy)

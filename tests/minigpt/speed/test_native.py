@@ -584,6 +584,94 @@ def test_rows_of_different_libraries_or_shapes_are_refused(tiny_model):
     assert [c.length for c in caches] == [2, 2]
 
 
+# ---- exact int8 dot products, and AMX -----------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_dot_products_are_exact_integers_rounded_once(isa):
+    """Every variant computes an int8 Linear's row sums q . xq exactly and rounds each to float32 once, so a
+    sum does not depend on how it is split over SIMD lanes, vectors or AMX tiles. Rows of 8256 columns pass
+    the columns a SIMD lane sums in int32 (4096 AVX2, 8192 AVX-512); extreme weights and inputs."""
+    torch.manual_seed(5)
+    rows, cols = 37, 8256
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    q[0], q[1] = 127, -127  # the largest sums: every product at its bound
+    scale = torch.rand(rows) + 0.5
+    x = torch.randn(cols) * torch.rand(cols) ** 4
+    x[::7] = x.abs().max()  # many inputs at the rounding's bound, 32767
+    lib = native.library(isa)
+    y = torch.empty(rows)
+    lib.linear(native.LinearStruct(q.data_ptr(), scale.data_ptr(), 0, rows, cols, native.KIND_INT8), x.data_ptr(),
+               y.data_ptr(), torch.get_num_threads())
+    amax = x.abs().max()
+    xq = torch.round(x * (32767 / amax)).long()  # float32 arithmetic, as decode_step.c rounds
+    assert xq.abs().max() == 32767
+    exact = (q.long() * xq).sum(1)
+    assert exact.abs().max() > 2 ** 31  # past int32: the sums need the int64 they are added in
+    assert torch.equal(y, exact.float() * ((amax / 32767) * scale))
+
+
+def amx_library():
+    """The avx512 library with AMX switched on, or a skip saying why there is none here."""
+    if "avx512" not in native.cpu_isas():
+        pytest.skip("AMX: this CPU has no avx512 variant")
+    lib = native.library("avx512")
+    if not native.use_amx(lib):
+        pytest.skip("AMX: this CPU has no amx_int8, or Linux refused the tile permission (arch_prctl)")
+    return lib
+
+
+@pytest.fixture(scope="module")
+def amx_twins():
+    """(int8 base, int8 merged copy) of a wide random model (as wide_twins), decoding in avx512, and their
+    dequantized float32 references."""
+    amx_library()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=321, n_positions=32, n_embd=320, n_layer=2, n_head=4))
+    for p in model.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    twins = make_twins(model, "avx512", "int8")
+    return twins, [dequantized_reference(model, twin) for twin in twins]
+
+
+@pytest.mark.parametrize("n", range(1, 17))
+def test_amx_rows_are_the_rows_without_amx_and_alone(amx_twins, n):
+    """Batches of 1 to 16 rows (base and merged copy mixed, each at its own position) through AMX tiles give
+    each row the bits of the same batch without AMX and of its step alone (which never uses AMX), and the
+    dequantized float32 model's logits to the tolerance of every step."""
+    twins, references = amx_twins
+    lib = amx_library()
+    torch.manual_seed(10 + n)
+    which = torch.randint(0, 2, (n,)).tolist()
+    decoders = [twins[t] for t in which]
+    prompts = [torch.randint(0, 321, (length,)).tolist() for length in torch.randint(1, 20, (n,)).tolist()]
+    caches = [twins[t].new_cache(24) for t in which]
+    with torch.inference_mode():  # the prompts read by the references: their logits continue from these caches
+        for t, prompt, cache in zip(which, prompts, caches):
+            references[t](torch.tensor([prompt]), cache)
+    without, apart = copy.deepcopy(caches), copy.deepcopy(caches)
+    tokens = torch.randint(0, 321, (n,)).tolist()
+    try:
+        ours = step_rows(rows(decoders), tokens, caches)
+        assert not native.use_amx(lib, False)
+        expected = step_rows(rows(decoders), tokens, without)
+    finally:
+        native.use_amx(lib)
+    assert torch.equal(ours, expected)
+    for r, (t, prompt, token) in enumerate(zip(which, prompts, tokens)):
+        assert torch.equal(ours[r], alone(twins[t], token, apart[r])), f"row {r}"
+        assert torch.equal(caches[r].k, apart[r].k) and torch.equal(caches[r].v, without[r].v)
+        with torch.inference_mode():
+            reference = references[t](torch.tensor([prompt + [token]]))[0, -1]
+        torch.testing.assert_close(ours[r], reference, atol=ATOL, rtol=0)
+
+
+def test_minigpt_no_amx_turns_amx_off_at_load():
+    run = subprocess.run([sys.executable, "-c", "from minigpt.speed import native; print(native.library().amx)"],
+                         env={**os.environ, "MINIGPT_NO_AMX": "1"}, capture_output=True, text=True, cwd=REPO)
+    assert run.stdout.split() == ["False"], run.stderr
+
+
 # ---- aarch64, under emulation -----------------------------------------------------------------------
 
 # A main() around decode_step.c: reads a model and tokens (layout below, native-endian), decodes the
