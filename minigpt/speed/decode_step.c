@@ -12,15 +12,18 @@ A serving loop decodes many sequences at once (continuous batching): gpt2_step_r
 sequence, each with its own model, token, position and KV cache. Each block of weight rows is loaded
 once and multiplied with the input vectors of every row whose model shares that matrix (a base model and
 its LoRA-merged copy share all but the merged Linears), so a step of many rows reads the weights about
-once. Each row is computed exactly as alone (the same dot products in the same order, its own int16
-rounding): its logits and cache writes are bit for bit those of a step of that row alone. gpt2_step is
-the one-row case.
+once. Each row is computed exactly as alone (the same dot products, its own int16 rounding): its logits
+and cache writes are bit for bit those of a step of that row alone. gpt2_step is the one-row case.
+Where the CPU has AMX (Sapphire Rapids and later), int8 Linears multiply the vectors of several rows
+in AMX tiles (amx_dots): the weight reads stay the same and the multiply-adds, which bound a step of
+8 rows with vector instructions, become nearly free. Every int8 dot product is the exact integer
+rounded to float32 once, in the tiles as in the vector loops, so this changes no bit either.
 
 int8 Linears hold quantize.py's weights: w[o][i] = q[o][i] * scale[o]. int4 Linears hold int4.py's:
 groups of GROUP columns, w[o][i] = (u[o][i] - 8) * scale[o][i / GROUP], u a 4-bit code (two per byte)
 and the scales float16. Each int8 or int4 Linear's input vector is rounded to int16 (one scale per
 vector; PyTorch's int8 kernel rounds it to bfloat16, 8 bits of mantissa, so this path is closer to
-float32 than PyTorch's) and multiplied with integer instructions.
+float32 than PyTorch's) and multiplied with integer instructions (int8: exactly, see dot_rows).
 float32 Linears (scale NULL) multiply the float32 input with FMAs: the same arithmetic as PyTorch's,
 in another order, so logits agree to float32 rounding.
 Layout (row-major): Linear weights (out, in); each row's KV cache (n_layer, n_head, max_len, head_dim),
@@ -29,8 +32,9 @@ the KVCache of one sequence.
 One source, several instruction sets: native.py defines exactly one of MINIGPT_AVX512, MINIGPT_AVX2
 (x86) or MINIGPT_NEON (aarch64) with the matching compiler flags, or none for the portable C loop
 (any CPU; the compiler vectorizes it as far as its baseline allows). Only the dot products (dot_rows,
-dot_rows4, float_dot_rows) differ between them. MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link
-(x86-64 glibc).
+dot_rows4, float_dot_rows) differ between them; the avx512 variant adds the AMX kernel where the compiler
+targets AMX (native.py adds -mamx-int8 on CPUs reporting amx_int8) and Linux grants the tiles
+(minigpt_amx). MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link (x86-64 glibc).
 */
 #include <math.h>
 #include <stddef.h>
@@ -107,9 +111,8 @@ enum { ROWS = 4 };            /* rows per dot_rows call: four int8 weight stream
 enum { VECS = 4 };            /* input vectors per dot_rows call: measured best of 2, 3, 4 (see dot_rows_fixed) */
 enum { FLOAT_ROWS = 8 };      /* rows per float_dot_rows call: measured best of 2, 4, 8, 12, 16 (AVX-512, AVX2) */
 enum { PREFETCH_BLOCKS = 2 }; /* dot_rows prefetches the weights this many blocks of ROWS rows ahead (ditto) */
-enum { CHUNK = 256 };         /* int4: columns whose group scales convert together; portable int8: summed in int32 */
-/* int32 never overflows in the int8 sums below: |q| <= 127 (quantize.py), |xq| <= 32767, and an int32 holds
-   any sum of 512 such products (512 * 127 * 32767 < 2^31). */
+enum { CHUNK = 256 };         /* int4: columns whose group scales are converted together */
+enum { INT32_SPAN = 512 };    /* int8: columns summed in int32, |sum| <= 512 * 127 * 32767 < 2^31 (|q| <= 127) */
 
 /* out[v][r] = q[r] . xs[v] for `rows` (<= ROWS) consecutive weight rows of length cols (a multiple of
    64) and `vecs` (<= VECS) input vectors xs[v], the activations rounded to int16 (linear); out's rows
@@ -212,15 +215,19 @@ static inline ivec madd32(const ivec *w, const int16_t *x) {
 }
 #  endif
 
-/* Each int32 lane of an accumulator gets one product per LANES columns: LANE_SPAN columns give each lane
-   512 products, as many as an int32 surely holds (above). lanes_sum adds the lanes exactly. */
-enum { LANES = sizeof(ivec) / sizeof(int32_t), LANE_SPAN = 512 * LANES };
-static inline int64_t lanes_sum(ivec acc) {
-    int32_t lane[LANES];
-    memcpy(lane, &acc, sizeof lane);
-    int64_t sum = 0;
-    for (int i = 0; i < LANES; ++i) sum += lane[i];
-    return sum;
+/* The four sums of the lanes of acc[0 .. 3], each the int8 dot product of at most INT32_SPAN columns (so
+   are all their partial sums): exact in int32. */
+_Static_assert(ROWS == 4, "sums4 reduces ROWS accumulators");
+static inline __m128i sums4(const ivec acc[ROWS]) {
+#  if defined(MINIGPT_AVX512)
+    __m256i half[ROWS];
+    for (int r = 0; r < ROWS; ++r)
+        half[r] = _mm256_add_epi32(_mm512_castsi512_si256(acc[r]), _mm512_extracti64x4_epi64(acc[r], 1));
+#  else
+    const __m256i *half = acc;
+#  endif
+    const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(half[0], half[1]), _mm256_hadd_epi32(half[2], half[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
 }
 
 /* dot_rows for a constant number of vectors (always inlined into dot_rows, one copy per count, so that
@@ -243,9 +250,10 @@ static inline __attribute__((always_inline)) void dot_rows_fixed(const int8_t *q
                                                                  float (*out)[FLOAT_ROWS]) {
     const int8_t *row[ROWS];
     for (int r = 0; r < ROWS; ++r) row[r] = q + (r < rows ? r : rows - 1) * cols;
-    int64_t total[VECS][ROWS] = {{0}};
-    for (int64_t c = 0; c < cols; c += LANE_SPAN) {
-        const int64_t end = c + LANE_SPAN < cols ? c + LANE_SPAN : cols;
+    __m256i total[VECS]; /* each vector's ROWS sums, int64 */
+    for (int v = 0; v < vecs; ++v) total[v] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < cols; c += INT32_SPAN) {
+        const int64_t end = c + INT32_SPAN < cols ? c + INT32_SPAN : cols;
         ivec acc[VECS][ROWS];
         for (int v = 0; v < vecs; ++v)
             for (int r = 0; r < ROWS; ++r) acc[v][r] = IZERO();
@@ -257,11 +265,13 @@ static inline __attribute__((always_inline)) void dot_rows_fixed(const int8_t *q
                 for (int v = 0; v < vecs; ++v) acc[v][r] = madd64(acc[v][r], w, xs[v] + k);
             }
         }
-        for (int v = 0; v < vecs; ++v)
-            for (int r = 0; r < ROWS; ++r) total[v][r] += lanes_sum(acc[v][r]);
+        for (int v = 0; v < vecs; ++v) total[v] = _mm256_add_epi64(total[v], _mm256_cvtepi32_epi64(sums4(acc[v])));
     }
-    for (int v = 0; v < vecs; ++v)
-        for (int r = 0; r < rows; ++r) out[v][r] = (float)total[v][r];
+    for (int v = 0; v < vecs; ++v) {
+        int64_t sum[ROWS];
+        _mm256_storeu_si256((__m256i *)sum, total[v]);
+        for (int r = 0; r < rows; ++r) out[v][r] = (float)sum[r];
+    }
 }
 
 _Static_assert(VECS == 4, "dot_rows has a case for each number of vectors up to VECS");
@@ -345,7 +355,7 @@ static void float_dot_rows(const float *w, const float *x, int64_t cols, int row
     for (int r = 0; r < rows; ++r) out[r] = HSUM(acc[r]);
 }
 #else
-/* NEON and the portable loop: one row and one vector at a time; dot_chunk sums at most CHUNK int8
+/* NEON and the portable loop: one row and one vector at a time; dot_chunk sums at most INT32_SPAN int8
    products exactly in int32, float_dot a float32 row. They keep widening the weights for each vector:
    sharing the widening as the x86 dot_rows does is unmeasured on aarch64 hardware (the NEON variant is
    only run under emulation here), and the portable loop leaves its vectorization to the compiler. */
@@ -421,8 +431,8 @@ static void dot_rows(const int8_t *q, const int16_t *const *xs, int vecs, int64_
         for (int r = 0; r < rows; ++r) {
             const int8_t *row = q + r * cols;
             int64_t total = 0;
-            for (int64_t c = 0; c < cols; c += CHUNK)
-                total += dot_chunk(row + c, xs[v] + c, (c + CHUNK < cols ? c + CHUNK : cols) - c);
+            for (int64_t c = 0; c < cols; c += INT32_SPAN)
+                total += dot_chunk(row + c, xs[v] + c, (c + INT32_SPAN < cols ? c + INT32_SPAN : cols) - c);
             out[v][r] = (float)total;
         }
 }
