@@ -477,7 +477,7 @@ typedef struct {
     int64_t *starts;    /* (n + 1,) */
     float *steps;       /* (n,) each row's int16 step, amax / 32767 (int8 Linears) */
     int16_t *xq;        /* (n, width) each row's input vector rounded to int16 (int8 Linears) */
-    uint8_t *packed;    /* (n, width, 2) a group's xq packed for AMX (amx_pack_group), if amx */
+    uint8_t *packed;    /* (n, width, 2) a group's xq packed for AMX (amx_pack), if amx */
     int64_t width;      /* the widest input vector, cols */
     int amx;            /* whether AMX was enabled when the batch was made: it may multiply int8 groups */
 } Batch;
@@ -524,7 +524,7 @@ typedef struct {
 } Group;
 
 /* Row j's outputs first .. first + count from their dot products with its vector. */
-static void store_outputs(const Group *g, int64_t j, int64_t first, int count, const float *dots) {
+static inline void store_outputs(const Group *g, int64_t j, int64_t first, int count, const float *dots) {
     const Linear *l = g->l;
     const float *bias = g->b->ls[j]->bias;
     float *out = g->y + j * g->y_stride + first;
@@ -577,7 +577,10 @@ static void rows_block(const Group *g, int64_t first, int count) {
    Tiles: 0 and 1 two blocks of 16 weight rows; 2 and 3 the high and low bytes of the vectors; 4 and 5
    the first block's high and low sums, 6 and 7 the second's. */
 enum { AMX_ROWS = 32, AMX_VECS = 16, AMX_MAX_COLS = 65536 };
-enum { AMX_MIN_VECS = 2 }; /* fewer vectors take dot_rows: TODO measure */
+/* Fewer vectors take dot_rows. The Linears of a GPT-2 124M step, 2 threads, ms with vpdpwssd / AMX:
+   2 vectors 3.5 / 4.2, 4: 4.2 / 4.5, 5: 4.7 / 4.6, 6: 5.3 / 4.9, 8: 6.7 / 5.4, 16: 13.2 / 7.8 (one vector
+   3.2, what reading the weights takes). */
+enum { AMX_MIN_VECS = 6 };
 
 /* Whether batched int8 rows use AMX from now on: wanted, and Linux lets this process use the tiles
    (asked once; the permission is the process's, for all its threads). native.py calls it at load,
@@ -594,37 +597,30 @@ static int amx_wins(const Group *g) {
     return g->b->amx && g->l->kind == KIND_INT8 && g->m >= AMX_MIN_VECS && g->l->cols <= AMX_MAX_COLS;
 }
 
+#  define ROW_NUMBERS _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) /* of a tile */
+
 /* Bytes of one packed tile of `vecs` vectors: 16 rows of 4 bytes per vector. */
 static int64_t amx_tile_bytes(int vecs) { return 16 * 4 * vecs; }
 
-/* xs[0 .. vecs) (int16, cols long) as AMX's second operand: for each 64 columns a tile of their high
-   bytes, then one of their low bytes; tile row t holds, for each vector v, its columns 4t .. 4t + 3 at
-   bytes 4v .. 4v + 3. */
-static void amx_pack(const int16_t *const *xs, int vecs, int64_t cols, uint8_t *packed) {
-    const int64_t tile = amx_tile_bytes(vecs);
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(4 * vecs)); /* where each row's 4 bytes go */
-    for (int v = 0; v < vecs; ++v)
-        for (int64_t k = 0; k < cols; k += 64) {
-            const __m512i x0 = _mm512_loadu_si512(xs[v] + k), x1 = _mm512_loadu_si512(xs[v] + k + 32);
-            const __m512i high = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_srai_epi16(x0, 8))),
-                                                    _mm512_cvtepi16_epi8(_mm512_srai_epi16(x1, 8)), 1);
-            const __m512i low = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(x0)),
-                                                   _mm512_cvtepi16_epi8(x1), 1); /* vpmovwb keeps the low byte */
-            uint8_t *at = packed + k / 64 * 2 * tile + 4 * v;
-            _mm512_i32scatter_epi32(at, rows, high, 1);
-            _mm512_i32scatter_epi32(at + tile, rows, low, 1);
-        }
-}
-
-/* The group's vectors packed into b->packed, AMX_VECS a slice (slice i at i * 2 * cols bytes). */
-static void amx_pack_group(const Group *g) {
+/* Columns k .. k + 63 of the group's vectors (int16) as AMX's second operand, into b->packed: the group's
+   vectors in slices of AMX_VECS, slice s at s * AMX_VECS * 2 * cols bytes; a slice of `vecs` vectors holds
+   for each 64 columns a tile of their high bytes, then one of their low bytes, tile row t holding for
+   vector v its columns 4t .. 4t + 3 at bytes 4v .. 4v + 3. (Threads pack different columns: different
+   vectors of one slice share cache lines.) */
+static void amx_pack(const Group *g, int64_t k) {
     const int64_t cols = g->l->cols;
-    for (int64_t i = 0; i < g->m; i += AMX_VECS) {
-        const int vecs = g->m - i < AMX_VECS ? (int)(g->m - i) : AMX_VECS;
-        const int16_t *xs[AMX_VECS];
-        for (int v = 0; v < vecs; ++v) xs[v] = g->b->xq + g->members[i + v] * g->b->width;
-        amx_pack(xs, vecs, cols, g->b->packed + i * 2 * cols);
+    for (int64_t i = 0; i < g->m; ++i) {
+        const int64_t start = i / AMX_VECS * AMX_VECS; /* the slice's first vector */
+        const int vecs = g->m - start < AMX_VECS ? (int)(g->m - start) : AMX_VECS;
+        const int64_t tile = amx_tile_bytes(vecs);
+        const int16_t *x = g->b->xq + g->members[i] * g->b->width + k;
+        uint8_t *at = g->b->packed + start * 2 * cols + k / 64 * 2 * tile + 4 * (i - start);
+        const __m512i rows = _mm512_mullo_epi32(ROW_NUMBERS, _mm512_set1_epi32(4 * vecs)); /* each row's 4 bytes */
+        const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 32); /* vpmovwb keeps low bytes */
+        const __m256i high0 = _mm512_cvtepi16_epi8(_mm512_srai_epi16(x0, 8)), low0 = _mm512_cvtepi16_epi8(x0);
+        const __m256i high1 = _mm512_cvtepi16_epi8(_mm512_srai_epi16(x1, 8)), low1 = _mm512_cvtepi16_epi8(x1);
+        _mm512_i32scatter_epi32(at, rows, _mm512_inserti64x4(_mm512_castsi256_si512(high0), high1, 1), 1);
+        _mm512_i32scatter_epi32(at + tile, rows, _mm512_inserti64x4(_mm512_castsi256_si512(low0), low1, 1), 1);
     }
 }
 
@@ -637,6 +633,11 @@ static void amx_configure(int vecs) {
     } __attribute__((aligned(64))) config = {.palette = 1};
     for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = t < 2 ? 64 : 4 * vecs;
     _tile_loadconfig(&config);
+}
+
+/* Lanes 8e .. 8e + 7 of v, widened to int64. */
+static inline __m512i int64_half(__m512i v, int e) {
+    return _mm512_cvtepi32_epi64(e ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v));
 }
 
 /* out[v][r] = (float)(q[r] . x_v) for AMX_ROWS weight rows from q (cols long) and `vecs` packed vectors,
@@ -665,9 +666,16 @@ static void amx_dots(const int8_t *q, int64_t cols, const uint8_t *packed, int v
     _tile_stored(5, sums[1], sizeof *sums[1]);
     _tile_stored(6, sums[2], sizeof *sums[2]);
     _tile_stored(7, sums[3], sizeof *sums[3]);
-    for (int r = 0; r < AMX_ROWS; ++r)
-        for (int v = 0; v < vecs; ++v)
-            out[v][r] = (float)(256 * (int64_t)sums[r / 16 * 2][r % 16][v] + sums[r / 16 * 2 + 1][r % 16][v]);
+    const __m512i column = _mm512_mullo_epi32(ROW_NUMBERS, _mm512_set1_epi32(AMX_VECS)); /* a vector's 16 sums */
+    for (int v = 0; v < vecs; ++v)
+        for (int t = 0; t < 2; ++t) { /* rows 16t .. 16t + 15: 256 * high + low in int64, 8 rows at a time */
+            const __m512i high = _mm512_i32gather_epi32(column, &sums[2 * t][0][v], 4);
+            const __m512i low = _mm512_i32gather_epi32(column, &sums[2 * t + 1][0][v], 4);
+            for (int e = 0; e < 2; ++e) {
+                const __m512i sum = _mm512_add_epi64(_mm512_slli_epi64(int64_half(high, e), 8), int64_half(low, e));
+                _mm256_storeu_ps(out[v] + 16 * t + 8 * e, _mm512_cvtepi64_ps(sum));
+            }
+        }
 }
 
 /* Weight rows first .. first + count (<= AMX_ROWS) times every vector of the group, AMX_VECS at a time.
@@ -696,8 +704,10 @@ static void amx_release(int configured) {
 enum { AMX_ROWS = ROWS };
 int minigpt_amx(int wanted) { (void)wanted; return 0; }
 static int amx_wins(const Group *g) { (void)g; return 0; }
-static void amx_pack_group(const Group *g) { (void)g; }
-static void amx_block(const Group *g, int64_t first, int count, int *configured) { (void)g, (void)first, (void)count, (void)configured; }
+static void amx_pack(const Group *g, int64_t k) { (void)g, (void)k; }
+static void amx_block(const Group *g, int64_t first, int count, int *configured) {
+    (void)g, (void)first, (void)count, (void)configured;
+}
 static void amx_release(int configured) { (void)configured; }
 #endif
 
@@ -755,12 +765,16 @@ static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, f
        measured 1-4% faster at one row than a loop over every group's rows of a block of weight rows. */
     for (int64_t g = 0; g < groups; ++g) {
         const Linear *l = ls[b->members[b->starts[g]]];
-        const Group group = {b, l, b->members + b->starts[g], b->starts[g + 1] - b->starts[g], x, x_stride, y, y_stride};
+        const int64_t *members = b->members + b->starts[g], m = b->starts[g + 1] - b->starts[g];
+        const Group group = {b, l, members, m, x, x_stride, y, y_stride};
         const int amx = amx_wins(&group);
-        if (amx) amx_pack_group(&group);
         const int block = amx ? AMX_ROWS : l->kind == KIND_FLOAT32 ? FLOAT_ROWS : ROWS;
         #pragma omp parallel num_threads(threads)
         {
+            if (amx) {
+                #pragma omp for schedule(static)
+                for (int64_t k = 0; k < l->cols; k += 64) amx_pack(&group, k); /* then a barrier: all packed */
+            }
             int configured = 0; /* the vectors this thread's tiles are configured for, 0 before its first */
             #pragma omp for schedule(static)
             for (int64_t index = 0; index < (l->rows + block - 1) / block; ++index) {
