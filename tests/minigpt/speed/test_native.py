@@ -634,11 +634,12 @@ def amx_twins():
     return twins, [dequantized_reference(model, twin) for twin in twins]
 
 
-@pytest.mark.parametrize("n", range(1, 17))
+@pytest.mark.parametrize("n", [*range(1, 17), 20])
 def test_amx_rows_are_the_rows_without_amx_and_alone(amx_twins, n):
-    """Batches of 1 to 16 rows (base and merged copy mixed, each at its own position) through AMX tiles give
-    each row the bits of the same batch without AMX and of its step alone (which never uses AMX), and the
-    dequantized float32 model's logits to the tolerance of every step."""
+    """Batches of 1 to 16 and 20 rows (base and merged copy mixed, each at its own position; 20 rows make two
+    slices of AMX_VECS vectors) through AMX tiles give each row the bits of the same batch without AMX and of
+    its step alone (which never uses AMX), and the dequantized float32 model's logits to the tolerance of
+    every step. A group of fewer than AMX_MIN_VECS rows takes dot_rows: the small batches check that too."""
     twins, references = amx_twins
     lib = amx_library()
     torch.manual_seed(10 + n)
