@@ -14,10 +14,11 @@ once and multiplied with the input vectors of every row whose model shares that 
 its LoRA-merged copy share all but the merged Linears), so a step of many rows reads the weights about
 once. Each row is computed exactly as alone (the same dot products, its own int16 rounding): its logits
 and cache writes are bit for bit those of a step of that row alone. gpt2_step is the one-row case.
-Where the CPU has AMX (Sapphire Rapids and later), int8 Linears multiply the vectors of several rows
+Where the CPU has AMX (Sapphire Rapids and later), int8 Linears multiply the vectors of 6 or more rows
 in AMX tiles (amx_dots): the weight reads stay the same and the multiply-adds, which bound a step of
-8 rows with vector instructions, become nearly free. Every int8 dot product is the exact integer
-rounded to float32 once, in the tiles as in the vector loops, so this changes no bit either.
+8 rows with vector instructions, take a fraction of the time (docs/speed-cpu.md). Every int8 dot
+product is the exact integer rounded to float32 once, in the tiles as in the vector loops, so this
+changes no bit either.
 
 int8 Linears hold quantize.py's weights: w[o][i] = q[o][i] * scale[o]. int4 Linears hold int4.py's:
 groups of GROUP columns, w[o][i] = (u[o][i] - 8) * scale[o][i / GROUP], u a 4-bit code (two per byte)
@@ -523,15 +524,16 @@ typedef struct {
     int64_t y_stride;
 } Group;
 
-/* Row j's outputs first .. first + count from their dot products with its vector. */
-static inline void store_outputs(const Group *g, int64_t j, int64_t first, int count, const float *dots) {
+/* Row j's outputs first .. first + count from their dot products with its vector. (The invariants are
+   hoisted and the pointers restrict: the loop then vectorizes, which the many outputs of a batch need.) */
+static inline void store_outputs(const Group *g, int64_t j, int64_t first, int count, const float *restrict dots) {
     const Linear *l = g->l;
-    const float *bias = g->b->ls[j]->bias;
-    float *out = g->y + j * g->y_stride + first;
+    const float step = l->kind == KIND_FLOAT32 ? 1.0f : g->b->steps[j];
+    const float *restrict bias = g->b->ls[j]->bias ? g->b->ls[j]->bias + first : NULL;
+    const float *restrict scale = l->kind == KIND_INT8 ? (const float *)l->scale + first : NULL;
+    float *restrict out = g->y + j * g->y_stride + first;
     for (int r = 0; r < count; ++r)
-        out[r] = dots[r] * (l->kind == KIND_INT8 ? g->b->steps[j] * ((const float *)l->scale)[first + r]
-                            : l->kind == KIND_INT4 ? g->b->steps[j] : 1.0f)
-                 + (bias ? bias[first + r] : 0.0f);
+        out[r] = dots[r] * (scale ? step * scale[r] : step) + (bias ? bias[r] : 0.0f);
 }
 
 /* Weight rows first .. first + count (count <= ROWS; float32: FLOAT_ROWS) times every vector of the group. */
