@@ -14,7 +14,7 @@ once and multiplied with the input vectors of every row whose model shares that 
 its LoRA-merged copy share all but the merged Linears), so a step of many rows reads the weights about
 once. Each row is computed exactly as alone (the same dot products, its own int16 rounding): its logits
 and cache writes are bit for bit those of a step of that row alone. gpt2_step is the one-row case.
-Where the CPU has AMX (Sapphire Rapids and later), int8 Linears multiply the vectors of 6 or more rows
+Where the CPU has AMX (Sapphire Rapids and later), int8 Linears multiply the vectors of 5 or more rows
 in AMX tiles (amx_dots): the weight reads stay the same and the multiply-adds, which bound a step of
 8 rows with vector instructions, take a fraction of the time (docs/speed-cpu.md). Every int8 dot
 product is the exact integer rounded to float32 once, in the tiles as in the vector loops, so this
@@ -580,9 +580,9 @@ static void rows_block(const Group *g, int64_t first, int count) {
    the first block's high and low sums, 6 and 7 the second's. */
 enum { AMX_ROWS = 32, AMX_VECS = 16, AMX_MAX_COLS = 65536 };
 /* Fewer vectors take dot_rows. The Linears of a GPT-2 124M step, 2 threads, ms with vpdpwssd / AMX:
-   2 vectors 3.5 / 4.2, 4: 4.2 / 4.5, 5: 4.7 / 4.6, 6: 5.3 / 4.9, 8: 6.7 / 5.4, 16: 13.2 / 7.8 (one vector
-   3.2, what reading the weights takes). */
-enum { AMX_MIN_VECS = 6 };
+   2 vectors 3.5 / 4.0, 3: 3.9 / 4.2, 4: 4.2 / 4.3, 5: 4.8 / 4.2, 6: 5.2 / 4.4, 8: 6.2 / 4.8, 16: 11.7 /
+   5.9 (one vector 3.0, what reading the weights takes). */
+enum { AMX_MIN_VECS = 5 };
 
 /* Whether batched int8 rows use AMX from now on: wanted, and Linux lets this process use the tiles
    (asked once; the permission is the process's, for all its threads). native.py calls it at load,
