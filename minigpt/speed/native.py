@@ -128,14 +128,32 @@ def cache_folder() -> Path:
     return Path(base) / "minigpt" / "native"
 
 
+AMX_FLAGS = ["-mamx-tile", "-mamx-int8"]
+
+
+@functools.cache
+def compiler_accepts(compiler: str, *flags: str) -> bool:
+    """Whether compiler builds AMX intrinsics with flags: gcc before 11 and clang before 12 do not, and then
+    the avx512 variant is built without its AMX kernel rather than not at all."""
+    with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder) / "probe.c"
+        probe.write_text("#include <immintrin.h>\nvoid probe(void) { _tile_release(); }\n")
+        try:
+            built = subprocess.run([compiler, *flags, "-c", str(probe), "-o", str(probe.with_suffix(".o"))],
+                                   capture_output=True)
+        except OSError:
+            return False
+    return built.returncode == 0
+
+
 def build(isa: str, folder: Path | None = None) -> Path:
     """The shared library of this variant, compiled unless a build with the same key is in folder already."""
     compiler = os.environ.get("CC", "cc")
     flags = [*FLAGS, *ISA_FLAGS[isa]]
     if isa == "avx512" and "avx512_vnni" in cpu_features():
         flags.append("-mavx512vnni")  # vpdpwssd: the multiply and the add in one instruction
-    if isa == "avx512" and "amx_int8" in cpu_features():
-        flags += ["-mamx-tile", "-mamx-int8"]  # batched int8 rows in AMX tiles, where Linux grants them
+    if isa == "avx512" and "amx_int8" in cpu_features() and compiler_accepts(compiler, *AMX_FLAGS):
+        flags += AMX_FLAGS  # batched int8 rows in AMX tiles, where Linux grants them
     libs = ["-lm"]
     if platform.machine().lower() in X86 and platform.libc_ver()[0] == "glibc":
         flags, libs = [*flags, "-DMINIGPT_LIBMVEC"], ["-lmvec", "-lm"]  # glibc's vectorized tanhf

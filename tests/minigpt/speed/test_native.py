@@ -18,6 +18,7 @@ itself moves logits by about 1e-2). Without the int16 rounding, the dequantized 
 INT16_REL of the largest logit. The float32 model is checked against transformers elsewhere.
 """
 import copy
+import ctypes
 import dataclasses
 import os
 import platform
@@ -665,6 +666,16 @@ def test_amx_rows_are_the_rows_without_amx_and_alone(amx_twins, n):
         with torch.inference_mode():
             reference = references[t](torch.tensor([prompt + [token]]))[0, -1]
         torch.testing.assert_close(ours[r], reference, atol=ATOL, rtol=0)
+
+
+def test_a_compiler_without_amx_builds_the_vector_loop(monkeypatch, tmp_path):
+    assert not native.compiler_accepts("no-such-compiler", *native.AMX_FLAGS)
+    assert not native.compiler_accepts(os.environ.get("CC", "cc"), "-mno-such-flag")
+    if "avx512" not in native.cpu_isas():
+        pytest.skip("needs the avx512 variant")
+    monkeypatch.setattr(native, "compiler_accepts", lambda compiler, *flags: False)
+    lib = ctypes.CDLL(str(native.build("avx512", tmp_path)))
+    assert lib.minigpt_amx(1) == 0
 
 
 def test_minigpt_no_amx_turns_amx_off_at_load():
