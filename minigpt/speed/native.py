@@ -12,10 +12,10 @@ The variant is picked from what the CPU reports (cpu_isas): avx512 or avx2 on x8
 aarch64, the portable C loop (generic) on any other x86-64. MINIGPT_ISA=avx512|avx2|neon|generic
 (or isa=...) asks for one; a variant the CPU lacks is refused, not run. The avx512 variant multiplies
 batched int8 rows in AMX tiles where the CPU and the compiler have them (MINIGPT_NO_AMX=1 or use_amx
-turns that off). Each variant is compiled once per machine with the system C compiler ($CC, default cc; OpenMP) into a cache folder,
-$XDG_CACHE_HOME/minigpt/native (default ~/.cache/minigpt/native), under a name keyed by the
-source, the compiler, its flags and the CPU's features, written atomically (compiled to a temporary
-name, then renamed), so later starts only load it. Where it cannot be built (no compiler, an
+turns that off). Each variant is compiled once per machine with the system C compiler ($CC, default
+cc; OpenMP) into a cache folder, $XDG_CACHE_HOME/minigpt/native (default ~/.cache/minigpt/native),
+under a name keyed by the source, the compiler, its flags and the CPU's features, written atomically
+(compiled to a temporary name, then renamed), so later starts only load it. Where it cannot be built (no compiler, an
 architecture it has no variant for), NativeUnavailable says why in one line; the compiler's
 output goes to a log file in the cache folder, whose path the message gives.
 """
