@@ -14,6 +14,9 @@ once and multiplied with the input vectors of every row whose model shares that 
 its LoRA-merged copy share all but the merged Linears), so a step of many rows reads the weights about
 once. Each row is computed exactly as alone (the same dot products, its own int16 rounding): its logits
 and cache writes are bit for bit those of a step of that row alone. gpt2_step is the one-row case.
+Rows may also share a cache at consecutive positions: a prompt read in one call (in each layer every row
+writes its keys and values before any row attends), each of its tokens computed exactly as when decoded
+one at a time; logits are computed only for the rows from logits_from on (a prompt's last token).
 Where the CPU has AMX (Sapphire Rapids and later), int8 Linears multiply the vectors of 5 or more rows
 in AMX tiles (amx_dots): the weight reads stay the same and the multiply-adds, which bound a step of
 8 rows with vector instructions, take a fraction of the time (docs/speed-cpu.md). Every int8 dot
@@ -867,9 +870,10 @@ static void block_linears(Batch *b, const Model *const *models, int64_t n, int64
    bit for bit those of a step of that row alone. Returns 0, -1 if out of memory, -2 if the models'
    shapes differ. */
 int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens, const int64_t *positions,
-                   float *const *k_caches, float *const *v_caches, const int64_t *max_lens, float *logits,
-                   int threads) {
+                   float *const *k_caches, float *const *v_caches, const int64_t *max_lens, int64_t logits_from,
+                   float *logits, int threads) {
     if (n < 1) return 0;
+    if (logits_from < 0 || logits_from >= n) return -3; /* at least one row's logits */
     const Model *m = models[0];
     const int64_t C = m->n_embd, F = m->mlp_dim, V = m->lm_head.rows, H = m->n_head, hs = C / H;
     int64_t keys = 0; /* key slots attended to, all rows together: each row's scores are H * (pos + 1) */
@@ -939,11 +943,12 @@ int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens,
         linear_rows(&b, n, ff, F, h, C, threads);
         for (int64_t r = 0; r < n; ++r) add(x + r * C, h + r * C, C);
     }
-    for (int64_t r = 0; r < n; ++r) {
-        layer_norm(x + r * C, models[r]->ln_f_weight, models[r]->ln_f_bias, h + r * C, C, models[r]->eps);
-        b.ls[r] = &models[r]->lm_head;
+    for (int64_t r = logits_from; r < n; ++r) {
+        const int64_t j = r - logits_from;
+        layer_norm(x + r * C, models[r]->ln_f_weight, models[r]->ln_f_bias, h + j * C, C, models[r]->eps);
+        b.ls[j] = &models[r]->lm_head;
     }
-    linear_rows(&b, n, h, C, logits, V, threads);
+    linear_rows(&b, n - logits_from, h, C, logits, V, threads);
     free(b.memory);
     return 0;
 }
@@ -951,5 +956,5 @@ int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens,
 /* One row: token `token` at position `pos` of one sequence's cache (gpt2_step_rows with n = 1). */
 int gpt2_step(const Model *m, int64_t token, int64_t pos, float *k_cache, float *v_cache, int64_t max_len,
               float *logits, int threads) {
-    return gpt2_step_rows(&m, 1, &token, &pos, &k_cache, &v_cache, &max_len, logits, threads);
+    return gpt2_step_rows(&m, 1, &token, &pos, &k_cache, &v_cache, &max_len, 0, logits, threads);
 }

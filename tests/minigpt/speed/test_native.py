@@ -42,7 +42,7 @@ from minigpt.sampling import SamplingParams
 from minigpt.serve.engine import load_engine
 from minigpt.speed import native
 from minigpt.speed.decoder import Decoder
-from minigpt.speed.native import NativeUnavailable, native_step, step_rows
+from minigpt.speed.native import NativeUnavailable, native_step, read_tokens, step_rows
 from minigpt.speed.onednn import KERNEL_ENV, use_input_major_weights
 from minigpt.speed.int4 import Int4Linear, quantize_int4
 from minigpt.speed.quantize import Int8Linear, quantize_int8
@@ -198,12 +198,12 @@ def test_it_reads_a_cache_that_pytorch_wrote(models):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
-def test_prompts_and_batches_stay_on_pytorch(default_models):
+def test_batches_and_every_positions_logits_stay_on_pytorch(default_models):
     int8, _, tokenizer = default_models
     plain = int8.model  # the same model without the C step
     ids = torch.tensor([tokenizer.encode_ordinary("Hello there, general")] * 2)
     with torch.inference_mode():
-        for x in (ids[:1], ids, ids[:, :1]):  # a prompt, a batch of prompts, a batch of single tokens
+        for x in (ids[:1], ids, ids[:, :1]):  # a prompt's every position, a batch of prompts, of single tokens
             assert torch.equal(int8(x, int8.new_cache(16, batch_size=x.size(0))),
                                plain(x, plain.new_cache(16, batch_size=x.size(0))))
 
@@ -497,6 +497,25 @@ def test_a_batch_of_rows_decodes_each_row_as_it_would_alone(twins):
     assert not torch.equal(ours[0], ours[4])  # the same token after other caches and weights: other logits
 
 
+def test_tokens_read_in_one_call_are_those_tokens_decoded_one_at_a_time(twins):
+    """read_tokens: several tokens of each sequence (a prompt into an empty cache, or a chunk after a cache), one row
+    each, in one call with other sequences' (base and tuned mixed): the logits after each sequence's last token, and
+    its cache, are bit for bit those of decoding its tokens one at a time."""
+    base, tuned = twins
+    torch.manual_seed(3)
+    decoders = [base, tuned, base]
+    caches = [base.new_cache(24), prefilled(tuned, [7, 8, 9, 10], 24), prefilled(base, [11, 12], 24)]
+    reads = [torch.randint(0, 1000, (n,)).tolist() for n in (9, 1, 5)]
+    copies = copy.deepcopy(caches)
+    ours = read_tokens(rows(decoders), reads, caches)
+    assert ours.shape == (3, 50257)
+    for r, (decoder, tokens, cache, copy_) in enumerate(zip(decoders, reads, caches, copies)):
+        for token in tokens:
+            expected = alone(decoder, token, copy_)
+        assert torch.equal(ours[r], expected), f"sequence {r}"
+        assert cache.length == copy_.length and torch.equal(cache.k, copy_.k) and torch.equal(cache.v, copy_.v)
+
+
 @pytest.mark.parametrize("models", ["btbbtbtb", "bbbbbbbbt", "tbb"])
 def test_every_group_size_decodes_each_row_as_alone(wide_twins, models):
     """decode_step.c multiplies each block of weight rows with the input vectors of the rows sharing it several
@@ -564,7 +583,7 @@ def test_a_bad_row_is_refused_before_any_cache_changes(twins):
     with pytest.raises(ValueError, match=r"float32 cache for one sequence, got .* \(row 1\)"):
         step_rows(rows(decoders[:2]), [1, 2], [caches[0], longer])  # C would read past the position embeddings
     assert unchanged()
-    with pytest.raises(ValueError, match="one token and one cache per step"):
+    with pytest.raises(ValueError, match="tokens and one cache per step"):
         step_rows(rows(decoders), [1, 2], caches)
     with pytest.raises(ValueError, match="at least one row"):
         step_rows([], [], [])
@@ -668,6 +687,29 @@ def test_amx_rows_are_the_rows_without_amx_and_alone(amx_twins, n):
         torch.testing.assert_close(ours[r], reference, atol=ATOL, rtol=0)
 
 
+def test_with_amx_an_int8_prompt_is_read_in_c_token_by_token_exactly(amx_twins):
+    """Where AMX multiplies the rows, a prompt read into a cache goes through the C step (the decoder's prompt path,
+    as the server's prefill): the same bits as decoding it one token at a time. Without AMX, PyTorch reads it."""
+    (base, _), _ = amx_twins
+    lib = amx_library()
+    prompt = torch.randint(0, 321, (17,), generator=torch.Generator().manual_seed(5)).tolist()
+    cache, copy_ = base.new_cache(24), base.new_cache(24)
+    with torch.inference_mode():
+        ours = base(torch.tensor([prompt]), cache, last_only=True)[0, -1]
+    for token in prompt:
+        expected = alone(base, token, copy_)
+    assert base.reads_prompts and torch.equal(ours, expected) and torch.equal(cache.k, copy_.k)
+    try:
+        native.use_amx(lib, False)
+        plain = base.new_cache(24)
+        with torch.inference_mode():
+            assert not base.reads_prompts
+            assert torch.equal(base(torch.tensor([prompt]), plain, last_only=True),
+                               base.model(torch.tensor([prompt]), base.new_cache(24), last_only=True))
+    finally:
+        native.use_amx(lib)
+
+
 def test_a_compiler_without_amx_builds_the_vector_loop(monkeypatch, tmp_path):
     assert not native.compiler_accepts("no-such-compiler", *native.AMX_FLAGS)
     assert not native.compiler_accepts(os.environ.get("CC", "cc"), "-mno-such-flag")
@@ -753,7 +795,7 @@ int main(int argc, char **argv) {
         ks[r] = memcpy(malloc(L * C * T * sizeof(float)), k, L * C * T * sizeof(float));
         vs[r] = memcpy(malloc(L * C * T * sizeof(float)), v, L * C * T * sizeof(float));
     }
-    if (gpt2_step_rows(models, 3, row_tokens, positions, ks, vs, max_lens, batch, 2)) return 3;
+    if (gpt2_step_rows(models, 3, row_tokens, positions, ks, vs, max_lens, 0, batch, 2)) return 3;
     fwrite(batch, sizeof(float), 3 * V, out);
     fclose(out);
     fprintf(stderr, "%s\n", minigpt_isa());
