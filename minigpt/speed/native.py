@@ -2,11 +2,12 @@
 float32 CPU models.
 
 native_step(model) returns the step that decodes the model's single tokens in C (inference.py wraps
-it in a Decoder). Prompts, batches and the attention panel's steps keep the PyTorch path; both read
-and write the same KVCache. Build it on the final model: it holds pointers to the model's tensors as
-they are now. step_rows decodes one token for each of many sequences in one call (continuous
+it in a Decoder). Batches of sequences and the attention panel's steps keep the PyTorch path; both
+read and write the same KVCache. Build it on the final model: it holds pointers to the model's tensors
+as they are now. step_rows decodes one token for each of many sequences in one call (continuous
 batching): each weight matrix is read once for all the rows that use it, and each row's logits are
-bit for bit those of its own step alone.
+bit for bit those of its own step alone. read_tokens reads several tokens of each sequence in one call
+(a prompt: one row per token), which int8 uses for prompts where AMX multiplies the rows.
 
 The variant is picked from what the CPU reports (cpu_isas): avx512 or avx2 on x86-64, neon on
 aarch64, the portable C loop (generic) on any other x86-64. MINIGPT_ISA=avx512|avx2|neon|generic
