@@ -20,7 +20,7 @@ import torch
 from .generation import StreamDecoder, TokenEvent, fit_to_context, new_history, token_event
 from .model import GPT
 from .sampling import SamplingParams, sample
-from .speed.decoder import Decoder, as_decoder, step_rows
+from .speed.decoder import Decoder, as_decoder, read_prompts, step_rows
 from .tokenizer import EOT
 
 
@@ -94,9 +94,9 @@ def decode(streams: Sequence[Stream]) -> list[TokenEvent]:
 
 @torch.inference_mode()
 def prefill_together(streams: Sequence[Stream]) -> list[list[TokenEvent]]:
-    """Read the whole prompts of several new streams of one model in one pass (GPT.prefill_rows), and draw
+    """Read the whole prompts of several new streams of one model in one pass (decoder.read_prompts), and draw
     each one's first token: [[its first event]] per stream. Not for branches (forced tokens)."""
-    logits = streams[0].model.model.prefill_rows([s.unread for s in streams], [s.cache for s in streams])
+    logits = read_prompts([s.model for s in streams], [s.unread for s in streams], [s.cache for s in streams])
     for stream in streams:
         stream.unread = []
     return [[stream.draw(row)] for stream, row in zip(streams, logits)]

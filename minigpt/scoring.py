@@ -125,13 +125,16 @@ def divergence_ids(model: GPT | Decoder, base: GPT | Decoder, ids: list[int], ma
     """KL(base || model) of the next-token distributions, and top-1 agreement, at the positions score_ids
     scores (the same windows): e.g. a quantized model against float32."""
     _, _, spans = scored_windows(model, ids, max_length, stride)
-    kl: list[float] = []
-    same_top: list[bool] = []
-    for begin, end, first in spans:
-        logp, logp_base = (log_probs(m, ids[begin:end])[first - begin - 1:end - begin - 1] for m in (model, base))
-        kl += (logp_base.exp() * (logp_base - logp)).sum(dim=-1).tolist()
-        same_top += (logp.argmax(dim=-1) == logp_base.argmax(dim=-1)).tolist()
-    return Divergence(kl, same_top)
+    parts = [divergence(*(log_probs(m, ids[begin:end])[first - begin - 1:end - begin - 1] for m in (model, base)))
+             for begin, end, first in spans]
+    return Divergence([kl for d in parts for kl in d.kl], [same for d in parts for same in d.same_top])
+
+
+def divergence(logp: torch.Tensor, logp_base: torch.Tensor) -> Divergence:
+    """KL(base || model) and top-1 agreement at each row of two (positions, vocab) log-probability tensors."""
+    logp, logp_base = logp.double(), logp_base.double()  # a small KL is a sum of many tiny terms
+    return Divergence((logp_base.exp() * (logp_base - logp)).sum(dim=-1).tolist(),
+                      (logp.argmax(dim=-1) == logp_base.argmax(dim=-1)).tolist())
 
 
 def score_text(model: GPT | Decoder, tokenizer: tiktoken.Encoding, text: str, max_length: int | None = None,

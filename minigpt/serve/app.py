@@ -177,6 +177,8 @@ def chat_tab(engine: Engine) -> None:
             with gr.Accordion("Prompt sent to the model", open=False):
                 prompt_view = gr.Textbox(elem_id="prompt", show_label=False, lines=8, max_lines=20,
                                          interactive=False, buttons=["copy"])
+            with gr.Accordion("Model card", open=False, elem_id="model_card"):
+                gr.Markdown(engine.card())
 
     ui = {"msg": msg, "chat": chat, "stats": stats, "send": send, "retry": retry_btn, "undo": undo_btn,
           "clear": clear_btn, "prompt": prompt_view, "msg_note": msg_note, "branch_note": branch_note,
@@ -378,6 +380,8 @@ def serve(args: argparse.Namespace, default_adapter: Path | None) -> int:
     if TUNED not in engine.models:
         print(f"note: {TUNED} mode is off: {engine.adapter_note}", file=sys.stderr)
     print(engine.capacity(), flush=True)
+    if engine.cost is not None:
+        print(f"Precision: {engine.cost.describe()}", flush=True)
     demo = build_app(engine)
     # Every reply waits in the scheduler's queue, not Gradio's (it orders the chat and the API together, and
     # shows each reply its place): Gradio lets every event through, up to the scheduler's own bounds.

@@ -14,6 +14,7 @@ import tiktoken
 from ..adapters import AdapterError
 from ..inference import load_with_scale, speculative_drafts
 from ..lora_scale import AdapterScale
+from ..precision_cost import PrecisionCost, measure_cost
 from ..request import Mode, ReplyRequest
 from ..speed.decoder import Decoder
 from .conversation import TUNED, ChatInputError, Prompt
@@ -35,6 +36,7 @@ class Engine:
     scheduler: Scheduler = field(default_factory=lambda: Scheduler(DEFAULT_ROWS, DEFAULT_QUEUE))
     lora: AdapterScale | None = None  # the tuned model at any LoRA scale (None without an adapter)
     adapter_note: str = ""  # adapter_hint for the server's log: the folder's full path and what is wrong with it
+    cost: PrecisionCost | None = None  # the precision's cost against float32, measured at load
 
     @property
     def device(self) -> str:
@@ -47,6 +49,16 @@ class Engine:
     @property
     def n_positions(self) -> int:
         return self.models[Mode.BASE].config.n_positions
+
+    def card(self) -> str:
+        """The Model card: the model's shape, where and how it decodes, and what its precision costs."""
+        config = self.models[Mode.BASE].config
+        shape = (f"GPT-2, {config.n_layer} layers × {config.n_embd} wide, {config.n_head} heads, "
+                 f"{config.n_positions}-token context")
+        lines = [f"{shape} · {self.device}"]
+        if self.cost is not None:
+            lines.append(self.cost.describe())
+        return "\n\n".join(lines)
 
     def capacity(self) -> str:
         """The start-up line: rows, the most their KV caches can take, and the queue."""
@@ -118,7 +130,7 @@ def load_engine(model: str, adapter: str | None, device: str | None, precision: 
     hint, note = ("", "") if lora is not None else (adapter_hint(default_adapter, problems),
                                                     adapter_hint(default_adapter, problems, for_log=True))
     return Engine(models, tokenizer, hint, drafts, Scheduler(concurrency, queue_size, background=background), lora,
-                  note)
+                  note, measure_cost(model, base, tokenizer))
 
 
 def get_an_adapter() -> str:

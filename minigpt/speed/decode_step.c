@@ -12,15 +12,22 @@ A serving loop decodes many sequences at once (continuous batching): gpt2_step_r
 sequence, each with its own model, token, position and KV cache. Each block of weight rows is loaded
 once and multiplied with the input vectors of every row whose model shares that matrix (a base model and
 its LoRA-merged copy share all but the merged Linears), so a step of many rows reads the weights about
-once. Each row is computed exactly as alone (the same dot products in the same order, its own int16
-rounding): its logits and cache writes are bit for bit those of a step of that row alone. gpt2_step is
-the one-row case.
+once. Each row is computed exactly as alone (the same dot products, its own int16 rounding): its logits
+and cache writes are bit for bit those of a step of that row alone. gpt2_step is the one-row case.
+Rows may also share a cache at consecutive positions: a prompt read in one call (in each layer every row
+writes its keys and values before any row attends), each of its tokens computed exactly as when decoded
+one at a time; logits are computed only for the rows from logits_from on (a prompt's last token).
+Where the CPU has AMX (Sapphire Rapids and later), int8 Linears multiply the vectors of 5 or more rows
+in AMX tiles (amx_dots): the weight reads stay the same and the multiply-adds, which bound a step of
+8 rows with vector instructions, take a fraction of the time (docs/speed-cpu.md). Every int8 dot
+product is the exact integer rounded to float32 once, in the tiles as in the vector loops, so this
+changes no bit either.
 
 int8 Linears hold quantize.py's weights: w[o][i] = q[o][i] * scale[o]. int4 Linears hold int4.py's:
 groups of GROUP columns, w[o][i] = (u[o][i] - 8) * scale[o][i / GROUP], u a 4-bit code (two per byte)
 and the scales float16. Each int8 or int4 Linear's input vector is rounded to int16 (one scale per
 vector; PyTorch's int8 kernel rounds it to bfloat16, 8 bits of mantissa, so this path is closer to
-float32 than PyTorch's) and multiplied with integer instructions.
+float32 than PyTorch's) and multiplied with integer instructions (int8: exactly, see dot_rows).
 float32 Linears (scale NULL) multiply the float32 input with FMAs: the same arithmetic as PyTorch's,
 in another order, so logits agree to float32 rounding.
 Layout (row-major): Linear weights (out, in); each row's KV cache (n_layer, n_head, max_len, head_dim),
@@ -29,8 +36,9 @@ the KVCache of one sequence.
 One source, several instruction sets: native.py defines exactly one of MINIGPT_AVX512, MINIGPT_AVX2
 (x86) or MINIGPT_NEON (aarch64) with the matching compiler flags, or none for the portable C loop
 (any CPU; the compiler vectorizes it as far as its baseline allows). Only the dot products (dot_rows,
-dot_rows4, float_dot_rows) differ between them. MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link
-(x86-64 glibc).
+dot_rows4, float_dot_rows) differ between them; the avx512 variant adds the AMX kernel where the compiler
+targets AMX (native.py adds -mamx-int8 on CPUs reporting amx_int8) and Linux grants the tiles
+(minigpt_amx). MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link (x86-64 glibc).
 */
 #include <math.h>
 #include <stddef.h>
@@ -96,21 +104,28 @@ typedef struct {
 /* Which variant this library is (native.py checks it after loading). */
 const char *minigpt_isa(void) { return MINIGPT_ISA; }
 
+#if defined(MINIGPT_AVX512) && defined(__AMX_INT8__)
+#  define MINIGPT_AMX
+static int amx_enabled; /* whether batched int8 rows use AMX: minigpt_amx */
+#else
+static const int amx_enabled = 0;
+#endif
+
 enum { ROWS = 4 };            /* rows per dot_rows call: four int8 weight streams in flight */
 enum { VECS = 4 };            /* input vectors per dot_rows call: measured best of 2, 3, 4 (see dot_rows_fixed) */
 enum { FLOAT_ROWS = 8 };      /* rows per float_dot_rows call: measured best of 2, 4, 8, 12, 16 (AVX-512, AVX2) */
 enum { PREFETCH_BLOCKS = 2 }; /* dot_rows prefetches the weights this many blocks of ROWS rows ahead (ditto) */
-enum { CHUNK = 256 };         /* columns summed in int32 before adding to float: |sum| < 256 * 127 * 32767 < 2^31 */
+enum { CHUNK = 256 };         /* int4: columns whose group scales are converted together */
+enum { INT32_SPAN = 512 };    /* int8: columns summed in int32, |sum| <= 512 * 127 * 32767 < 2^31 (|q| <= 127) */
 
 /* out[v][r] = q[r] . xs[v] for `rows` (<= ROWS) consecutive weight rows of length cols (a multiple of
    64) and `vecs` (<= VECS) input vectors xs[v], the activations rounded to int16 (linear); out's rows
    are FLOAT_ROWS long, as linear_rows' one buffer for both kinds of weights.
    Integer multiply-adds (vpmaddwd, VNNI's vpdpwssd, NEON's smlal) do in one instruction what widening
-   each weight to float32 and an FMA do in three (docs/speed-cpu.md has the measurements). int32 sums
-   are exact; each CHUNK of columns is added to a float32 sum. A vector's result depends only on its
-   own int32 sums of each CHUNK (exact, so in whatever order the products are added) and on the order
-   of the float32 additions, which is the chunks' order, lane by lane: it is the same bit for bit
-   whichever vectors share the call. */
+   each weight to float32 and an FMA do in three (docs/speed-cpu.md has the measurements).
+   int8: each dot product is computed exactly (int32 partial sums, added up in int64) and rounded to
+   float32 once, so it is the same bit for bit however its products are split and ordered: in any
+   variant, whichever vectors share the call, and in the AMX kernel (amx_dots). */
 #if defined(MINIGPT_AVX512) || defined(MINIGPT_AVX2)
 /* Both x86 variants share dot_rows below; what differs is the vector width and these few operations:
    widen64 sign-extends 64 int8 weights of one row (p) to int16 in WIDE vectors, madd64 adds their
@@ -121,7 +136,6 @@ typedef __m512 fvec;
 #    define WIDE 2
 #    define IZERO() _mm512_setzero_si512()
 #    define FZERO() _mm512_setzero_ps()
-#    define ADD_TO_FLOAT(total, acc) _mm512_add_ps(total, _mm512_cvtepi32_ps(acc))
 #    define HSUM(total) _mm512_reduce_add_ps(total)
 #    define FWIDTH 16
 #    define FLOAD(p) _mm512_loadu_ps(p)
@@ -164,7 +178,6 @@ typedef __m256 fvec;
 #    define WIDE 4
 #    define IZERO() _mm256_setzero_si256()
 #    define FZERO() _mm256_setzero_ps()
-#    define ADD_TO_FLOAT(total, acc) _mm256_add_ps(total, _mm256_cvtepi32_ps(acc))
 #    define HSUM(total) hsum256(total)
 #    define FWIDTH 8
 #    define FLOAD(p) _mm256_loadu_ps(p)
@@ -206,6 +219,21 @@ static inline ivec madd32(const ivec *w, const int16_t *x) {
 }
 #  endif
 
+/* The four sums of the lanes of acc[0 .. 3], each the int8 dot product of at most INT32_SPAN columns (so
+   are all their partial sums): exact in int32. */
+_Static_assert(ROWS == 4, "sums4 reduces ROWS accumulators");
+static inline __m128i sums4(const ivec acc[ROWS]) {
+#  if defined(MINIGPT_AVX512)
+    __m256i half[ROWS];
+    for (int r = 0; r < ROWS; ++r)
+        half[r] = _mm256_add_epi32(_mm512_castsi512_si256(acc[r]), _mm512_extracti64x4_epi64(acc[r], 1));
+#  else
+    const __m256i *half = acc;
+#  endif
+    const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(half[0], half[1]), _mm256_hadd_epi32(half[2], half[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+}
+
 /* dot_rows for a constant number of vectors (always inlined into dot_rows, one copy per count, so that
    the accumulators are registers). Each 64 weights of a row are widened to int16 once and multiplied
    with every vector: with the same prefetching, the Linears of an 8-row step took 16.9 ms widening
@@ -226,11 +254,10 @@ static inline __attribute__((always_inline)) void dot_rows_fixed(const int8_t *q
                                                                  float (*out)[FLOAT_ROWS]) {
     const int8_t *row[ROWS];
     for (int r = 0; r < ROWS; ++r) row[r] = q + (r < rows ? r : rows - 1) * cols;
-    fvec total[VECS][ROWS];
-    for (int v = 0; v < vecs; ++v)
-        for (int r = 0; r < ROWS; ++r) total[v][r] = FZERO();
-    for (int64_t c = 0; c < cols; c += CHUNK) {
-        const int64_t end = c + CHUNK < cols ? c + CHUNK : cols;
+    __m256i total[VECS]; /* each vector's ROWS sums, int64 */
+    for (int v = 0; v < vecs; ++v) total[v] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < cols; c += INT32_SPAN) {
+        const int64_t end = c + INT32_SPAN < cols ? c + INT32_SPAN : cols;
         ivec acc[VECS][ROWS];
         for (int v = 0; v < vecs; ++v)
             for (int r = 0; r < ROWS; ++r) acc[v][r] = IZERO();
@@ -242,11 +269,13 @@ static inline __attribute__((always_inline)) void dot_rows_fixed(const int8_t *q
                 for (int v = 0; v < vecs; ++v) acc[v][r] = madd64(acc[v][r], w, xs[v] + k);
             }
         }
-        for (int v = 0; v < vecs; ++v)
-            for (int r = 0; r < ROWS; ++r) total[v][r] = ADD_TO_FLOAT(total[v][r], acc[v][r]);
+        for (int v = 0; v < vecs; ++v) total[v] = _mm256_add_epi64(total[v], _mm256_cvtepi32_epi64(sums4(acc[v])));
     }
-    for (int v = 0; v < vecs; ++v)
-        for (int r = 0; r < rows; ++r) out[v][r] = HSUM(total[v][r]);
+    for (int v = 0; v < vecs; ++v) {
+        int64_t sum[ROWS];
+        _mm256_storeu_si256((__m256i *)sum, total[v]);
+        for (int r = 0; r < rows; ++r) out[v][r] = (float)sum[r];
+    }
 }
 
 _Static_assert(VECS == 4, "dot_rows has a case for each number of vectors up to VECS");
@@ -330,7 +359,7 @@ static void float_dot_rows(const float *w, const float *x, int64_t cols, int row
     for (int r = 0; r < rows; ++r) out[r] = HSUM(acc[r]);
 }
 #else
-/* NEON and the portable loop: one row and one vector at a time; dot_chunk sums at most CHUNK int8
+/* NEON and the portable loop: one row and one vector at a time; dot_chunk sums at most INT32_SPAN int8
    products exactly in int32, float_dot a float32 row. They keep widening the weights for each vector:
    sharing the widening as the x86 dot_rows does is unmeasured on aarch64 hardware (the NEON variant is
    only run under emulation here), and the portable loop leaves its vectorization to the compiler. */
@@ -405,10 +434,10 @@ static void dot_rows(const int8_t *q, const int16_t *const *xs, int vecs, int64_
     for (int v = 0; v < vecs; ++v)
         for (int r = 0; r < rows; ++r) {
             const int8_t *row = q + r * cols;
-            float total = 0.0f;
-            for (int64_t c = 0; c < cols; c += CHUNK)
-                total += (float)dot_chunk(row + c, xs[v] + c, (c + CHUNK < cols ? c + CHUNK : cols) - c);
-            out[v][r] = total;
+            int64_t total = 0;
+            for (int64_t c = 0; c < cols; c += INT32_SPAN)
+                total += dot_chunk(row + c, xs[v] + c, (c + INT32_SPAN < cols ? c + INT32_SPAN : cols) - c);
+            out[v][r] = (float)total;
         }
 }
 
@@ -452,7 +481,9 @@ typedef struct {
     int64_t *starts;    /* (n + 1,) */
     float *steps;       /* (n,) each row's int16 step, amax / 32767 (int8 Linears) */
     int16_t *xq;        /* (n, width) each row's input vector rounded to int16 (int8 Linears) */
+    uint8_t *packed;    /* (n, width, 2) a group's xq packed for AMX (amx_pack), if amx */
     int64_t width;      /* the widest input vector, cols */
+    int amx;            /* whether AMX was enabled when the batch was made: it may multiply int8 groups */
 } Batch;
 
 /* A 64-byte multiple of bytes: each piece of a shared allocation starts on a cache line. */
@@ -463,7 +494,7 @@ static size_t piece(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 static int batch_new(Batch *b, int64_t n, int64_t width, size_t extra) {
     const size_t sizes[] = {piece(extra), piece(n * sizeof(Linear *)), piece(n * sizeof(int64_t)),
                             piece(n * sizeof(int64_t)), piece((n + 1) * sizeof(int64_t)), piece(n * sizeof(float)),
-                            piece(n * width * sizeof(int16_t))};
+                            piece(n * width * sizeof(int16_t)), amx_enabled ? piece(n * width * 2) : 0};
     size_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; ++i) total += sizes[i];
     char *p = aligned_alloc(64, total);
@@ -475,11 +506,217 @@ static int batch_new(Batch *b, int64_t n, int64_t width, size_t extra) {
     b->starts = (int64_t *)(p += sizes[3]);
     b->steps = (float *)(p += sizes[4]);
     b->xq = (int16_t *)(p += sizes[5]);
+    b->packed = (uint8_t *)(p += sizes[6]);
     b->width = width;
+    b->amx = amx_enabled;
     return 0;
 }
 
 static int same_weights(const Linear *a, const Linear *b) { return a->weight == b->weight && a->scale == b->scale; }
+
+/* One Linear's multiplication for one group of rows of linear_rows (below): its vectors, the rows in
+   members[0 .. m), read from x (float32) or b->xq (int8, int4), written to y. */
+typedef struct {
+    const Batch *b;
+    const Linear *l;
+    const int64_t *members;
+    int64_t m;
+    const float *x;
+    int64_t x_stride;
+    float *y;
+    int64_t y_stride;
+} Group;
+
+/* Row j's outputs first .. first + count from their dot products with its vector. (The invariants are
+   hoisted and the pointers restrict: the loop then vectorizes, which the many outputs of a batch need.) */
+static inline void store_outputs(const Group *g, int64_t j, int64_t first, int count, const float *restrict dots) {
+    const Linear *l = g->l;
+    const float step = l->kind == KIND_FLOAT32 ? 1.0f : g->b->steps[j];
+    const float *restrict bias = g->b->ls[j]->bias ? g->b->ls[j]->bias + first : NULL;
+    const float *restrict scale = l->kind == KIND_INT8 ? (const float *)l->scale + first : NULL;
+    float *restrict out = g->y + j * g->y_stride + first;
+    for (int r = 0; r < count; ++r)
+        out[r] = dots[r] * (scale ? step * scale[r] : step) + (bias ? bias[r] : 0.0f);
+}
+
+/* Weight rows first .. first + count (count <= ROWS; float32: FLOAT_ROWS) times every vector of the group. */
+static void rows_block(const Group *g, int64_t first, int count) {
+    const Linear *l = g->l;
+    const int64_t cols = l->cols;
+    for (int64_t i = 0; i < g->m; i += VECS) { /* the group's vectors, VECS at a time (float32: one by one) */
+        const int vecs = g->m - i < VECS ? (int)(g->m - i) : VECS;
+        const int64_t *members = g->members + i;
+        float dots[VECS][FLOAT_ROWS];
+        if (l->kind != KIND_FLOAT32) {
+            const int16_t *xs[VECS];
+            for (int v = 0; v < vecs; ++v) xs[v] = g->b->xq + members[v] * g->b->width;
+            if (l->kind == KIND_INT8)
+                dot_rows((const int8_t *)l->weight + first * cols, xs, vecs, cols, count, dots);
+            else /* int4: the group scales are applied inside */
+                dot_rows4((const uint8_t *)l->weight + first * cols / 2,
+                          (const uint16_t *)l->scale + first * cols / GROUP, xs, vecs, cols, count, dots);
+        } else {
+            for (int v = 0; v < vecs; ++v)
+                float_dot_rows((const float *)l->weight + first * cols, g->x + members[v] * g->x_stride, cols, count,
+                               dots[v]);
+        }
+        for (int v = 0; v < vecs; ++v) store_outputs(g, members[v], first, count, dots[v]);
+    }
+}
+
+/* ---- AMX: int8 weights times many vectors ----------------------------------------------------------- */
+
+#ifdef MINIGPT_AMX
+#  include <sys/syscall.h>
+#  include <unistd.h>
+/* AMX (Sapphire Rapids and later; native.py compiles it in where the CPU reports amx_int8) multiplies a
+   tile of 16 rows of 64 int8 with one of 16 rows of 4 N int8 into 16 x N int32 sums in one instruction,
+   16 * 64 * N multiply-adds, where vpdpwssd does 32. The weights are the first operand as they are
+   stored: a tile is the next 64 columns of 16 weight rows, loaded with the row length as stride, so no
+   copy in another layout. The vectors are the second, packed by amx_pack. Their int16 values do not fit
+   a byte, but x = 256 * (x >> 8) + (x & 255) with x >> 8 a signed byte and x & 255 an unsigned one, so
+   q . x = 256 * (q . high) + q . low: one TDPBSSD (signed x signed) and one TDPBSUD (signed x unsigned).
+   The tiles' int32 sums are exact for rows of up to AMX_MAX_COLS columns (a column adds at most 128 * 127
+   to the high sums and 255 * 127 to the low), and the two combine into the exact int64 dot product that
+   dot_rows computes: the same float32, bit for bit.
+   Tiles: 0 and 1 two blocks of 16 weight rows; 2 and 3 the high and low bytes of the vectors; 4 and 5
+   the first block's high and low sums, 6 and 7 the second's. */
+enum { AMX_ROWS = 32, AMX_VECS = 16, AMX_MAX_COLS = 65536 };
+/* Fewer vectors take dot_rows. The Linears of a GPT-2 124M step, 2 threads, ms with vpdpwssd / AMX:
+   2 vectors 3.5 / 4.0, 3: 3.9 / 4.2, 4: 4.2 / 4.3, 5: 4.8 / 4.2, 6: 5.2 / 4.4, 8: 6.2 / 4.8, 16: 11.7 /
+   5.9 (one vector 3.0, what reading the weights takes). */
+enum { AMX_MIN_VECS = 5 };
+
+/* Whether batched int8 rows use AMX from now on: wanted, and Linux lets this process use the tiles
+   (asked once; the permission is the process's, for all its threads). native.py calls it at load,
+   wanted unless MINIGPT_NO_AMX is set; the tests switch it. */
+int minigpt_amx(int wanted) {
+    static int permitted = -1;
+    if (wanted && permitted < 0)
+        permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    amx_enabled = wanted && permitted > 0;
+    return amx_enabled;
+}
+
+static int amx_wins(const Group *g) {
+    return g->b->amx && g->l->kind == KIND_INT8 && g->m >= AMX_MIN_VECS && g->l->cols <= AMX_MAX_COLS;
+}
+
+#  define ROW_NUMBERS _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) /* of a tile */
+
+/* Bytes of one packed tile of `vecs` vectors: 16 rows of 4 bytes per vector. */
+static int64_t amx_tile_bytes(int vecs) { return 16 * 4 * vecs; }
+
+/* Columns k .. k + 63 of the group's vectors (int16) as AMX's second operand, into b->packed: the group's
+   vectors in slices of AMX_VECS, slice s at s * AMX_VECS * 2 * cols bytes; a slice of `vecs` vectors holds
+   for each 64 columns a tile of their high bytes, then one of their low bytes, tile row t holding for
+   vector v its columns 4t .. 4t + 3 at bytes 4v .. 4v + 3. (Threads pack different columns: different
+   vectors of one slice share cache lines.) */
+static void amx_pack(const Group *g, int64_t k) {
+    const int64_t cols = g->l->cols;
+    for (int64_t i = 0; i < g->m; ++i) {
+        const int64_t start = i / AMX_VECS * AMX_VECS; /* the slice's first vector */
+        const int vecs = g->m - start < AMX_VECS ? (int)(g->m - start) : AMX_VECS;
+        const int64_t tile = amx_tile_bytes(vecs);
+        const int16_t *x = g->b->xq + g->members[i] * g->b->width + k;
+        uint8_t *at = g->b->packed + start * 2 * cols + k / 64 * 2 * tile + 4 * (i - start);
+        const __m512i rows = _mm512_mullo_epi32(ROW_NUMBERS, _mm512_set1_epi32(4 * vecs)); /* each row's 4 bytes */
+        const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 32); /* vpmovwb keeps low bytes */
+        const __m256i high0 = _mm512_cvtepi16_epi8(_mm512_srai_epi16(x0, 8)), low0 = _mm512_cvtepi16_epi8(x0);
+        const __m256i high1 = _mm512_cvtepi16_epi8(_mm512_srai_epi16(x1, 8)), low1 = _mm512_cvtepi16_epi8(x1);
+        _mm512_i32scatter_epi32(at, rows, _mm512_inserti64x4(_mm512_castsi256_si512(high0), high1, 1), 1);
+        _mm512_i32scatter_epi32(at + tile, rows, _mm512_inserti64x4(_mm512_castsi256_si512(low0), low1, 1), 1);
+    }
+}
+
+/* This thread's tiles for `vecs` vectors (each thread configures its own). */
+static void amx_configure(int vecs) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } __attribute__((aligned(64))) config = {.palette = 1};
+    for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = t < 2 ? 64 : 4 * vecs;
+    _tile_loadconfig(&config);
+}
+
+/* Lanes 8e .. 8e + 7 of v, widened to int64. */
+static inline __m512i int64_half(__m512i v, int e) {
+    return _mm512_cvtepi32_epi64(e ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v));
+}
+
+/* out[v][r] = (float)(q[r] . x_v) for AMX_ROWS weight rows from q (cols long) and `vecs` packed vectors,
+   exactly as dot_rows; the tiles configured for vecs. The weights are prefetched as dot_rows does,
+   PREFETCH_BLOCKS blocks ahead (1, 2 and 3 blocks of AMX_ROWS measured: 2 as good as any; into L1 or
+   in address order rather than row by row: slower). */
+static void amx_dots(const int8_t *q, int64_t cols, const uint8_t *packed, int vecs, float (*out)[AMX_ROWS]) {
+    const int64_t tile = amx_tile_bytes(vecs);
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t k = 0; k < cols; k += 64) {
+        for (int r = 0; r < AMX_ROWS; ++r)
+            _mm_prefetch((const char *)q + (PREFETCH_BLOCKS * AMX_ROWS + r) * cols + k, _MM_HINT_T1);
+        const uint8_t *x = packed + k / 64 * 2 * tile;
+        _tile_loadd(0, q + k, cols);
+        _tile_loadd(1, q + 16 * cols + k, cols);
+        _tile_loadd(2, x, 4 * vecs);
+        _tile_loadd(3, x + tile, 4 * vecs);
+        _tile_dpbssd(4, 0, 2);
+        _tile_dpbsud(5, 0, 3);
+        _tile_dpbssd(6, 1, 2);
+        _tile_dpbsud(7, 1, 3);
+    }
+    int32_t sums[4][16][AMX_VECS]; /* tiles 4 to 7: [weight row][vector] */
+    _tile_stored(4, sums[0], sizeof *sums[0]);
+    _tile_stored(5, sums[1], sizeof *sums[1]);
+    _tile_stored(6, sums[2], sizeof *sums[2]);
+    _tile_stored(7, sums[3], sizeof *sums[3]);
+    const __m512i column = _mm512_mullo_epi32(ROW_NUMBERS, _mm512_set1_epi32(AMX_VECS)); /* a vector's 16 sums */
+    for (int v = 0; v < vecs; ++v)
+        for (int t = 0; t < 2; ++t) { /* rows 16t .. 16t + 15: 256 * high + low in int64, 8 rows at a time */
+            const __m512i high = _mm512_i32gather_epi32(column, &sums[2 * t][0][v], 4);
+            const __m512i low = _mm512_i32gather_epi32(column, &sums[2 * t + 1][0][v], 4);
+            for (int e = 0; e < 2; ++e) {
+                const __m512i sum = _mm512_add_epi64(_mm512_slli_epi64(int64_half(high, e), 8), int64_half(low, e));
+                _mm256_storeu_ps(out[v] + 16 * t + 8 * e, _mm512_cvtepi64_ps(sum));
+            }
+        }
+}
+
+/* Weight rows first .. first + count (<= AMX_ROWS) times every vector of the group, AMX_VECS at a time.
+   A block of fewer rows (a Linear's last) goes to dot_rows, which gives the same bits. */
+static void amx_block(const Group *g, int64_t first, int count, int *configured) {
+    if (count < AMX_ROWS) {
+        for (int64_t f = first; f < first + count; f += ROWS)
+            rows_block(g, f, first + count - f < ROWS ? (int)(first + count - f) : ROWS);
+        return;
+    }
+    const int64_t cols = g->l->cols;
+    for (int64_t i = 0; i < g->m; i += AMX_VECS) {
+        const int vecs = g->m - i < AMX_VECS ? (int)(g->m - i) : AMX_VECS;
+        if (vecs != *configured) amx_configure(*configured = vecs);
+        float dots[AMX_VECS][AMX_ROWS];
+        amx_dots((const int8_t *)g->l->weight + first * cols, cols, g->b->packed + i * 2 * cols, vecs, dots);
+        for (int v = 0; v < vecs; ++v) store_outputs(g, g->members[i + v], first, AMX_ROWS, dots[v]);
+    }
+}
+
+static void amx_release(int configured) {
+    if (configured) _tile_release();
+}
+#else
+/* No AMX in this build: linear_rows never takes the AMX path. */
+enum { AMX_ROWS = ROWS };
+int minigpt_amx(int wanted) { (void)wanted; return 0; }
+static int amx_wins(const Group *g) { (void)g; return 0; }
+static void amx_pack(const Group *g, int64_t k) { (void)g, (void)k; }
+static void amx_block(const Group *g, int64_t first, int count, int *configured) {
+    (void)g, (void)first, (void)count, (void)configured;
+}
+static void amx_release(int configured) { (void)configured; }
+#endif
 
 /* Row j's output y + j * y_stride = W_j (x + j * x_stride) + bias_j for the n rows, W_j = b->ls[j].
    Rows whose Linears share the weights are one group: each block of ROWS (int8) or FLOAT_ROWS (float32)
@@ -535,38 +772,27 @@ static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, f
        measured 1-4% faster at one row than a loop over every group's rows of a block of weight rows. */
     for (int64_t g = 0; g < groups; ++g) {
         const Linear *l = ls[b->members[b->starts[g]]];
-        const int64_t cols = l->cols, *members = b->members + b->starts[g], m = b->starts[g + 1] - b->starts[g];
-        const int block = l->kind == KIND_FLOAT32 ? FLOAT_ROWS : ROWS;
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t index = 0; index < (l->rows + block - 1) / block; ++index) {
-            const int64_t first = index * block; /* this block's first weight row */
-            const int count = l->rows - first < block ? (int)(l->rows - first) : block;
-            for (int64_t i = 0; i < m; i += VECS) { /* the group's vectors, VECS at a time (float32: one by one) */
-                const int vecs = m - i < VECS ? (int)(m - i) : VECS;
-                float dots[VECS][FLOAT_ROWS];
-                if (l->kind != KIND_FLOAT32) {
-                    const int16_t *xs[VECS];
-                    for (int v = 0; v < vecs; ++v) xs[v] = b->xq + members[i + v] * b->width;
-                    if (l->kind == KIND_INT8)
-                        dot_rows((const int8_t *)l->weight + first * cols, xs, vecs, cols, count, dots);
-                    else /* int4: the group scales are applied inside */
-                        dot_rows4((const uint8_t *)l->weight + first * cols / 2,
-                                  (const uint16_t *)l->scale + first * cols / GROUP, xs, vecs, cols, count, dots);
-                } else {
-                    for (int v = 0; v < vecs; ++v)
-                        float_dot_rows((const float *)l->weight + first * cols, x + members[i + v] * x_stride, cols,
-                                       count, dots[v]);
-                }
-                for (int v = 0; v < vecs; ++v) {
-                    const int64_t j = members[i + v];
-                    const float *bias = ls[j]->bias;
-                    float *out = y + j * y_stride + first;
-                    for (int r = 0; r < count; ++r)
-                        out[r] = dots[v][r] * (l->kind == KIND_INT8 ? b->steps[j] * ((const float *)l->scale)[first + r]
-                                               : l->kind == KIND_INT4 ? b->steps[j] : 1.0f)
-                                 + (bias ? bias[first + r] : 0.0f);
-                }
+        const int64_t *members = b->members + b->starts[g], m = b->starts[g + 1] - b->starts[g];
+        const Group group = {b, l, members, m, x, x_stride, y, y_stride};
+        const int amx = amx_wins(&group);
+        const int block = amx ? AMX_ROWS : l->kind == KIND_FLOAT32 ? FLOAT_ROWS : ROWS;
+        #pragma omp parallel num_threads(threads)
+        {
+            if (amx) {
+                #pragma omp for schedule(static)
+                for (int64_t k = 0; k < l->cols; k += 64) amx_pack(&group, k); /* then a barrier: all packed */
             }
+            int configured = 0; /* the vectors this thread's tiles are configured for, 0 before its first */
+            #pragma omp for schedule(static)
+            for (int64_t index = 0; index < (l->rows + block - 1) / block; ++index) {
+                const int64_t first = index * block; /* this block's first weight row */
+                const int count = l->rows - first < block ? (int)(l->rows - first) : block;
+                if (amx)
+                    amx_block(&group, first, count, &configured);
+                else
+                    rows_block(&group, first, count);
+            }
+            amx_release(configured);
         }
     }
 }
@@ -644,9 +870,10 @@ static void block_linears(Batch *b, const Model *const *models, int64_t n, int64
    bit for bit those of a step of that row alone. Returns 0, -1 if out of memory, -2 if the models'
    shapes differ. */
 int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens, const int64_t *positions,
-                   float *const *k_caches, float *const *v_caches, const int64_t *max_lens, float *logits,
-                   int threads) {
+                   float *const *k_caches, float *const *v_caches, const int64_t *max_lens, int64_t logits_from,
+                   float *logits, int threads) {
     if (n < 1) return 0;
+    if (logits_from < 0 || logits_from >= n) return -3; /* at least one row's logits */
     const Model *m = models[0];
     const int64_t C = m->n_embd, F = m->mlp_dim, V = m->lm_head.rows, H = m->n_head, hs = C / H;
     int64_t keys = 0; /* key slots attended to, all rows together: each row's scores are H * (pos + 1) */
@@ -716,11 +943,12 @@ int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens,
         linear_rows(&b, n, ff, F, h, C, threads);
         for (int64_t r = 0; r < n; ++r) add(x + r * C, h + r * C, C);
     }
-    for (int64_t r = 0; r < n; ++r) {
-        layer_norm(x + r * C, models[r]->ln_f_weight, models[r]->ln_f_bias, h + r * C, C, models[r]->eps);
-        b.ls[r] = &models[r]->lm_head;
+    for (int64_t r = logits_from; r < n; ++r) {
+        const int64_t j = r - logits_from;
+        layer_norm(x + r * C, models[r]->ln_f_weight, models[r]->ln_f_bias, h + j * C, C, models[r]->eps);
+        b.ls[j] = &models[r]->lm_head;
     }
-    linear_rows(&b, n, h, C, logits, V, threads);
+    linear_rows(&b, n - logits_from, h, C, logits, V, threads);
     free(b.memory);
     return 0;
 }
@@ -728,5 +956,5 @@ int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens,
 /* One row: token `token` at position `pos` of one sequence's cache (gpt2_step_rows with n = 1). */
 int gpt2_step(const Model *m, int64_t token, int64_t pos, float *k_cache, float *v_cache, int64_t max_len,
               float *logits, int threads) {
-    return gpt2_step_rows(&m, 1, &token, &pos, &k_cache, &v_cache, &max_len, logits, threads);
+    return gpt2_step_rows(&m, 1, &token, &pos, &k_cache, &v_cache, &max_len, 0, logits, threads);
 }

@@ -1,13 +1,16 @@
 """The seam between generation and the speed paths: one Decoder per served model, built at load time.
 
 Generation, the panels and the serving layer call a Decoder as they would call the GPT itself
-(`decoder(idx, cache, last_only=...)`, `forward_with_attention`, `new_cache`). Prompts, batches and
-the attention path run through the model's PyTorch forward; a single new token after a cache goes
-through `step` when one was built for this model (the C int8 decode step, native.py). Nothing else ever
-reaches into the model to switch paths.
+(`decoder(idx, cache, last_only=...)`, `forward_with_attention`, `new_cache`). Batches without a cache
+and the attention path run through the model's PyTorch forward; a single new token after a cache goes
+through `step` when one was built for this model (the C decode step, native.py), and so does a prompt
+read into a cache where the C step reads prompts faster than PyTorch (int8 in AMX tiles: every prompt
+token then computed exactly as when decoded one at a time). Nothing else ever reaches into the model to
+switch paths.
 
 step_rows decodes one token for each of several sequences at once (continuous batching): through one
 C call when every row's decoder has the C step, else through each model's PyTorch decode_rows.
+read_prompts reads several new prompts at once, through one C call or one PyTorch pass.
 """
 from __future__ import annotations
 
@@ -47,9 +50,16 @@ class Decoder:
             return "int8"
         return str(self.model.lm_head.weight.dtype).removeprefix("torch.")
 
+    @property
+    def reads_prompts(self) -> bool:
+        """Whether prompts read into a cache go through the C step (see native.NativeDecoder.reads_prompts)."""
+        return isinstance(self.step, native.NativeDecoder) and self.step.reads_prompts
+
     def __call__(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         if self.step is not None and cache is not None and idx.shape == (1, 1):
             return self.step(idx, cache)
+        if cache is not None and last_only and idx.size(0) == 1 and self.reads_prompts:
+            return native.read_tokens([self.step], idx.tolist(), [cache]).view(1, 1, -1)
         return self.model(idx, cache, last_only=last_only)
 
     def forward_with_attention(self, idx: torch.Tensor, cache: KVCache | None = None,
@@ -86,3 +96,15 @@ def step_rows(decoders: Sequence[Decoder], tokens: Sequence[int], caches: Sequen
         idx = torch.tensor([[tokens[i]] for i in rows], device=model.device)
         logits[rows] = model.decode_rows(idx, [caches[i] for i in rows])[:, 0].float()
     return logits
+
+
+def read_prompts(decoders: Sequence[Decoder], prompts: Sequence[Sequence[int]], caches: Sequence[KVCache]
+                 ) -> torch.Tensor:
+    """Float32 logits (n, vocab) after each of n prompts, prompts[i] read into the empty caches[i] by
+    decoders[i], all in one pass: one C call where every decoder's C step reads prompts, else one PyTorch
+    forward (GPT.prefill_rows: the decoders must then share one model)."""
+    if all(decoder.reads_prompts for decoder in decoders):
+        return native.read_tokens([decoder.step for decoder in decoders], prompts, caches)
+    if len({id(decoder.model) for decoder in decoders}) != 1:
+        raise ValueError("a PyTorch pass reads the prompts of one model")
+    return decoders[0].model.prefill_rows([list(p) for p in prompts], caches)

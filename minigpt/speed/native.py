@@ -2,19 +2,21 @@
 float32 CPU models.
 
 native_step(model) returns the step that decodes the model's single tokens in C (inference.py wraps
-it in a Decoder). Prompts, batches and the attention panel's steps keep the PyTorch path; both read
-and write the same KVCache. Build it on the final model: it holds pointers to the model's tensors as
-they are now. step_rows decodes one token for each of many sequences in one call (continuous
+it in a Decoder). Batches of sequences and the attention panel's steps keep the PyTorch path; both
+read and write the same KVCache. Build it on the final model: it holds pointers to the model's tensors
+as they are now. step_rows decodes one token for each of many sequences in one call (continuous
 batching): each weight matrix is read once for all the rows that use it, and each row's logits are
-bit for bit those of its own step alone.
+bit for bit those of its own step alone. read_tokens reads several tokens of each sequence in one call
+(a prompt: one row per token), which int8 uses for prompts where AMX multiplies the rows.
 
 The variant is picked from what the CPU reports (cpu_isas): avx512 or avx2 on x86-64, neon on
 aarch64, the portable C loop (generic) on any other x86-64. MINIGPT_ISA=avx512|avx2|neon|generic
-(or isa=...) asks for one; a variant the CPU lacks is refused, not run. Each variant is compiled
-once per machine with the system C compiler ($CC, default cc; OpenMP) into a cache folder,
-$XDG_CACHE_HOME/minigpt/native (default ~/.cache/minigpt/native), under a name keyed by the
-source, the compiler, its flags and the CPU's features, written atomically (compiled to a temporary
-name, then renamed), so later starts only load it. Where it cannot be built (no compiler, an
+(or isa=...) asks for one; a variant the CPU lacks is refused, not run. The avx512 variant multiplies
+batched int8 rows in AMX tiles where the CPU and the compiler have them (MINIGPT_NO_AMX=1 or use_amx
+turns that off). Each variant is compiled once per machine with the system C compiler ($CC, default
+cc; OpenMP) into a cache folder, $XDG_CACHE_HOME/minigpt/native (default ~/.cache/minigpt/native),
+under a name keyed by the source, the compiler, its flags and the CPU's features, written atomically
+(compiled to a temporary name, then renamed), so later starts only load it. Where it cannot be built (no compiler, an
 architecture it has no variant for), NativeUnavailable says why in one line; the compiler's
 output goes to a log file in the cache folder, whose path the message gives.
 """
@@ -127,12 +129,32 @@ def cache_folder() -> Path:
     return Path(base) / "minigpt" / "native"
 
 
+AMX_FLAGS = ["-mamx-tile", "-mamx-int8"]
+
+
+@functools.cache
+def compiler_accepts(compiler: str, *flags: str) -> bool:
+    """Whether compiler builds AMX intrinsics with flags: gcc before 11 and clang before 12 do not, and then
+    the avx512 variant is built without its AMX kernel rather than not at all."""
+    with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder) / "probe.c"
+        probe.write_text("#include <immintrin.h>\nvoid probe(void) { _tile_release(); }\n")
+        try:
+            built = subprocess.run([compiler, *flags, "-c", str(probe), "-o", str(probe.with_suffix(".o"))],
+                                   capture_output=True)
+        except OSError:
+            return False
+    return built.returncode == 0
+
+
 def build(isa: str, folder: Path | None = None) -> Path:
     """The shared library of this variant, compiled unless a build with the same key is in folder already."""
     compiler = os.environ.get("CC", "cc")
     flags = [*FLAGS, *ISA_FLAGS[isa]]
     if isa == "avx512" and "avx512_vnni" in cpu_features():
         flags.append("-mavx512vnni")  # vpdpwssd: the multiply and the add in one instruction
+    if isa == "avx512" and "amx_int8" in cpu_features() and compiler_accepts(compiler, *AMX_FLAGS):
+        flags += AMX_FLAGS  # batched int8 rows in AMX tiles, where Linux grants them
     libs = ["-lm"]
     if platform.machine().lower() in X86 and platform.libc_ver()[0] == "glibc":
         flags, libs = [*flags, "-DMINIGPT_LIBMVEC"], ["-lmvec", "-lm"]  # glibc's vectorized tanhf
@@ -195,12 +217,23 @@ def _load(isa: str) -> ctypes.CDLL:
     lib.gpt2_step.restype = ctypes.c_int
     lib.gpt2_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    # gpt2_step_rows(models, n, tokens, positions, k_caches, v_caches, max_lens, logits, threads): arrays of n
+    # gpt2_step_rows(models, n, tokens, positions, k_caches, v_caches, max_lens, logits_from, logits, threads):
+    # arrays of n; logits (n - logits_from, vocab) of the rows from logits_from on
     lib.gpt2_step_rows.restype = ctypes.c_int
-    lib.gpt2_step_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 6, ctypes.c_int]
+    lib.gpt2_step_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_int64,
+                                   ctypes.c_void_p, ctypes.c_int]
     lib.linear.restype = None  # one matrix-vector product alone, for bench/matmul.py
     lib.linear.argtypes = [ctypes.POINTER(LinearStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.minigpt_amx.restype, lib.minigpt_amx.argtypes = ctypes.c_int, [ctypes.c_int]
+    use_amx(lib, not os.environ.get("MINIGPT_NO_AMX"))
     return lib
+
+
+def use_amx(lib: ctypes.CDLL, wanted: bool = True) -> bool:
+    """Whether lib's batched int8 steps use AMX from now on: wanted, built in (avx512 on a CPU with amx_int8)
+    and granted by Linux. Logits are the same bit for bit either way; MINIGPT_NO_AMX=1 turns it off at load."""
+    lib.amx = bool(lib.minigpt_amx(int(wanted)))
+    return lib.amx
 
 
 _FLOAT_SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(scales) -> (the scales, their float32 copy)
@@ -240,6 +273,14 @@ class NativeDecoder:
         self.cache_shape = (config.n_layer, 1, config.n_head, config.head_dim)  # KVCache's shape less max_len
         self.shape = (config.n_layer, config.n_head, config.n_embd, config.mlp_dim, config.vocab_size)
         self.n_positions = config.n_positions  # rows of wpe: a cache may not be longer
+        self.int8 = isinstance(model.transformer.h[0].mlp.c_fc, Int8Linear)
+
+    @property
+    def reads_prompts(self) -> bool:
+        """Whether a prompt is read faster here, one row per token (read_tokens), than by PyTorch: int8 with
+        AMX, whose tiles make the rows' multiply-adds nearly free (docs/speed-cpu.md). Without AMX the rows
+        would be multiplied with vector instructions, slower than PyTorch's matrix products past a few rows."""
+        return self.int8 and self.lib.amx
 
     def _ptr(self, t: torch.Tensor) -> int:
         if t.device.type != "cpu" or t.dtype != torch.float32:
@@ -287,10 +328,18 @@ def step_rows(steps: Sequence[NativeDecoder], tokens: Sequence[int], caches: Seq
     The rows' models may differ if they have one shape (a base model and its LoRA-tuned copy): a weight
     matrix they share is read once for all their rows. Everything is checked before C runs, so a bad row
     leaves every cache as it was."""
+    return read_tokens(steps, [[token] for token in tokens], caches)
+
+
+def read_tokens(steps: Sequence[NativeDecoder], token_lists: Sequence[Sequence[int]],
+                caches: Sequence[KVCache]) -> torch.Tensor:
+    """step_rows with several tokens per sequence: sequence r reads token_lists[r] after caches[r] (a prompt, or
+    its next chunk) in the same C call, one row per token, and the logits (sequences, vocab) are those after
+    each sequence's last token. Every token is computed exactly as when decoded one at a time."""
     n = len(steps)
-    if not n or len(tokens) != n or len(caches) != n:
-        raise ValueError(f"step_rows takes one token and one cache per step, at least one row; got {n} steps, "
-                         f"{len(tokens)} tokens, {len(caches)} caches")
+    if not n or len(token_lists) != n or len(caches) != n or not all(token_lists):
+        raise ValueError(f"the C step takes tokens and one cache per step, at least one row; got {n} steps, "
+                         f"{len(token_lists)} token lists ({sum(map(len, token_lists))} tokens), {len(caches)} caches")
     first = steps[0]
     if any(step.lib is not first.lib for step in steps):
         raise ValueError(f"one C call decodes with one library: the rows' steps are "
@@ -300,35 +349,41 @@ def step_rows(steps: Sequence[NativeDecoder], tokens: Sequence[int], caches: Seq
                          f"{', '.join(str(shape) for shape in sorted({step.shape for step in steps}))}")
     if len({id(cache) for cache in caches}) != n:
         raise ValueError("each row needs its own cache: a cache appears in more than one row")
-    tokens = [int(token) for token in tokens]
+    token_lists = [[int(token) for token in tokens] for tokens in token_lists]
 
     def where(r: int) -> str:
         return f" (row {r})" if n > 1 else ""
 
-    for r, (step, token, cache) in enumerate(zip(steps, tokens, caches)):
-        if not 0 <= token < step.vocab_size:  # C would read outside the embedding
-            raise IndexError(f"token id {token} is outside the vocabulary of {step.vocab_size}{where(r)}")
+    for r, (step, tokens, cache) in enumerate(zip(steps, token_lists, caches)):
+        outside = [token for token in tokens if not 0 <= token < step.vocab_size]
+        if outside:  # C would read outside the embedding
+            raise IndexError(f"token id {outside[0]} is outside the vocabulary of {step.vocab_size}{where(r)}")
         shape = cache.k.shape[:3] + cache.k.shape[4:]
         if shape != step.cache_shape or cache.v.shape != cache.k.shape or cache.max_len > step.n_positions or any(
                 t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
                 for t in (cache.k, cache.v)):
             raise ValueError(f"the C decode step takes this model's float32 cache for one sequence, got "
                              f"{tuple(cache.k.shape)} {cache.k.dtype}{where(r)}")
-        if cache.length >= cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + 1} requested{where(r)}")
+        if cache.length + len(tokens) > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + len(tokens)} requested"
+                             f"{where(r)}")
+    # One C row per token: every sequence's earlier tokens first, then each one's last, whose logits are wanted
+    # (rows are independent but for the cache: in each layer all rows write before any attends).
+    rows = [(r, i) for r, tokens in enumerate(token_lists) for i in range(len(tokens) - 1)]
+    rows += [(r, len(tokens) - 1) for r, tokens in enumerate(token_lists)]
+    total, pointers, int64s = len(rows), ctypes.c_void_p * len(rows), ctypes.c_int64 * len(rows)
     logits = torch.empty(n, first.vocab_size)
-    pointers, int64s = ctypes.c_void_p * n, ctypes.c_int64 * n
     status = first.lib.gpt2_step_rows(
-        pointers(*(ctypes.addressof(step.model) for step in steps)), n, int64s(*tokens),
-        int64s(*(cache.length for cache in caches)), pointers(*(cache.k.data_ptr() for cache in caches)),
-        pointers(*(cache.v.data_ptr() for cache in caches)), int64s(*(cache.max_len for cache in caches)),
-        logits.data_ptr(), torch.get_num_threads())
+        pointers(*(ctypes.addressof(steps[r].model) for r, _ in rows)), total,
+        int64s(*(token_lists[r][i] for r, i in rows)), int64s(*(caches[r].length + i for r, i in rows)),
+        pointers(*(caches[r].k.data_ptr() for r, _ in rows)), pointers(*(caches[r].v.data_ptr() for r, _ in rows)),
+        int64s(*(caches[r].max_len for r, _ in rows)), total - n, logits.data_ptr(), torch.get_num_threads())
     if status == -2:  # checked above; C refuses too rather than read past a smaller model's tensors
         raise ValueError("the rows' models differ in shape")
     if status:
         raise MemoryError("the C decode step could not allocate its working memory")
-    for cache in caches:
-        cache.length += 1
+    for tokens, cache in zip(token_lists, caches):
+        cache.length += len(tokens)
     return logits
 
 

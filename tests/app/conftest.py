@@ -25,9 +25,9 @@ def app(tmp_path_factory) -> RunningApp:
 
 @pytest.fixture(scope="session")
 def app_without_adapter(tmp_path_factory) -> RunningApp:
-    """The base model alone, bound beyond loopback with no API key: /v1 is off there, the chat is not."""
+    """The base model alone, in int8, bound beyond loopback with no API key: /v1 is off there, the chat is not."""
     with running_app(tmp_path_factory.mktemp("app-base-only"), with_adapter=False,
-                     app_args=["--host", "0.0.0.0"]) as running:
+                     app_args=["--host", "0.0.0.0", "--precision", "int8"]) as running:
         yield running
 
 

@@ -206,6 +206,22 @@ def test_without_an_adapter_the_mode_hint_says_why_and_base_mode_works(app_witho
     page.context.close()
 
 
+def test_the_model_card_shows_the_precision_and_its_measured_cost(app_without_adapter, browser):
+    from playwright.sync_api import expect
+    log = app_without_adapter.log.read_text()
+    assert re.search(r"Precision: int8 · weights \d+ MB \(float32: \d+ MB\) · against float32", log), log
+    page = open_page(browser, app_without_adapter.url)
+    page.locator("#model_card").get_by_text("Model card").click()
+    card = page.locator("#model_card")
+    expect(card).to_contain_text("GPT-2, 2 layers × 64 wide")
+    expect(card).to_contain_text("cpu int8")
+    expect(card).to_contain_text(re.compile(r"int8 · weights \d+ MB \(float32: \d+ MB\) · against float32, over the "
+                                            r"\d+ positions of a built-in text: KL divergence .+ per token, the same "
+                                            r"top token at \d+\.\d% of them"))
+    save_screenshot(page, "model-card.png")
+    page.context.close()
+
+
 def test_more_sampling_answers_as_json_and_the_sampling_view_shows_its_stages(page):
     """The chat's "Answer as JSON matching this schema" with every other stage of the sampler on too: the
     reply parses and validates against the schema in the box, and the Sampling view draws all eleven stages

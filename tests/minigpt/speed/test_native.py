@@ -18,6 +18,7 @@ itself moves logits by about 1e-2). Without the int16 rounding, the dequantized 
 INT16_REL of the largest logit. The float32 model is checked against transformers elsewhere.
 """
 import copy
+import ctypes
 import dataclasses
 import os
 import platform
@@ -41,7 +42,7 @@ from minigpt.sampling import SamplingParams
 from minigpt.serve.engine import load_engine
 from minigpt.speed import native
 from minigpt.speed.decoder import Decoder
-from minigpt.speed.native import NativeUnavailable, native_step, step_rows
+from minigpt.speed.native import NativeUnavailable, native_step, read_tokens, step_rows
 from minigpt.speed.onednn import KERNEL_ENV, use_input_major_weights
 from minigpt.speed.int4 import Int4Linear, quantize_int4
 from minigpt.speed.quantize import Int8Linear, quantize_int8
@@ -197,12 +198,12 @@ def test_it_reads_a_cache_that_pytorch_wrote(models):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
-def test_prompts_and_batches_stay_on_pytorch(default_models):
+def test_batches_and_every_positions_logits_stay_on_pytorch(default_models):
     int8, _, tokenizer = default_models
     plain = int8.model  # the same model without the C step
     ids = torch.tensor([tokenizer.encode_ordinary("Hello there, general")] * 2)
     with torch.inference_mode():
-        for x in (ids[:1], ids, ids[:, :1]):  # a prompt, a batch of prompts, a batch of single tokens
+        for x in (ids[:1], ids, ids[:, :1]):  # a prompt's every position, a batch of prompts, of single tokens
             assert torch.equal(int8(x, int8.new_cache(16, batch_size=x.size(0))),
                                plain(x, plain.new_cache(16, batch_size=x.size(0))))
 
@@ -496,6 +497,25 @@ def test_a_batch_of_rows_decodes_each_row_as_it_would_alone(twins):
     assert not torch.equal(ours[0], ours[4])  # the same token after other caches and weights: other logits
 
 
+def test_tokens_read_in_one_call_are_those_tokens_decoded_one_at_a_time(twins):
+    """read_tokens: several tokens of each sequence (a prompt into an empty cache, or a chunk after a cache), one row
+    each, in one call with other sequences' (base and tuned mixed): the logits after each sequence's last token, and
+    its cache, are bit for bit those of decoding its tokens one at a time."""
+    base, tuned = twins
+    torch.manual_seed(3)
+    decoders = [base, tuned, base]
+    caches = [base.new_cache(24), prefilled(tuned, [7, 8, 9, 10], 24), prefilled(base, [11, 12], 24)]
+    reads = [torch.randint(0, 1000, (n,)).tolist() for n in (9, 1, 5)]
+    copies = copy.deepcopy(caches)
+    ours = read_tokens(rows(decoders), reads, caches)
+    assert ours.shape == (3, 50257)
+    for r, (decoder, tokens, cache, copy_) in enumerate(zip(decoders, reads, caches, copies)):
+        for token in tokens:
+            expected = alone(decoder, token, copy_)
+        assert torch.equal(ours[r], expected), f"sequence {r}"
+        assert cache.length == copy_.length and torch.equal(cache.k, copy_.k) and torch.equal(cache.v, copy_.v)
+
+
 @pytest.mark.parametrize("models", ["btbbtbtb", "bbbbbbbbt", "tbb"])
 def test_every_group_size_decodes_each_row_as_alone(wide_twins, models):
     """decode_step.c multiplies each block of weight rows with the input vectors of the rows sharing it several
@@ -563,7 +583,7 @@ def test_a_bad_row_is_refused_before_any_cache_changes(twins):
     with pytest.raises(ValueError, match=r"float32 cache for one sequence, got .* \(row 1\)"):
         step_rows(rows(decoders[:2]), [1, 2], [caches[0], longer])  # C would read past the position embeddings
     assert unchanged()
-    with pytest.raises(ValueError, match="one token and one cache per step"):
+    with pytest.raises(ValueError, match="tokens and one cache per step"):
         step_rows(rows(decoders), [1, 2], caches)
     with pytest.raises(ValueError, match="at least one row"):
         step_rows([], [], [])
@@ -582,6 +602,128 @@ def test_rows_of_different_libraries_or_shapes_are_refused(tiny_model):
     with pytest.raises(ValueError, match=r"the rows' models differ in shape"):
         step_rows(rows([best, smaller]), [1, 2], [caches[0], prefilled(smaller, [1], 8)])
     assert [c.length for c in caches] == [2, 2]
+
+
+# ---- exact int8 dot products, and AMX -----------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_dot_products_are_exact_integers_rounded_once(isa):
+    """Every variant computes an int8 Linear's row sums q . xq exactly and rounds each to float32 once, so a
+    sum does not depend on how it is split over SIMD lanes, vectors or AMX tiles. Rows of 8256 columns pass
+    the columns a SIMD lane sums in int32 (4096 AVX2, 8192 AVX-512); extreme weights and inputs."""
+    torch.manual_seed(5)
+    rows, cols = 37, 8256
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    q[0], q[1] = 127, -127  # the largest sums: every product at its bound
+    scale = torch.rand(rows) + 0.5
+    x = torch.randn(cols) * torch.rand(cols) ** 4
+    x[::7] = x.abs().max()  # many inputs at the rounding's bound, 32767
+    lib = native.library(isa)
+    y = torch.empty(rows)
+    lib.linear(native.LinearStruct(q.data_ptr(), scale.data_ptr(), 0, rows, cols, native.KIND_INT8), x.data_ptr(),
+               y.data_ptr(), torch.get_num_threads())
+    amax = x.abs().max()
+    xq = torch.round(x * (32767 / amax)).long()  # float32 arithmetic, as decode_step.c rounds
+    assert xq.abs().max() == 32767
+    exact = (q.long() * xq).sum(1)
+    assert exact.abs().max() > 2 ** 31  # past int32: the sums need the int64 they are added in
+    assert torch.equal(y, exact.float() * ((amax / 32767) * scale))
+
+
+def amx_library():
+    """The avx512 library with AMX switched on, or a skip saying why there is none here."""
+    if "avx512" not in native.cpu_isas():
+        pytest.skip("AMX: this CPU has no avx512 variant")
+    lib = native.library("avx512")
+    if not native.use_amx(lib):
+        pytest.skip("AMX: this CPU has no amx_int8, or Linux refused the tile permission (arch_prctl)")
+    return lib
+
+
+@pytest.fixture(scope="module")
+def amx_twins():
+    """(int8 base, int8 merged copy) of a wide random model (as wide_twins), decoding in avx512, and their
+    dequantized float32 references."""
+    amx_library()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=321, n_positions=32, n_embd=320, n_layer=2, n_head=4))
+    for p in model.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    twins = make_twins(model, "avx512", "int8")
+    return twins, [dequantized_reference(model, twin) for twin in twins]
+
+
+@pytest.mark.parametrize("n", [*range(1, 17), 20])
+def test_amx_rows_are_the_rows_without_amx_and_alone(amx_twins, n):
+    """Batches of 1 to 16 and 20 rows (base and merged copy mixed, each at its own position; 20 rows make two
+    slices of AMX_VECS vectors) through AMX tiles give each row the bits of the same batch without AMX and of
+    its step alone (which never uses AMX), and the dequantized float32 model's logits to the tolerance of
+    every step. A group of fewer than AMX_MIN_VECS rows takes dot_rows: the small batches check that too."""
+    twins, references = amx_twins
+    lib = amx_library()
+    torch.manual_seed(10 + n)
+    which = torch.randint(0, 2, (n,)).tolist()
+    decoders = [twins[t] for t in which]
+    prompts = [torch.randint(0, 321, (length,)).tolist() for length in torch.randint(1, 20, (n,)).tolist()]
+    caches = [twins[t].new_cache(24) for t in which]
+    with torch.inference_mode():  # the prompts read by the references: their logits continue from these caches
+        for t, prompt, cache in zip(which, prompts, caches):
+            references[t](torch.tensor([prompt]), cache)
+    without, apart = copy.deepcopy(caches), copy.deepcopy(caches)
+    tokens = torch.randint(0, 321, (n,)).tolist()
+    try:
+        ours = step_rows(rows(decoders), tokens, caches)
+        assert not native.use_amx(lib, False)
+        expected = step_rows(rows(decoders), tokens, without)
+    finally:
+        native.use_amx(lib)
+    assert torch.equal(ours, expected)
+    for r, (t, prompt, token) in enumerate(zip(which, prompts, tokens)):
+        assert torch.equal(ours[r], alone(twins[t], token, apart[r])), f"row {r}"
+        assert torch.equal(caches[r].k, apart[r].k) and torch.equal(caches[r].v, without[r].v)
+        with torch.inference_mode():
+            reference = references[t](torch.tensor([prompt + [token]]))[0, -1]
+        torch.testing.assert_close(ours[r], reference, atol=ATOL, rtol=0)
+
+
+def test_with_amx_an_int8_prompt_is_read_in_c_token_by_token_exactly(amx_twins):
+    """Where AMX multiplies the rows, a prompt read into a cache goes through the C step (the decoder's prompt path,
+    as the server's prefill): the same bits as decoding it one token at a time. Without AMX, PyTorch reads it."""
+    (base, _), _ = amx_twins
+    lib = amx_library()
+    prompt = torch.randint(0, 321, (17,), generator=torch.Generator().manual_seed(5)).tolist()
+    cache, copy_ = base.new_cache(24), base.new_cache(24)
+    with torch.inference_mode():
+        ours = base(torch.tensor([prompt]), cache, last_only=True)[0, -1]
+    for token in prompt:
+        expected = alone(base, token, copy_)
+    assert base.reads_prompts and torch.equal(ours, expected) and torch.equal(cache.k, copy_.k)
+    try:
+        native.use_amx(lib, False)
+        plain = base.new_cache(24)
+        with torch.inference_mode():
+            assert not base.reads_prompts
+            assert torch.equal(base(torch.tensor([prompt]), plain, last_only=True),
+                               base.model(torch.tensor([prompt]), base.new_cache(24), last_only=True))
+    finally:
+        native.use_amx(lib)
+
+
+def test_a_compiler_without_amx_builds_the_vector_loop(monkeypatch, tmp_path):
+    assert not native.compiler_accepts("no-such-compiler", *native.AMX_FLAGS)
+    assert not native.compiler_accepts(os.environ.get("CC", "cc"), "-mno-such-flag")
+    if "avx512" not in native.cpu_isas():
+        pytest.skip("needs the avx512 variant")
+    monkeypatch.setattr(native, "compiler_accepts", lambda compiler, *flags: False)
+    lib = ctypes.CDLL(str(native.build("avx512", tmp_path)))
+    assert lib.minigpt_amx(1) == 0
+
+
+def test_minigpt_no_amx_turns_amx_off_at_load():
+    run = subprocess.run([sys.executable, "-c", "from minigpt.speed import native; print(native.library().amx)"],
+                         env={**os.environ, "MINIGPT_NO_AMX": "1"}, capture_output=True, text=True, cwd=REPO)
+    assert run.stdout.split() == ["False"], run.stderr
 
 
 # ---- aarch64, under emulation -----------------------------------------------------------------------
@@ -653,7 +795,7 @@ int main(int argc, char **argv) {
         ks[r] = memcpy(malloc(L * C * T * sizeof(float)), k, L * C * T * sizeof(float));
         vs[r] = memcpy(malloc(L * C * T * sizeof(float)), v, L * C * T * sizeof(float));
     }
-    if (gpt2_step_rows(models, 3, row_tokens, positions, ks, vs, max_lens, batch, 2)) return 3;
+    if (gpt2_step_rows(models, 3, row_tokens, positions, ks, vs, max_lens, 0, batch, 2)) return 3;
     fwrite(batch, sizeof(float), 3 * V, out);
     fclose(out);
     fprintf(stderr, "%s\n", minigpt_isa());
