@@ -8,6 +8,10 @@
   const PINK = "#e91e63", BLUE = "#5c6bc0", GRAY = "#9e9e9e", SELECTED = "#29b6f6";
   const CONFIG = {displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"]};
   const FAMILY = '"Open Sans", verdana, arial, sans-serif', FONT = {size: 11, family: FAMILY};  // Plotly's own
+  // A chart's title just above its plot, under the top margin's first 26 px, where Plotly puts its tool bar
+  // (zoom, pan, reset): on a phone's narrow chart a centred title ran under the bar.
+  const TITLE_MARGIN = 52;
+  const title = (text, size) => ({text, font: {size}, yref: "paper", y: 1, yanchor: "bottom", pad: {b: 6}});
   // Colour scales that read at a glance: white = nothing, dark = much. Gray behind them: cells not computed
   // (a key in the row's future).
   const ATTENTION = [[0, "#ffffff"], [0.1, "#c5cae9"], [1, "#1a237e"]];
@@ -216,8 +220,8 @@
     const headName = state.head < 0 ? "average over heads" : `head ${state.head + 1}`;
     const row = state.position - 1 - r0;
     plotWithClicks(pane.querySelector(".chart"), [heatmap], {height: 460, font: FONT, plot_bgcolor: MASKED,
-      title: {text: `Layer ${state.layer + 1}, ${headName}`, font: {size: 12}},
-      margin: {l: 110, r: 10, t: 30, b: 110},
+      title: title(`Layer ${state.layer + 1}, ${headName}`, 12),
+      margin: {l: 110, r: 10, t: TITLE_MARGIN, b: 110},
       xaxis: {title: {text: "key token (what was looked at)"}},
       yaxis: {title: {text: "reply token (being chosen)"}, autorange: "reversed"},
       shapes: [outline(-0.5, k1 - k0 - 0.5, row - 0.5, row + 0.5)]},
@@ -239,17 +243,17 @@
       colorscale: "Viridis", zmin: 0, zmax: Math.log(A.keys), colorbar: {title: {text: "nats"}, thickness: 10,
         tickformat: ".1f"},
       hovertemplate: "layer %{y}, head %{x}<br>entropy %{z:.3f} nats<extra></extra>"}],
-      {height: 300, font: FONT, title: {text: `Attention entropy: 0 = one token, ${Math.log(A.keys).toFixed(1)} = all ` +
-        `${A.keys} evenly`, font: {size: 11}},
-        margin: {l: 45, r: 5, t: 30, b: 40}, xaxis: {title: {text: "head"}, dtick: 1}, yaxis: {title: {text: "layer"}, dtick: 1},
+      {height: 300, font: FONT, title: title(`Attention entropy: 0 = one token, ${Math.log(A.keys).toFixed(1)} = all ` +
+        `${A.keys} evenly`, 11),
+        margin: {l: 45, r: 5, t: TITLE_MARGIN, b: 40}, xaxis: {title: {text: "head"}, dtick: 1}, yaxis: {title: {text: "layer"}, dtick: 1},
         shapes: state.head < 0 ? [] : [outline(state.head + 0.5, state.head + 1.5, state.layer + 0.5, state.layer + 1.5)]},
       (pt) => { state.layer = pt.y - 1; state.head = pt.x - 1; syncControls(); drawView(); });
     const similarity = A[`similarity${sink}`][state.layer];
     plotWithClicks(pane.querySelector(".similarity"), [{type: "heatmap", z: similarity, x: heads, y: heads,
       colorscale: SIMILAR, zmin: 0, zmax: 1, colorbar: {title: {text: "cosine"}, thickness: 10},
       hovertemplate: "heads %{y} and %{x}<br>cosine similarity %{z:.3f}<extra></extra>"}],
-      {height: 300, font: FONT, title: {text: `Layer ${state.layer + 1}: head similarity`, font: {size: 11}},
-        margin: {l: 45, r: 5, t: 30, b: 40}, xaxis: {title: {text: "head"}, dtick: 1},
+      {height: 300, font: FONT, title: title(`Layer ${state.layer + 1}: head similarity`, 11),
+        margin: {l: 45, r: 5, t: TITLE_MARGIN, b: 40}, xaxis: {title: {text: "head"}, dtick: 1},
         yaxis: {title: {text: "head"}, dtick: 1, autorange: "reversed"}},
       (pt) => { state.head = pt.y - 1; syncControls(); drawView(); });
   }
