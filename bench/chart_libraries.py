@@ -31,15 +31,10 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from bench.decode import machine_info
-from bench.inspect_redraw import a_reply
+from bench.inspect_redraw import chromium_page, numbers_of_a_reply
 from minigpt.serve.app import SCRIPTS
-from minigpt.serve.conversation import BASE
-from minigpt.serve.engine import load_engine
-from minigpt.serve.reply_numbers import as_json, reply_numbers
-from tests.helpers.checkpoints import make_checkpoint
+from minigpt.serve.reply_numbers import as_json
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("plotly", "echarts", "vega-lite")
@@ -79,11 +74,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder, _ = make_checkpoint(Path(tmp) / "gpt2-random", n_embd=768, n_layer=12, n_head=12, n_positions=1024)
-        engine = load_engine(str(folder), None, "cpu", "float32", background=True)
-        reply = a_reply(engine.tokenizer.n_vocab, args.prompt, args.tokens)
-        with torch.inference_mode():
-            payload = as_json(reply_numbers(engine.models[BASE], engine.tokenizer, reply))
+        payload = as_json(numbers_of_a_reply(Path(tmp), args.prompt, args.tokens))
         page_file = Path(tmp) / "charts.html"
         page_file.write_text(page_html(bundles), encoding="utf-8")
         info = {**machine_info(), "load_before": os.getloadavg(),
@@ -94,10 +85,7 @@ def main() -> None:
               f"{info['load_before'][0]:.2f}; libraries {info['versions']}", flush=True)
         times = {(library, view, kind): [] for library in LIBRARIES for view in VIEWS for kind in ("first", "redraw")}
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                        args=["--no-sandbox", "--allow-file-access-from-files"])
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(page_file.as_uri())
+            browser, page = chromium_page(p, page_file)
             page.wait_for_function("!!(window.chartBench && window.Plotly && window.echarts && window.vegaEmbed)")
             page.evaluate("payload => chartBench.load(payload)", payload)
             info["browser"] = browser.version

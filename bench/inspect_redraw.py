@@ -50,6 +50,24 @@ def a_reply(vocab: int, prompt: int, tokens: int, seed: int = 0) -> Reply:
                  token_times=[0.05 * (i + 1) for i in range(tokens)], finish_reason="length")
 
 
+def numbers_of_a_reply(tmp: Path, prompt: int, tokens: int) -> dict:
+    """The views' numbers (reply_numbers) of a_reply on a random GPT-2 124M checkpoint written into tmp, loaded
+    as the app loads it (float32)."""
+    folder, _ = make_checkpoint(tmp / "gpt2-random", n_embd=768, n_layer=12, n_head=12, n_positions=1024)
+    engine = load_engine(str(folder), None, "cpu", "float32", background=True)
+    with torch.inference_mode():
+        return reply_numbers(engine.models[BASE], engine.tokenizer, a_reply(engine.tokenizer.n_vocab, prompt, tokens))
+
+
+def chromium_page(playwright, page_file: Path):
+    """(browser, page): headless Debian Chromium at 1280x800 showing page_file, which may load local scripts."""
+    browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                         args=["--no-sandbox", "--allow-file-access-from-files"])
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(page_file.as_uri())
+    return browser, page
+
+
 def page_html(payload: str) -> str:
     scripts = "".join(f'<script src="{file.as_uri()}"></script>' for file in SCRIPTS.values())
     style = f"<style>{Path(__file__).parents[1].joinpath('minigpt/serve/app.css').read_text()}</style>"
@@ -69,20 +87,13 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder, _ = make_checkpoint(Path(tmp) / "gpt2-random", n_embd=768, n_layer=12, n_head=12, n_positions=1024)
-        engine = load_engine(str(folder), None, "cpu", "float32", background=True)
-        reply = a_reply(engine.tokenizer.n_vocab, args.prompt, args.tokens)
-        with torch.inference_mode():
-            payload = as_json({**reply_numbers(engine.models[BASE], engine.tokenizer, reply), "key": 1})
+        payload = as_json({**numbers_of_a_reply(Path(tmp), args.prompt, args.tokens), "key": 1})
         page_file = Path(tmp) / "views.html"
         page_file.write_text(page_html(payload), encoding="utf-8")
         print(f"{args.prompt + args.tokens}-token conversation ({args.tokens}-token reply): numbers "
               f"{len(payload) / 2**20:.1f} MiB of JSON; load average {os.getloadavg()[0]:.2f}", flush=True)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                        args=["--no-sandbox", "--allow-file-access-from-files"])
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(page_file.as_uri())
+            browser, page = chromium_page(p, page_file)
             page.wait_for_function("window.Plotly && window.minigptInspect && minigptInspect.state.data")
             timed = """async (action) => {  // ms from the change to the next painted frame
                 const s = window.minigptInspect, start = performance.now();
