@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from minigpt import AdapterError
 from minigpt.serve.conversation import BASE, TUNED, ChatInputError
 from minigpt.serve.engine import load_engine
 from tests.helpers import REPO, interruptible
-from tests.helpers.app_server import free_port, make_adapter
+from tests.helpers.app_server import answers, free_port, make_adapter
 from tests.helpers.checkpoints import make_checkpoint
 
 
@@ -133,13 +132,6 @@ def test_ctrl_c_is_one_line_130_and_leaves_no_export_folder(tiny_checkpoint, tmp
     assert run.returncode == 130 and "Traceback" not in err, err
     assert [line for line in err.splitlines() if line and not line.startswith("note: ")] == ["interrupted"]
     assert not list(tmp_path.glob("minigpt-exports-*"))
-
-
-def answers(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(url, timeout=5).status == 200
-    except OSError:
-        return False
 
 
 def test_help_answers_before_gradio_or_a_model_is_imported():

@@ -41,6 +41,14 @@ def make_adapter(checkpoint: Path, folder: Path, seed: int = 1) -> Path:
     return save_adapter(model, folder, AdapterConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
 
 
+def answers(url: str) -> bool:
+    """Whether url answers 200 (within 5 s)."""
+    try:
+        return urllib.request.urlopen(url, timeout=5).status == 200
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,13 +87,11 @@ def serving(command: Sequence[str], cwd: Path, env: dict[str, str], port: int, l
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"{command[0]} exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                urllib.request.urlopen(url + "health", timeout=2)  # open even where the page needs a login
+            if answers(url + "health"):  # open even where the page needs a login
                 break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{command[0]} did not answer in {startup_s} s:\n{log_path.read_text()}")
-                time.sleep(0.3)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{command[0]} did not answer in {startup_s} s:\n{log_path.read_text()}")
+            time.sleep(0.3)
         yield url
     finally:
         process.terminate()
