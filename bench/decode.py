@@ -54,7 +54,7 @@ from tests.helpers import REPO as ROOT
 from tests.helpers.checkpoints import make_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PRECISIONS = {"minigpt": ["float32", "bfloat16", "int8"], "transformers": ["float32", "bfloat16"]}
+PRECISIONS = {"minigpt": ["float32", "bfloat16", "int8", "int4"], "transformers": ["float32", "bfloat16"]}
 QUALITY_PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a small village by the sea,",
@@ -264,7 +264,7 @@ def machine_info() -> dict:
 
 
 def ratio(results: dict, engine: str, precision: str, key: str) -> float | None:
-    """MiniGPT / transformers for key, against transformers in the same precision (int8: float32)."""
+    """MiniGPT / transformers for key, against transformers in the same precision (int8, int4: float32)."""
     peer = results.get(("transformers", precision)) or results.get(("transformers", "float32"))
     return results[(engine, precision)][key] / peer[key] if engine.startswith("minigpt") and peer else None
 
@@ -284,7 +284,7 @@ def print_table(results: dict) -> None:
     kernels = {f"{e} {p}": r["float32_kernel"] for (e, p), r in results.items() if r.get("float32_kernel")}
     if kernels:  # load_for_inference measures which is faster on this CPU (minigpt/speed/onednn.py)
         print("float32 matmuls: " + ", ".join(f"{k}: {v}" for k, v in kernels.items()))
-    print("(x hf: MiniGPT / transformers in the same precision; int8 is compared with transformers float32. "
+    print("(x hf: MiniGPT / transformers in the same precision; int8 and int4 are compared with transformers float32. "
           "minigpt int8 decodes through the C step, minigpt+pytorch int8 through PyTorch's int8 kernel)")
 
 

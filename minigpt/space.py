@@ -34,7 +34,7 @@ PYTHON = "3.11"  # the version CI runs
 SHORT_DESCRIPTION = "GPT-2 from scratch: base vs Alpaca LoRA, look inside"
 MAX_SHORT_DESCRIPTION = 60  # the Hub refuses a longer short_description
 TRAINING_ONLY = ("tensorboard", "matplotlib")  # the loss plot and its log: the app never imports them
-SYSTEM_PACKAGES = ["build-essential"]  # cc and OpenMP for the C decode step (without: PyTorch, slower)
+SYSTEM_PACKAGES = ["build-essential"]  # cc for the C decode step (without: PyTorch, slower)
 
 
 class SpaceError(Exception):

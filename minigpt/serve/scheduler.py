@@ -129,10 +129,9 @@ class Task:
 
 class Scheduler:
     """The queue and the worker. The worker is a thread of its own (background=True), or the caller of
-    serve(): app.py serves from the main thread, the one that loaded the models. OpenMP keeps a pool of
-    threads per thread that runs parallel work; a second pool on 2 cores makes libgomp stop spinning
-    between the C step's ~60 parallel loops, and a step from a new thread took 10 ms instead of 6
-    (int8, GPT-2 124M; docs/serving.md)."""
+    serve(): app.py serves from the main thread, the one that loaded the models. PyTorch's OpenMP keeps a
+    pool of threads per thread that runs parallel work, and a second pool on 2 cores makes libgomp stop
+    spinning (docs/serving.md); the C step's own pool serves any thread."""
 
     def __init__(self, max_rows: int, max_waiting: int, prefill_chunk: int = PREFILL_CHUNK,
                  background: bool = True):

@@ -470,6 +470,161 @@ static void float_dot_rows(const float *w, const float *x, int64_t cols, int row
 }
 #endif
 
+/* ---- Threads: a pool that never waits for a thread that has no work ------------------------------- */
+
+/* Each parallel loop of a step (a Linear's weight blocks, the attention heads, GELU's rows) is a Job: its
+   items are claimed a chunk at a time by whichever threads are running, the calling thread first; the
+   call returns when every item is done. A helper thread that the OS has not scheduled simply claims
+   nothing, so nobody waits for it. OpenMP's loops end in a barrier that waits for every thread of the
+   team: on 2 cores shared with other work (a server's event loop and clients, other jobs) a thread that
+   lost its core made the step wait a scheduler time slice at each of its ~70 loops (docs/speed.md).
+   Helpers spin SPIN_NS for the next job (the gaps inside a step are microseconds), then sleep until the
+   caller wakes them. One caller at a time uses the pool; a second caller (another thread) runs its
+   loops alone rather than wait.
+   Which thread computes an item changes no bit: each item's outputs are computed by one thread, whole. */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+
+typedef void (*Work)(void *context, int64_t first, int64_t end); /* items first .. end - 1 */
+
+enum { MAX_HELPERS = 63 };
+enum { SPIN_NS = 200000 }; /* how long an idle helper polls before it sleeps */
+
+typedef struct {
+    Work work;
+    void *context;
+    _Atomic int64_t items, chunk; /* read by helpers that may hold a stale generation: atomic, checked by CAS */
+    _Atomic int helpers;          /* helpers 0 .. helpers - 1 take part (the caller's threads - 1) */
+    _Atomic int64_t done;         /* items finished */
+} Job;
+
+static struct {
+    Job jobs[2];            /* generation g's job is jobs[g & 1]: the next one is written while a late helper
+                               may still read the last one's counts */
+    _Atomic uint64_t state; /* generation << 32 | the next unclaimed item: claims are one compare-and-swap */
+    _Atomic int sleeping;   /* helpers asleep on wake */
+    int started;            /* helper threads running */
+    pthread_mutex_t lock, caller;
+    pthread_cond_t wake;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .caller = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static uint32_t generation_of(uint64_t state) { return (uint32_t)(state >> 32); }
+
+/* Claim and run chunks of generation gen's job until none is left or a newer job replaced it. */
+static void take_part(uint32_t gen) {
+    Job *job = &pool.jobs[gen & 1];
+    uint64_t state = atomic_load(&pool.state);
+    while (generation_of(state) == gen) {
+        const int64_t next = (uint32_t)state, items = atomic_load_explicit(&job->items, memory_order_relaxed);
+        if (next >= items) return;
+        const int64_t chunk = atomic_load_explicit(&job->chunk, memory_order_relaxed);
+        const int64_t end = next + chunk < items ? next + chunk : items;
+        /* Succeeds only while gen is current: then its job's fields are not being rewritten. */
+        if (atomic_compare_exchange_weak(&pool.state, &state, (uint64_t)gen << 32 | (uint64_t)end)) {
+            job->work(job->context, next, end);
+            atomic_fetch_add(&job->done, end - next);
+            state = atomic_load(&pool.state);
+        }
+    }
+}
+
+static void *helper(void *argument) {
+    const int index = (int)(intptr_t)argument;
+    uint32_t seen = generation_of(atomic_load(&pool.state));
+    for (;;) {
+        uint32_t gen;
+        for (int64_t since = now_ns(), polls = 0; (gen = generation_of(atomic_load(&pool.state))) == seen; ++polls) {
+            cpu_relax();
+            if (polls % 64 || now_ns() - since < SPIN_NS) continue;
+            pthread_mutex_lock(&pool.lock);
+            atomic_fetch_add(&pool.sleeping, 1); /* then check again: the caller reads `sleeping` after it posts */
+            while (generation_of(atomic_load(&pool.state)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            atomic_fetch_sub(&pool.sleeping, 1);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = gen;
+        if (index < atomic_load_explicit(&pool.jobs[gen & 1].helpers, memory_order_relaxed)) take_part(gen);
+    }
+    return NULL;
+}
+
+/* In a forked child: none of the parent's threads exist, so none sleeps, holds a lock or takes part. */
+static void forget_helpers(void) {
+    pool.started = 0;
+    atomic_store(&pool.sleeping, 0);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_mutex_init(&pool.caller, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+}
+
+/* Start helpers up to `wanted` (they live as long as the process); how many run. */
+static int start_helpers(int wanted) {
+    if (wanted > MAX_HELPERS) wanted = MAX_HELPERS;
+    if (pool.started == 0) pthread_atfork(NULL, NULL, forget_helpers);
+    for (; pool.started < wanted; ++pool.started) {
+        pthread_t thread;
+        pthread_attr_t attributes;
+        pthread_attr_init(&attributes);
+        pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&thread, &attributes, helper, (void *)(intptr_t)pool.started);
+        pthread_attr_destroy(&attributes);
+        if (failed) break;
+    }
+    return pool.started < wanted ? pool.started : wanted;
+}
+
+/* work(context, first, end) over items 0 .. items - 1 in chunks of `chunk`, on up to `threads` threads. */
+static void parallel_for(int64_t items, int64_t chunk, int threads, Work work, void *context) {
+    if (threads <= 1 || items <= chunk || pthread_mutex_trylock(&pool.caller)) {
+        work(context, 0, items);
+        return;
+    }
+    const int helpers = start_helpers(threads - 1);
+    const uint32_t gen = generation_of(atomic_load(&pool.state)) + 1;
+    Job *job = &pool.jobs[gen & 1];
+    job->work = work, job->context = context;
+    atomic_store(&job->items, items);
+    atomic_store(&job->chunk, chunk);
+    atomic_store(&job->helpers, helpers);
+    atomic_store(&job->done, 0);
+    atomic_store(&pool.state, (uint64_t)gen << 32); /* posts the job */
+    if (atomic_load(&pool.sleeping)) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    take_part(gen);
+    /* Only items a helper claimed and is still computing are left to wait for. */
+    for (int polls = 1; atomic_load(&job->done) < items; ++polls) {
+        cpu_relax();
+        if (polls % 4096 == 0) sched_yield(); /* the helper may be waiting for this core */
+    }
+    pthread_mutex_unlock(&pool.caller);
+}
+
+/* Chunks for items spread over threads: several per thread, so a thread that is late leaves fewer items to
+   the others, in runs of consecutive items (the weight prefetch runs ahead into the thread's next items). */
+static int64_t chunk_for(int64_t items, int threads) {
+    const int64_t chunks = 4 * (int64_t)threads;
+    return items < chunks ? 1 : (items + chunks - 1) / chunks;
+}
+
 /* ---- Linears for a batch of rows -------------------------------------------------------------------- */
 
 /* Working memory of linear_rows for n rows, in one allocation (batch_new). */
@@ -718,6 +873,28 @@ static void amx_block(const Group *g, int64_t first, int count, int *configured)
 static void amx_release(int configured) { (void)configured; }
 #endif
 
+/* parallel_for's work for linear_rows: weight blocks first .. end - 1 of a group (Group *), each AMX_ROWS rows
+   (amx_blocks) or ROWS (int8, int4) or FLOAT_ROWS (float32) rows (weight_blocks); pack_columns packs
+   the group's vectors for AMX, 64 columns an item. */
+static void weight_blocks(void *group, int64_t first, int64_t end) {
+    const Group *g = group;
+    const int block = g->l->kind == KIND_FLOAT32 ? FLOAT_ROWS : ROWS;
+    for (int64_t at = first * block; at < end * block && at < g->l->rows; at += block)
+        rows_block(g, at, g->l->rows - at < block ? (int)(g->l->rows - at) : block);
+}
+
+static void amx_blocks(void *group, int64_t first, int64_t end) {
+    const Group *g = group;
+    int configured = 0; /* the vectors this thread's tiles are configured for, 0 before its first */
+    for (int64_t at = first * AMX_ROWS; at < end * AMX_ROWS && at < g->l->rows; at += AMX_ROWS)
+        amx_block(g, at, g->l->rows - at < AMX_ROWS ? (int)(g->l->rows - at) : AMX_ROWS, &configured);
+    amx_release(configured);
+}
+
+static void pack_columns(void *group, int64_t first, int64_t end) {
+    for (int64_t k = 64 * first; k < 64 * end; k += 64) amx_pack(group, k);
+}
+
 /* Row j's output y + j * y_stride = W_j (x + j * x_stride) + bias_j for the n rows, W_j = b->ls[j].
    Rows whose Linears share the weights are one group: each block of ROWS (int8) or FLOAT_ROWS (float32)
    weight rows is loaded and multiplied with every input vector of its group before the next (int8: VECS
@@ -767,33 +944,18 @@ static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, f
         for (int64_t i = 0; i < cols; ++i) xq[i] = (int16_t)rintf(xj[i] * inverse);
     }
 
-    /* One parallel loop per group (one fork of the threads more for a tuned model's own c_attn), its
-       invariants hoisted: the weight blocks split across the threads as in a loop over one vector, which
-       measured 1-4% faster at one row than a loop over every group's rows of a block of weight rows. */
+    /* One parallel loop per group (one job more for a tuned model's own c_attn), its invariants hoisted:
+       the weight blocks split across the threads as in a loop over one vector, which measured 1-4% faster
+       at one row than a loop over every group's rows of a block of weight rows. */
     for (int64_t g = 0; g < groups; ++g) {
         const Linear *l = ls[b->members[b->starts[g]]];
         const int64_t *members = b->members + b->starts[g], m = b->starts[g + 1] - b->starts[g];
         const Group group = {b, l, members, m, x, x_stride, y, y_stride};
         const int amx = amx_wins(&group);
-        const int block = amx ? AMX_ROWS : l->kind == KIND_FLOAT32 ? FLOAT_ROWS : ROWS;
-        #pragma omp parallel num_threads(threads)
-        {
-            if (amx) {
-                #pragma omp for schedule(static)
-                for (int64_t k = 0; k < l->cols; k += 64) amx_pack(&group, k); /* then a barrier: all packed */
-            }
-            int configured = 0; /* the vectors this thread's tiles are configured for, 0 before its first */
-            #pragma omp for schedule(static)
-            for (int64_t index = 0; index < (l->rows + block - 1) / block; ++index) {
-                const int64_t first = index * block; /* this block's first weight row */
-                const int count = l->rows - first < block ? (int)(l->rows - first) : block;
-                if (amx)
-                    amx_block(&group, first, count, &configured);
-                else
-                    rows_block(&group, first, count);
-            }
-            amx_release(configured);
-        }
+        const int64_t columns = l->cols / 64, block = amx ? AMX_ROWS : l->kind == KIND_FLOAT32 ? FLOAT_ROWS : ROWS;
+        const int64_t blocks = (l->rows + block - 1) / block;
+        if (amx) parallel_for(columns, chunk_for(columns, threads), threads, pack_columns, (void *)&group);
+        parallel_for(blocks, chunk_for(blocks, threads), threads, amx ? amx_blocks : weight_blocks, (void *)&group);
     }
 }
 
@@ -854,6 +1016,40 @@ static void attend(const float *q, const float *k, const float *v, int64_t n_key
 static void add(float *x, const float *y, int64_t n) {
     #pragma omp simd
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+/* parallel_for's work for a step's attention: (row, head) pairs first .. end - 1 (pair i: row i / H, head
+   i % H) of layer l, each row's query in qkv, its output into h. */
+typedef struct {
+    int64_t l, H, C;
+    const int64_t *positions, *max_lens;
+    const float *qkv;
+    float *const *k_caches, *const *v_caches;
+    float *scores;
+    const int64_t *score_at;
+    float *h;
+} Attention;
+
+static void attend_heads(void *attention, int64_t first, int64_t end) {
+    const Attention *a = attention;
+    const int64_t H = a->H, C = a->C, hs = C / H;
+    for (int64_t i = first; i < end; ++i) {
+        const int64_t r = i / H, head = i % H, n_keys = a->positions[r] + 1;
+        const int64_t at = (a->l * H + head) * a->max_lens[r] * hs; /* this layer's and head's first slot */
+        attend(a->qkv + r * 3 * C + head * hs, a->k_caches[r] + at, a->v_caches[r] + at, n_keys, hs,
+               a->scores + a->score_at[r] + head * n_keys, a->h + r * C + head * hs);
+    }
+}
+
+/* parallel_for's work for GELU: rows first .. end - 1 of ff, F wide. */
+typedef struct {
+    float *ff;
+    int64_t F;
+} Gelu;
+
+static void gelu_rows(void *gelu, int64_t first, int64_t end) {
+    const Gelu *g = gelu;
+    for (int64_t r = first; r < end; ++r) gelu_tanh(g->ff + r * g->F, g->F);
 }
 
 /* b->ls: each row's Linear at byte offset `field` (offsetof(Block, c_attn), ...) of its model's block l. */
@@ -919,14 +1115,8 @@ int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens,
                 memcpy(values_r + slot, qkv + r * 3 * C + 2 * C + head * hs, hs * sizeof(float));
             }
         }
-        /* Attention, every (row, head) pair one iteration. */
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t i = 0; i < n * H; ++i) {
-            const int64_t r = i / H, head = i % H, n_keys = positions[r] + 1;
-            const int64_t at = (l * H + head) * max_lens[r] * hs; /* this layer's and head's first slot */
-            attend(qkv + r * 3 * C + head * hs, k_caches[r] + at, v_caches[r] + at, n_keys, hs,
-                   scores + score_at[r] + head * n_keys, h + r * C + head * hs);
-        }
+        const Attention attention = {l, H, C, positions, max_lens, qkv, k_caches, v_caches, scores, score_at, h};
+        parallel_for(n * H, chunk_for(n * H, threads), threads, attend_heads, (void *)&attention);
         block_linears(&b, models, n, l, offsetof(Block, attn_proj));
         linear_rows(&b, n, h, C, qkv, C, threads); /* qkv is free again: reuse it for the projection */
         for (int64_t r = 0; r < n; ++r) {
@@ -937,8 +1127,8 @@ int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens,
         block_linears(&b, models, n, l, offsetof(Block, c_fc));
         linear_rows(&b, n, h, C, ff, F, threads);
         /* tanhf: the one costly elementwise op (mlp_dim per row), so several rows share the threads */
-        #pragma omp parallel for num_threads(threads) schedule(static) if (n > 1)
-        for (int64_t r = 0; r < n; ++r) gelu_tanh(ff + r * F, F);
+        const Gelu gelu = {ff, F};
+        parallel_for(n, 1, threads, gelu_rows, (void *)&gelu);
         block_linears(&b, models, n, l, offsetof(Block, mlp_proj));
         linear_rows(&b, n, ff, F, h, C, threads);
         for (int64_t r = 0; r < n; ++r) add(x + r * C, h + r * C, C);

@@ -14,7 +14,7 @@ aarch64, the portable C loop (generic) on any other x86-64. MINIGPT_ISA=avx512|a
 (or isa=...) asks for one; a variant the CPU lacks is refused, not run. The avx512 variant multiplies
 batched int8 rows in AMX tiles where the CPU and the compiler have them (MINIGPT_NO_AMX=1 or use_amx
 turns that off). Each variant is compiled once per machine with the system C compiler ($CC, default
-cc; OpenMP) into a cache folder, $XDG_CACHE_HOME/minigpt/native (default ~/.cache/minigpt/native),
+cc; its loops run on a small pthread pool of its own) into a cache folder, $XDG_CACHE_HOME/minigpt/native (default ~/.cache/minigpt/native),
 under a name keyed by the source, the compiler, its flags and the CPU's features, written atomically
 (compiled to a temporary name, then renamed), so later starts only load it. Where it cannot be built (no compiler, an
 architecture it has no variant for), NativeUnavailable says why in one line; the compiler's
@@ -40,7 +40,7 @@ from .int4 import Int4Linear
 from .quantize import Int8Embedding, Int8Linear
 
 SOURCE = Path(__file__).with_name("decode_step.c")
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp-simd", "-pthread", "-shared", "-fPIC"]
 # Per variant: compiler flags. Explicit instruction sets rather than -march=native, so the avx2 and
 # generic libraries built on an AVX-512 machine are the ones an AVX2-only or older CPU builds.
 ISA_FLAGS = {

@@ -48,7 +48,7 @@ def test_the_folder_holds_exactly_the_app_the_package_and_the_adapter(tmp_path, 
         assert (tmp_path / "space" / name).read_bytes() == (REPO / name).read_bytes()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         assert (tmp_path / "space/checkpoints/alpaca-lora" / name).read_bytes() == (adapter / name).read_bytes()
-    assert (tmp_path / "space/packages.txt").read_text().split() == ["build-essential"]  # cc + OpenMP, no comments
+    assert (tmp_path / "space/packages.txt").read_text().split() == ["build-essential"]  # cc, no comments
 
 
 def test_the_front_matter_is_a_space_card_within_the_hubs_limits(tmp_path):

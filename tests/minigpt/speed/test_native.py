@@ -23,9 +23,11 @@ import dataclasses
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -236,6 +238,40 @@ def test_concurrent_requests_do_not_share_state(default_models):
     for t in threads:
         t.join()
     assert together == alone
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_decodes_with_threads_of_its_own(default_models):
+    """The step's thread pool lives in the process: a child forked after the parent used it has none of
+    its threads and must start its own rather than wait for them."""
+    int8, _, _ = default_models
+    step = int8.step
+
+    def logits_of(token):
+        cache, logits = int8.new_cache(4), torch.empty(int8.config.vocab_size)
+        assert step.lib.gpt2_step(step.model, token, 0, cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len,
+                                  logits.data_ptr(), 2) == 0  # two threads: the pool, whatever torch says
+        return logits
+
+    expected = logits_of(7).numpy().tobytes()  # the parent's pool is running now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its answer through the pipe, then out at once (no pytest teardown here)
+        try:  # no PyTorch op runs in the child: PyTorch's OpenMP does not survive a fork
+            os.write(write, b"same" if logits_of(7).numpy().tobytes() == expected else b"different")
+        finally:
+            os._exit(0)
+    os.close(write)
+    for _ in range(600):  # a minute at most: a child waiting for threads it does not have would hang for good
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's step did not finish within a minute")
+    assert os.read(read, 16) == b"same" and os.waitstatus_to_exitcode(status) == 0
 
 
 def test_speculative_drafts_decode_in_c_and_keep_the_models_tokens(tiny_model):
