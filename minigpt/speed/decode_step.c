@@ -24,8 +24,9 @@ product is the exact integer rounded to float32 once, in the tiles as in the vec
 changes no bit either.
 
 int8 Linears hold quantize.py's weights: w[o][i] = q[o][i] * scale[o]. int4 Linears hold int4.py's:
-groups of GROUP columns, w[o][i] = (u[o][i] - 8) * scale[o][i / GROUP], u a 4-bit code (two per byte)
-and the scales float16. Each int8 or int4 Linear's input vector is rounded to int16 (one scale per
+groups of GROUP columns, w[o][i] = (u[o][i] - 8) * scale[o][i / GROUP], u a 4-bit code (two per byte,
+in the column order of int4.py's positions; int4_order puts each input vector in it) and the scales
+float16. Each int8 or int4 Linear's input vector is rounded to int16 (one scale per
 vector; PyTorch's int8 kernel rounds it to bfloat16, 8 bits of mantissa, so this path is closer to
 float32 than PyTorch's) and multiplied with integer instructions (int8: exactly, see dot_rows).
 float32 Linears (scale NULL) multiply the float32 input with FMAs: the same arithmetic as PyTorch's,
