@@ -462,8 +462,32 @@ static float half_to_float(uint16_t h) {
     return h & 0x8000 ? -magnitude : magnitude;
 }
 
-/* int4 (NEON too: plain C the compiler vectorizes): the x86 chunk4's 16 lanes, then each group's sum (its
-   lanes') times its scale. */
+/* int4 (NEON too: plain C the compiler vectorizes): for one row and vector, the x86 chunk4's 16 lanes, then
+   each group's sum (its lanes') times its scale. Always inlined, n constant. On this machine the generic
+   build takes twice as long as the loop of the earlier layout (26 against 13 ms for a token's int4
+   Linears, 2 threads; groups of 32 consecutive columns let it sum each group in one vectorized reduction);
+   NEON is only run under emulation here. */
+static inline __attribute__((always_inline)) float chunk4(const uint8_t *row, const uint16_t *scale, const int16_t *x,
+                                                          const int32_t *offsets, int64_t c, const int n) {
+    int32_t lane[16];
+    memcpy(lane, offsets + c / 4, sizeof lane);
+    for (int i = 0; i < 2 * n; ++i) { /* positions 32i .. 32i + 31: block i / 2's low or high codes */
+        const uint8_t *p = row + (c + 64 * (i / 2)) / 2;
+        const int shift = 4 * (i % 2);
+        int32_t product[32];
+        #pragma omp simd
+        for (int e = 0; e < 32; ++e) product[e] = (p[e] >> shift & 15) * x[c + 32 * i + e];
+        for (int l = 0; l < 16; ++l) lane[l] += product[2 * l] + product[2 * l + 1];
+    }
+    float total = 0.0f;
+    for (int g = 0; g < 2 * n; ++g) {
+        int32_t sum = 0;
+        for (int l = 8 / n * g; l < 8 / n * (g + 1); ++l) sum += lane[l];
+        total += half_to_float(scale[c / GROUP + g]) * (float)sum;
+    }
+    return total;
+}
+
 static void dot_rows4(const uint8_t *q, const uint16_t *scales, const int16_t *const *xs,
                       const int32_t *const *offsets, int vecs, int64_t cols, int rows, float (*out)[FLOAT_ROWS]) {
     for (int v = 0; v < vecs; ++v)
@@ -471,19 +495,9 @@ static void dot_rows4(const uint8_t *q, const uint16_t *scales, const int16_t *c
             const uint8_t *row = q + r * cols / 2;
             const uint16_t *scale = scales + r * cols / GROUP;
             float total = 0.0f;
-            for (int64_t c = 0, n; c < cols; c += 64 * n) {
-                n = cols - c >= CHUNK ? CHUNK / 64 : 1;
-                int32_t lane[16];
-                memcpy(lane, offsets[v] + c / 4, sizeof lane);
-                for (int i = 0; i < 2 * n; ++i) /* positions 32i .. 32i + 31: block i / 2's low or high codes */
-                    for (int e = 0; e < 32; ++e)
-                        lane[e / 2] += (row[(c + 64 * (i / 2)) / 2 + e] >> 4 * (i % 2) & 15) * xs[v][c + 32 * i + e];
-                for (int g = 0; g < 2 * n; ++g) {
-                    int32_t sum = 0;
-                    for (int l = 8 * g / n; l < 8 * (g + 1) / n; ++l) sum += lane[l];
-                    total += half_to_float(scale[c / GROUP + g]) * (float)sum;
-                }
-            }
+            int64_t c = 0;
+            for (; c + CHUNK <= cols; c += CHUNK) total += chunk4(row, scale, xs[v], offsets[v], c, CHUNK / 64);
+            for (; c < cols; c += 64) total += chunk4(row, scale, xs[v], offsets[v], c, 1);
             out[v][r] = total;
         }
 }
