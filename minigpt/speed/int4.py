@@ -13,9 +13,16 @@ float32, symmetric groups of 32 and asymmetric groups of 64 (a float16 minimum p
 per-group offset term in the C step's inner loop. Groups of 64 or 128 lost 18% / 29% in KL. Keeping
 the lm_head in int8 rather than int4 lowers the KL by 17% for 17 MB more (of 87 MB).
 
-Packing, per weight row, per 64 columns: byte j (0..31) holds column j's code in its low 4 bits and
-column j + 32's in its high 4 bits, so one vector load and a mask and a shift give the two groups'
-codes in column order (decode_step.c's unpack64).
+Packing, per weight row: the columns in the order of positions() (below), then per 64 positions byte j
+(0..31) holds position j's code in its low 4 bits and position j + 32's in its high 4 bits, so one vector
+load, a mask and a shift give 64 codes as int16 (decode_step.c's unpack64). The order is for the C step's
+inner loop: each chunk of 256 columns (a row's last 64-column blocks: each its own chunk of 64) is
+summed in one vector of 16 int32 lanes, two lanes per group of 32 columns (a chunk of 64: eight),
+converted to float32 and multiplied by its groups' scales once per chunk. A lane of vpdpwssd sums the
+products of int16 pairs 2l, 2l + 1 of each 32 it is given, so positions 32i + e of a chunk hold
+columns of group e / (16 / n) for n blocks of 64 (positions(); the C step permutes each activation
+vector the same way, so the products are the same). The codes' offset 8 is taken out of the loop in
+the same way: each lane starts at -8 times the sum of its activations.
 
 The PyTorch path (prompts, batches, machines without the C step) dequantizes each Linear's weight to
 the activations' dtype for each call: correct everywhere, and as fast as float32 for long prompts,
@@ -48,17 +55,35 @@ def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(out_features, in_features), scales[..., 0]
 
 
+CHUNK = 256  # columns summed in one vector of lanes; decode_step.c's CHUNK
+
+
+def positions(cols: int) -> torch.Tensor:
+    """The column at each position of a packed row of cols (a multiple of 64) columns: chunks of CHUNK columns,
+    then chunks of 64; in a chunk of n blocks of 64, position 32i + e holds column 32 (e / m) + m i + e % m,
+    m = 16 / n (so each lane of 16 int32 sums columns of one group; decode_step.c's int4_order)."""
+    order, c = [], 0
+    while c < cols:
+        n = CHUNK // 64 if cols - c >= CHUNK else 1
+        m, p = 16 // n, torch.arange(64 * n)
+        order.append(c + 32 * (p % 32 // m) + m * (p // 32) + p % 32 % m)
+        c += 64 * n
+    return torch.cat(order)
+
+
 def pack(q: torch.Tensor) -> torch.Tensor:
     """Codes q (out, in) in -8..7 as bytes (out, in / 2), two per byte in the layout above."""
-    u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(q.size(0), -1, 2, 32)
+    u = (q.to(torch.int16) + 8).to(torch.uint8)[:, positions(q.size(1))].reshape(q.size(0), -1, 2, 32)
     return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(q.size(0), -1).contiguous()
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """pack's inverse: int8 codes (out, in) in -8..7."""
     b = packed.reshape(packed.size(0), -1, 1, 32)
-    u = torch.cat([b & 15, b >> 4], dim=2)
-    return (u.to(torch.int8) - 8).reshape(packed.size(0), -1)
+    u = (torch.cat([b & 15, b >> 4], dim=2).to(torch.int8) - 8).reshape(packed.size(0), -1)
+    q = torch.empty_like(u)
+    q[:, positions(u.size(1))] = u
+    return q
 
 
 class Int4Linear(nn.Module):

@@ -46,17 +46,23 @@ def linear_with(weight: torch.Tensor, bias: bool = False) -> nn.Linear:
     return layer
 
 
-def test_codes_are_packed_two_per_byte_column_j_with_column_j_plus_32():
-    q = torch.full((2, 128), -8, dtype=torch.int8)  # code u = q + 8 = 0
-    q[0, 0], q[0, 32], q[0, 31], q[0, 63] = 7, -7, -1, 0  # u 15, 1, 7, 8
-    q[1, 64], q[1, 96] = 3, -8  # the second 64 columns: u 11 and 0
+def test_codes_are_packed_two_per_byte_in_the_c_steps_lane_order():
+    """A row of 320 columns: a chunk of 256, where position 32i + e holds column 32 (e / 4) + 4i + e % 4, then a
+    chunk of 64, where it holds column 32 (e / 16) + 16i + e % 16; byte b of each 64 positions holds position b in
+    its low half and b + 32 in its high half."""
+    q = torch.full((2, 320), -8, dtype=torch.int8)  # code u = q + 8 = 0
+    q[0, 0], q[0, 4], q[0, 32] = 7, -7, -1  # u 15, 1, 7: byte 0 (positions 0, 32: columns 0, 4), byte 4 (column 32)
+    q[0, 9], q[0, 13] = 3, 4  # block 1, byte 1: positions 65 (i = 2, e = 1) and 97 (i = 3, e = 1)
+    q[1, 256], q[1, 272], q[1, 288], q[1, 319] = 0, 1, 2, 6  # the chunk of 64 (bytes 128 ...)
     packed = pack(q)
-    assert packed.dtype == torch.uint8 and packed.shape == (2, 64)
-    assert packed[0, 0] == 15 | (1 << 4) and packed[0, 31] == 7 | (8 << 4)
-    assert packed[1, 32] == 11 and packed[0, 1] == 0
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 160)
+    assert packed[0, 0] == 15 | (1 << 4) and packed[0, 4] == 7 and packed[0, 32 + 1] == 11 | (12 << 4)
+    assert packed[1, 128] == 8 | (9 << 4) and packed[1, 128 + 16] == 10 and packed[1, 128 + 31] == 14 << 4
+    assert packed[0].count_nonzero() == 3 and packed[1].count_nonzero() == 3
     assert torch.equal(unpack(packed), q)
-    codes = torch.randint(-8, 8, (5, 192), dtype=torch.int8)
-    assert torch.equal(unpack(pack(codes)), codes)
+    for cols in (64, 192, 256, 768):
+        codes = torch.randint(-8, 8, (5, cols), dtype=torch.int8)
+        assert torch.equal(unpack(pack(codes)), codes)
 
 
 def test_the_error_is_at_most_half_a_step_but_the_clamped_side():
