@@ -1,9 +1,9 @@
 """The batched C decode step alone: ms per step and aggregate tokens/s for n rows, and what a batch that
 mixes the base model with a LoRA-merged copy costs (docs/serving.md).
 
-    python -m bench.rows [--rows 1,2,4,8,16] [--reps 12] [--precisions float32,int8]
+    python -m bench.rows [--rows 1,2,4,8,16] [--reps 12] [--precisions float32,int8] [--prefix 64]
 
-GPT-2 124M shape, random weights, a 64-token prefix in every row's cache, torch's thread count. Per
+GPT-2 124M shape, random weights, a --prefix-token prefix in every row's cache (attention's share grows with it), torch's thread count. Per
 precision and n it times native.step_rows for n rows of the base model, then for n rows alternating
 between the base and a merged copy whose c_attn differs (an r=8 update on every c_attn, as a LoRA
 adapter merges): the weights the two share are read once per step, each copy's c_attn once more.
@@ -25,9 +25,6 @@ from minigpt.model import GPT
 from minigpt.speed import native
 from minigpt.speed.quantize import quantize_int8
 
-PREFIX = 64
-
-
 def base_and_tuned(precision: str) -> tuple[GPT, GPT]:
     """(base, a merged copy sharing every tensor but c_attn) in this precision."""
     torch.manual_seed(0)
@@ -44,11 +41,11 @@ def base_and_tuned(precision: str) -> tuple[GPT, GPT]:
     return base, tuned
 
 
-def ms_per_step(rows: list[GPT], steps: dict[int, native.NativeDecoder], reps: int) -> float:
+def ms_per_step(rows: list[GPT], steps: dict[int, native.NativeDecoder], reps: int, prefix: int) -> float:
     """Median ms of one step_rows call decoding one token for each row (a model per row)."""
-    caches = [model.new_cache(PREFIX + reps + 2) for model in rows]
+    caches = [model.new_cache(prefix + reps + 2) for model in rows]
     for cache in caches:
-        cache.length = PREFIX
+        cache.length = prefix
     tokens = [100 + i for i in range(len(rows))]
     times = []
     for _ in range(reps + 1):
@@ -63,18 +60,19 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,4,8,16")
     p.add_argument("--reps", type=int, default=12)
     p.add_argument("--precisions", default="float32,int8")
+    p.add_argument("--prefix", type=int, default=64, help="tokens already in each row's cache")
     args = p.parse_args()
     info = machine_info()
     print(f"CPU: {info['cpu']}, {info['cores']} cores; SIMD flags: {' '.join(info['simd'])}; "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; {args.prefix} tokens in each cache")
     print("| precision | rows | ms/step, base only | tokens/s | ms/step, base + merged copy | cost of the copy |")
     print("|---|---|---|---|---|---|")
     for precision in args.precisions.split(","):
         base, tuned = base_and_tuned(precision)
         steps = {id(m): native.native_step(m) for m in (base, tuned)}
         for n in map(int, args.rows.split(",")):
-            alone = ms_per_step([base] * n, steps, args.reps)
-            mixed = ms_per_step([(base, tuned)[i % 2] for i in range(n)], steps, args.reps) if n > 1 else alone
+            alone = ms_per_step([base] * n, steps, args.reps, args.prefix)
+            mixed = ms_per_step([(base, tuned)[i % 2] for i in range(n)], steps, args.reps, args.prefix) if n > 1 else alone
             print(f"| {precision} | {n} | {alone:.2f} | {n / alone * 1e3:.0f} | {mixed:.2f} | "
                   f"{(mixed / alone - 1) * 100:+.0f}% |", flush=True)
 

@@ -127,6 +127,26 @@ enum { INT32_SPAN = 512 };    /* int8: columns summed in int32, |sum| <= 512 * 1
    int8: each dot product is computed exactly (int32 partial sums, added up in int64) and rounded to
    float32 once, so it is the same bit for bit however its products are split and ordered: in any
    variant, whichever vectors share the call, and in the AMX kernel (amx_dots). */
+/* Attention's two products for one head (attend): s[t] = q . k_t and o = sum over t of p[t] v_t, for n keys
+   and values of hs floats. These plain loops are the portable and NEON builds' and, on x86, those of
+   head sizes that are not a multiple of the vector width; the x86 variants below vectorize them. */
+static void key_scores_loop(const float *q, const float *k, int64_t n, int64_t hs, float *s) {
+    for (int64_t t = 0; t < n; ++t) {
+        float dot = 0.0f;
+        #pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < hs; ++d) dot += q[d] * k[t * hs + d];
+        s[t] = dot;
+    }
+}
+
+static void weighted_values_loop(const float *p, const float *v, int64_t n, int64_t hs, float *o) {
+    memset(o, 0, hs * sizeof(float));
+    for (int64_t t = 0; t < n; ++t) {
+        #pragma omp simd
+        for (int64_t d = 0; d < hs; ++d) o[d] += p[t] * v[t * hs + d];
+    }
+}
+
 #if defined(MINIGPT_AVX512) || defined(MINIGPT_AVX2)
 /* Both x86 variants share dot_rows below; what differs is the vector width and these few operations:
    widen64 sign-extends 64 int8 weights of one row (p) to int16 in WIDE vectors, madd64 adds their
@@ -152,6 +172,7 @@ typedef __m512 fvec;
 #    define FLOAD(p) _mm512_loadu_ps(p)
 #    define FMADD(a, b, c) _mm512_fmadd_ps(a, b, c)
 #    define FSET1(s) _mm512_set1_ps(s)
+#    define FSTORE(p, v) _mm512_storeu_ps(p, v)
 #    define TO_FLOAT(acc) _mm512_cvtepi32_ps(acc)
 static inline void widen64(ivec w[WIDE], const int8_t *p) {
     w[0] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
@@ -204,6 +225,7 @@ typedef __m256 fvec;
 #    define FLOAD(p) _mm256_loadu_ps(p)
 #    define FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
 #    define FSET1(s) _mm256_set1_ps(s)
+#    define FSTORE(p, v) _mm256_storeu_ps(p, v)
 #    define TO_FLOAT(acc) _mm256_cvtepi32_ps(acc)
 static float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -401,6 +423,31 @@ static void float_dot_rows(const float *w, const float *x, int64_t cols, int row
     }
     for (int r = 0; r < rows; ++r) out[r] = HSUM(acc[r]);
 }
+
+/* The keys as FLOAT_ROWS float32 weight rows at a time; the output's 4 vectors stay in registers while
+   the values stream past, where the loop kept them in memory, a store and a load for each key. */
+static void key_scores(const float *q, const float *k, int64_t n, int64_t hs, float *s) {
+    if (hs % FWIDTH) {
+        key_scores_loop(q, k, n, hs, s);
+        return;
+    }
+    for (int64_t t = 0; t < n; t += FLOAT_ROWS)
+        float_dot_rows(k + t * hs, q, hs, n - t < FLOAT_ROWS ? (int)(n - t) : FLOAT_ROWS, s + t);
+}
+
+static void weighted_values(const float *p, const float *v, int64_t n, int64_t hs, float *o) {
+    if (hs % FWIDTH) {
+        weighted_values_loop(p, v, n, hs, o);
+        return;
+    }
+    for (int64_t d = 0; d < hs; d += 4 * FWIDTH) {
+        const int width = hs - d < 4 * FWIDTH ? (int)((hs - d) / FWIDTH) : 4;
+        fvec acc[4] = {FZERO(), FZERO(), FZERO(), FZERO()};
+        for (int64_t t = 0; t < n; ++t)
+            for (int j = 0; j < width; ++j) acc[j] = FMADD(FSET1(p[t]), FLOAD(v + t * hs + d + j * FWIDTH), acc[j]);
+        for (int j = 0; j < width; ++j) FSTORE(o + d + j * FWIDTH, acc[j]);
+    }
+}
 #else
 /* NEON and the portable loop: one row and one vector at a time; dot_chunk sums at most INT32_SPAN int8
    products exactly in int32, float_dot a float32 row. They keep widening the weights for each vector:
@@ -504,6 +551,14 @@ static void dot_rows4(const uint8_t *q, const uint16_t *scales, const int16_t *c
 
 static void float_dot_rows(const float *w, const float *x, int64_t cols, int rows, float *out) {
     for (int r = 0; r < rows; ++r) out[r] = float_dot(w + r * cols, x, cols);
+}
+
+static void key_scores(const float *q, const float *k, int64_t n, int64_t hs, float *s) {
+    key_scores_loop(q, k, n, hs, s);
+}
+
+static void weighted_values(const float *p, const float *v, int64_t n, int64_t hs, float *o) {
+    weighted_values_loop(p, v, n, hs, o);
 }
 #endif
 
@@ -1053,29 +1108,19 @@ static void gelu_tanh(float *x, int64_t n) { /* GPT-2's "gelu_new" */
         x[i] = 0.5f * x[i] * (1.0f + tanhf(0.7978845608f * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
 }
 
-static float dot(const float *a, const float *b, int64_t n) {
-    float s = 0.0f;
-    #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-    return s;
-}
-
 /* softmax(q k^T / sqrt(hs)) v for one head's query over its n_keys cached keys and values (hs apart),
    with s (n_keys,) for the scores. */
 static void attend(const float *q, const float *k, const float *v, int64_t n_keys, int64_t hs, float *s, float *o) {
     const float scale = 1.0f / sqrtf((float)hs);
     float max = -INFINITY, sum = 0.0f;
+    key_scores(q, k, n_keys, hs, s);
     for (int64_t t = 0; t < n_keys; ++t) {
-        s[t] = dot(q, k + t * hs, hs) * scale;
+        s[t] *= scale;
         max = s[t] > max ? s[t] : max;
     }
     for (int64_t t = 0; t < n_keys; ++t) sum += s[t] = expf(s[t] - max);
-    memset(o, 0, hs * sizeof(float));
-    for (int64_t t = 0; t < n_keys; ++t) {
-        const float p = s[t] / sum;
-        #pragma omp simd
-        for (int64_t d = 0; d < hs; ++d) o[d] += p * v[t * hs + d];
-    }
+    for (int64_t t = 0; t < n_keys; ++t) s[t] /= sum;
+    weighted_values(s, v, n_keys, hs, o);
 }
 
 static void add(float *x, const float *y, int64_t n) {
