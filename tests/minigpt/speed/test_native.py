@@ -746,6 +746,21 @@ def test_with_amx_an_int8_prompt_is_read_in_c_token_by_token_exactly(amx_twins):
         native.use_amx(lib)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_an_int4_prompt_is_read_in_c_token_by_token_exactly(tiny_model, isa):
+    """int4 prompts go through the C step in every variant (PyTorch would dequantize every Linear for each
+    pass): the same bits as decoding the prompt one token at a time."""
+    int4 = c_decoder(tiny_model[0], isa, "int4")
+    prompt = torch.randint(0, 1000, (13,), generator=torch.Generator().manual_seed(6)).tolist()
+    cache, copy_ = int4.new_cache(16), int4.new_cache(16)
+    with torch.inference_mode():
+        ours = int4(torch.tensor([prompt]), cache, last_only=True)[0, -1]
+    for token in prompt:
+        expected = alone(int4, token, copy_)
+    assert int4.reads_prompts and torch.equal(ours, expected)
+    assert torch.equal(cache.k, copy_.k) and torch.equal(cache.v, copy_.v)
+
+
 def test_a_compiler_without_amx_builds_the_vector_loop(monkeypatch, tmp_path):
     assert not native.compiler_accepts("no-such-compiler", *native.AMX_FLAGS)
     assert not native.compiler_accepts(os.environ.get("CC", "cc"), "-mno-such-flag")
