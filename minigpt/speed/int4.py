@@ -24,9 +24,9 @@ columns of group e / (16 / n) for n blocks of 64 (positions(); the C step permut
 vector the same way, so the products are the same). The codes' offset 8 is taken out of the loop in
 the same way: each lane starts at -8 times the sum of its activations.
 
-The PyTorch path (prompts, batches, machines without the C step) dequantizes each Linear's weight to
-the activations' dtype for each call: correct everywhere, and as fast as float32 for long prompts,
-but slow for decoding; decoding is meant for the C step.
+The PyTorch path (machines without the C step, other devices, passes of every position such as the
+panels' and scoring) dequantizes each Linear's weight to the activations' dtype for each call: correct
+everywhere, but slow; decoding and prompts go through the C step (native.NativeDecoder.reads_prompts).
 """
 from __future__ import annotations
 
