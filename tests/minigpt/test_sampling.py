@@ -63,6 +63,13 @@ def test_greedy_is_argmax_and_ignores_filters():
     assert sample(logits, SamplingParams(temperature=0)).flatten().tolist() == [1, 0]
 
 
+def test_greedy_takes_the_first_of_tied_maxima_as_argmax_does():
+    logits = torch.randn(3, 50257, generator=torch.Generator().manual_seed(0))
+    logits[0, [17, 50000]] = logits[1, [40000, 3]] = logits[2, [9, 10, 11]] = 100.0
+    ours = sample(logits, SamplingParams(temperature=0)).flatten()
+    assert ours.tolist() == logits.argmax(dim=-1).tolist() == [17, 3, 9]
+
+
 def test_sampled_frequencies_match_the_renormalised_distribution():
     """20,000 draws with top-k=4, top-p=0.9 at temperature 0.7; each frequency within 5 standard errors."""
     params = SamplingParams(temperature=0.7, top_k=4, top_p=0.9)
