@@ -157,23 +157,31 @@ def test_unknown_repos_and_offline_with_an_empty_cache(hub, env, tmp_path):
     assert not any("/someone/tiny-gpt2/" in r or DATASET in r for r in hub.requests)  # the offline ones asked nothing
 
 
-def test_a_model_downloaded_then_reused_offline_then_damaged_is_downloaded_again(hub, env):
-    succeeded(generate(env, "--adapter", ADAPTER))
+def test_a_model_and_a_dataset_downloaded_then_reused_offline_then_damaged_are_downloaded_again(hub, env, tmp_path):
+    """The model (python -m minigpt.generate) and the training data (python -m lora.train) side by side."""
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    for run in run_all(env, generate_cmd("--adapter", ADAPTER), train_cmd(hub, tmp_path / "a")):
+        succeeded(run)
     clean_cache(env)
     hub.requests.clear()
-    succeeded(generate({**env, "HF_HUB_OFFLINE": "1"}, "--adapter", ADAPTER))
+    for run in run_all(offline, generate_cmd("--adapter", ADAPTER), train_cmd(hub, tmp_path / "b")):
+        succeeded(run)
     assert hub.requests == []
     blob = model_blob(env)
     blob.write_bytes(blob.read_bytes()[:1000])  # damaged in the cache, behind the snapshot's link
+    data_blob = next((Path(env["HF_HOME"]) / "hub").glob(f"datasets--*/snapshots/*/{DATA_FILE}")).resolve()
+    data_blob.write_bytes(data_blob.read_bytes()[:20])
 
-    offline = one_error(generate({**env, "HF_HUB_OFFLINE": "1"}), "the cached model.safetensors of model "
-                        f"'{MODEL}' is damaged", f"hf download {MODEL} model.safetensors --force-download")
-    assert str(blob) not in offline
+    model, data = run_all(env, (offline, generate_cmd()), train_cmd(hub, tmp_path / "c"))
+    error = one_error(model, f"the cached model.safetensors of model '{MODEL}' is damaged",
+                      f"hf download {MODEL} model.safetensors --force-download")
+    assert str(blob) not in error
+    succeeded(data)  # online: the dataset is downloaded again
 
     succeeded(generate(env))  # online: healed
     clean_cache(env)
     hub.requests.clear()
-    succeeded(generate({**env, "HF_HUB_OFFLINE": "1"}))  # and it stays healed
+    succeeded(generate(offline))  # and it stays healed
     assert hub.requests == []
 
 
@@ -195,17 +203,6 @@ def test_ctrl_c_during_a_stalled_download_is_one_line_and_exit_130(hub, env):
 
 
 # The training data, through python -m lora.train (the faults: above)
-
-def test_a_dataset_downloaded_then_reused_offline_then_damaged_is_downloaded_again(hub, env, tmp_path):
-    succeeded(train(env, hub, tmp_path / "a"))
-    hub.requests.clear()
-    succeeded(train({**env, "HF_HUB_OFFLINE": "1"}, hub, tmp_path / "b"))
-    assert hub.requests == []
-    blob = next((Path(env["HF_HOME"]) / "hub").glob(f"datasets--*/snapshots/*/{DATA_FILE}")).resolve()
-    blob.write_bytes(blob.read_bytes()[:20])
-    succeeded(train(env, hub, tmp_path / "c"))
-    clean_cache(env)
-
 
 def test_a_dataset_named_owner_name_is_found_in_the_cache_offline(hub, env, tmp_path):
     """`--data owner/name` asks the Hub which .json file the repo holds; offline, its cached snapshot says."""
