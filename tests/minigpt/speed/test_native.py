@@ -512,6 +512,17 @@ def alone(decoder, token, cache):
     return logits
 
 
+def read_and_one_at_a_time(decoder, prompt, max_len):
+    """(the last logits and the cache of prompt read in one decoder pass, the same of its tokens decoded one at a
+    time through gpt2_step)."""
+    cache, copy_ = decoder.new_cache(max_len), decoder.new_cache(max_len)
+    with torch.inference_mode():
+        ours = decoder(torch.tensor([prompt]), cache, last_only=True)[0, -1]
+    for token in prompt:
+        expected = alone(decoder, token, copy_)
+    return ours, cache, expected, copy_
+
+
 def rows(decoders):
     return [d.step for d in decoders]
 
@@ -729,11 +740,7 @@ def test_with_amx_an_int8_prompt_is_read_in_c_token_by_token_exactly(amx_twins):
     (base, _), _ = amx_twins
     lib = amx_library()
     prompt = torch.randint(0, 321, (17,), generator=torch.Generator().manual_seed(5)).tolist()
-    cache, copy_ = base.new_cache(24), base.new_cache(24)
-    with torch.inference_mode():
-        ours = base(torch.tensor([prompt]), cache, last_only=True)[0, -1]
-    for token in prompt:
-        expected = alone(base, token, copy_)
+    ours, cache, expected, copy_ = read_and_one_at_a_time(base, prompt, 24)
     assert base.reads_prompts and torch.equal(ours, expected) and torch.equal(cache.k, copy_.k)
     try:
         native.use_amx(lib, False)
@@ -752,11 +759,7 @@ def test_an_int4_prompt_is_read_in_c_token_by_token_exactly(tiny_model, isa):
     pass): the same bits as decoding the prompt one token at a time."""
     int4 = c_decoder(tiny_model[0], isa, "int4")
     prompt = torch.randint(0, 1000, (13,), generator=torch.Generator().manual_seed(6)).tolist()
-    cache, copy_ = int4.new_cache(16), int4.new_cache(16)
-    with torch.inference_mode():
-        ours = int4(torch.tensor([prompt]), cache, last_only=True)[0, -1]
-    for token in prompt:
-        expected = alone(int4, token, copy_)
+    ours, cache, expected, copy_ = read_and_one_at_a_time(int4, prompt, 16)
     assert int4.reads_prompts and torch.equal(ours, expected)
     assert torch.equal(cache.k, copy_.k) and torch.equal(cache.v, copy_.v)
 
