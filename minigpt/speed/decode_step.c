@@ -665,10 +665,13 @@ static void forget_helpers(void) {
     pthread_cond_init(&pool.wake, NULL);
 }
 
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, forget_helpers); }
+
 /* Start helpers up to `wanted` (they live as long as the process); how many run. */
 static int start_helpers(int wanted) {
     if (wanted > MAX_HELPERS) wanted = MAX_HELPERS;
-    if (pool.started == 0) pthread_atfork(NULL, NULL, forget_helpers);
+    static pthread_once_t registered = PTHREAD_ONCE_INIT;
+    pthread_once(&registered, register_fork_handler);
     for (; pool.started < wanted; ++pool.started) {
         pthread_t thread;
         pthread_attr_t attributes;
@@ -681,8 +684,11 @@ static int start_helpers(int wanted) {
     return pool.started < wanted ? pool.started : wanted;
 }
 
-/* work(context, first, end) over items 0 .. items - 1 in chunks of `chunk`, on up to `threads` threads. */
-static void parallel_for(int64_t items, int64_t chunk, int threads, Work work, void *context) {
+/* work(context, first, end) over items 0 .. items - 1, on up to `threads` threads. The chunks: several per
+   thread, so a thread that is late leaves fewer items to the others, in runs of consecutive items (the
+   weight prefetch runs ahead into the thread's next items). */
+static void parallel_for(int64_t items, int threads, Work work, void *context) {
+    const int64_t chunks = 4 * (int64_t)threads, chunk = items < chunks ? 1 : (items + chunks - 1) / chunks;
     if (threads <= 1 || items <= chunk || pthread_mutex_trylock(&pool.caller)) {
         work(context, 0, items);
         return;
@@ -710,12 +716,6 @@ static void parallel_for(int64_t items, int64_t chunk, int threads, Work work, v
     pthread_mutex_unlock(&pool.caller);
 }
 
-/* Chunks for items spread over threads: several per thread, so a thread that is late leaves fewer items to
-   the others, in runs of consecutive items (the weight prefetch runs ahead into the thread's next items). */
-static int64_t chunk_for(int64_t items, int threads) {
-    const int64_t chunks = 4 * (int64_t)threads;
-    return items < chunks ? 1 : (items + chunks - 1) / chunks;
-}
 
 /* ---- Linears for a batch of rows -------------------------------------------------------------------- */
 
@@ -1074,8 +1074,8 @@ static void linear_rows(Batch *b, int64_t n, const float *x, int64_t x_stride, f
         const int amx = amx_wins(&group);
         const int64_t columns = l->cols / 64, block = amx ? AMX_ROWS : l->kind == KIND_FLOAT32 ? FLOAT_ROWS : ROWS;
         const int64_t blocks = (l->rows + block - 1) / block;
-        if (amx) parallel_for(columns, chunk_for(columns, threads), threads, pack_columns, (void *)&group);
-        parallel_for(blocks, chunk_for(blocks, threads), threads, amx ? amx_blocks : weight_blocks, (void *)&group);
+        if (amx) parallel_for(columns, threads, pack_columns, (void *)&group);
+        parallel_for(blocks, threads, amx ? amx_blocks : weight_blocks, (void *)&group);
     }
 }
 
@@ -1226,7 +1226,7 @@ int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens,
             }
         }
         const Attention attention = {l, H, C, positions, max_lens, qkv, k_caches, v_caches, scores, score_at, h};
-        parallel_for(n * H, chunk_for(n * H, threads), threads, attend_heads, (void *)&attention);
+        parallel_for(n * H, threads, attend_heads, (void *)&attention);
         block_linears(&b, models, n, l, offsetof(Block, attn_proj));
         linear_rows(&b, n, h, C, qkv, C, threads); /* qkv is free again: reuse it for the projection */
         for (int64_t r = 0; r < n; ++r) {
@@ -1238,7 +1238,7 @@ int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens,
         linear_rows(&b, n, h, C, ff, F, threads);
         /* tanhf: the one costly elementwise op (mlp_dim per row), so several rows share the threads */
         const Gelu gelu = {ff, F};
-        parallel_for(n, 1, threads, gelu_rows, (void *)&gelu);
+        parallel_for(n, threads, gelu_rows, (void *)&gelu);
         block_linears(&b, models, n, l, offsetof(Block, mlp_proj));
         linear_rows(&b, n, ff, F, h, C, threads);
         for (int64_t r = 0; r < n; ++r) add(x + r * C, h + r * C, C);

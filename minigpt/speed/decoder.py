@@ -4,8 +4,8 @@ Generation, the panels and the serving layer call a Decoder as they would call t
 (`decoder(idx, cache, last_only=...)`, `forward_with_attention`, `new_cache`). Batches without a cache
 and the attention path run through the model's PyTorch forward; a single new token after a cache goes
 through `step` when one was built for this model (the C decode step, native.py), and so does a prompt
-read into a cache where the C step reads prompts faster than PyTorch (int8 in AMX tiles: every prompt
-token then computed exactly as when decoded one at a time). Nothing else ever reaches into the model to
+read into a cache where the C step reads prompts faster than PyTorch (int8 in AMX tiles, and int4: every
+prompt token then computed exactly as when decoded one at a time). Nothing else ever reaches into the model to
 switch paths.
 
 step_rows decodes one token for each of several sequences at once (continuous batching): through one

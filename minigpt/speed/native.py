@@ -7,7 +7,7 @@ read and write the same KVCache. Build it on the final model: it holds pointers 
 as they are now. step_rows decodes one token for each of many sequences in one call (continuous
 batching): each weight matrix is read once for all the rows that use it, and each row's logits are
 bit for bit those of its own step alone. read_tokens reads several tokens of each sequence in one call
-(a prompt: one row per token), which int8 uses for prompts where AMX multiplies the rows.
+(a prompt: one row per token), which int8 uses for prompts where AMX multiplies the rows, and int4 always.
 
 The variant is picked from what the CPU reports (cpu_isas): avx512 or avx2 on x86-64, neon on
 aarch64, the portable C loop (generic) on any other x86-64. MINIGPT_ISA=avx512|avx2|neon|generic
