@@ -19,6 +19,7 @@ from .model import GPT
 from .json_output import JsonGrammar
 from .sampling import History, SamplingParams, filter_logits, sample
 from .speed.decoder import Decoder
+from .speed.logits import log_probs
 from .tokenizer import EOT
 
 Model = GPT | Decoder
@@ -250,11 +251,9 @@ def token_event(token: int, logits: torch.Tensor, decoder: StreamDecoder, eot_id
                 last: bool) -> TokenEvent:
     """The event of `token`, chosen over logits (vocab,): its text delta, raw log-prob and top_n
     alternatives; finished at EOS, at a stop string, or when it is the `last` of the budget."""
-    logprobs = logits.log_softmax(dim=-1)
-    top = torch.topk(logprobs, top_n)
+    logprob, top = log_probs(logits, token, top_n)
     text, hit_stop = decoder.push(token) if token != eot_id else ("", False)
     finish = "eos" if token == eot_id else "stop" if hit_stop else "length" if last else None
     if finish in ("eos", "length"):
         text += decoder.flush()
-    return TokenEvent(token, text, float(logprobs[token]), list(zip(top.indices.tolist(), top.values.tolist())),
-                      None, finish)
+    return TokenEvent(token, text, logprob, top, None, finish)

@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from .speed.logits import first_max
+
 MAX_PENALTY = 2.0  # presence and frequency penalties: -2 to 2, OpenAI's range
 MAX_BIAS = 100.0  # logit_bias values: -100 to 100, OpenAI's range
 MAX_REPETITION_PENALTY = 2.0  # repetition_penalty: above 0, at most 2 (1 = off; CTRL's paper used 1.2)
@@ -204,6 +206,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id per row of logits (..., vocab): argmax when greedy, else a draw from the filtered
     distribution. The stages that read a sequence need its history (and logits (vocab,))."""
     logits = filter_logits(logits, params, history)
-    if params.greedy:  # max's indices are argmax's (the first of equal maxima), in a third of its time on CPU
-        return logits.max(dim=-1, keepdim=True).indices
+    if params.greedy:
+        return first_max(logits)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)

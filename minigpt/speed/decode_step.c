@@ -39,7 +39,10 @@ One source, several instruction sets: native.py defines exactly one of MINIGPT_A
 (any CPU; the compiler vectorizes it as far as its baseline allows). Only the dot products (dot_rows,
 dot_rows4, float_dot_rows) differ between them; the avx512 variant adds the AMX kernel where the compiler
 targets AMX (native.py adds -mamx-int8 on CPUs reporting amx_int8) and Linux grants the tiles
-(minigpt_amx). MINIGPT_LIBMVEC: glibc's vectorized tanhf is there to link (x86-64 glibc).
+(minigpt_amx). MINIGPT_LIBMVEC: glibc's vectorized tanhf and expf are there to link (x86-64 glibc).
+
+The library also reads a row of logits for what follows a step (minigpt_top, minigpt_log_sum_exp at the
+end): the token a greedy sampler takes and the log-probs a token event reports.
 */
 #include <math.h>
 #include <stddef.h>
@@ -73,6 +76,8 @@ targets AMX (native.py adds -mamx-int8 on CPUs reporting amx_int8) and Linux gra
 /* glibc's libmvec has SIMD tanhf; math.h declares it only under -ffast-math, so we do. */
 #pragma omp declare simd notinbranch
 float tanhf(float);
+#pragma omp declare simd notinbranch
+float expf(float);
 #endif
 
 enum { KIND_FLOAT32, KIND_INT8, KIND_INT4 }; /* a Linear's weights */
@@ -1257,4 +1262,52 @@ int gpt2_step_rows(const Model *const *models, int64_t n, const int64_t *tokens,
 int gpt2_step(const Model *m, int64_t token, int64_t pos, float *k_cache, float *v_cache, int64_t max_len,
               float *logits, int threads) {
     return gpt2_step_rows(&m, 1, &token, &pos, &k_cache, &v_cache, &max_len, 0, logits, threads);
+}
+
+/* ---- Reading a row of logits ------------------------------------------------------------------------- */
+
+/* The k largest of x[0 .. n) in descending order into values, their indices into ids, equal values in index
+   order (ids[0] is the first of equal maxima, as argmax takes it); NaN is never taken. Returns how many were
+   found: k, or the number of values that are not NaN if fewer. One pass: a block of 64 is searched only when
+   its largest value beats the k-th best so far, which after the first blocks is rare. */
+int minigpt_top(const float *x, int64_t n, int k, int64_t *ids, float *values) {
+    int found = 0;
+    for (int64_t start = 0; start < n; start += 64) {
+        const int64_t end = start + 64 < n ? start + 64 : n;
+        float best = -INFINITY;
+        #pragma omp simd reduction(max : best)
+        for (int64_t i = start; i < end; ++i) best = x[i] > best ? x[i] : best;
+        if (found == k && !(best > values[k - 1])) continue;
+        for (int64_t i = start; i < end; ++i) {
+            const float v = x[i];
+            int at;
+            if (found < k && v == v)
+                at = found++;
+            else if (found == k && v > values[k - 1]) /* the last one drops out */
+                at = k - 1;
+            else
+                continue;
+            for (; at > 0 && values[at - 1] < v; --at) /* strictly: an equal value found earlier stays before */
+                values[at] = values[at - 1], ids[at] = ids[at - 1];
+            values[at] = v, ids[at] = i;
+        }
+    }
+    return found;
+}
+
+/* log_softmax(x) for x[0 .. n) at token, into *token_log_prob, and at the k (<= n) largest values, into ids and
+   values in minigpt_top's order; returns how many minigpt_top found. log_softmax(x) = (x - max) - log(sum of
+   exp(x - max)), as PyTorch computes it, but summed in double: PyTorch's float32 sum of GPT-2's 50,257 terms
+   is off by up to ~5e-6, the narrower variants' would be by more. */
+int minigpt_log_probs(const float *x, int64_t n, int64_t token, int k, float *token_log_prob, int64_t *ids,
+                      float *values) {
+    const int found = minigpt_top(x, n, k, ids, values);
+    const float max = found ? values[0] : NAN;
+    double sum = 0.0;
+    #pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += expf(x[i] - max);
+    const float log_sum = logf((float)sum);
+    *token_log_prob = (x[token] - max) - log_sum;
+    for (int j = 0; j < found; ++j) values[j] = (values[j] - max) - log_sum;
+    return found;
 }

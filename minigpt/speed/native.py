@@ -225,6 +225,12 @@ def _load(isa: str) -> ctypes.CDLL:
     lib.linear.restype = None  # one matrix-vector product alone, for bench/matmul.py
     lib.linear.argtypes = [ctypes.POINTER(LinearStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.minigpt_amx.restype, lib.minigpt_amx.argtypes = ctypes.c_int, [ctypes.c_int]
+    # minigpt_top(x, n, k, ids, values), minigpt_log_probs(x, n, token, k, token_log_prob, ids, values): logits.py
+    lib.minigpt_top.restype = ctypes.c_int
+    lib.minigpt_top.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.minigpt_log_probs.restype = ctypes.c_int
+    lib.minigpt_log_probs.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     use_amx(lib, not os.environ.get("MINIGPT_NO_AMX"))
     return lib
 
