@@ -8,7 +8,10 @@ and goes, their figures are measured under different loads. Here each round deco
 greedy tokens, for each of --precisions, with MiniGPT (the C step, variant as chosen or MINIGPT_ISA),
 MiniGPT with MINIGPT_ISA=avx2 (x86 with AVX2 only; not with --no-avx2), and llama.cpp's GGUF type of the
 same size (llama-bench -p 0: decode only): int4 vs q4_0 (made by llama-quantize), int8 vs q8_0, float32
-vs f32, one after the other, so every engine sees the same conditions; medians over the rounds. Same
+vs f32, one after the other, so every engine sees the same conditions; medians over the rounds.
+MiniGPT's figure is generate()'s: each token also gets its log-prob, top 5 and text. llama-bench only
+decodes (a token fed back, its logits never read); --step-loop adds MiniGPT's engines timed the same way:
+the model called on one token after the cache, greedy's token fed back, nothing else. Same
 random GPT-2 124M checkpoint for all (bench/llama_cpp.py writes and converts it). DIR as in python -m
 bench.llama_cpp. Prints a table and writes bench/results/interleaved-<date>.json.
 """
@@ -43,14 +46,32 @@ for n in (8, int(sys.argv[4])):  # warm-up, then the measured run
     times = [time.perf_counter() for _ in generate(model, tok, prompt, n, SamplingParams(temperature=0))]
 print((len(times) - 1) / (times[-1] - times[0]), getattr(model.step, "isa", "PyTorch"))
 """
+STEP_LOOP = r"""
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+from minigpt.inference import load_for_inference
+from minigpt.speed.logits import first_max
+model, _, tok = load_for_inference(sys.argv[1], device="cpu", precision=sys.argv[2])
+with torch.inference_mode():
+    for n in (8, int(sys.argv[4])):  # warm-up, then the measured run
+        cache = model.new_cache(32 + n)
+        logits = model(torch.arange(100, 132)[None], cache, last_only=True)[0, -1]
+        ids = torch.empty(1, 1, dtype=torch.long)
+        started = time.perf_counter()
+        for _ in range(n - 1):
+            logits = model(ids.fill_(int(first_max(logits))), cache, last_only=True)[0, -1]
+        elapsed = time.perf_counter() - started
+print((n - 1) / elapsed, getattr(model.step, "isa", "PyTorch"))
+"""
 
 
-def minigpt(folder: Path, precision: str, threads: int, tokens: int, isa: str | None = None) -> tuple[float, str]:
+def minigpt(folder: Path, precision: str, threads: int, tokens: int, isa: str | None = None,
+            script: str = MINIGPT) -> tuple[float, str]:
     env = os.environ.copy()
     env.pop("MINIGPT_ISA", None)
     if isa:
         env["MINIGPT_ISA"] = isa
-    out = subprocess.run([sys.executable, "-c", MINIGPT, str(folder), precision, str(threads), str(tokens)],
+    out = subprocess.run([sys.executable, "-c", script, str(folder), precision, str(threads), str(tokens)],
                          cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.split()
     return float(out[0]), out[1]
 
@@ -70,6 +91,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--precisions", default="int4,int8,float32", help=f"MiniGPT's, of {','.join(GGUF_TYPE)}")
     p.add_argument("--no-avx2", action="store_true", help="leave out MiniGPT's avx2 variant")
+    p.add_argument("--step-loop", action="store_true",
+                   help="also time MiniGPT's decoding alone, as llama-bench times llama.cpp's")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     llama_cpp = args.llama_cpp.expanduser().resolve()
@@ -88,6 +111,9 @@ def main() -> None:
             if not args.no_avx2:
                 engines[f"minigpt {precision} (MINIGPT_ISA=avx2)"] = partial(minigpt, folder, precision, args.threads,
                                                                              args.new_tokens, "avx2")
+            if args.step_loop:
+                engines[f"minigpt {precision}, step loop"] = partial(minigpt, folder, precision, args.threads,
+                                                                     args.new_tokens, script=STEP_LOOP)
             engines[f"llama.cpp {GGUF_TYPE[precision]}"] = partial(llama, llama_cpp, model, args.threads,
                                                                   args.new_tokens)
         for r in range(args.rounds):
