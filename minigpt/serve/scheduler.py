@@ -69,17 +69,15 @@ class Ticket:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
 
-    def put(self, item: Item) -> None:
-        """Called by the worker."""
+    def put(self, item: Item, wake: bool = True) -> None:
+        """Called by the worker. wake=False leaves an async consumer asleep until wake_all: a step's tokens
+        for many tickets then wake their event loop once, not once per ticket (each wake is a write to the
+        loop's pipe, and lends the GIL to the loop's thread while the worker waits to get it back)."""
         with self._lock:
             self._items.append(item)
             self._lock.notify()
-            loop, ready = self._loop, self._ready
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # the consumer's event loop has closed: nobody is listening
-                self.stop.set()
+        if wake:
+            wake_all([self])
 
     def __iter__(self) -> Iterator[Item]:
         while True:
@@ -107,6 +105,27 @@ class Ticket:
                 yield item
                 if isinstance(item, Done):
                     return
+
+
+def wake_all(tickets: list[Ticket]) -> None:
+    """Wake the async consumers of tickets: one call into each event loop they are awaited on."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Ticket]] = {}
+    for ticket in tickets:
+        with ticket._lock:
+            loop = ticket._loop
+        if loop is not None:
+            by_loop.setdefault(loop, []).append(ticket)
+    for loop, waiting in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_ready, waiting)
+        except RuntimeError:  # the consumers' event loop has closed: nobody is listening
+            for ticket in waiting:
+                ticket.stop.set()
+
+
+def _set_ready(tickets: list[Ticket]) -> None:
+    for ticket in tickets:
+        ticket._ready.set()
 
 
 @dataclass(eq=False)
@@ -289,7 +308,9 @@ class Scheduler:
             return
         for job, events in zip(jobs, results):
             for event in events:
-                job.ticket.put(event)
+                job.ticket.put(event, wake=False)
+        wake_all([job.ticket for job in jobs])
+        for job, events in zip(jobs, results):
             if events and events[-1].finish_reason is not None:
                 self._end(job, Done())
 

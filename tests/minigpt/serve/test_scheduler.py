@@ -11,7 +11,7 @@ from minigpt.generation import TokenEvent, generate
 from minigpt.sampling import SamplingParams
 from minigpt.serve.conversation import BASE, Prompt, read_request
 from minigpt.serve.engine import Engine
-from minigpt.serve.scheduler import Done, Queued, Scheduler, ServerBusy, Started, StreamJob, Task, Ticket
+from minigpt.serve.scheduler import Done, Queued, Scheduler, ServerBusy, Started, StreamJob, Task, Ticket, wake_all
 from minigpt.speed.decoder import as_decoder
 from tests.helpers import run_async
 
@@ -28,10 +28,10 @@ class Log:
         log = self
 
         class Logged(Ticket):
-            def put(self, item):
+            def put(self, item, wake=True):
                 with log.lock:
                     log.items.append((name, item))
-                super().put(item)
+                super().put(item, wake)
         return Logged()
 
     def of(self, name):
@@ -161,6 +161,31 @@ def test_async_consumers_wait_without_threads(tiny):
     assert threads == before  # 200 requests waiting, not one thread more
     assert all(isinstance(r[-1], Done) and sum(isinstance(i, TokenEvent) for i in r) == 2 for r in results)
     assert all(any(isinstance(i, Started) for i in r) for r in results)
+
+
+def test_a_steps_tokens_wake_their_event_loop_once():
+    """Tokens put without waking reach nobody until wake_all, which calls into the consumers' loop once for
+    all their tickets (a write to its pipe and a GIL hand-over each, where there was one per ticket)."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    tickets = [Ticket() for _ in range(3)]
+
+    async def consume(ticket):
+        return [item async for item in ticket]
+    consumers = [asyncio.run_coroutine_threadsafe(consume(t), loop) for t in tickets]
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0.05), loop).result(5)  # each consumer is awaiting now
+    calls, call = [], loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *args: (calls.append(args), call(*args))[1]
+    try:
+        for ticket in tickets:
+            ticket.put(Done(), wake=False)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.05), loop).result(5)
+        assert calls[1:] == [] and not any(c.done() for c in consumers)  # (calls[0]: the sleep's)
+        wake_all(tickets)
+        assert [c.result(5) for c in consumers] == [[Done()]] * 3
+        assert len(calls) == 2  # the sleep's, and one wake for the three
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
 
 
 def test_replies_through_the_engine_equal_replies_alone(tiny_model):
