@@ -309,10 +309,9 @@ class Scheduler:
         for job, events in zip(jobs, results):
             for event in events:
                 job.ticket.put(event, wake=False)
-        wake_all([job.ticket for job in jobs])
-        for job, events in zip(jobs, results):
             if events and events[-1].finish_reason is not None:
-                self._end(job, Done())
+                self._end(job, Done())  # its Done wakes its consumer, the events before it included
+        wake_all([job.ticket for job in jobs])
 
 
 def _result(done: Done) -> Any:

@@ -41,7 +41,7 @@ dot_rows4, float_dot_rows) differ between them; the avx512 variant adds the AMX 
 targets AMX (native.py adds -mamx-int8 on CPUs reporting amx_int8) and Linux grants the tiles
 (minigpt_amx). MINIGPT_LIBMVEC: glibc's vectorized tanhf and expf are there to link (x86-64 glibc).
 
-The library also reads a row of logits for what follows a step (minigpt_top, minigpt_log_sum_exp at the
+The library also reads a row of logits for what follows a step (minigpt_top, minigpt_log_probs at the
 end): the token a greedy sampler takes and the log-probs a token event reports.
 */
 #include <math.h>
@@ -720,7 +720,6 @@ static void parallel_for(int64_t items, int threads, Work work, void *context) {
     }
     pthread_mutex_unlock(&pool.caller);
 }
-
 
 /* ---- Linears for a batch of rows -------------------------------------------------------------------- */
 

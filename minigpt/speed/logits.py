@@ -38,12 +38,12 @@ def first_max(logits: torch.Tensor) -> torch.Tensor:
     """The index of the largest logit of each row of logits (..., vocab), the first of equal maxima, as a
     tensor (..., 1): argmax's choice, faster."""
     lib = _in_c(logits)
-    if lib is None:  # max's indices are argmax's, in a third of its time on CPU
-        return logits.max(dim=-1, keepdim=True).indices
-    index, value = torch.empty(1, dtype=torch.int64), ctypes.c_float()
-    if not lib.minigpt_top(logits.data_ptr(), logits.numel(), 1, index.data_ptr(), ctypes.byref(value)):
-        return logits.max(dim=-1, keepdim=True).indices  # every logit NaN: as PyTorch answers it
-    return index
+    if lib is not None:
+        index = torch.empty(1, dtype=torch.int64)
+        if lib.minigpt_top(logits.data_ptr(), logits.numel(), 1, index.data_ptr(), ctypes.byref(ctypes.c_float())):
+            return index
+    # elsewhere, or every logit NaN: max's indices are argmax's, in a third of its time on CPU
+    return logits.max(dim=-1, keepdim=True).indices
 
 
 def log_probs(logits: torch.Tensor, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
@@ -60,4 +60,5 @@ def log_probs(logits: torch.Tensor, token: int, top_n: int) -> tuple[float, list
     k = max(top_n, 1)  # the maximum is needed even when no alternatives are
     ids, values, chosen = (ctypes.c_int64 * k)(), (ctypes.c_float * k)(), ctypes.c_float()
     found = lib.minigpt_log_probs(logits.data_ptr(), logits.numel(), token, k, ctypes.byref(chosen), ids, values)
-    return chosen.value, list(zip(ids[:min(found, top_n)], values[:min(found, top_n)]))
+    kept = min(found, top_n)
+    return chosen.value, list(zip(ids[:kept], values[:kept]))
