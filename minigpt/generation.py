@@ -17,7 +17,7 @@ import torch
 
 from .model import GPT
 from .json_output import JsonGrammar
-from .sampling import History, SamplingParams, filter_logits, sample
+from .sampling import History, SamplingParams, draw, filter_logits, sample
 from .speed.decoder import Decoder
 from .speed.logits import log_probs
 from .tokenizer import EOT
@@ -169,7 +169,7 @@ def _speculative(model: Model, draft: Model, cache, prompt: list[int], budget: i
                 proposed.append(int(q_logits.argmax()))
             else:
                 draft_probs.append(filter_logits(q_logits, params).softmax(dim=-1))
-                proposed.append(int(torch.multinomial(draft_probs[-1], 1, generator=generator)))
+                proposed.append(int(draw(draft_probs[-1], generator)))
         logits, attentions = _forward(model, torch.tensor([tokens[-1:] + proposed], device=device), cache,
                                       with_attention, last_only=False)
         n, token = _accept(logits, proposed, draft_probs, params, generator)
@@ -190,8 +190,8 @@ def _accept(logits: torch.Tensor, proposed: list[int], draft_probs: list[torch.T
     for i, (x, q) in enumerate(zip(proposed, draft_probs)):
         if torch.rand((), device=p.device, generator=generator) * q[x] >= p[i, x]:  # rejected
             residual = (p[i] - q).clamp(min=0)
-            return i, int(torch.multinomial(residual if residual.sum() > 0 else p[i], 1, generator=generator))
-    return len(proposed), int(torch.multinomial(p[-1], 1, generator=generator))
+            return i, int(draw(residual if residual.sum() > 0 else p[i], generator))
+    return len(proposed), int(draw(p[-1], generator))
 
 
 @torch.inference_mode()

@@ -208,4 +208,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = filter_logits(logits, params, history)
     if params.greedy:
         return first_max(logits)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+    return draw(logits.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of probs (..., n), shape (..., 1): index i with probability probs[i] / sum(probs).
+    Inverse transform sampling: the first index whose running sum (in float64) passes one uniform draw
+    times the total. One random number a row, where torch.multinomial draws an exponential for every
+    token of the row (1 ms for GPT-2's 50,257 on a CPU, a third of a decode step)."""
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    u = torch.rand((*probs.shape[:-1], 1), dtype=torch.float64, device=probs.device, generator=generator)
+    # u < 1, so u * total < total (float32's values are normal doubles): some running sum passes it, and the
+    # first to pass it belongs to a token of probability > 0 (a token of probability 0 adds nothing).
+    return torch.searchsorted(cdf, u * cdf[..., -1:], right=True)

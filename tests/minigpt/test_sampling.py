@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minigpt.sampling import History, SamplingParams, filter_logits, filter_stages, sample
+from minigpt.sampling import History, SamplingParams, draw, filter_logits, filter_stages, sample
 
 PROBS = torch.tensor([0.05, 0.40, 0.10, 0.25, 0.20])  # sorted: idx 1 (.40), 3 (.25), 4 (.20), 2 (.10), 0 (.05)
 LOGITS = PROBS.log()
@@ -106,6 +106,22 @@ def test_same_seed_same_draws():
     c = sample(LOGITS.expand(50, 5), params, torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
+
+
+def test_draw_takes_each_index_as_often_as_its_probability_and_never_one_of_probability_0():
+    """Two rows of their own (not normalised; zeros first, between and last) in one call: each index's
+    frequency within 5 standard errors of probs / sum, and a 0 never drawn."""
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0],
+                          [3.0, 0.0, 1.0, 0.0, 0.0, 4.0]])
+    n = 20_000
+    draws = draw(probs.repeat(n, 1), torch.Generator().manual_seed(3))
+    assert draws.shape == (2 * n, 1) and draw(probs[0]).shape == (1,)
+    for row, p in zip(draws.view(n, 2).T, probs):
+        expected = (p / p.sum()).double()
+        freq = torch.bincount(row, minlength=6).double() / n
+        se = (expected * (1 - expected) / n).sqrt()
+        assert ((freq - expected).abs() <= 5 * se).all(), (freq, expected)
+        assert freq[expected == 0].sum() == 0
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-0.1), "temperature"),
