@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from .speed.logits import first_max
+from .speed.logits import first_max, top_k_ids
 
 MAX_PENALTY = 2.0  # presence and frequency penalties: -2 to 2, OpenAI's range
 MAX_BIAS = 100.0  # logit_bias values: -100 to 100, OpenAI's range
@@ -160,10 +160,13 @@ def filter_stages(logits: torch.Tensor, params: SamplingParams,
     logits (vocab,). The last stage is what sample() draws from (after a softmax), or takes the argmax of
     when greedy (which has no warper stages). The chat's sampling panel shows these same tensors."""
     stages = [("raw", logits), *history_stages(logits, params, history)]
-    logits = stages[-1][1]
-    if params.greedy:
-        return stages
-    best = logits.argmax(dim=-1, keepdim=True)  # the most likely token survives every filter below
+    return stages if params.greedy else stages + warper_stages(stages[-1][1], params)
+
+
+def warper_stages(logits: torch.Tensor, params: SamplingParams) -> list[tuple[str, torch.Tensor]]:
+    """The warpers' stages on logits (..., vocab): temperature, then top-k, top-p and min-p where they are on."""
+    stages = []
+    best = first_max(logits)  # the most likely token survives every filter below
     # top-k is chosen on the unscaled logits: the same set (temperature keeps the order), without the
     # ties that dividing by a huge temperature would round distinct logits into.
     outside_top_k = None
@@ -205,10 +208,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
            history: History | None = None) -> torch.Tensor:
     """One token id per row of logits (..., vocab): argmax when greedy, else a draw from the filtered
     distribution. The stages that read a sequence need its history (and logits (vocab,))."""
-    logits = filter_logits(logits, params, history)
+    logits = (history_stages(logits, params, history) or [("raw", logits)])[-1][1]
     if params.greedy:
         return first_max(logits)
-    return draw(logits.softmax(dim=-1), generator)
+    if params.top_k and params.top_k < logits.size(-1) and logits.dim() == 1:
+        # Every warper after top-k reads only the tokens it keeps: on those alone (tens of values instead of
+        # 50,257) they give the same numbers, in a fifth of the time.
+        ids = top_k_ids(logits, params.top_k)
+        return ids[draw(warper_stages(logits[ids], params)[-1][1].softmax(dim=-1), generator)]
+    return draw(warper_stages(logits, params)[-1][1].softmax(dim=-1), generator)
+
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """What a step's logits are read for, in C where they are a CPU float32 row: the token greedy sampling takes,
-and a token's log-prob with the top N alternatives (a TokenEvent's).
+the tokens top-k keeps, and a token's log-prob with the top N alternatives (a TokenEvent's).
 
 PyTorch's max, log_softmax and topk over GPT-2's 50,257 logits took about 0.25 ms of each token in generation,
 next to about 2.9 ms for an int4 GPT-2 124M step (docs/speed.md). decode_step.c reads the row in the calling
@@ -44,6 +44,18 @@ def first_max(logits: torch.Tensor) -> torch.Tensor:
             return index
     # elsewhere, or every logit NaN: max's indices are argmax's, in a third of its time on CPU
     return logits.max(dim=-1, keepdim=True).indices
+
+
+def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids of the logits (vocab,) that top-k keeps, in id order: those at least as large as the k-th
+    largest (more than k where others tie with it)."""
+    lib = _in_c(logits)
+    if lib is not None and k < logits.numel():
+        ids, values = torch.empty(k + 1, dtype=torch.int64), torch.empty(k + 1)
+        found = lib.minigpt_top(logits.data_ptr(), logits.numel(), k + 1, ids.data_ptr(), values.data_ptr())
+        if found == k + 1 and values[k] < values[k - 1]:  # the k-th ties with no other: exactly these k
+            return ids[:k].sort().values
+    return (logits >= torch.topk(logits, k).values[-1]).nonzero().flatten()
 
 
 def log_probs(logits: torch.Tensor, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:

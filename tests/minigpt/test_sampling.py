@@ -123,6 +123,22 @@ def test_draw_takes_each_index_as_often_as_its_probability_and_never_one_of_prob
         assert ((freq - expected).abs() <= 5 * se).all(), (freq, expected)
         assert freq[expected == 0].sum() == 0
 
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=40, top_p=0.95),
+                                    SamplingParams(temperature=1.3, top_k=200, min_p=0.05),
+                                    SamplingParams(temperature=0.5, top_k=3)])
+def test_a_row_draws_what_the_full_pipeline_gives(params):
+    """With top-k on, sample() runs the warpers on the tokens top-k keeps only: seed for seed, the same tokens
+    as a draw from filter_logits' whole row (the sampling panel's last stage); a tie at the k-th value too."""
+    row = torch.randn(50257, generator=torch.Generator().manual_seed(4)) * 3
+    tied = row.clone()
+    tied[[10, 20, 30, 40]] = row.max() + 1  # four at the top: top_k=3 keeps them all
+    for logits in row, tied:
+        full = filter_logits(logits, params).softmax(dim=-1)
+        for seed in range(200):
+            assert int(sample(logits, params, torch.Generator().manual_seed(seed))) \
+                == int(draw(full, torch.Generator().manual_seed(seed))), seed
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-0.1), "temperature"),
     (dict(temperature=float("nan")), "temperature"),

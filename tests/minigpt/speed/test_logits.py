@@ -60,6 +60,27 @@ def test_the_first_max_is_argmax(in_c):
         assert reading.first_max(row).tolist() == [int(row.argmax())]
 
 
+
+def kept_by_top_k(row: torch.Tensor, k: int) -> list[int]:
+    """What the sampler's top-k stage keeps of a row (sampling.warper_stages): all not below the k-th largest."""
+    return (row >= torch.topk(row, k).values[-1]).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_top_k_ids_are_what_the_top_k_stage_keeps(in_c, k):
+    """The rows above, and a row whose k-th largest value ties with others below it: all of them are kept."""
+    tied = torch.randn(VOCAB)
+    tied[[5, 60, 7000, 50256]] = 100.0
+    tied[[9, 33000, 40000]] = 50.0  # the largest after the four above: k = 1 or 3 cuts inside one tie
+    for row in [*rows(), tied]:
+        if k < row.numel():
+            assert reading.top_k_ids(row, k).tolist() == kept_by_top_k(row, k)
+
+
+def test_top_k_ids_without_the_library(in_pytorch):
+    row = rows()[0]
+    assert reading.top_k_ids(row, 40).tolist() == kept_by_top_k(row, 40)
+
 def test_nan_is_never_taken(in_c):
     row = torch.randn(VOCAB)
     row[[0, 100, 4000]] = float("nan")
