@@ -208,6 +208,7 @@ class Scheduler:
                     admitted, task = self._admit()
             for job in admitted:
                 self._start(job)
+            wake_all([job.ticket for job in admitted])
             if task is not None:
                 task.ticket.put(Started())
                 try:
@@ -243,10 +244,11 @@ class Scheduler:
 
     def _tell_places(self) -> None:
         for ahead, job in enumerate(self.waiting):
-            job.ticket.put(Queued(ahead))
+            job.ticket.put(Queued(ahead), wake=False)
+        wake_all([job.ticket for job in self.waiting])
 
     def _start(self, job: StreamJob) -> None:
-        job.ticket.put(Started())
+        job.ticket.put(Started(), wake=False)  # serve() wakes the admitted jobs' consumers together
         try:
             made = job.make()
         except Exception as e:  # noqa: BLE001
