@@ -10,7 +10,8 @@ For each precision and client count N it starts `python app.py --model CKPT --no
 -c N*ctx -t THREADS --cont-batching` (f32 GGUF for float32, q8_0 for int8; ctx = prompt + new tokens
 rounded up to 256), then N threads of the official openai client each stream one /v1/completions
 request at once: the same prompt of exactly --prompt-tokens GPT-2 tokens, --new-tokens new tokens,
-temperature 0. llama-server gets `ignore_eos` (all --new-tokens come) and `cache_prompt: false` (each
+greedy (temperature 0), or with --sampling chat the chat's default settings (temperature 0.7, top-k 40,
+top-p 0.95; each stream then draws its own tokens, so the servers' texts differ). llama-server gets `ignore_eos` (all --new-tokens come) and `cache_prompt: false` (each
 request prefills its prompt, as MiniGPT does); MiniGPT's API has no way to ignore the end-of-text
 token, so a stream may stop early: token counts are the server's usage figures and rates use them.
 A warm-up round of short requests precedes the measured rounds; each configuration runs --rounds
@@ -75,6 +76,8 @@ PROMPT_TEXT = ("The old lighthouse keeper climbed the winding stairs every eveni
                "on the railing before flying south for the winter.")
 MIN_STREAMS = 5  # streams per configuration at least, so TTFT percentiles mean something
 WARM_UP_TOKENS = 4
+SAMPLING = {"greedy": {"temperature": 0},  # sent in each request's body (top_k is not an OpenAI parameter)
+            "chat": {"temperature": 0.7, "top_k": 40, "top_p": 0.95}}
 
 
 class Failure(Exception):
@@ -116,8 +119,7 @@ def stream_one(client: openai.OpenAI, prompt: str, new_tokens: int, extra_body: 
     sent = time.perf_counter()
     first = last = finish = usage = None
     for chunk in client.completions.create(model="minigpt-base", prompt=prompt, max_tokens=new_tokens, stream=True,
-                                           temperature=0, stream_options={"include_usage": True},
-                                           extra_body=extra_body):
+                                           stream_options={"include_usage": True}, extra_body=extra_body):
         now = time.perf_counter()
         if chunk.choices:
             choice = chunk.choices[0]
@@ -338,11 +340,12 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 raise Failure(f"convert_hf_to_gguf.py failed: {last[0] if last else e}") from None
             extra = llama_server_args(llama_cpp, gguf, args.threads, ctx, work / f"llama-server-{precision}.log")
         wait_for_quiet(args.max_load)
+        sampling = SAMPLING[args.sampling]
         for clients in args.clients:
-            engines = [("minigpt", {}, partial(minigpt_server, args.app, checkpoint, precision, clients, args.threads,
+            engines = [("minigpt", sampling, partial(minigpt_server, args.app, checkpoint, precision, clients, args.threads,
                                                work / f"app-{precision}-{clients}.log"))]
             if gguf:
-                engines.append(("llama-server", {"ignore_eos": True, "cache_prompt": False},
+                engines.append(("llama-server", {**sampling, "ignore_eos": True, "cache_prompt": False},
                                 partial(llama_server, llama_cpp, gguf, clients, args.threads, ctx,
                                         work / f"llama-server-{precision}-{clients}.log", extra)))
             for engine, extra_body, server in engines:
@@ -370,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="compute threads of each server")
+    p.add_argument("--sampling", choices=SAMPLING, default="greedy",
+                   help="greedy, or the chat's default sampling (temperature 0.7, top-k 40, top-p 0.95)")
     p.add_argument("--rounds", type=int, default=2,
                    help=f"measured rounds per configuration (more with few clients: {MIN_STREAMS} streams at least)")
     p.add_argument("--max-load", type=float, default=1.5, help="wait while the 1-minute load is above this")
@@ -405,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shutil.rmtree(work)
 
-    print(f"\n{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, temperature 0, {args.threads} threads")
+    print(f"\n{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, {args.sampling}, {args.threads} threads")
     print(table(result["runs"]))
     for line in checks(result["runs"]):
         print(line)
@@ -421,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "-m", "bench.serving", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {"model": "random gpt2 124M", "clients": args.clients, "precisions": args.precisions,
                      "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads,
-                     "rounds": args.rounds, "min_streams": MIN_STREAMS, "app": str(args.app)},
+                     "rounds": args.rounds, "min_streams": MIN_STREAMS, "app": str(args.app),
+                     "sampling": SAMPLING[args.sampling]},
         **result, "checks": checks(result["runs"]),
     }, indent=2))
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
