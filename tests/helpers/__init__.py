@@ -1,5 +1,6 @@
 """Test helpers shared by the tests and bench/: tiny Hub-layout checkpoints, a running app."""
 import signal
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root
@@ -32,3 +33,14 @@ def interruptible() -> None:
     (`&`, nohup, some CI runners) ignores SIGINT, children inherit that, and Python then installs no
     KeyboardInterrupt handler: the child would never see the Ctrl-C, and the test would wait out its timeout."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_all(env: dict, *commands: list[str] | tuple[dict, list[str]]) -> list[subprocess.CompletedProcess]:
+    """Run the commands side by side in the repository and return their results. Each is a new Python that
+    imports torch (about 1.5 s of one core): side by side they use both cores, and their waits overlap.
+    A command may come with its own environment: (env, command)."""
+    commands = [c if isinstance(c, tuple) else (env, c) for c in commands]
+    procs = [subprocess.Popen(c, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for e, c in commands]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]

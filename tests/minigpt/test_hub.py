@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_all
 from tests.helpers.app_server import make_adapter
 from tests.helpers.checkpoints import make_checkpoint
 from tests.helpers.hub_server import FakeHub, Fault
@@ -57,16 +57,6 @@ def generate_cmd(*args: str) -> list[str]:
 def train_cmd(hub: FakeHub, out: Path, data: str = f"{DATASET}/{DATA_FILE}") -> list[str]:
     return [*QUICK_RETRIES, "lora.train", "--model", str(hub.model_folder), "--data", data, "--out", str(out),
             "--device", "cpu", "--max-steps", "1", "--batch-size", "1", "--max-len", "64", "--val-fraction", "0"]
-
-
-def run_all(env: dict, *commands: list[str] | tuple[dict, list[str]]) -> list[subprocess.CompletedProcess]:
-    """Run the commands side by side (their waits on the network overlap) and return their results.
-    A command may come with its own environment: (env, command)."""
-    commands = [c if isinstance(c, tuple) else (env, c) for c in commands]
-    procs = [subprocess.Popen(c, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for e, c in commands]
-    outputs = [p.communicate(timeout=180) for p in procs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
 def generate(env: dict, *args: str) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt import CheckpointError, load_pretrained
 from tests.helpers import REPO as ROOT
+from tests.helpers import run_all
 
 
 @pytest.fixture
@@ -153,23 +154,36 @@ def test_cli_interactive_mode(tiny_checkpoint):
     assert run.stdout.count("> ") == 3 and len(run.stdout.splitlines()) >= 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "nobody-here/no-such-gpt2"], "neither a local folder nor in the Hugging Face cache"),
-    (["--model", "{ckpt}", "--temperature", "-1"], "--temperature must be"),
-    (["--model", "{ckpt}", "--top-p", "0"], "--top-p must be"),
-    (["--model", "{ckpt}", "--max-new-tokens", "0"], "--max-new-tokens must be"),
-    (["--model", "{ckpt}", "--seed", "-1"], "--seed must be"),
-    (["--model", "{ckpt}", "--lora-scale", "0.5"], "--lora-scale scales an adapter"),
-    (["--model", "{ckpt}", "--dtype", "int8", "--speculative"], "already int8"),
-    (["--model", "{ckpt}", "--precision", "int4", "--speculative"], "already int8 or int4"),
-])
-def test_cli_errors_are_one_line_without_traceback(tmp_path, checkpoint, args, message):
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    run = cli(*[a.format(ckpt=checkpoint) for a in args], env=env)
-    assert run.returncode == 2
-    assert "Traceback" not in run.stderr
+CLI_ERRORS = {  # a command line after --model ({ckpt}: a tiny checkpoint), and what its one error line says
+    ("nobody-here/no-such-gpt2",): "neither a local folder nor in the Hugging Face cache",
+    ("{ckpt}", "--temperature", "-1"): "--temperature must be",
+    ("{ckpt}", "--top-p", "0"): "--top-p must be",
+    ("{ckpt}", "--max-new-tokens", "0"): "--max-new-tokens must be",
+    ("{ckpt}", "--seed", "-1"): "--seed must be",
+    ("{ckpt}", "--lora-scale", "0.5"): "--lora-scale scales an adapter",
+    ("{ckpt}", "--dtype", "int8", "--speculative"): "already int8",
+    ("{ckpt}", "--precision", "int4", "--speculative"): "already int8 or int4",
+    ("{ckpt}", "--device", "gpu"): "error: unknown device 'gpu': use cuda, mps or cpu",
+    **({} if torch.cuda.is_available() else {("{ckpt}", "--device", "cuda"): "error: device 'cuda': CUDA is not "
+                                                                             "available here"}),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_errors(tmp_path_factory, tiny_checkpoint) -> dict[tuple, subprocess.CompletedProcess]:
+    """Every command line of CLI_ERRORS, run side by side once."""
+    env = {**os.environ, "HF_HOME": str(tmp_path_factory.mktemp("hf")), "HF_HUB_OFFLINE": "1"}
+    runs = run_all(env, *([sys.executable, "-m", "minigpt.generate", "--model",
+                           *[a.format(ckpt=tiny_checkpoint[0]) for a in args]] for args in CLI_ERRORS))
+    return dict(zip(CLI_ERRORS, runs))
+
+
+@pytest.mark.parametrize("args", CLI_ERRORS, ids=" ".join)
+def test_cli_errors_are_one_line_without_traceback(cli_errors, args):
+    run = cli_errors[args]
+    assert run.returncode == 2 and "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and CLI_ERRORS[args] in lines[0], run.stderr
 
 
 def test_cli_reports_a_broken_checkpoint(checkpoint):
@@ -222,15 +236,6 @@ def test_a_bad_config_is_refused_before_anything_is_built(checkpoint, edit, mess
     (checkpoint / "config.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
     with pytest.raises(CheckpointError, match=f"bad .*config.json: .*{re.escape(message)}"):
         load_pretrained(checkpoint, device="cpu")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-@pytest.mark.parametrize("device, message", [("cuda", "error: device 'cuda': CUDA is not available here"),
-                                             ("gpu", "error: unknown device 'gpu': use cuda, mps or cpu")])
-def test_cli_refuses_an_unusable_device_in_one_line(tiny_checkpoint, device, message):
-    run = cli("--model", str(tiny_checkpoint[0]), "--device", device)
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith(message)
 
 
 def test_interactive_mode_has_line_editing(tiny_checkpoint, monkeypatch, capsys):
