@@ -18,7 +18,7 @@ from minigpt.serve import app, launch
 from lora.train import main as train_main
 from minigpt.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from minigpt.train_state import STATE_FILE, load_state
-from tests.helpers import REPO, interruptible
+from tests.helpers import REPO, interruptible, run_all
 from tests.helpers.app_server import free_port, make_adapter
 from tests.helpers.checkpoints import make_checkpoint
 
@@ -89,18 +89,24 @@ def test_a_broken_adapter_stops_the_app_with_one_specific_line(parts, tmp_path, 
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
-def run_app(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "app.py", *args, "--device", "cpu", "--port", str(free_port())], cwd=REPO,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+UNCACHED = {"model": ["--model", "someone/gpt2-not-cached"],
+            "adapter": ["--model", "{model}", "--adapter", "someone/lora-not-cached"]}
 
 
-@pytest.mark.parametrize("which", ["model", "adapter"])
-def test_hub_unreachable_with_an_empty_cache_exits_with_one_line(parts, tmp_path, which):
-    """A real `python app.py`, online mode, the Hub endpoint a closed loopback port, an empty HF_HOME."""
-    env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
-    args = ["--model", "someone/gpt2-not-cached"] if which == "model" else \
-        ["--model", str(parts[0]), "--adapter", "someone/lora-not-cached"]
-    run = run_app(args, env)
+@pytest.fixture(scope="module")
+def hub_unreachable(parts, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """A real `python app.py` for each of UNCACHED, side by side: online mode, the Hub endpoint a closed
+    loopback port, an empty HF_HOME."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path_factory.mktemp("hf")),
+           "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    runs = run_all(env, *([sys.executable, "app.py", *[a.format(model=parts[0]) for a in args], "--device", "cpu",
+                           "--port", str(free_port())] for args in UNCACHED.values()))
+    return dict(zip(UNCACHED, runs))
+
+
+@pytest.mark.parametrize("which", UNCACHED)
+def test_hub_unreachable_with_an_empty_cache_exits_with_one_line(hub_unreachable, which):
+    run = hub_unreachable[which]
     assert run.returncode == 2 and "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not-cached" in lines[0]
