@@ -11,9 +11,10 @@ For each precision and client count N it starts `python app.py --model CKPT --no
 rounded up to 256), then N threads of the official openai client each stream one /v1/completions
 request at once: the same prompt of exactly --prompt-tokens GPT-2 tokens, --new-tokens new tokens,
 greedy (temperature 0), or with --sampling chat the chat's default settings (temperature 0.7, top-k 40,
-top-p 0.95; each stream then draws its own tokens, so the servers' texts differ). llama-server gets `ignore_eos` (all --new-tokens come) and `cache_prompt: false` (each
-request prefills its prompt, as MiniGPT does); MiniGPT's API has no way to ignore the end-of-text
-token, so a stream may stop early: token counts are the server's usage figures and rates use them.
+top-p 0.95; each stream then draws its own tokens, so the servers' texts differ). llama-server gets
+`ignore_eos` (all --new-tokens come) and `cache_prompt: false` (each request prefills its prompt, as
+MiniGPT does); MiniGPT's API has no way to ignore the end-of-text token, so a stream may stop early:
+token counts are the server's usage figures and rates use them.
 A warm-up round of short requests precedes the measured rounds; each configuration runs --rounds
 rounds, and more with few clients so there are at least 5 streams for the time-to-first-token figures.
 
@@ -342,8 +343,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         wait_for_quiet(args.max_load)
         sampling = SAMPLING[args.sampling]
         for clients in args.clients:
-            engines = [("minigpt", sampling, partial(minigpt_server, args.app, checkpoint, precision, clients, args.threads,
-                                               work / f"app-{precision}-{clients}.log"))]
+            engines = [("minigpt", sampling, partial(minigpt_server, args.app, checkpoint, precision, clients,
+                                                     args.threads, work / f"app-{precision}-{clients}.log"))]
             if gguf:
                 engines.append(("llama-server", {**sampling, "ignore_eos": True, "cache_prompt": False},
                                 partial(llama_server, llama_cpp, gguf, clients, args.threads, ctx,

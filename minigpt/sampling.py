@@ -208,7 +208,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
            history: History | None = None) -> torch.Tensor:
     """One token id per row of logits (..., vocab): argmax when greedy, else a draw from the filtered
     distribution. The stages that read a sequence need its history (and logits (vocab,))."""
-    logits = (history_stages(logits, params, history) or [("raw", logits)])[-1][1]
+    stages = history_stages(logits, params, history)
+    logits = stages[-1][1] if stages else logits
     if params.greedy:
         return first_max(logits)
     if params.top_k and params.top_k < logits.size(-1) and logits.dim() == 1:
@@ -217,7 +218,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         ids = top_k_ids(logits, params.top_k)
         return ids[draw(warper_stages(logits[ids], params)[-1][1].softmax(dim=-1), generator)]
     return draw(warper_stages(logits, params)[-1][1].softmax(dim=-1), generator)
-
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
