@@ -153,8 +153,6 @@ def build(isa: str, folder: Path | None = None) -> Path:
     flags = [*FLAGS, *ISA_FLAGS[isa]]
     if isa == "avx512" and "avx512_vnni" in cpu_features():
         flags.append("-mavx512vnni")  # vpdpwssd: the multiply and the add in one instruction
-    if isa == "avx512" and "amx_int8" in cpu_features() and compiler_accepts(compiler, *AMX_FLAGS):
-        flags += AMX_FLAGS  # batched int8 rows in AMX tiles, where Linux grants them
     libs = ["-lm"]
     if platform.machine().lower() in X86 and platform.libc_ver()[0] == "glibc":
         flags, libs = [*flags, "-DMINIGPT_LIBMVEC"], ["-lmvec", "-lm"]  # glibc's vectorized tanhf
@@ -164,6 +162,11 @@ def build(isa: str, folder: Path | None = None) -> Path:
     target = folder / f"decode_step-{isa}-{key}.so"
     if target.exists():
         return target
+    # Batched int8 rows in AMX tiles, where Linux grants them. Decided here, not in the key: the compiler's
+    # answer follows from its name and the CPU's features, which the key holds, and asking it (a compile)
+    # took half a second of every start that loads the library.
+    if isa == "avx512" and "amx_int8" in cpu_features() and compiler_accepts(compiler, *AMX_FLAGS):
+        flags += AMX_FLAGS
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so.partial", dir=folder)
