@@ -145,12 +145,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, initialise: bool = True):
+        """initialise=False leaves the embeddings empty, for a model whose weights are read next: PyTorch's
+        random normal_ on the meta device imports torch._dynamo, 2.3 s of every start that loads a checkpoint."""
         super().__init__()
         self.config = config
+        embedding = nn.Embedding if initialise else \
+            lambda n, width: nn.Embedding.from_pretrained(torch.empty(n, width), freeze=False)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            wte=embedding(config.vocab_size, config.n_embd),
+            wpe=embedding(config.n_positions, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))

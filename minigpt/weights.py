@@ -159,7 +159,7 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device | None 
     tokenizer = load_tokenizer(snapshot)
     device, dtype = resolve_device(device), dtype or torch.float32
     with torch.device("meta"):  # no memory is allocated (or randomly initialised) before the weights are read
-        model = GPT(config)
+        model = GPT(config, initialise=False)
     model.to_empty(device="cpu")
     model.lm_head.weight = model.transformer.wte.weight  # to_empty unties
     load_weights(model, tensors)
