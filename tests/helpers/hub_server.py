@@ -14,8 +14,8 @@ and those HfApi.create_repo and upload_folder use to push (every file as a regul
     POST /api/{type}s/{repo}/preupload/{rev}             each file's upload mode: "regular"
     POST /api/{type}s/{repo}/commit/{rev}                the commit (ndjson, files base64), stored in repos
 
-Faults (`server.fault = Fault(kind, file, times)`), applied to GETs of `file` (or of everything, with
-file None) while `times` lasts (None: for ever):
+Faults (`server.faults = [Fault(kind, file, times, repo), ...]`), each applied to GETs of `file` (or of
+every file, with file None) of `repo` (or of every repo, with repo None) while `times` lasts (None: for ever):
     "500"       the request answers HTTP 500
     "drop"      headers and half the body are sent, then the connection is closed
     "stall"     headers are sent, then nothing until the client gives up
@@ -42,6 +42,7 @@ class Fault:
     kind: str
     file: str | tuple[str, ...] | None = None  # None: every file
     times: int | None = None
+    repo: str | None = None  # None: every repo
 
 
 class FakeHub(ThreadingHTTPServer):
@@ -50,7 +51,7 @@ class FakeHub(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.repos: dict[tuple[str, str], dict[str, bytes]] = {}
-        self.fault: Fault | None = None
+        self.faults: list[Fault] = []
         self.requests: list[str] = []
         self.readmes: list[str] = []  # what was sent to /api/validate-yaml
         self.lock = threading.Lock()
@@ -65,19 +66,20 @@ class FakeHub(ThreadingHTTPServer):
                                                          if p.is_file()}
         self.repos[(repo_type, repo_id)] = files
 
-    def take_fault(self, file: str) -> Fault | None:
+    def take_fault(self, file: str, repo: str) -> Fault | None:
+        """The first fault for this request of file ("API": repo info and HEADs) of repo, if any."""
         with self.lock:
-            fault = self.fault
-            if fault is None or (fault.kind == "500-api") != (file == "API"):
-                return None
-            files = (fault.file,) if isinstance(fault.file, str) else fault.file
-            if files is not None and file not in files:
-                return None
-            if fault.times is not None:
-                fault.times -= 1
-                if fault.times <= 0:
-                    self.fault = None
-            return fault
+            for fault in self.faults:
+                files = (fault.file,) if isinstance(fault.file, str) else fault.file
+                if (fault.kind == "500-api") != (file == "API") or fault.repo not in (None, repo) \
+                        or (files is not None and file not in files):
+                    continue
+                if fault.times is not None:
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self.faults.remove(fault)
+                return fault
+            return None
 
     def __enter__(self) -> "FakeHub":
         self.thread.start()
@@ -145,7 +147,7 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if m := API.fullmatch(path):
             kind, repo_id, what, _ = m.groups()
-            if self.server.take_fault("API") is not None:
+            if self.server.take_fault("API", repo_id) is not None:
                 return self.send(500, b"Internal Server Error", {}, head)
             files = self.server.repos.get((kind[:-1], repo_id))
             if files is None:
@@ -160,17 +162,17 @@ class Handler(BaseHTTPRequestHandler):
             files = self.server.repos.get(("dataset" if dataset else "model", repo_id))
             if files is None:
                 return self.not_found()
-            if head and self.server.take_fault("API") is not None:
+            if head and self.server.take_fault("API", repo_id) is not None:
                 return self.send(500, b"Internal Server Error", {}, head)
             if filename not in files:
                 return self.send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
-            return self.serve_file(files[filename], filename, head)
+            return self.serve_file(files[filename], filename, repo_id, head)
         self.send(404, b"", {}, head)
 
     def not_found(self) -> None:
         self.send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, self.command == "HEAD")
 
-    def serve_file(self, data: bytes, filename: str, head: bool) -> None:
+    def serve_file(self, data: bytes, filename: str, repo_id: str, head: bool) -> None:
         headers = {"ETag": f'"{etag(data)}"', "X-Repo-Commit": COMMIT, "Accept-Ranges": "bytes"}
         if head:
             return self.send(200, data, headers, head=True)
@@ -181,7 +183,7 @@ class Handler(BaseHTTPRequestHandler):
         status = 206 if start else 200
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        fault = self.server.take_fault(filename)
+        fault = self.server.take_fault(filename, repo_id)
         if fault is None:
             return self.send(status, body, headers)
         if fault.kind == "500":

@@ -25,6 +25,15 @@ from tests.helpers.hub_server import FakeHub, Fault
 pytestmark = pytest.mark.slow  # subprocesses against a local server
 MODEL, ADAPTER, DATASET, DATA_FILE = "someone/tiny-gpt2", "someone/tiny-lora", "someone/alpaca-mini", "data.json"
 RECORDS = [{"instruction": f"Say {w}.", "input": "", "output": f"{w.capitalize()}."} for w in ("yes", "no", "maybe")]
+FAULTS = {"500": ("500", "the Hub answered HTTP 500"),  # the fault, what the one error line says of it
+          "dropped always": ("drop", "the connection dropped in the middle of a file"),
+          "truncated": ("truncate", "a file arrived incomplete"),
+          "stalled": ("stall", "the Hub stopped answering (timed out after 1 s")}
+
+
+def faulty(fault: str) -> tuple[str, str]:
+    """The model and the dataset repo that serve with this fault, one pair per fault: all run at once."""
+    return f"{MODEL}-{fault.replace(' ', '-')}", f"{DATASET}-{fault.replace(' ', '-')}"
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +44,22 @@ def hub(tmp_path_factory):
         hub.add_repo(MODEL, model)
         hub.add_repo(ADAPTER, make_adapter(model, root / "adapter"))
         hub.add_repo(DATASET, {DATA_FILE: json.dumps(RECORDS).encode()}, "dataset")
+        for name in FAULTS:
+            faulty_model, faulty_dataset = faulty(name)
+            hub.add_repo(faulty_model, model)
+            hub.add_repo(faulty_dataset, {DATA_FILE: json.dumps(RECORDS).encode()}, "dataset")
         hub.model_folder = model
         yield hub
 
 
 @pytest.fixture
 def env(hub, tmp_path):
-    hub.fault = None
-    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+    hub.faults = []
+    return hub_env(hub, tmp_path / "hf")
+
+
+def hub_env(hub: FakeHub, hf_home: Path) -> dict:
+    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(hf_home),
             "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
@@ -98,37 +115,53 @@ def model_blob(env: dict) -> Path:
 
 # The model, through python -m minigpt.generate
 
-FAULTS = {"500": ("500", "the Hub answered HTTP 500"),
-          "dropped always": ("drop", "the connection dropped in the middle of a file"),
-          "truncated": ("truncate", "a file arrived incomplete"),
-          "stalled": ("stall", "the Hub stopped answering (timed out after 1 s")}
+@pytest.fixture(scope="module")
+def fault_runs(hub, tmp_path_factory) -> dict[str, tuple[dict, list, list]]:
+    """For each of FAULTS, its own repos and cache: (its environment, the model and data runs while the fault
+    lasts, the same runs once the Hub behaves). Every fault at once: side by side, the runs' Python starts and
+    waits overlap."""
+    envs = {name: hub_env(hub, tmp_path_factory.mktemp("hf")) for name in FAULTS}
+    outs = {name: tmp_path_factory.mktemp("out") for name in FAULTS}
+
+    def runs(env_for) -> dict[str, list]:
+        commands = [(env_for(name), c) for name in FAULTS for c in (
+            generate_cmd("--model", faulty(name)[0]), train_cmd(hub, outs[name] / "run", f"{faulty(name)[1]}/{DATA_FILE}"))]
+        results = run_all({}, *commands)
+        return {name: results[2 * i:2 * i + 2] for i, name in enumerate(FAULTS)}
+
+    hub.faults = [Fault(FAULTS[name][0], file, repo=repo) for name in FAULTS
+                  for repo, file in zip(faulty(name), ("model.safetensors", DATA_FILE))]
+    failed = runs(lambda name: {**envs[name], "HF_HUB_DOWNLOAD_TIMEOUT": "1"})
+    for name in FAULTS:
+        clean_cache(envs[name])
+    hub.faults = []
+    again = runs(lambda name: envs[name])
+    return {name: (envs[name], failed[name], again[name]) for name in FAULTS}
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_a_failed_download_is_one_line_leaves_nothing_partial_and_a_retry_succeeds(hub, env, tmp_path, fault):
+def test_a_failed_download_is_one_line_leaves_nothing_partial_and_a_retry_succeeds(fault_runs, fault):
     """The model file (python -m minigpt.generate) and the training data (python -m lora.train) at once."""
-    kind, words = FAULTS[fault]
-    hub.fault = Fault(kind, ("model.safetensors", DATA_FILE))
-    model, data = run_all({**env, "HF_HUB_DOWNLOAD_TIMEOUT": "1"}, generate_cmd(), train_cmd(hub, tmp_path / "a"))
-    one_error(model, f"could not download model '{MODEL}': {words}", "Nothing partial was kept",
+    env, (model, data), again = fault_runs[fault]
+    words = FAULTS[fault][1]
+    faulty_model, faulty_dataset = faulty(fault)
+    one_error(model, f"could not download model '{faulty_model}': {words}", "Nothing partial was kept",
               "--model also takes a local folder")
-    one_error(data, f"cannot download dataset {DATASET}: {words}", "--data path/to/alpaca.json")
-    clean_cache(env)
-    hub.fault = None
-    for run in run_all(env, generate_cmd(), train_cmd(hub, tmp_path / "b")):
+    one_error(data, f"cannot download dataset {faulty_dataset}: {words}", "--data path/to/alpaca.json")
+    for run in again:
         succeeded(run)
     clean_cache(env)
 
 
 def test_a_connection_dropped_once_is_resumed(hub, env):
-    hub.fault = Fault("drop", "model.safetensors", times=1)
+    hub.faults = [Fault("drop", "model.safetensors", times=1)]
     succeeded(generate(env))
     clean_cache(env)
-    assert hub.fault is None  # the drop happened
+    assert hub.faults == []  # the drop happened
 
 
 def test_hub_500_before_anything_is_cached_is_not_called_offline(hub, env, tmp_path):
-    hub.fault = Fault("500-api")
+    hub.faults = [Fault("500-api")]
     model, data = run_all(env, generate_cmd(), train_cmd(hub, tmp_path / "a"))
     for run in model, data:
         assert "offline" not in one_error(run, "the Hub answered HTTP 500", "cache").lower()
@@ -176,7 +209,7 @@ def test_a_model_and_a_dataset_downloaded_then_reused_offline_then_damaged_are_d
 
 
 def test_ctrl_c_during_a_stalled_download_is_one_line_and_exit_130(hub, env):
-    hub.fault = Fault("stall", "model.safetensors")
+    hub.faults = [Fault("stall", "model.safetensors")]
     hub.requests.clear()
     run = subprocess.Popen([sys.executable, "-m", "minigpt.generate", "--model", MODEL, "--device", "cpu"], cwd=REPO,
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
