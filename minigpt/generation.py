@@ -63,7 +63,17 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Feed one token; returns (text to emit now, whether a stop string was reached)."""
-        self.pending += self.utf8.decode(self.tokenizer.decode_single_token_bytes(token_id))
+        return self._emit(self.utf8.decode(self.tokenizer.decode_single_token_bytes(token_id)))
+
+    def flush(self) -> tuple[str, bool]:
+        """The text held back, at the end of the stream (an incomplete character becomes U+FFFD, which a stop
+        string may hold too); returns (text to emit, whether a stop string was reached)."""
+        text, hit = self._emit(self.utf8.decode(b"", final=True))
+        text, self.pending = text + self.pending, ""
+        return text, hit
+
+    def _emit(self, decoded: str) -> tuple[str, bool]:
+        self.pending += decoded
         for s in self.stop:
             if (i := self.pending.find(s)) >= 0:
                 text, self.pending = self.pending[:i], ""
@@ -71,10 +81,6 @@ class StreamDecoder:
         hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if self.pending.endswith(s[:n])), default=0)
         text, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
         return text, False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending + self.utf8.decode(b"", final=True), ""
-        return text
 
 
 def new_history(params: SamplingParams, tokenizer: tiktoken.Encoding, prompt_ids: Sequence[int]) -> History | None:
@@ -253,7 +259,8 @@ def token_event(token: int, logits: torch.Tensor, decoder: StreamDecoder, eot_id
     alternatives; finished at EOS, at a stop string, or when it is the `last` of the budget."""
     logprob, top = log_probs(logits, token, top_n)
     text, hit_stop = decoder.push(token) if token != eot_id else ("", False)
-    finish = "eos" if token == eot_id else "stop" if hit_stop else "length" if last else None
-    if finish in ("eos", "length"):
-        text += decoder.flush()
+    if not hit_stop and (token == eot_id or last):
+        rest, hit_stop = decoder.flush()
+        text += rest
+    finish = "stop" if hit_stop else "eos" if token == eot_id else "length" if last else None
     return TokenEvent(token, text, logprob, top, None, finish)
