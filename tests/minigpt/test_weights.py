@@ -1,4 +1,5 @@
 """The loader: both key styles, the Hub cache offline, and a specific error for every broken checkpoint."""
+import importlib
 import json
 import os
 import re
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt import CheckpointError, load_pretrained
 from tests.helpers import REPO as ROOT
-from tests.helpers import run_all
+from tests.helpers import call_main
 
 
 @pytest.fixture
@@ -119,9 +120,9 @@ def fake_hub_cache(hf_home: Path, repo_id: str, source: Path) -> None:
     shutil.copytree(source, repo / "snapshots" / revision)
 
 
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "minigpt.generate", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """python -m minigpt.generate *args, its main run in this process (tests.helpers.call_main)."""
+    return call_main(importlib.import_module("minigpt.generate").main, *args)  # minigpt.generate: also a function
 
 
 @pytest.mark.parametrize("speculative", [[], ["--speculative"]], ids=["one token a step", "speculative"])
@@ -140,8 +141,10 @@ def test_cli_streams_the_greedy_continuation(tiny_model, tiny_checkpoint, specul
 
 def test_cli_uses_the_hub_cache_offline(tmp_path, tiny_checkpoint):
     fake_hub_cache(tmp_path, "openai-community/gpt2", tiny_checkpoint[0])
-    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    run = cli("--model", "gpt2", "--prompt", "Hi", "--max-new-tokens", "3", "--seed", "1", env=env)
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}  # read when huggingface_hub is imported
+    run = subprocess.run([sys.executable, "-m", "minigpt.generate", "--model", "gpt2", "--prompt", "Hi",
+                          "--max-new-tokens", "3", "--seed", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("Hi")
 
@@ -169,18 +172,9 @@ CLI_ERRORS = {  # a command line after --model ({ckpt}: a tiny checkpoint), and 
 }
 
 
-@pytest.fixture(scope="module")
-def cli_errors(tmp_path_factory, tiny_checkpoint) -> dict[tuple, subprocess.CompletedProcess]:
-    """Every command line of CLI_ERRORS, run side by side once."""
-    env = {**os.environ, "HF_HOME": str(tmp_path_factory.mktemp("hf")), "HF_HUB_OFFLINE": "1"}
-    runs = run_all(env, *([sys.executable, "-m", "minigpt.generate", "--model",
-                           *[a.format(ckpt=tiny_checkpoint[0]) for a in args]] for args in CLI_ERRORS))
-    return dict(zip(CLI_ERRORS, runs))
-
-
 @pytest.mark.parametrize("args", CLI_ERRORS, ids=" ".join)
-def test_cli_errors_are_one_line_without_traceback(cli_errors, args):
-    run = cli_errors[args]
+def test_cli_errors_are_one_line_without_traceback(tiny_checkpoint, args):
+    run = cli("--model", *[a.format(ckpt=tiny_checkpoint[0]) for a in args])  # the pytest process: HF_HUB_OFFLINE=1
     assert run.returncode == 2 and "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and CLI_ERRORS[args] in lines[0], run.stderr
