@@ -71,17 +71,14 @@ def generate_cmd(*args: str) -> list[str]:
             "--device", "cpu", *args]
 
 
-def train_cmd(hub: FakeHub, out: Path, data: str = f"{DATASET}/{DATA_FILE}") -> list[str]:
-    return [*QUICK_RETRIES, "lora.train", "--model", str(hub.model_folder), "--data", data, "--out", str(out),
+def train_cmd(hub: FakeHub, out: Path, data: str = f"{DATASET}/{DATA_FILE}", model: str | None = None) -> list[str]:
+    """Training on a Hub dataset; the model a local folder unless given (a Hub repo: both are downloaded)."""
+    return [*QUICK_RETRIES, "lora.train", "--model", model or str(hub.model_folder), "--data", data, "--out", str(out),
             "--device", "cpu", "--max-steps", "1", "--batch-size", "1", "--max-len", "64", "--val-fraction", "0"]
 
 
 def generate(env: dict, *args: str) -> subprocess.CompletedProcess:
     return run_all(env, generate_cmd(*args))[0]
-
-
-def train(env: dict, hub: FakeHub, out: Path, data: str = f"{DATASET}/{DATA_FILE}") -> subprocess.CompletedProcess:
-    return run_all(env, train_cmd(hub, out, data))[0]
 
 
 def one_error(run: subprocess.CompletedProcess, *words: str) -> str:
@@ -118,25 +115,20 @@ def model_blob(env: dict) -> Path:
 @pytest.fixture(scope="module")
 def fault_runs(hub, tmp_path_factory) -> dict[str, tuple[dict, list, list]]:
     """For each of FAULTS, its own repos and cache: (its environment, the model and data runs while the fault
-    lasts, the same runs once the Hub behaves). Every fault at once: side by side, the runs' Python starts and
-    waits overlap."""
+    lasts, one training run once the Hub behaves, which downloads both). Every fault at once: side by side,
+    the runs' Python starts and waits overlap."""
     envs = {name: hub_env(hub, tmp_path_factory.mktemp("hf")) for name in FAULTS}
-    outs = {name: tmp_path_factory.mktemp("out") for name in FAULTS}
-
-    def runs(env_for) -> dict[str, list]:
-        commands = [(env_for(name), c) for name in FAULTS for c in (
-            generate_cmd("--model", faulty(name)[0]), train_cmd(hub, outs[name] / "run", f"{faulty(name)[1]}/{DATA_FILE}"))]
-        results = run_all({}, *commands)
-        return {name: results[2 * i:2 * i + 2] for i, name in enumerate(FAULTS)}
-
+    out = tmp_path_factory.mktemp("out")
     hub.faults = [Fault(FAULTS[name][0], file, repo=repo) for name in FAULTS
                   for repo, file in zip(faulty(name), ("model.safetensors", DATA_FILE))]
-    failed = runs(lambda name: {**envs[name], "HF_HUB_DOWNLOAD_TIMEOUT": "1"})
+    failed = run_all({}, *[({**envs[name], "HF_HUB_DOWNLOAD_TIMEOUT": "1"}, command) for name in FAULTS for command in (
+        generate_cmd("--model", faulty(name)[0]), train_cmd(hub, out / f"{name}-failed", f"{faulty(name)[1]}/{DATA_FILE}"))])
     for name in FAULTS:
         clean_cache(envs[name])
     hub.faults = []
-    again = runs(lambda name: envs[name])
-    return {name: (envs[name], failed[name], again[name]) for name in FAULTS}
+    again = run_all({}, *[(envs[name], train_cmd(hub, out / name, f"{faulty(name)[1]}/{DATA_FILE}", faulty(name)[0]))
+                          for name in FAULTS])
+    return {name: (envs[name], failed[2 * i:2 * i + 2], again[i]) for i, name in enumerate(FAULTS)}
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -148,8 +140,7 @@ def test_a_failed_download_is_one_line_leaves_nothing_partial_and_a_retry_succee
     one_error(model, f"could not download model '{faulty_model}': {words}", "Nothing partial was kept",
               "--model also takes a local folder")
     one_error(data, f"cannot download dataset {faulty_dataset}: {words}", "--data path/to/alpaca.json")
-    for run in again:
-        succeeded(run)
+    succeeded(again)
     clean_cache(env)
 
 
@@ -181,13 +172,15 @@ def test_unknown_repos_and_offline_with_an_empty_cache(hub, env, tmp_path):
 
 
 def test_a_model_and_a_dataset_downloaded_then_reused_offline_then_damaged_are_downloaded_again(hub, env, tmp_path):
-    """The model (python -m minigpt.generate) and the training data (python -m lora.train) side by side."""
+    """The model (python -m minigpt.generate) and the training data (python -m lora.train) side by side. The
+    dataset is named `owner/name`: the Hub says which .json file the repo holds, and offline its cached
+    snapshot does."""
     offline = {**env, "HF_HUB_OFFLINE": "1"}
-    for run in run_all(env, generate_cmd("--adapter", ADAPTER), train_cmd(hub, tmp_path / "a")):
+    for run in run_all(env, generate_cmd("--adapter", ADAPTER), train_cmd(hub, tmp_path / "a", DATASET)):
         succeeded(run)
     clean_cache(env)
     hub.requests.clear()
-    for run in run_all(offline, generate_cmd("--adapter", ADAPTER), train_cmd(hub, tmp_path / "b")):
+    for run in run_all(offline, generate_cmd("--adapter", ADAPTER), train_cmd(hub, tmp_path / "b", DATASET)):
         succeeded(run)
     assert hub.requests == []
     blob = model_blob(env)
@@ -222,15 +215,4 @@ def test_ctrl_c_during_a_stalled_download_is_one_line_and_exit_130(hub, env):
     _, err = run.communicate(timeout=30)
     assert run.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "interrupted"
-    clean_cache(env)
-
-
-# The training data, through python -m lora.train (the faults: above)
-
-def test_a_dataset_named_owner_name_is_found_in_the_cache_offline(hub, env, tmp_path):
-    """`--data owner/name` asks the Hub which .json file the repo holds; offline, its cached snapshot says."""
-    succeeded(train(env, hub, tmp_path / "a", data=DATASET))
-    hub.requests.clear()
-    succeeded(train({**env, "HF_HUB_OFFLINE": "1"}, hub, tmp_path / "b", data=DATASET))
-    assert hub.requests == []
     clean_cache(env)
