@@ -20,6 +20,7 @@ INT16_REL of the largest logit. The float32 model is checked against transformer
 import copy
 import ctypes
 import dataclasses
+import importlib
 import os
 import platform
 import shutil
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -48,7 +50,7 @@ from minigpt.speed.native import NativeUnavailable, native_step, read_tokens, st
 from minigpt.speed.onednn import KERNEL_ENV, use_input_major_weights
 from minigpt.speed.int4 import Int4Linear, quantize_int4
 from minigpt.speed.quantize import Int8Linear, quantize_int8
-from tests.helpers import REPO
+from tests.helpers import REPO, call_main
 
 ATOL = 1e-4
 FLOAT32_ATOL = 1e-5  # the tiny model's logits are about 1 in size: a few float32 roundings apart
@@ -301,10 +303,12 @@ def test_cli_and_app_decode_int8_in_c(default_models, tiny_checkpoint):
     folder = str(tiny_checkpoint[0])
     expected = [e.token_id for e in generate(reference, tokenizer, tokenizer.encode_ordinary("Hi"), 12,
                                              SamplingParams(temperature=0))]
-    run = subprocess.run([sys.executable, "-m", "minigpt.generate", "--model", folder, "--dtype", "int8", "--prompt",
-                          "Hi", "--max-new-tokens", "12", "--temperature", "0"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and len(run.stderr.splitlines()) == 1, run.stderr  # the speed line, no warning
+    with warnings.catch_warnings(record=True) as caught:  # in a process of its own, a warning line on stderr
+        warnings.simplefilter("always")
+        run = call_main(importlib.import_module("minigpt.generate").main, "--model", folder, "--dtype", "int8",
+                        "--prompt", "Hi", "--max-new-tokens", "12", "--temperature", "0")
+    assert not [w for w in caught if issubclass(w.category, UserWarning)]  # no fallback to PyTorch
+    assert run.returncode == 0 and len(run.stderr.splitlines()) == 1, run.stderr  # the speed line
     assert run.stderr.startswith("[12 tokens")
     assert run.stdout == "Hi" + tokenizer.decode(expected) + "\n"
     assert load_engine(folder, None, "cpu", "int8").device == "cpu int8 (C decode step)"
