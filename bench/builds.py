@@ -30,11 +30,8 @@ from minigpt.speed.hugepages import move_to_huge_pages
 
 def random_model(shape: str, precision: str) -> GPT:
     torch.manual_seed(0)
-    with torch.no_grad():
-        model = GPT(GPTConfig(**SHAPES[shape], vocab_size=50257, n_positions=1024), initialise=False)
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-        QUANTIZERS[precision](model)
+    model = GPT(GPTConfig(**SHAPES[shape]))
+    QUANTIZERS[precision](model)
     return_freed_memory()
     move_to_huge_pages(model)
     return model
