@@ -1,6 +1,8 @@
 """Test helpers shared by the tests and bench/: tiny Hub-layout checkpoints, a running app."""
 import signal
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root
@@ -35,7 +37,7 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def call_main(main, *argv: str) -> subprocess.CompletedProcess:
+def call_main(main: Callable[[list[str]], int], *argv: str) -> subprocess.CompletedProcess:
     """A command's main(argv) run in this process, with its output captured as a child's would be: for tests
     of what a command says and returns, where a new Python (about 2 s of importing torch) adds nothing. A
     SystemExit (argparse's refusals) becomes the return code. Tests of the process itself (signals, what
@@ -47,8 +49,12 @@ def call_main(main, *argv: str) -> subprocess.CompletedProcess:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(list(argv))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        except SystemExit as e:  # as the interpreter would end: None is 0; a message is printed, and is 1
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
     return subprocess.CompletedProcess(["main", *argv], code, out.getvalue(), err.getvalue())
 
 
