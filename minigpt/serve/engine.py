@@ -109,9 +109,9 @@ class Engine:
         """fn(*args), a forward pass of a panel or of scoring, run by the scheduler in its turn; blocks."""
         return self.scheduler.run(partial(fn, *args))
 
-    async def compute_async(self, fn: Callable[..., T], *args: Any) -> T:
-        """compute(), awaited."""
-        return await self.scheduler.run_async(partial(fn, *args))
+    async def compute_async(self, fn: Callable[..., T], *args: Any, follow_up: bool = False) -> T:
+        """compute(), awaited; follow_up: the pass belongs to a request already queued (Scheduler.submit)."""
+        return await self.scheduler.run_async(partial(fn, *args), follow_up)
 
 
 def load_engine(model: str, adapter: str | None, device: str | None, precision: str,

@@ -198,7 +198,7 @@ class ChatHandlers:
             session.forget(EMPTY)
             return
         numbers = await self.engine.compute_async(reply_numbers, self.engine.model_for(reply.request),
-                                                  self.engine.tokenizer, reply)
+                                                  self.engine.tokenizer, reply, follow_up=True)
         session.show(reply, history, numbers, select)
 
     def alternatives_at(self, session: Session, position) -> dict:

@@ -165,10 +165,12 @@ class Scheduler:
 
     # -- what the serving layer calls ---------------------------------------------------------------------
 
-    def submit(self, job: StreamJob | Task) -> Ticket:
-        """Queue a job; its ticket says its place at once. ServerBusy when the queue is full."""
+    def submit(self, job: StreamJob | Task, follow_up: bool = False) -> Ticket:
+        """Queue a job; its ticket says its place at once. ServerBusy when the queue is full, unless the job is
+        the follow-up of a request the queue took (a finished reply's panels): refusing it would fail that
+        request after its work was done. There are no more of those than rows."""
         with self.lock:
-            if len(self.waiting) >= self.max_waiting and not self._has_room():
+            if not follow_up and len(self.waiting) >= self.max_waiting and not self._has_room():
                 raise ServerBusy(f"the server is busy: {len(self.waiting)} requests are waiting already")
             self.waiting.append(job)
             job.ticket.put(Queued(len(self.waiting) - 1))
@@ -182,10 +184,10 @@ class Scheduler:
         """fn() on the worker, in its turn; blocks the calling thread (a Gradio worker) until it is done."""
         return _result(list(self.submit(Task(fn)))[-1])
 
-    async def run_async(self, fn: Callable[[], Any]) -> Any:
-        """fn() on the worker, in its turn, awaited without holding a thread."""
+    async def run_async(self, fn: Callable[[], Any], follow_up: bool = False) -> Any:
+        """fn() on the worker, in its turn, awaited without holding a thread (follow_up: as submit's)."""
         done = None
-        async for done in self.submit(Task(fn)):
+        async for done in self.submit(Task(fn), follow_up):
             pass
         return _result(done)
 

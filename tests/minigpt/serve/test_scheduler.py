@@ -104,6 +104,19 @@ def test_a_full_queue_refuses_and_stop_while_waiting_computes_nothing(tiny):
     assert log.of("b") == [Queued(1), Done(stopped=True)] and made == []  # never started, never built
 
 
+def test_a_follow_up_of_a_queued_request_is_queued_when_the_queue_is_full(tiny):
+    """A finished chat reply's panels: refusing them would fail a reply whose text the user already has."""
+    scheduler = Scheduler(max_rows=1, max_waiting=1)
+    opened = gate(scheduler)
+    scheduler.submit(Task(lambda: None))  # the queue is full
+    with pytest.raises(ServerBusy):
+        scheduler.submit(Task(lambda: "refused"))
+    follow_up = scheduler.submit(Task(lambda: "panels"), follow_up=True)
+    opened.set()
+    *_, done = follow_up
+    assert done == Done(result="panels")
+
+
 def test_tasks_run_in_their_turn_and_errors_stay_with_their_request(tiny):
     model, tokenizer = tiny
     scheduler, log = Scheduler(max_rows=4, max_waiting=10), Log()
