@@ -888,12 +888,29 @@ def write_driver_input(model, tokens, path):
     path.write_bytes(b"".join(t.detach().contiguous().numpy().tobytes() for t in parts))
 
 
+@pytest.fixture(scope="module")
+def arm64_driver(tmp_path_factory):
+    """The driver for an aarch64 variant, compiled once per variant (the precision is in its input)."""
+    built = {}
+
+    def driver(isa: str) -> Path:
+        if isa not in built:
+            folder = tmp_path_factory.mktemp(f"arm64-{isa}")
+            (folder / "driver.c").write_text(ARM64_DRIVER)
+            subprocess.run(["aarch64-linux-gnu-gcc", "-O3", "-fopenmp", "-static", *native.ISA_FLAGS[isa],
+                            f"-I{native.SOURCE.parent}", str(folder / "driver.c"), "-o", str(folder / "driver"),
+                            "-lm"], check=True, capture_output=True, text=True)
+            built[isa] = folder / "driver"
+        return built[isa]
+    return driver
+
+
 @pytest.mark.skipif(not all(map(shutil.which, ARM64_TOOLS)),
                     reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu "
                            "qemu-user libc6-dev-arm64-cross)")
 @pytest.mark.parametrize("precision", ["int8", "int4", "float32"])
 @pytest.mark.parametrize("isa", ["neon", "generic"])
-def test_the_aarch64_variants_match_their_oracle_under_emulation(isa, precision, tmp_path):
+def test_the_aarch64_variants_match_their_oracle_under_emulation(isa, precision, arm64_driver, tmp_path):
     """int8 and int4: the dequantized float32 model; float32: the model's PyTorch forward. A batched step's rows: their
     single steps' logits exactly."""
     torch.manual_seed(0)
@@ -908,11 +925,7 @@ def test_the_aarch64_variants_match_their_oracle_under_emulation(isa, precision,
         reference, atol = dequantized_reference(model, served), ATOL
     tokens = torch.randint(0, 320, (12,)).tolist()
     write_driver_input(served, tokens, tmp_path / "input.bin")
-    (tmp_path / "driver.c").write_text(ARM64_DRIVER)
-    subprocess.run(["aarch64-linux-gnu-gcc", "-O3", "-fopenmp", "-static", *native.ISA_FLAGS[isa],
-                    f"-I{native.SOURCE.parent}", str(tmp_path / "driver.c"), "-o", str(tmp_path / "driver"), "-lm"],
-                   check=True, capture_output=True, text=True)
-    run = subprocess.run(["qemu-aarch64", str(tmp_path / "driver"), str(tmp_path / "input.bin"),
+    run = subprocess.run(["qemu-aarch64", str(arm64_driver(isa)), str(tmp_path / "input.bin"),
                           str(tmp_path / "logits.bin")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stderr == f"{isa}\n", run.stderr
     logits = bytearray((tmp_path / "logits.bin").read_bytes())
