@@ -113,7 +113,8 @@ def model_blob(env: dict) -> Path:
 # The model, through python -m minigpt.generate
 
 @pytest.fixture(scope="module")
-def fault_runs(hub, tmp_path_factory) -> dict[str, tuple[dict, list, list]]:
+def fault_runs(hub, tmp_path_factory) -> dict[str, tuple[dict, list[subprocess.CompletedProcess],
+                                                         subprocess.CompletedProcess]]:
     """For each of FAULTS, its own repos and cache: (its environment, the model and data runs while the fault
     lasts, one training run once the Hub behaves, which downloads both). Every fault at once: side by side,
     the runs' Python starts and waits overlap."""
@@ -121,8 +122,13 @@ def fault_runs(hub, tmp_path_factory) -> dict[str, tuple[dict, list, list]]:
     out = tmp_path_factory.mktemp("out")
     hub.faults = [Fault(FAULTS[name][0], file, repo=repo) for name in FAULTS
                   for repo, file in zip(faulty(name), ("model.safetensors", DATA_FILE))]
-    failed = run_all({}, *[({**envs[name], "HF_HUB_DOWNLOAD_TIMEOUT": "1"}, command) for name in FAULTS for command in (
-        generate_cmd("--model", faulty(name)[0]), train_cmd(hub, out / f"{name}-failed", f"{faulty(name)[1]}/{DATA_FILE}"))])
+    while_faulty = []
+    for name in FAULTS:
+        model, dataset = faulty(name)
+        env = {**envs[name], "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
+        while_faulty += [(env, generate_cmd("--model", model)),
+                         (env, train_cmd(hub, out / f"{name}-failed", f"{dataset}/{DATA_FILE}"))]
+    failed = run_all({}, *while_faulty)
     for name in FAULTS:
         clean_cache(envs[name])
     hub.faults = []
