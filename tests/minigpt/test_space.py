@@ -5,14 +5,13 @@ import os
 import subprocess
 import sys
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 from huggingface_hub import SpaceCard
 from packaging.requirements import Requirement
 
-from minigpt.adapters import CONFIG_FILE, WEIGHTS_FILE
 from minigpt import space
+from minigpt.adapters import CONFIG_FILE, WEIGHTS_FILE
 from minigpt.space import CPU_INDEX, MAX_SHORT_DESCRIPTION, TRAINING_ONLY, build
 from tests.helpers import REPO, call_main
 from tests.helpers.app_server import free_port, make_adapter
