@@ -144,14 +144,18 @@ class Block(nn.Module):
         return x, att
 
 
+def empty_embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """An nn.Embedding whose weight is left as allocated (torch.empty), for weights that are read next."""
+    return nn.Embedding.from_pretrained(torch.empty(num_embeddings, embedding_dim), freeze=False)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, initialise: bool = True):
         """initialise=False leaves the embeddings empty, for a model whose weights are read next: PyTorch's
         random normal_ on the meta device imports torch._dynamo, 2.3 s of every start that loads a checkpoint."""
         super().__init__()
         self.config = config
-        embedding = nn.Embedding if initialise else \
-            lambda n, width: nn.Embedding.from_pretrained(torch.empty(n, width), freeze=False)
+        embedding = nn.Embedding if initialise else empty_embedding
         self.transformer = nn.ModuleDict(dict(
             wte=embedding(config.vocab_size, config.n_embd),
             wpe=embedding(config.n_positions, config.n_embd),

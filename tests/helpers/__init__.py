@@ -58,6 +58,12 @@ def call_main(main: Callable[[list[str]], int], *argv: str) -> subprocess.Comple
     return subprocess.CompletedProcess(["main", *argv], code, out.getvalue(), err.getvalue())
 
 
+def generate_cli(*argv: str) -> subprocess.CompletedProcess:
+    """`python -m minigpt.generate *argv`, its main run in this process (call_main)."""
+    import importlib
+    return call_main(importlib.import_module("minigpt.generate").main, *argv)  # minigpt.generate: also a function
+
+
 def run_all(env: dict, *commands: list[str] | tuple[dict, list[str]]) -> list[subprocess.CompletedProcess]:
     """Run the commands side by side in the repository and return their results. Each is a new Python that
     imports torch (about 1.5 s of one core): side by side they use both cores, and their waits overlap.

@@ -43,11 +43,12 @@ def hub(tmp_path_factory):
     with FakeHub() as hub:
         hub.add_repo(MODEL, model)
         hub.add_repo(ADAPTER, make_adapter(model, root / "adapter"))
-        hub.add_repo(DATASET, {DATA_FILE: json.dumps(RECORDS).encode()}, "dataset")
+        data = {DATA_FILE: json.dumps(RECORDS).encode()}
+        hub.add_repo(DATASET, data, "dataset")
         for name in FAULTS:
             faulty_model, faulty_dataset = faulty(name)
             hub.add_repo(faulty_model, model)
-            hub.add_repo(faulty_dataset, {DATA_FILE: json.dumps(RECORDS).encode()}, "dataset")
+            hub.add_repo(faulty_dataset, data, "dataset")
         hub.model_folder = model
         yield hub
 
@@ -110,7 +111,7 @@ def model_blob(env: dict) -> Path:
         "*/model.safetensors").__next__().resolve()
 
 
-# The model, through python -m minigpt.generate
+# The model (python -m minigpt.generate) and the training data (python -m lora.train)
 
 @pytest.fixture(scope="module")
 def fault_runs(hub, tmp_path_factory) -> dict[str, tuple[dict, list[subprocess.CompletedProcess],

@@ -1,5 +1,4 @@
 """The loader: both key styles, the Hub cache offline, and a specific error for every broken checkpoint."""
-import importlib
 import json
 import os
 import re
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt import CheckpointError, load_pretrained
 from tests.helpers import REPO as ROOT
-from tests.helpers import call_main
+from tests.helpers import generate_cli as cli
 
 
 @pytest.fixture
@@ -118,11 +117,6 @@ def fake_hub_cache(hf_home: Path, repo_id: str, source: Path) -> None:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     shutil.copytree(source, repo / "snapshots" / revision)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """python -m minigpt.generate *args, its main run in this process (tests.helpers.call_main)."""
-    return call_main(importlib.import_module("minigpt.generate").main, *args)  # minigpt.generate: also a function
 
 
 @pytest.mark.parametrize("speculative", [[], ["--speculative"]], ids=["one token a step", "speculative"])

@@ -20,7 +20,6 @@ INT16_REL of the largest logit. The float32 model is checked against transformer
 import copy
 import ctypes
 import dataclasses
-import importlib
 import os
 import platform
 import shutil
@@ -50,7 +49,7 @@ from minigpt.speed.native import NativeUnavailable, native_step, read_tokens, st
 from minigpt.speed.onednn import KERNEL_ENV, use_input_major_weights
 from minigpt.speed.int4 import Int4Linear, quantize_int4
 from minigpt.speed.quantize import Int8Linear, quantize_int8
-from tests.helpers import REPO, call_main
+from tests.helpers import REPO, generate_cli
 
 ATOL = 1e-4
 FLOAT32_ATOL = 1e-5  # the tiny model's logits are about 1 in size: a few float32 roundings apart
@@ -305,8 +304,8 @@ def test_cli_and_app_decode_int8_in_c(default_models, tiny_checkpoint):
                                              SamplingParams(temperature=0))]
     with warnings.catch_warnings(record=True) as caught:  # in a process of its own, a warning line on stderr
         warnings.simplefilter("always")
-        run = call_main(importlib.import_module("minigpt.generate").main, "--model", folder, "--dtype", "int8",
-                        "--prompt", "Hi", "--max-new-tokens", "12", "--temperature", "0")
+        run = generate_cli("--model", folder, "--dtype", "int8", "--prompt", "Hi", "--max-new-tokens", "12",
+                           "--temperature", "0")
     assert not [w for w in caught if issubclass(w.category, UserWarning)]  # no fallback to PyTorch
     assert run.returncode == 0 and len(run.stderr.splitlines()) == 1, run.stderr  # the speed line
     assert run.stderr.startswith("[12 tokens")
