@@ -55,6 +55,7 @@ from tests.helpers.checkpoints import make_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRECISIONS = {"minigpt": ["float32", "bfloat16", "int8", "int4"], "transformers": ["float32", "bfloat16"]}
+READ_NOW = "measure memory reads now"  # a worker's line to run_in_subprocess
 QUALITY_PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a small village by the sea,",
@@ -154,10 +155,12 @@ def run_worker(spec: dict) -> dict:
         timestamps(model, prompt, 8)
     warmup_s = time.perf_counter() - start
     decode, ttft, prefill = [], [], []
+    wait_for_parent()  # the memory read rate is measured before each rep and after the last
     for _ in range(spec["reps"]):
         times, tokens = timestamps(model, short, spec["new_tokens"])
         ttft.append(times[1] - times[0])
         decode.append((len(times) - 2) / (times[-1] - times[1]))  # tokens after the first / their time
+        wait_for_parent()
         times, _ = timestamps(model, long, 1)
         prefill.append(spec["prefill_len"] / (times[1] - times[0]))
     return {"decode_tok_s": statistics.median(decode), "decode_runs": decode,
@@ -193,13 +196,19 @@ def read_bandwidth(threads: int, mib: int = 512) -> float:
     return mib * 2**20 / best / 1e9
 
 
-def print_memory_limit(results: dict, gb_s: float, threads: int) -> None:
-    """Decoding reads every weight once a token, so bandwidth / bytes per token bounds its speed."""
+def print_memory_limit(results: dict, threads: int) -> None:
+    """Decoding reads every weight once a token, so bandwidth / bytes per token bounds its speed. Each rep
+    against the mean of the read rates measured just before and after it (run_in_subprocess); the median."""
     rows = [(e, p, r) for (e, p), r in results.items() if r.get("bytes_per_token") and e in ("minigpt", "minigpt+pytorch")]
-    parts = [f"{e} {p} {r['decode_tok_s']:.1f} of {gb_s * 1e9 / r['bytes_per_token']:.1f} "
-             f"({100 * r['decode_tok_s'] * r['bytes_per_token'] / (gb_s * 1e9):.0f}%)" for e, p, r in rows]
-    print(f"memory reads {gb_s:.1f} GB/s (torch.sum over 512 MiB in huge pages, {threads} threads); decode tok/s "
-          f"against that limit (weight bytes per token): " + ", ".join(parts))
+    parts = []
+    for e, p, r in rows:
+        reads = r["read_gb_s"]
+        shares = [rate * r["bytes_per_token"] / ((a + b) / 2 * 1e9) for rate, a, b in zip(r["decode_runs"], reads, reads[1:])]
+        parts.append(f"{e} {p} {100 * statistics.median(shares):.0f}% ({', '.join(f'{100 * x:.0f}' for x in shares)}; "
+                     f"reads {min(reads):.1f}-{max(reads):.1f} GB/s)")
+    if parts:
+        print(f"decode tok/s against the limit of memory reads (torch.sum over 512 MiB in huge pages, {threads} threads, "
+              "just before and after each rep) for the weight bytes a token, median (each rep): " + ", ".join(parts))
 
 
 def float32_kernel(model) -> str:
@@ -211,12 +220,31 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def wait_for_parent() -> None:
+    """In a worker: let run_in_subprocess measure the memory read rate, this process idle, and go on after."""
+    print(READ_NOW, flush=True)
+    sys.stdin.readline()
+
+
 def run_in_subprocess(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "bench.decode", "--worker", json.dumps(spec)], cwd=ROOT,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{spec['engine']} {spec['precision']} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.splitlines()[-1])
+    """One engine's worker; each time it waits (wait_for_parent), the machine's memory read rate is measured:
+    on a shared host that rate drifts by a sixth within a minute (25.0 and 28.8 GB/s around one row), so each
+    rep of decoding is held against the reads measured just before and after it."""
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.decode", "--worker", json.dumps(spec)], cwd=ROOT,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
+        reads, last = [], ""
+        for line in proc.stdout:
+            if line.strip() == READ_NOW:
+                reads.append(read_bandwidth(spec["threads"]))
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+            else:
+                last = line
+        if proc.wait():
+            errors.seek(0)
+            raise SystemExit(f"{spec['engine']} {spec['precision']} failed:\n{errors.read()}")
+    return {**json.loads(last), "read_gb_s": reads}
 
 
 # ---- quality of the reduced precisions -------------------------------------------------------------
@@ -371,9 +399,8 @@ def main() -> None:
                         {**spec, "engine": engine, "precision": precision,
                          "draft_tokens": args.draft_tokens})
         load_after = os.getloadavg()
-        gb_s = read_bandwidth(args.threads)
         print_table(results)
-        print_memory_limit(results, gb_s, args.threads)
+        print_memory_limit(results, args.threads)
 
         same = {}  # engine + " " + precision -> MiniGPT's greedy tokens equal transformers' in that precision
         for (engine, precision), r in results.items():
@@ -401,7 +428,6 @@ def main() -> None:
     out.write_text(json.dumps({
         "date": stamp.isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
         "machine": info, "load_average_before": load_before, "load_average_after": load_after,
-        "memory_read_gb_s": gb_s,
         "settings": {k: v for k, v in spec.items() if k != "folder"} | {
             "model": args.model or f"random {args.shape}", "MINIGPT_ISA": os.environ.get("MINIGPT_ISA")},
         "results": [{"engine": e, "precision": p, **{k: v for k, v in r.items() if k != "tokens"}}
