@@ -284,15 +284,17 @@ class NativeDecoder:
         self.n_positions = config.n_positions  # rows of wpe: a cache may not be longer
         self.int8 = isinstance(model.transformer.h[0].mlp.c_fc, Int8Linear)
         self.int4 = isinstance(model.transformer.h[0].mlp.c_fc, Int4Linear)
+        self.torch_amx = "amx_bf16" in cpu_features()  # PyTorch's bfloat16 matrix products run in AMX tiles
 
     @property
     def reads_prompts(self) -> bool:
-        """Whether a prompt is read faster here, one row per token (read_tokens), than by PyTorch: int8 with
-        AMX, whose tiles make the rows' multiply-adds nearly free (docs/speed-cpu.md); without AMX the rows
-        would be multiplied with vector instructions, slower than PyTorch's matrix products past a few rows.
-        And int4, which PyTorch dequantizes to float for each Linear of each pass (GPT-2 124M shape, 2 threads:
-        a 32-token prompt 330 ms in PyTorch, 32 ms here; 256 tokens 350 and 265 ms)."""
-        return (self.int8 and self.lib.amx) or self.int4
+        """Whether a prompt is read faster here, one row per token (read_tokens), than by PyTorch. int4: PyTorch
+        dequantizes every Linear for each pass (GPT-2 124M shape, 2 threads: a 32-token prompt 330 ms in
+        PyTorch, 32 ms here). int8: PyTorch multiplies in bfloat16, fast only in AMX tiles; so here unless the
+        CPU has AMX for PyTorch's bfloat16 and this step does not use AMX for its rows (a 32-token prompt,
+        AVX-512 without AMX, 2 threads: 124M shape 130 ms in PyTorch, 25 ms here; gpt2-xl's 2.2 s and 0.31 s;
+        docs/speed-cpu.md)."""
+        return self.int4 or (self.int8 and (self.lib.amx or not self.torch_amx))
 
     def _ptr(self, t: torch.Tensor) -> int:
         if t.device.type != "cpu" or t.dtype != torch.float32:

@@ -739,7 +739,8 @@ def test_amx_rows_are_the_rows_without_amx_and_alone(amx_twins, n):
 
 def test_with_amx_an_int8_prompt_is_read_in_c_token_by_token_exactly(amx_twins):
     """Where AMX multiplies the rows, a prompt read into a cache goes through the C step (the decoder's prompt path,
-    as the server's prefill): the same bits as decoding it one token at a time. Without AMX, PyTorch reads it."""
+    as the server's prefill): the same bits as decoding it one token at a time. With the step's AMX off, PyTorch
+    reads it (its bfloat16 products in AMX tiles)."""
     (base, _), _ = amx_twins
     lib = amx_library()
     prompt = torch.randint(0, 321, (17,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -756,15 +757,20 @@ def test_with_amx_an_int8_prompt_is_read_in_c_token_by_token_exactly(amx_twins):
         native.use_amx(lib)
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
 @pytest.mark.parametrize("isa", ISAS)
-def test_an_int4_prompt_is_read_in_c_token_by_token_exactly(tiny_model, isa):
+def test_a_prompt_is_read_in_c_token_by_token_exactly(tiny_model, isa, precision):
     """int4 prompts go through the C step in every variant (PyTorch would dequantize every Linear for each
-    pass): the same bits as decoding the prompt one token at a time."""
-    int4 = c_decoder(tiny_model[0], isa, "int4")
-    prompt = torch.randint(0, 1000, (13,), generator=torch.Generator().manual_seed(6)).tolist()
-    ours, cache, expected, copy_ = read_and_one_at_a_time(int4, prompt, 16)
-    assert int4.reads_prompts and torch.equal(ours, expected)
-    assert torch.equal(cache.k, copy_.k) and torch.equal(cache.v, copy_.v)
+    pass); int8 ones too, unless PyTorch has AMX tiles for its bfloat16 products and the step does not use
+    AMX (the test above). Read in C: the same bits as decoding the prompt one token at a time."""
+    decoder = c_decoder(tiny_model[0], isa, precision)
+    in_c = precision == "int4" or decoder.step.lib.amx or "amx_bf16" not in native.cpu_features()
+    assert decoder.reads_prompts == in_c
+    if in_c:
+        prompt = torch.randint(0, 1000, (13,), generator=torch.Generator().manual_seed(6)).tolist()
+        ours, cache, expected, copy_ = read_and_one_at_a_time(decoder, prompt, 16)
+        assert torch.equal(ours, expected)
+        assert torch.equal(cache.k, copy_.k) and torch.equal(cache.v, copy_.v)
 
 
 def test_a_compiler_without_amx_builds_the_vector_loop(monkeypatch, tmp_path):
