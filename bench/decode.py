@@ -15,7 +15,8 @@ them), each in its own process.
 For each engine and precision it reports decode tokens/s and time to first token (32-token prompt,
 128 new greedy tokens), prefill tokens/s (512-token prompt / its time to first token), peak RSS,
 and MiniGPT/transformers ratios, all medians over the repetitions. Every (engine, precision) pair runs in its own process,
-so peak memory is its own. Then the quality cost of each reduced precision, through the path decoding
+so peak memory is its own; between its reps this process measures the machine's memory read rate, and each
+MiniGPT row is printed as a share of what those reads allow for its weight bytes a token. Then the quality cost of each reduced precision, through the path decoding
 takes: max logit deviation and greedy-token agreement vs MiniGPT float32 over a fixed prompt set. Results go to
 bench/results/decode-<date>.json. Speed does not depend on weight values, so random weights are
 fine for speed; quality on random weights is only a sanity check. The quality prompt set is large
