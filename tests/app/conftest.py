@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO
-from tests.helpers.app_server import RunningApp, running_app
+from tests.helpers.app_server import RunningApp, running_apps
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -17,18 +17,27 @@ FINISHED = re.compile("ended by the model|ended at the next turn|hit the token l
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian's Chromium at {CHROMIUM}")
 
 
-@pytest.fixture(scope="session")
-def app(tmp_path_factory) -> RunningApp:
-    with running_app(tmp_path_factory.mktemp("app")) as running:
-        yield running
+# The session's two apps: the tiny checkpoint with its adapter; and the base model alone, in int8, bound beyond
+# loopback with no API key (/v1 is off there, the chat is not).
+SESSION_APPS = {"app": {}, "app_without_adapter": dict(with_adapter=False, app_args=["--host", "0.0.0.0", "--precision", "int8"])}
 
 
 @pytest.fixture(scope="session")
-def app_without_adapter(tmp_path_factory) -> RunningApp:
-    """The base model alone, in int8, bound beyond loopback with no API key: /v1 is off there, the chat is not."""
-    with running_app(tmp_path_factory.mktemp("app-base-only"), with_adapter=False,
-                     app_args=["--host", "0.0.0.0", "--precision", "int8"]) as running:
-        yield running
+def session_apps(request, tmp_path_factory) -> dict[str, RunningApp]:
+    """Those of SESSION_APPS the collected tests use, started side by side (running_apps)."""
+    used = [name for name in SESSION_APPS if any(name in item.fixturenames for item in request.session.items)]
+    with running_apps(*[dict(tmp=tmp_path_factory.mktemp(name), **SESSION_APPS[name]) for name in used]) as apps:
+        yield dict(zip(used, apps))
+
+
+@pytest.fixture(scope="session")
+def app(session_apps) -> RunningApp:
+    return session_apps["app"]
+
+
+@pytest.fixture(scope="session")
+def app_without_adapter(session_apps) -> RunningApp:
+    return session_apps["app_without_adapter"]
 
 
 @pytest.fixture(scope="session")

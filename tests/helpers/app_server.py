@@ -8,8 +8,8 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +62,23 @@ def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180, app_arg
     tiny adapter or --no-adapter; app_args are more of app.py's options (e.g. --api-key); model_config
     overrides make_checkpoint's sizes (e.g. n_embd=256 for the load test). The server's output goes to
     tmp/app.log."""
+    with running_apps(dict(tmp=tmp, concurrency=concurrency, app_args=app_args, with_adapter=with_adapter,
+                           **model_config), startup_s=startup_s) as (app,):
+        yield app
+
+
+@contextmanager
+def running_apps(*options: dict, startup_s: float = 180) -> Iterator[list[RunningApp]]:
+    """running_app(**each of options), started side by side: a start is mostly one core's work (importing
+    torch and Gradio, loading the model), so on two cores two apps answer in about the time of one."""
+    prepared = [app_launch(**o) for o in options]
+    with serving_all([launch for launch, _ in prepared], startup_s) as urls:
+        yield [replace(app, url=url) for url, (_, app) in zip(urls, prepared)]
+
+
+def app_launch(tmp: Path, concurrency: int = 2, app_args: Sequence[str] = (), with_adapter: bool = True,
+               **model_config) -> tuple[tuple, RunningApp]:
+    """(serving_all's launch of app.py, the app it will be, its url not yet known): running_app's arguments."""
     checkpoint, _ = make_checkpoint(tmp / "model", **{"n_positions": 1024, **model_config})
     adapter = make_adapter(checkpoint, tmp / "adapter")
     adapter_args = ["--adapter", str(adapter)] if with_adapter else ["--no-adapter"]
@@ -70,8 +87,7 @@ def running_app(tmp: Path, concurrency: int = 2, startup_s: float = 180, app_arg
     env.pop("MINIGPT_API_KEY", None)  # the key, if any, comes from app_args
     command = [sys.executable, "app.py", "--model", str(checkpoint), *adapter_args, "--device", "cpu",
                "--port", str(port), "--concurrency", str(concurrency), *app_args]
-    with serving(command, REPO, env, port, tmp / "app.log", startup_s) as url:
-        yield RunningApp(url, checkpoint, adapter, tmp / "app.log")
+    return (command, REPO, env, port, tmp / "app.log"), RunningApp("", checkpoint, adapter, tmp / "app.log")
 
 
 @contextmanager
@@ -79,24 +95,44 @@ def serving(command: Sequence[str], cwd: Path, env: dict[str, str], port: int, l
             startup_s: float = 180) -> Iterator[str]:
     """Run a chat app command until the block ends; yields its URL once it answers on the port. Its output
     goes to log_path; if it exits or stays silent, the error quotes it."""
-    log = log_path.open("w")
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{command[0]} exited with {process.returncode}:\n{log_path.read_text()}")
-            if answers(url + "health"):  # open even where the page needs a login
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{command[0]} did not answer in {startup_s} s:\n{log_path.read_text()}")
-            time.sleep(0.3)
+    with serving_all([(command, cwd, env, port, log_path)], startup_s) as (url,):
         yield url
-    finally:
-        process.terminate()
+
+
+@contextmanager
+def serving_all(launches: Sequence[tuple[Sequence[str], Path, dict[str, str], int, Path]],
+                startup_s: float = 180) -> Iterator[list[str]]:
+    """serving() for each (command, cwd, env, port, log_path), all started before any is waited for."""
+    with ExitStack() as stack:
+        processes = [stack.enter_context(started(command, cwd, env, log_path))
+                     for command, cwd, env, _, log_path in launches]
+        yield [answering(process, command, port, log_path, startup_s)
+               for process, (command, _, _, port, log_path) in zip(processes, launches)]
+
+
+@contextmanager
+def started(command: Sequence[str], cwd: Path, env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """The command running, its output to log_path, until the block ends (then terminated, killed if need be)."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def answering(process: subprocess.Popen, command: Sequence[str], port: int, log_path: Path, startup_s: float) -> str:
+    """The app's URL once it answers on port; if it exits or stays silent, the error quotes its output."""
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + startup_s
+    while not answers(url + "health"):  # open even where the page needs a login
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited with {process.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{command[0]} did not answer in {startup_s} s:\n{log_path.read_text()}")
+        time.sleep(0.3)
+    return url
