@@ -14,10 +14,11 @@ them), each in its own process.
 
 For each engine and precision it reports decode tokens/s and time to first token (32-token prompt,
 128 new greedy tokens), prefill tokens/s (512-token prompt / its time to first token), peak RSS,
-and MiniGPT/transformers ratios, all medians over the repetitions. Every (engine, precision) pair runs in its own process,
-so peak memory is its own; between its reps this process measures the machine's memory read rate, and each
-MiniGPT row is printed as a share of what those reads allow for its weight bytes a token. Then the quality cost of each reduced precision, through the path decoding
-takes: max logit deviation and greedy-token agreement vs MiniGPT float32 over a fixed prompt set. Results go to
+and MiniGPT/transformers ratios, all medians over the repetitions. Every (engine, precision) pair runs in
+its own process, so peak memory is its own; between its reps this process measures the machine's memory
+read rate, and each MiniGPT row is printed as a share of what those reads allow for its weight bytes a
+token. Then the quality cost of each reduced precision, through the path decoding takes: max logit
+deviation and greedy-token agreement vs MiniGPT float32 over a fixed prompt set. Results go to
 bench/results/decode-<date>.json. Speed does not depend on weight values, so random weights are
 fine for speed; quality on random weights is only a sanity check. The quality prompt set is large
 enough (24 prompts x 128 tokens = 3072 positions by default) that 1% is 30 disagreements.
@@ -204,12 +205,14 @@ def print_memory_limit(results: dict, threads: int) -> None:
     parts = []
     for e, p, r in rows:
         reads = r["read_gb_s"]
-        shares = [rate * r["bytes_per_token"] / ((a + b) / 2 * 1e9) for rate, a, b in zip(r["decode_runs"], reads, reads[1:])]
+        shares = [rate * r["bytes_per_token"] / ((a + b) / 2 * 1e9)
+                  for rate, a, b in zip(r["decode_runs"], reads, reads[1:])]
         parts.append(f"{e} {p} {100 * statistics.median(shares):.0f}% ({', '.join(f'{100 * x:.0f}' for x in shares)}; "
                      f"reads {min(reads):.1f}-{max(reads):.1f} GB/s)")
     if parts:
-        print(f"decode tok/s against the limit of memory reads (torch.sum over 512 MiB in huge pages, {threads} threads, "
-              "just before and after each rep) for the weight bytes a token, median (each rep): " + ", ".join(parts))
+        print(f"decode tok/s against the limit of memory reads (torch.sum over 512 MiB in huge pages, {threads} "
+              "threads, just before and after each rep) for the weight bytes a token, median (each rep): "
+              + ", ".join(parts))
 
 
 def float32_kernel(model) -> str:

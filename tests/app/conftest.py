@@ -19,7 +19,8 @@ needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs 
 
 # The session's two apps: the tiny checkpoint with its adapter; and the base model alone, in int8, bound beyond
 # loopback with no API key (/v1 is off there, the chat is not).
-SESSION_APPS = {"app": {}, "app_without_adapter": dict(with_adapter=False, app_args=["--host", "0.0.0.0", "--precision", "int8"])}
+SESSION_APPS = {"app": {},
+                "app_without_adapter": dict(with_adapter=False, app_args=["--host", "0.0.0.0", "--precision", "int8"])}
 
 
 @pytest.fixture(scope="session")
