@@ -69,7 +69,7 @@ from bench.load import percentile
 from bench.load_api import api
 from minigpt.tokenizer import load_tokenizer
 from tests.helpers import REPO as ROOT
-from tests.helpers.app_server import free_port
+from tests.helpers.app_server import free_port, stop
 
 GGUF_TYPE = {"float32": "f32", "int8": "q8_0"}
 PROMPT_TEXT = ("The old lighthouse keeper climbed the winding stairs every evening at dusk, carrying a lantern "
@@ -216,12 +216,7 @@ def serving(name: str, cmd: list[str], ready: str, log: Path, env: dict | None =
         except Failure as e:
             raise Failure(f"{e} ({name} log {log}: {log_tail(log)})") from None
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout_s=15)
 
 
 @contextmanager

@@ -77,8 +77,8 @@ def running_apps(*options: dict, startup_s: float = 180) -> Iterator[list[Runnin
 
 
 def app_launch(tmp: Path, concurrency: int = 2, app_args: Sequence[str] = (), with_adapter: bool = True,
-               **model_config) -> tuple[tuple, RunningApp]:
-    """(serving_all's launch of app.py, the app it will be, its url not yet known): running_app's arguments."""
+               **model_config) -> tuple[Launch, RunningApp]:
+    """(the launch of app.py, the app it will be, its url not yet known): running_app's arguments."""
     checkpoint, _ = make_checkpoint(tmp / "model", **{"n_positions": 1024, **model_config})
     adapter = make_adapter(checkpoint, tmp / "adapter")
     adapter_args = ["--adapter", str(adapter)] if with_adapter else ["--no-adapter"]
@@ -87,7 +87,17 @@ def app_launch(tmp: Path, concurrency: int = 2, app_args: Sequence[str] = (), wi
     env.pop("MINIGPT_API_KEY", None)  # the key, if any, comes from app_args
     command = [sys.executable, "app.py", "--model", str(checkpoint), *adapter_args, "--device", "cpu",
                "--port", str(port), "--concurrency", str(concurrency), *app_args]
-    return (command, REPO, env, port, tmp / "app.log"), RunningApp("", checkpoint, adapter, tmp / "app.log")
+    return Launch(command, REPO, env, port, tmp / "app.log"), RunningApp("", checkpoint, adapter, tmp / "app.log")
+
+
+@dataclass
+class Launch:
+    """A chat app's command, where and with what environment it runs, its port, and where its output goes."""
+    command: Sequence[str]
+    cwd: Path
+    env: dict[str, str]
+    port: int
+    log_path: Path
 
 
 @contextmanager
@@ -95,44 +105,48 @@ def serving(command: Sequence[str], cwd: Path, env: dict[str, str], port: int, l
             startup_s: float = 180) -> Iterator[str]:
     """Run a chat app command until the block ends; yields its URL once it answers on the port. Its output
     goes to log_path; if it exits or stays silent, the error quotes it."""
-    with serving_all([(command, cwd, env, port, log_path)], startup_s) as (url,):
+    with serving_all([Launch(command, cwd, env, port, log_path)], startup_s) as (url,):
         yield url
 
 
 @contextmanager
-def serving_all(launches: Sequence[tuple[Sequence[str], Path, dict[str, str], int, Path]],
-                startup_s: float = 180) -> Iterator[list[str]]:
-    """serving() for each (command, cwd, env, port, log_path), all started before any is waited for."""
+def serving_all(launches: Sequence[Launch], startup_s: float = 180) -> Iterator[list[str]]:
+    """serving() for each launch, all started before any is waited for."""
     with ExitStack() as stack:
-        processes = [stack.enter_context(started(command, cwd, env, log_path))
-                     for command, cwd, env, _, log_path in launches]
-        yield [answering(process, command, port, log_path, startup_s)
-               for process, (command, _, _, port, log_path) in zip(processes, launches)]
+        processes = [stack.enter_context(started(launch)) for launch in launches]
+        yield [answering(process, launch, startup_s) for process, launch in zip(processes, launches)]
 
 
 @contextmanager
-def started(command: Sequence[str], cwd: Path, env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """The command running, its output to log_path, until the block ends (then terminated, killed if need be)."""
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+def started(launch: Launch) -> Iterator[subprocess.Popen]:
+    """The launch's command running, its output to its log, until the block ends (then stopped)."""
+    with launch.log_path.open("w") as log:
+        process = subprocess.Popen(launch.command, cwd=launch.cwd, env=launch.env, stdout=log,
+                                   stderr=subprocess.STDOUT)
         try:
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop(process, timeout_s=10)
 
 
-def answering(process: subprocess.Popen, command: Sequence[str], port: int, log_path: Path, startup_s: float) -> str:
-    """The app's URL once it answers on port; if it exits or stays silent, the error quotes its output."""
-    url = f"http://127.0.0.1:{port}/"
+def stop(process: subprocess.Popen, timeout_s: float) -> None:
+    """Terminate process; kill it if it has not exited within timeout_s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def answering(process: subprocess.Popen, launch: Launch, startup_s: float) -> str:
+    """The app's URL once it answers on its port; if it exits or stays silent, the error quotes its output."""
+    url = f"http://127.0.0.1:{launch.port}/"
     deadline = time.monotonic() + startup_s
     while not answers(url + "health"):  # open even where the page needs a login
         if process.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited with {process.returncode}:\n{log_path.read_text()}")
+            raise RuntimeError(f"{launch.command[0]} exited with {process.returncode}:\n{launch.log_path.read_text()}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{command[0]} did not answer in {startup_s} s:\n{log_path.read_text()}")
+            raise RuntimeError(f"{launch.command[0]} did not answer in {startup_s} s:\n{launch.log_path.read_text()}")
         time.sleep(0.3)
     return url
