@@ -44,17 +44,22 @@ def test_both_sides_stream_each_stops_alone_and_the_diff_follows(page):
     set_number(page, "cmp_max_new_tokens", 96)  # several frames (replies.FRAME_S) even on a fast machine
     page.locator("#cmp_msg textarea").fill("Write a short poem about the sea.")
     fill_box(page, "cmp_seed", "5")
-    # Both sides at once, as they stream, sampled by the page itself every 10 ms from before Send: a poll
-    # from the test process needs a round trip per sample, and on a busy 2-core machine one took longer
-    # than the whole reply. The first send's texts stand still until this send clears them.
-    page.evaluate("() => { window.lengths = {base: [], tuned: []}; window.sampler = setInterval(() => "
-                  "['base', 'tuned'].forEach(k => window.lengths[k].push("
-                  "document.querySelector(`#cmp_${k} textarea`).value.length)), 10); }")
+    # Every value the page gives either side's box, recorded by the box's own value setter from before Send: a
+    # poll from the test process needs a round trip per sample, and a timer in the page (every 10 ms) fired 16
+    # times in a whole reply when the suite's other worker kept the machine busy. The first send's texts stand
+    # still until this send clears them.
+    page.evaluate("""() => { window.lengths = {base: [], tuned: []};
+        const value = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value');
+        Object.defineProperty(HTMLTextAreaElement.prototype, 'value', {configurable: true,
+            get() { return value.get.call(this); },
+            set(text) { value.set.call(this, text);
+                const side = this.closest('#cmp_base, #cmp_tuned')?.id.slice(4);
+                if (side) window.lengths[side].push(text.length); }}); }""")
     page.locator("#cmp_send").click()
     expect(page.locator("#cmp_note")).to_contain_text("seed 5,")  # this send's outputs were cleared
     for key in ("base", "tuned"):
         expect(page.locator(f"#cmp_{key}_stats")).to_contain_text(FINISHED)
-    lengths = page.evaluate("() => { clearInterval(window.sampler); return window.lengths; }")
+    lengths = page.evaluate("window.lengths")
     for key, seen in lengths.items():  # a side that streamed showed part of its reply before the whole
         final = len(page.locator(f"#cmp_{key} textarea").input_value())
         assert any(0 < n < final for n in seen), f"{key} did not stream: {seen}"
