@@ -13,7 +13,11 @@ MiniGPT's figure is generate()'s: each token also gets its log-prob, top 5 and t
 decodes (a token fed back, its logits never read); --step-loop adds MiniGPT's engines timed the same way:
 the model called on one token after the cache, greedy's token fed back, nothing else. Same
 random GPT-2 124M checkpoint for all (bench/llama_cpp.py writes and converts it). DIR as in python -m
-bench.llama_cpp. Prints a table and writes bench/results/interleaved-<date>.json.
+bench.llama_cpp. The machine's memory read rate (bench.decode's) is measured before each round and after the
+last; each engine's bytes a token (MiniGPT: every weight once; llama.cpp: its model's size) times its tok/s,
+against the mean of the reads around its round, says how close it decodes to the memory limit: an engine at
+the limit follows the host's memory rate wherever it moves. Prints a table and writes
+bench/results/interleaved-<date>.json.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-from bench.decode import machine_info
+from bench.decode import machine_info, read_bandwidth
 from bench.llama_cpp import write_checkpoint
 from bench.quality import gguf
 from tests.helpers import REPO as ROOT
@@ -44,7 +48,8 @@ model, _, tok = load_for_inference(sys.argv[1], device="cpu", precision=sys.argv
 prompt = list(range(100, 132))
 for n in (8, int(sys.argv[4])):  # warm-up, then the measured run
     times = [time.perf_counter() for _ in generate(model, tok, prompt, n, SamplingParams(temperature=0))]
-print((len(times) - 1) / (times[-1] - times[0]), getattr(model.step, "isa", "PyTorch"))
+from bench.decode import bytes_read_per_token
+print((len(times) - 1) / (times[-1] - times[0]), getattr(model.step, "isa", "PyTorch"), bytes_read_per_token(model.model))
 """
 STEP_LOOP = r"""
 import sys, time, torch
@@ -61,26 +66,30 @@ with torch.inference_mode():
         for _ in range(n - 1):
             logits = model(ids.fill_(int(first_max(logits))), cache, last_only=True)[0, -1]
         elapsed = time.perf_counter() - started
-print((n - 1) / elapsed, getattr(model.step, "isa", "PyTorch"))
+from bench.decode import bytes_read_per_token
+print((n - 1) / elapsed, getattr(model.step, "isa", "PyTorch"), bytes_read_per_token(model.model))
 """
 
 
 def minigpt(folder: Path, precision: str, threads: int, tokens: int, isa: str | None = None,
-            script: str = MINIGPT) -> tuple[float, str]:
+            script: str = MINIGPT) -> tuple[float, str, int]:
+    """(decode tok/s, the C step's variant, bytes read a token)."""
     env = os.environ.copy()
     env.pop("MINIGPT_ISA", None)
     if isa:
         env["MINIGPT_ISA"] = isa
     out = subprocess.run([sys.executable, "-c", script, str(folder), precision, str(threads), str(tokens)],
                          cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.split()
-    return float(out[0]), out[1]
+    return float(out[0]), out[1], int(out[2])
 
 
-def llama(llama_cpp: Path, model: Path, threads: int, tokens: int) -> tuple[float, str]:
-    """(decode tok/s, '') as minigpt() returns them."""
+def llama(llama_cpp: Path, model: Path, threads: int, tokens: int) -> tuple[float, str, int]:
+    """(decode tok/s, '', the model's size) as minigpt() returns them: GPT-2's output matrix is its token
+    embedding, so a token reads about the whole model."""
     cmd = [str(llama_cpp / "build" / "bin" / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0",
            "-n", str(tokens), "-r", "1", "-o", "json"]
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)[0]["avg_ts"], ""
+    result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)[0]
+    return result["avg_ts"], "", result["model_size"]
 
 
 def main() -> None:
@@ -101,7 +110,9 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     runs: dict[str, list[float]] = {}
     labels: dict[str, str] = {}
+    bytes_per_token: dict[str, int] = {}
     loads = [os.getloadavg()]
+    reads = [read_bandwidth(args.threads)]
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_checkpoint(Path(tmp) / "gpt2-random")
         engines = {}
@@ -118,22 +129,29 @@ def main() -> None:
                                                                   args.new_tokens)
         for r in range(args.rounds):
             for name, run in engines.items():
-                tok_s, label = run()
+                tok_s, labels[name], bytes_per_token[name] = run()
                 runs.setdefault(name, []).append(tok_s)
-                labels[name] = label
             loads.append(os.getloadavg())
+            reads.append(read_bandwidth(args.threads))
             print(f"  round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in runs.items()), flush=True)
-    print(f"\n{'engine':<34}{'decode tok/s (median)':>22}{'min':>8}{'max':>8}")
+    print(f"\n{'engine':<34}{'decode tok/s (median)':>22}{'min':>8}{'max':>8}{'MB a token':>11}"
+          f"{'of the reads (min-max)':>25}")
+    shares = {}
     for name, values in runs.items():
+        shares[name] = [rate * bytes_per_token[name] / ((a + b) / 2 * 1e9) for rate, a, b in zip(values, reads, reads[1:])]
+        share = f"{100 * statistics.median(shares[name]):.0f}% ({100 * min(shares[name]):.0f}-{100 * max(shares[name]):.0f})"
         print(f"{name:<34}{statistics.median(values):>22.1f}{min(values):>8.1f}{max(values):>8.1f}"
-              + (f"  [{labels[name]}]" if labels[name] else ""))
+              f"{bytes_per_token[name] / 1e6:>11.1f}{share:>25}" + (f"  [{labels[name]}]" if labels[name] else ""))
     print(f"load average per round: {' '.join(f'{a[0]:.1f}' for a in loads)}")
+    print(f"memory reads per round, GB/s: {' '.join(f'{r:.1f}' for r in reads)}")
     stamp = datetime.now(timezone.utc)
     out = args.out or ROOT / "bench" / "results" / f"interleaved-{stamp:%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": stamp.isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
                                "machine": info, "load_averages": loads, "threads": args.threads,
-                               "new_tokens": args.new_tokens, "runs": runs, "c_step_variant": labels}, indent=2))
+                               "new_tokens": args.new_tokens, "runs": runs, "c_step_variant": labels,
+                               "bytes_per_token": bytes_per_token, "read_gb_s": reads,
+                               "share_of_reads": shares}, indent=2))
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 
