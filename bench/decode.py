@@ -198,6 +198,12 @@ def read_bandwidth(threads: int, mib: int = 512) -> float:
     return mib * 2**20 / best / 1e9
 
 
+def shares_of_reads(rates: list[float], bytes_per_token: int, reads: list[float]) -> list[float]:
+    """Each run's tok/s x bytes a token against the mean of the read rates (GB/s) measured just before and
+    after it: reads has one more entry than rates."""
+    return [rate * bytes_per_token / ((a + b) / 2 * 1e9) for rate, a, b in zip(rates, reads, reads[1:])]
+
+
 def print_memory_limit(results: dict, threads: int) -> None:
     """Decoding reads every weight once a token, so bandwidth / bytes per token bounds its speed. Each rep
     against the mean of the read rates measured just before and after it (run_in_subprocess); the median."""
@@ -205,8 +211,7 @@ def print_memory_limit(results: dict, threads: int) -> None:
     parts = []
     for e, p, r in rows:
         reads = r["read_gb_s"]
-        shares = [rate * r["bytes_per_token"] / ((a + b) / 2 * 1e9)
-                  for rate, a, b in zip(r["decode_runs"], reads, reads[1:])]
+        shares = shares_of_reads(r["decode_runs"], r["bytes_per_token"], reads)
         parts.append(f"{e} {p} {100 * statistics.median(shares):.0f}% ({', '.join(f'{100 * x:.0f}' for x in shares)}; "
                      f"reads {min(reads):.1f}-{max(reads):.1f} GB/s)")
     if parts:

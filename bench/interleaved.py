@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-from bench.decode import machine_info, read_bandwidth
+from bench.decode import machine_info, read_bandwidth, shares_of_reads
 from bench.llama_cpp import write_checkpoint
 from bench.quality import gguf
 from tests.helpers import REPO as ROOT
@@ -41,6 +41,7 @@ GGUF_TYPE = {"int4": "q4_0", "int8": "q8_0", "float32": "f32"}  # llama.cpp's ty
 MINIGPT = r"""
 import sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
+from bench.decode import bytes_read_per_token
 from minigpt.generation import generate
 from minigpt.inference import load_for_inference
 from minigpt.sampling import SamplingParams
@@ -48,12 +49,13 @@ model, _, tok = load_for_inference(sys.argv[1], device="cpu", precision=sys.argv
 prompt = list(range(100, 132))
 for n in (8, int(sys.argv[4])):  # warm-up, then the measured run
     times = [time.perf_counter() for _ in generate(model, tok, prompt, n, SamplingParams(temperature=0))]
-from bench.decode import bytes_read_per_token
-print((len(times) - 1) / (times[-1] - times[0]), getattr(model.step, "isa", "PyTorch"), bytes_read_per_token(model.model))
+rate = (len(times) - 1) / (times[-1] - times[0])
+print(rate, getattr(model.step, "isa", "PyTorch"), bytes_read_per_token(model.model))
 """
 STEP_LOOP = r"""
 import sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
+from bench.decode import bytes_read_per_token
 from minigpt.inference import load_for_inference
 from minigpt.speed.logits import first_max
 model, _, tok = load_for_inference(sys.argv[1], device="cpu", precision=sys.argv[2])
@@ -66,7 +68,6 @@ with torch.inference_mode():
         for _ in range(n - 1):
             logits = model(ids.fill_(int(first_max(logits))), cache, last_only=True)[0, -1]
         elapsed = time.perf_counter() - started
-from bench.decode import bytes_read_per_token
 print((n - 1) / elapsed, getattr(model.step, "isa", "PyTorch"), bytes_read_per_token(model.model))
 """
 
@@ -138,8 +139,9 @@ def main() -> None:
           f"{'of the reads (min-max)':>25}")
     shares = {}
     for name, values in runs.items():
-        shares[name] = [rate * bytes_per_token[name] / ((a + b) / 2 * 1e9) for rate, a, b in zip(values, reads, reads[1:])]
-        share = f"{100 * statistics.median(shares[name]):.0f}% ({100 * min(shares[name]):.0f}-{100 * max(shares[name]):.0f})"
+        shares[name] = shares_of_reads(values, bytes_per_token[name], reads)
+        low, middle, high = min(shares[name]), statistics.median(shares[name]), max(shares[name])
+        share = f"{100 * middle:.0f}% ({100 * low:.0f}-{100 * high:.0f})"
         print(f"{name:<34}{statistics.median(values):>22.1f}{min(values):>8.1f}{max(values):>8.1f}"
               f"{bytes_per_token[name] / 1e6:>11.1f}{share:>25}" + (f"  [{labels[name]}]" if labels[name] else ""))
     print(f"load average per round: {' '.join(f'{a[0]:.1f}' for a in loads)}")
