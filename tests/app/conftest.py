@@ -1,6 +1,6 @@
-"""What the app suites share: one app.py server (tiny checkpoint + tiny adapter) for the whole run, and one
-headless Chromium. Each test opens its own browser context or client session, so tests stay independent;
-starting the server once instead of once per module saves a model load and a Gradio start-up each."""
+"""What the app suites share: the session's app.py servers (SESSION_APPS) and one headless Chromium, for each
+pytest worker's whole run. Each test opens its own browser context or client session, so tests stay
+independent; starting a server once instead of once per module saves a model load and a Gradio start-up each."""
 import os
 import re
 from pathlib import Path
