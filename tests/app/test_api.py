@@ -118,13 +118,25 @@ def test_a_long_conversation_drops_its_oldest_exchanges_and_says_so(app):
     assert prompt.endswith("User: Last one?\nAssistant:") and len(chat) == 26  # the chat itself keeps everything
 
 
+def streaming_replies(client: Client, count: int) -> list:
+    """count long sampled replies submitted at once, asked for again until all are streaming: the random model
+    samples <|endoftext|> now and then, and a reply it ended is not in flight for a Stop to reach."""
+    for attempt in range(5):
+        jobs = [client.submit(*chat_args(history(f"Tell me long story {attempt}.{i}"), temperature=1.0,
+                                         max_new_tokens=500), api_name="/chat") for i in range(count)]
+        deadline = time.monotonic() + 60
+        while any(len(job.outputs()) < 3 and not job.done() for job in jobs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not any(job.done() for job in jobs):
+            return jobs
+        for job in jobs:
+            job.result(timeout=60)
+    pytest.fail(f"in 5 tries the model ended a reply before all {count} were streaming")
+
+
 def test_stop_ends_the_generation_early(app):
     client = Client(app.url, verbose=False)
-    job = client.submit(*chat_args(history("Tell me a long story."), temperature=1.0, max_new_tokens=500),
-                        api_name="/chat")
-    deadline = time.monotonic() + 60
-    while len(job.outputs()) < 3 and not job.done() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    (job,) = streaming_replies(client, 1)
     client.predict(api_name="/stop")
     stats = job.result(timeout=60)[1]
     tokens = int(stats.split(" token")[0])
@@ -166,18 +178,7 @@ def test_a_malformed_history_gets_one_line_of_ours(app, hist, message):
 
 def test_stop_reaches_both_replies_a_session_has_in_flight(app):
     client = Client(app.url, verbose=False)
-    for attempt in range(5):  # the random model may sample <|endoftext|> early: a reply it ended is not in flight
-        jobs = [client.submit(*chat_args(history(f"Tell me long story {attempt}.{i}"), temperature=1.0,
-                                         max_new_tokens=500), api_name="/chat") for i in range(2)]
-        deadline = time.monotonic() + 60
-        while any(len(job.outputs()) < 3 and not job.done() for job in jobs) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not any(job.done() for job in jobs):
-            break
-        for job in jobs:
-            job.result(timeout=60)
-    else:
-        pytest.fail("in 5 tries the model ended a reply before both were streaming")
+    jobs = streaming_replies(client, 2)
     client.predict(api_name="/stop")
     for job in jobs:
         stats = job.result(timeout=60)[1]
